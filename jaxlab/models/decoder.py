@@ -1,0 +1,242 @@
+"""Decoder-only LM covering the Llama / Qwen2 / Qwen3 / SmolLM family, in Flax NNX.
+
+Letters: B batch, T new tokens, S cache slots, L layers, H query heads, K key/value heads,
+D head dim, E model width, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlab.attention import attention, attention_implementations
+from jaxlab.config import check
+from jaxlab.models.layers import (
+    RMSNorm,
+    apply_rope,
+    padding_positions,
+    rope_inv_freq,
+    scan_layers,
+    stack_layers,
+)
+
+__all__ = ["DecoderConfig", "Decoder", "KVCache"]
+
+_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """Architecture of a decoder LM. Defaults are a tiny Llama for tests."""
+
+    arch: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    attention_out_bias: bool = False  # bias on the output projection (Llama's attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"
+    attention_implementation: str = "xla"
+
+    def __post_init__(self):
+        check(self.arch in _ARCHS, "arch", f"{self.arch!r} is not one of {list(_ARCHS)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "max_position_embeddings"):
+            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+              f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        check(self.head_dim is not None or self.hidden_size % self.num_heads == 0, "head_dim",
+              f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; give head_dim")
+        check(self.head_dim is None or (self.head_dim > 0 and self.head_dim % 2 == 0), "head_dim",
+              f"must be a positive even number, got {self.head_dim}")
+        check(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        check(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
+        check(self.hidden_act == "silu", "hidden_act", f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
+        check(self.attention_implementation in attention_implementations(), "attention_implementation",
+              f"{self.attention_implementation!r} is not one of {attention_implementations()}")
+        try:
+            rope_inv_freq(self.dim_per_head, self.rope_theta, self.rope_scaling)
+        except (ValueError, KeyError) as e:
+            check(False, "rope_scaling", str(e))
+
+    def __hash__(self):  # rope_scaling is a dict; configs are static metadata of jitted modules
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+class KVCache(NamedTuple):
+    """Preallocated per-layer keys and values with per-row write positions.
+
+    ``index[b]`` is the next slot row b writes; ``valid[b, s]`` says slot s holds a real token.
+    Writing past ``S`` slots is the caller's error (slices clamp).
+    """
+
+    k: jax.Array  # [L, B, S, K, D]
+    v: jax.Array  # [L, B, S, K, D]
+    index: jax.Array  # [B] int32
+    valid: jax.Array  # [B, S] bool
+
+
+def _dense(rngs, din, dout, bias, dtype):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+        e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+        self.q_proj = _dense(rngs, e, h * d, cfg.attention_bias, dtype)
+        self.k_proj = _dense(rngs, e, k * d, cfg.attention_bias, dtype)
+        self.v_proj = _dense(rngs, e, k * d, cfg.attention_bias, dtype)
+        self.o_proj = _dense(rngs, h * d, e, cfg.attention_out_bias, dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.cfg = cfg
+
+    def __call__(self, x, positions, inv_freq, mask, kv=None, index=None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        d = cfg.dim_per_head
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, d)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, d)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, d)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if kv is not None:  # write the new keys/values into each row's slots, attend over the cache
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (i, 0, 0)))
+            k = write(kv[0], k.astype(kv[0].dtype), index)
+            v = write(kv[1], v.astype(kv[1].dtype), index)
+            kv = (k, v)
+        out = attention(q, k, v, mask, implementation=cfg.attention_implementation)
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * d)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _dense(rngs, e, f, cfg.mlp_bias, dtype)
+        self.up_proj = _dense(rngs, e, f, cfg.mlp_bias, dtype)
+        self.down_proj = _dense(rngs, f, e, cfg.mlp_bias, dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, mask, kv=None, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, kv, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer LM.
+
+    ``model(input_ids)`` gives float32 logits ``[B, T, V]``. Left-padded batches are exact when
+    ``attention_mask`` is given: positions then start at 0 on each row's first real token.
+    With ``cache=`` the call also returns the updated :class:`KVCache`.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = stack_layers(cfg.num_layers, lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(rngs, cfg.hidden_size, cfg.vocab_size, False, dtype)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        """An empty cache of ``max_len`` slots per row."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+        dtype = dtype or self.dtype
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            index=jnp.zeros((batch_size,), jnp.int32),
+            valid=jnp.zeros((batch_size, max_len), bool),
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [B, T] int
+        *,
+        positions: jax.Array | None = None,  # [B, T] int
+        attention_mask: jax.Array | None = None,  # [B, T], 1 = real token, 0 = padding
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ):
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        if attention_mask.shape != (b, t):
+            raise ValueError(f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}")
+        token_valid = attention_mask.astype(bool)
+
+        if cache is None:
+            if positions is None:
+                positions = padding_positions(token_valid)
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & token_valid[:, None, :]
+            kv, index = None, None
+        else:
+            s = cache.valid.shape[1]
+            slots = cache.index[:, None] + jnp.arange(t)[None]  # [B, T] slot of each new token
+            if positions is None:
+                seen = jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)
+                positions = seen[:, None] + padding_positions(token_valid)
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (i,)))
+            valid = write(cache.valid, token_valid, cache.index)
+            mask = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= slots[:, :, None])
+            kv, index = (cache.k, cache.v), cache.index
+
+        x = self.embed_tokens(input_ids)
+        cfg = self.config
+        inv_freq = jnp.asarray(rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling), jnp.float32)
+
+        def body(layer, h, layer_kv):
+            return layer(h, positions, inv_freq, mask, layer_kv, index)
+
+        x, new_kv = scan_layers(self.layers, body, x, kv)
+        x = self.norm(x)
+        if return_hidden:
+            out = x
+        elif self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(x).astype(jnp.float32)
+        else:
+            out = self.lm_head(x).astype(jnp.float32)
+        if cache is None:
+            return out
+        return out, KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + t, valid=valid)

@@ -1,0 +1,122 @@
+"""Building blocks shared by the models: norms, rotary embeddings, stacked (scanned) layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "RMSNorm",
+    "LayerNorm",
+    "rope_inv_freq",
+    "apply_rope",
+    "stack_layers",
+    "scan_layers",
+    "padding_positions",
+]
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation as in Llama/Qwen: ``w * (x / sqrt(mean(x²) + eps))``, statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with HF parameter names (``weight``, ``bias``), statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
+    """Inverse frequencies ``[D/2]`` of rotary embeddings, with optional Llama-3 or linear scaling."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * np.pi / inv
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in HF's rotate-half convention.
+
+    Args:
+      x: ``[B, T, H, D]``.
+      positions: ``[B, T]`` integer positions.
+      inv_freq: ``[D/2]`` inverse frequencies.
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def padding_positions(attention_mask: jax.Array) -> jax.Array:
+    """Positions ``[B, T]`` that start at 0 on the first real token of each (left-padded) row."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def stack_layers(num_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """Creates ``num_layers`` copies of a layer with parameters stacked on a leading axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(r):
+        return make(r)
+
+    return create(rngs)
+
+
+def scan_layers(layers: nnx.Module, body: Callable, carry: Any, xs: Any = None) -> tuple[Any, Any]:
+    """Runs ``body(layer, carry, x) -> (carry, y)`` over stacked layers with ``lax.scan``.
+
+    One compiled layer body regardless of depth keeps compile time flat in the number of layers.
+    """
+    graphdef, state = nnx.split(layers)
+
+    def step(c, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), c, x)
+
+    return jax.lax.scan(step, carry, (state, xs))
