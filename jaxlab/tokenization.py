@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Tokenizer", "Batch"]
+__all__ = ["Tokenizer", "Batch", "bucket_length"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
@@ -25,6 +28,16 @@ class Batch:
     @property
     def lengths(self) -> np.ndarray:
         return self.attention_mask.sum(-1)
+
+
+def _tokenizer_cache_dir(path: Path) -> Path | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    root = Path(os.environ.get("JAXLAB_CACHE_DIR", Path.home() / ".cache" / "jaxlab"))
+    return root / "tokenizers" / f"{path.stem}-{key}"
 
 
 class Tokenizer:
@@ -52,14 +65,32 @@ class Tokenizer:
         return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True), **kw)
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> Tokenizer:
-        """The tokenizer and chat template stored in a GGUF file's metadata."""
+    def from_gguf(cls, path: str | Path, *, cache: bool = True) -> Tokenizer:
+        """The tokenizer and chat template stored in a GGUF file's metadata.
+
+        Building it means parsing the whole vocabulary out of the GGUF (seconds), so the result is
+        saved under ``$JAXLAB_CACHE_DIR`` (default ``~/.cache/jaxlab``), keyed by the file's path,
+        size and modification time, and later loads read that copy.
+        """
         from transformers import AutoTokenizer
 
-        path = Path(path)
+        path = Path(path).absolute()
+        cached = _tokenizer_cache_dir(path) if cache else None
+        if cached is not None and (cached / "tokenizer_config.json").is_file():
+            try:
+                return cls(AutoTokenizer.from_pretrained(str(cached), local_files_only=True))
+            except Exception:  # a damaged cache entry: rebuild it below
+                shutil.rmtree(cached, ignore_errors=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        if cached is not None:
+            try:
+                tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+                hf.save_pretrained(str(tmp))
+                os.replace(tmp, cached)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)  # a read-only home is fine: no cache
         return cls(hf)
 
     # -- properties ------------------------------------------------------------------------------
@@ -110,10 +141,37 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("Tokenizer expects a list of texts; wrap a single text in a list")
-        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
-        if max_length is not None:
-            rows = [r[:max_length] if truncation_side == "right" else r[-max_length:] for r in rows]
+        rows, _ = self.encode_truncated(texts, max_length, add_special_tokens=add_special_tokens,
+                                        truncation_side=truncation_side)
         return self.pad(rows, pad_to=pad_to, side=padding_side)
+
+    def encode_truncated(
+        self,
+        texts: Sequence[str],
+        max_length: int | None,
+        *,
+        add_special_tokens: bool = True,
+        truncation_side: str = "right",
+    ) -> tuple[list[list[int]], int]:
+        """Token lists of at most ``max_length`` tokens, special tokens kept, and how many were cut.
+
+        As in HF tokenizers, the text is truncated before special tokens ([CLS] ... [SEP]) are added.
+        """
+        if truncation_side not in ("left", "right"):
+            raise ValueError(f"truncation side must be 'left' or 'right', got {truncation_side!r}")
+        texts = list(texts)
+        if max_length is None:
+            return [list(r) for r in self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]], 0
+        extra = self.hf.num_special_tokens_to_add() if add_special_tokens else 0
+        if max_length <= extra:
+            raise ValueError(f"max_length={max_length} leaves no room beside {extra} special tokens")
+        self.hf.truncation_side = truncation_side
+        rows = [list(r) for r in self.hf(texts, add_special_tokens=add_special_tokens, truncation=True,
+                                         max_length=max_length)["input_ids"]]
+        at_limit = [t for t, r in zip(texts, rows) if len(r) == max_length]
+        full = self.hf(at_limit, add_special_tokens=add_special_tokens)["input_ids"] if at_limit else []
+        cut = sum(len(r) > max_length for r in full)
+        return rows, cut
 
     def pad(self, rows: Sequence[Sequence[int]], *, pad_to: int | None = None, side: str = "left") -> Batch:
         """Pads token lists (on the left by default) into a :class:`Batch`."""
@@ -148,3 +206,16 @@ class Tokenizer:
 
     def batch_decode(self, rows: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(r, skip_special_tokens=skip_special_tokens) for r in rows]
+
+
+def bucket_length(n: int, limit: int, granularity: int = 32) -> int:
+    """Rounds a batch's length up to a bucket so that few shapes are ever compiled.
+
+    Powers of two up to ``granularity``, multiples of ``granularity`` beyond, capped at ``limit``.
+    """
+    if n <= granularity:
+        b = 1
+        while b < n:
+            b *= 2
+        return min(b, limit)
+    return min(-(-n // granularity) * granularity, limit)

@@ -137,6 +137,8 @@ def test_killed_save_keeps_last_good_checkpoint(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "saving" in proc.stdout
+    # the kill really came mid-save: step 2 was left as an uncommitted temporary directory
+    assert any(p.name.startswith("2.") and "tmp" in p.name for p in tmp_path.iterdir())
     target = {"w": np.zeros((4096, 4096), np.float32)}
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.all_steps() == [1]  # the interrupted step 2 is not taken for a checkpoint

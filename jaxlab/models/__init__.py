@@ -10,3 +10,5 @@ from jaxlab.models.loading import LoadError as LoadError
 from jaxlab.models.loading import from_pretrained as from_pretrained
 from jaxlab.models.loading import pretrained_names as pretrained_names
 from jaxlab.models.loading import register_pretrained as register_pretrained
+from jaxlab.models import registry as _registry  # noqa: F401  (registers the offline names)
+from jaxlab.models.encode import encode as encode

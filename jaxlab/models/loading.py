@@ -367,5 +367,9 @@ def _load_hf_dir(path: Path, dtype) -> tuple[nnx.Module, Any]:
     model = build_model(kind, config, _iter_safetensors(path), dtype=dtype, source=str(path))
     from jaxlab.tokenization import Tokenizer
 
-    tokenizer = Tokenizer.from_directory(path) if Tokenizer.directory_has_tokenizer(path) else None
+    tokenizer = None
+    if Tokenizer.directory_has_tokenizer(path):
+        st_config = path / "sentence_bert_config.json"
+        limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+        tokenizer = Tokenizer.from_directory(path, model_max_length=limit)
     return model, tokenizer

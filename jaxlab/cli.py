@@ -1,0 +1,204 @@
+"""``python -m jaxlab <command>``: one CLI, a subcommand per area, ``--help`` everywhere.
+
+Commands import their area lazily, so ``--help`` is fast and a command only pays for what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+
+__all__ = ["main", "build_parser"]
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", default=default, help=f"YAML config file (default: {default})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set train.lr=1e-5 (repeatable)")
+
+
+# -- demo --------------------------------------------------------------------------------------------
+
+
+def _run_demo(args):
+    import jax
+
+    from jaxlab.generation import generate
+    from jaxlab.models import from_pretrained
+
+    print(f"jaxlab demo on {jax.default_backend()} ({jax.device_count()} device(s))")
+    t0 = time.perf_counter()
+    model, tokenizer = from_pretrained(args.model)
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    print(f"loaded {args.model}: {cfg.num_layers} layers, width {cfg.hidden_size}, "
+          f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size} in {load_s:.1f} s")
+    print(f"\nuser: {args.question}")
+    t0 = time.perf_counter()
+    out = generate(model, tokenizer, [args.question], max_new_tokens=args.max_new_tokens, chat=True)
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()  # again, now compiled: the steady-state speed
+    out = generate(model, tokenizer, [args.question], max_new_tokens=args.max_new_tokens, chat=True)
+    gen_s = time.perf_counter() - t0
+    n = int(out.lengths[0])
+    print(f"assistant: {out.texts[0].strip()}\n")
+    print(f"{n} tokens ({out.finish_reasons[0]}); first call {first_s:.1f} s including compilation, "
+          f"then {gen_s:.2f} s = {n / gen_s:.1f} tokens/s (greedy, batch 1, float32)")
+
+
+def _demo_args(p):
+    p.add_argument("--model", default="smollm2-135m-instruct", help="registered name, .gguf file or HF dir")
+    p.add_argument("--question", default="What is the capital of France?")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+
+
+
+
+# -- config ------------------------------------------------------------------------------------------
+
+
+def _run_config(args):
+    import yaml
+
+    import jaxlab.train  # noqa: F401  (registers config kinds)
+    from jaxlab.config import config_kinds, load_config, to_dict
+
+    if args.action == "kinds":
+        for kind, cls in sorted(config_kinds().items()):
+            print(f"{kind}: {cls.__module__}.{cls.__name__}")
+        return
+    cfg = load_config(args.config, args.overrides)
+    kind = next(k for k, c in config_kinds().items() if isinstance(cfg, c))
+    print(yaml.safe_dump({"kind": kind, **to_dict(cfg)}, sort_keys=False), end="")
+
+
+def _config_args(p):
+    p.add_argument("action", choices=["show", "kinds"], help="show: print the resolved config; kinds: list them")
+    _add_config_args(p, None)
+
+
+
+
+# -- train-lm ----------------------------------------------------------------------------------------
+
+
+def _run_train_lm(args):
+    from jaxlab.config import load_config
+    from jaxlab.train import LMTrainConfig, train_lm
+
+    cfg = load_config(args.config, args.overrides, cls=LMTrainConfig)
+    metrics = train_lm(cfg, args.workdir, progress=not args.quiet)
+    print(json.dumps(metrics))
+
+
+def _train_lm_args(p):
+    _add_config_args(p, "configs/lm_tiny.yaml")
+    p.add_argument("--workdir", required=True, help="metrics.jsonl and checkpoints/ go here; resumes if present")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+
+
+# -- generate ----------------------------------------------------------------------------------------
+
+
+def _run_generate(args):
+    from jaxlab.generation import generate
+    from jaxlab.models import from_pretrained
+
+    model, tokenizer = from_pretrained(args.model)
+    out = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                   chat=args.chat)
+    for text in out.texts:
+        print(text)
+
+
+def _generate_args(p):
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
+    p.add_argument("--chat", action="store_true", help="render prompts with the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+
+
+# -- embed -------------------------------------------------------------------------------------------
+
+
+def _run_embed(args):
+    import numpy as np
+
+    from jaxlab.models import encode, from_pretrained
+
+    model, tokenizer = from_pretrained(args.model)
+    emb = encode(model, tokenizer, args.text, batch_size=args.batch_size)
+    np.set_printoptions(precision=4, suppress=True)
+    for text, e in zip(args.text, emb):
+        print(f"{text!r}: dim {e.shape[0]}, |e| = {np.linalg.norm(e):.4f}, first 4 = {e[:4]}")
+    if len(args.text) > 1:
+        print("cosine similarities:")
+        print(emb @ emb.T)
+
+
+def _embed_args(p):
+    p.add_argument("--model", default="all-minilm-l6-v2")
+    p.add_argument("--text", action="append", required=True, help="a text (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+
+COMMANDS = [
+    Command("demo", "load SmolLM2-135M-Instruct and answer a chat question (what `make demo` runs)",
+            _demo_args, _run_demo),
+    Command("generate", "continue prompts with a decoder LM", _generate_args, _run_generate),
+    Command("embed", "sentence embeddings with an encoder (all-MiniLM-L6-v2 by default)", _embed_args,
+            _run_embed),
+    Command("train-lm", "train (or resume) a small decoder LM with Orbax checkpoints", _train_lm_args,
+            _run_train_lm),
+    Command("config", "show a config with overrides applied, or list config kinds", _config_args,
+            _run_config),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxlab", description="jaxlab: research systems in JAX/Flax")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from jaxlab.config import ConfigError
+    from jaxlab.models.loading import LoadError
+
+    try:
+        args._run(args)
+    except (ConfigError, LoadError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,75 @@
+"""Sentence embeddings from an encoder: batched, length-sorted, bucketed, jitted."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxlab.models.bert import BertEncoder
+from jaxlab.tokenization import Tokenizer, bucket_length
+
+__all__ = ["encode"]
+
+
+@functools.lru_cache(maxsize=8)
+def _embed_fn(graphdef):
+    @jax.jit
+    def run(state, ids, mask):
+        model = nnx.merge(graphdef, state)
+        return model.embed(ids, attention_mask=mask)
+
+    return run
+
+
+def encode(
+    model: BertEncoder,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Embeds ``texts`` into ``[N, E]`` float32, pooled and normalised as the model is configured.
+
+    Texts are sorted by length and batched so that padding is small; texts longer than the
+    model's limit (``max_length``, else the tokenizer's, else the position table) are truncated
+    with a warning.
+    """
+    if isinstance(texts, str):
+        raise TypeError("encode expects a list of texts; wrap a single text in a list")
+    if not isinstance(model, BertEncoder):
+        raise TypeError(f"encode needs an encoder model, got {type(model).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(texts)
+    dim = model.config.hidden_size
+    if n == 0:
+        return np.zeros((0, dim), np.float32)
+    limit = min(max_length or tokenizer.model_max_length or model.config.max_position_embeddings,
+                model.config.max_position_embeddings)
+    rows, cut = tokenizer.encode_truncated(texts, limit)
+    if cut:
+        warnings.warn(f"encode: {cut} of {n} texts were longer than {limit} tokens and were truncated",
+                      stacklevel=2)
+    order = np.argsort([-len(r) for r in rows], kind="stable")
+    graphdef, state = nnx.split(model)
+    run = _embed_fn(graphdef)
+    out = np.zeros((n, dim), np.float32)
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc="encode", disable=not progress, total=len(starts)):
+        idx = order[start:start + batch_size]
+        chunk = [rows[i] for i in idx]
+        width = bucket_length(max(len(r) for r in chunk), limit)
+        chunk += [[]] * (batch_size - len(chunk))  # a fixed batch shape: one compile per bucket
+        batch = tokenizer.pad(chunk, pad_to=width, side="right")
+        emb = run(state, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
+        out[idx] = np.asarray(emb)[: len(idx)]
+    return out

@@ -1,0 +1,123 @@
+"""Decoder/encoder behaviour that needs no reference library: KV cache, masks, attention registry."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlab.attention import attention, attention_implementations
+from jaxlab.models import BertConfig, BertEncoder, Decoder, DecoderConfig
+from jaxlab.models.layers import padding_positions
+
+CFG = DecoderConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
+                    num_kv_heads=2, qk_norm=True, attention_bias=True)
+
+
+def _left_padded(rng, lengths, width, vocab):
+    ids = rng.integers(0, vocab, size=(len(lengths), width)).astype(np.int32)
+    mask = np.zeros((len(lengths), width), np.int32)
+    for i, n in enumerate(lengths):
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+def test_cached_prefill_and_decode_equal_full_forward():
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ids, mask = _left_padded(rng, [10, 4, 7], 10, CFG.vocab_size)
+    full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+    # prefill 6 tokens into a 16-slot cache, then feed the remaining 4 one at a time
+    cache = model.init_cache(3, 16)
+    logits, cache = model(jnp.asarray(ids[:, :6]), attention_mask=jnp.asarray(mask[:, :6]), cache=cache)
+    steps = [np.asarray(logits)]
+    for t in range(6, 10):
+        logits, cache = model(jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.asarray(mask[:, t:t + 1]),
+                              cache=cache)
+        steps.append(np.asarray(logits))
+    cached = np.concatenate(steps, axis=1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(cached[real], full[real], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.asarray(cache.index), [10, 10, 10])
+    assert np.array_equal(np.asarray(cache.valid)[:, :10], real)
+
+
+def test_rows_with_different_cache_offsets():
+    """Each row writes at its own index: a row fed later equals the same row fed alone."""
+    model = Decoder(CFG, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, CFG.vocab_size, size=(1, 5)).astype(np.int32)
+    b = rng.integers(0, CFG.vocab_size, size=(1, 5)).astype(np.int32)
+    alone_b = np.asarray(model(jnp.asarray(b)))[0, -1]
+    cache = model.init_cache(2, 12)
+    # row 0 gets 5 tokens of `a`; row 1 gets nothing yet (masked out)
+    _, cache = model(jnp.asarray(np.concatenate([a, b])), attention_mask=jnp.asarray([[1] * 5, [0] * 5]),
+                     cache=cache)
+    cache = cache._replace(index=jnp.asarray([5, 0], jnp.int32))  # row 1 starts again at slot 0
+    logits, _ = model(jnp.asarray(np.concatenate([a, b])), attention_mask=jnp.asarray([[0] * 5, [1] * 5]),
+                      cache=cache)
+    np.testing.assert_allclose(np.asarray(logits)[1, -1], alone_b, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_positions():
+    mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    assert np.array_equal(np.asarray(padding_positions(mask)), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0] * 5])
+
+
+@pytest.mark.parametrize("impl", [i for i in attention_implementations() if i != "cudnn"])
+def test_attention_implementations_agree_with_float64(impl):
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(2, 5, 6, 8))
+    k = rng.normal(size=(2, 7, 2, 8))
+    v = rng.normal(size=(2, 7, 2, 8))
+    mask = rng.random((2, 5, 7)) < 0.7
+    mask[1, 2] = False  # a row that sees nothing stays finite
+    out = np.asarray(attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(mask),
+                               implementation=impl))
+    # float64 numpy reference
+    kk, vv = np.repeat(k, 3, axis=2), np.repeat(v, 3, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, kk) / np.sqrt(8)
+    s = np.where(mask[:, None], s, -1e30)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("bhts,bshd->bthd", p, vv)
+    assert np.isfinite(out).all()
+    seen = mask.any(-1)
+    np.testing.assert_allclose(out[seen], ref[seen], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_errors():
+    q = jnp.zeros((1, 3, 4, 8))
+    k = jnp.zeros((1, 3, 3, 8))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention(q, k, k)
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'; known:"):
+        attention(q, q, q, implementation="flash")
+    with pytest.raises(ValueError, match=r"mask \(1, 3\) must be \[B, T, S\]"):
+        attention(q, q, q, jnp.ones((1, 3), bool))
+
+
+def test_decoder_under_jit_and_grad():
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 6)), jnp.int32)
+
+    @nnx.jit
+    def loss(m):
+        return jnp.mean(m(ids) ** 2)
+
+    grads = nnx.grad(loss)(model)
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
+
+
+def test_bert_pooling_and_normalisation():
+    cfg = BertConfig(pooling="mean", normalize=True)
+    model = BertEncoder(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = jnp.asarray([[1, 1, 1, 0], [1, 1, 0, 0]])
+    emb = np.asarray(model.embed(ids, attention_mask=mask))
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, rtol=1e-6)
+    # padding does not change the embedding of the shorter text
+    alone = np.asarray(model.embed(ids[1:, :2], attention_mask=mask[1:, :2]))
+    np.testing.assert_allclose(emb[1], alone[0], rtol=1e-5, atol=1e-6)
