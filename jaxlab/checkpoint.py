@@ -173,7 +173,9 @@ class Checkpointer:
                 raise CheckpointError(f"{self.directory}: no complete checkpoint to restore")
             step = steps[-1]
         elif step not in steps:
-            raise CheckpointError(f"{self.directory}: no checkpoint for step {step}; available: {steps}")
+            raise CheckpointError(
+                f"{self.directory}: no checkpoint for step {step}; available: {steps}"
+            )
         step_dir = self.directory / str(step)
         present = {p.name for p in step_dir.iterdir()} if step_dir.is_dir() else set()
 
@@ -183,7 +185,9 @@ class Checkpointer:
             if obj is None:
                 continue
             if name not in present:
-                raise CheckpointError(f"{step_dir}: holds no {name!r} item (found: {sorted(present)})")
+                raise CheckpointError(
+                    f"{step_dir}: holds no {name!r} item (found: {sorted(present)})"
+                )
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_of(obj))
             args[name] = ocp.args.StandardRestore(abstract)
         if data_iter is not None:
@@ -200,7 +204,9 @@ class Checkpointer:
             raise
         except Exception as e:  # orbax / tensorstore raise many types for unreadable data
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"{step_dir}: checkpoint is corrupt or incompatible: {msg[:300]}") from e
+            raise CheckpointError(
+                f"{step_dir}: checkpoint is corrupt or incompatible: {msg[:300]}"
+            ) from e
 
         out = {}
         for name, obj in targets.items():

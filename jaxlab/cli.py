@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 __all__ = ["main", "build_parser"]
 
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     name: str
@@ -24,8 +25,14 @@ class Command:
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--config", default=default, help=f"YAML config file (default: {default})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set train.lr=1e-5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set train.lr=1e-5 (repeatable)",
+    )
 
 
 # -- demo --------------------------------------------------------------------------------------------
@@ -42,8 +49,10 @@ def _run_demo(args):
     model, tokenizer = from_pretrained(args.model)
     load_s = time.perf_counter() - t0
     cfg = model.config
-    print(f"loaded {args.model}: {cfg.num_layers} layers, width {cfg.hidden_size}, "
-          f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size} in {load_s:.1f} s")
+    print(
+        f"loaded {args.model}: {cfg.num_layers} layers, width {cfg.hidden_size}, "
+        f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size} in {load_s:.1f} s"
+    )
     print(f"\nuser: {args.question}")
     t0 = time.perf_counter()
     out = generate(model, tokenizer, [args.question], max_new_tokens=args.max_new_tokens, chat=True)
@@ -53,16 +62,18 @@ def _run_demo(args):
     gen_s = time.perf_counter() - t0
     n = int(out.lengths[0])
     print(f"assistant: {out.texts[0].strip()}\n")
-    print(f"{n} tokens ({out.finish_reasons[0]}); first call {first_s:.1f} s including compilation, "
-          f"then {gen_s:.2f} s = {n / gen_s:.1f} tokens/s (greedy, batch 1, float32)")
+    print(
+        f"{n} tokens ({out.finish_reasons[0]}); first call {first_s:.1f} s including compilation, "
+        f"then {gen_s:.2f} s = {n / gen_s:.1f} tokens/s (greedy, batch 1, float32)"
+    )
 
 
 def _demo_args(p):
-    p.add_argument("--model", default="smollm2-135m-instruct", help="registered name, .gguf file or HF dir")
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="registered name, .gguf file or HF dir"
+    )
     p.add_argument("--question", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=48)
-
-
 
 
 # -- config ------------------------------------------------------------------------------------------
@@ -84,10 +95,12 @@ def _run_config(args):
 
 
 def _config_args(p):
-    p.add_argument("action", choices=["show", "kinds"], help="show: print the resolved config; kinds: list them")
+    p.add_argument(
+        "action",
+        choices=["show", "kinds"],
+        help="show: print the resolved config; kinds: list them",
+    )
     _add_config_args(p, None)
-
-
 
 
 # -- train-lm ----------------------------------------------------------------------------------------
@@ -104,10 +117,12 @@ def _run_train_lm(args):
 
 def _train_lm_args(p):
     _add_config_args(p, "configs/lm_tiny.yaml")
-    p.add_argument("--workdir", required=True, help="metrics.jsonl and checkpoints/ go here; resumes if present")
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="metrics.jsonl and checkpoints/ go here; resumes if present",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 
 
 # -- generate ----------------------------------------------------------------------------------------
@@ -118,24 +133,32 @@ def _run_generate(args):
     from jaxlab.models import from_pretrained
 
     model, tokenizer = from_pretrained(args.model)
-    out = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                   chat=args.chat)
+    out = generate(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        chat=args.chat,
+    )
     for text in out.texts:
         print(text)
 
 
 def _generate_args(p):
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
+    p.add_argument(
+        "--prompt", action="append", required=True, help="a prompt (repeatable: one batch)"
+    )
     p.add_argument("--chat", action="store_true", help="render prompts with the chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-
-
 
 
 # -- embed -------------------------------------------------------------------------------------------
@@ -162,26 +185,42 @@ def _embed_args(p):
     p.add_argument("--batch-size", type=int, default=32)
 
 
-
-
 # -- main --------------------------------------------------------------------------------------------
 
 
 COMMANDS = [
-    Command("demo", "load SmolLM2-135M-Instruct and answer a chat question (what `make demo` runs)",
-            _demo_args, _run_demo),
+    Command(
+        "demo",
+        "load SmolLM2-135M-Instruct and answer a chat question (what `make demo` runs)",
+        _demo_args,
+        _run_demo,
+    ),
     Command("generate", "continue prompts with a decoder LM", _generate_args, _run_generate),
-    Command("embed", "sentence embeddings with an encoder (all-MiniLM-L6-v2 by default)", _embed_args,
-            _run_embed),
-    Command("train-lm", "train (or resume) a small decoder LM with Orbax checkpoints", _train_lm_args,
-            _run_train_lm),
-    Command("config", "show a config with overrides applied, or list config kinds", _config_args,
-            _run_config),
+    Command(
+        "embed",
+        "sentence embeddings with an encoder (all-MiniLM-L6-v2 by default)",
+        _embed_args,
+        _run_embed,
+    ),
+    Command(
+        "train-lm",
+        "train (or resume) a small decoder LM with Orbax checkpoints",
+        _train_lm_args,
+        _run_train_lm,
+    ),
+    Command(
+        "config",
+        "show a config with overrides applied, or list config kinds",
+        _config_args,
+        _run_config,
+    ),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxlab", description="jaxlab: research systems in JAX/Flax")
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxlab", description="jaxlab: research systems in JAX/Flax"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)

@@ -207,7 +207,9 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+                raise ConfigError(
+                    f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section"
+                )
             node = child
         node[path[-1]] = value
     return data
@@ -238,14 +240,20 @@ def load_config(
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping, got {type(loaded).__name__}"
+            )
         data = loaded
     kind = data.pop("kind", None)
     if cls is None:
         if kind is None:
-            raise ConfigError(f"{path}: missing 'kind'; known kinds: {', '.join(sorted(_REGISTRY))}")
+            raise ConfigError(
+                f"{path}: missing 'kind'; known kinds: {', '.join(sorted(_REGISTRY))}"
+            )
         if kind not in _REGISTRY:
-            raise ConfigError(f"{path}: unknown kind {kind!r}; known kinds: {', '.join(sorted(_REGISTRY))}")
+            raise ConfigError(
+                f"{path}: unknown kind {kind!r}; known kinds: {', '.join(sorted(_REGISTRY))}"
+            )
         cls = _REGISTRY[kind]
     elif kind is not None and _REGISTRY.get(kind) not in (None, cls):
         raise ConfigError(f"{path}: holds kind {kind!r}, but a {cls.__name__} was asked for")

@@ -83,7 +83,9 @@ class Tokenizer:
                 shutil.rmtree(cached, ignore_errors=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            hf = AutoTokenizer.from_pretrained(
+                str(path.parent), gguf_file=path.name, local_files_only=True
+            )
         if cached is not None:
             try:
                 tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
@@ -141,8 +143,12 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("Tokenizer expects a list of texts; wrap a single text in a list")
-        rows, _ = self.encode_truncated(texts, max_length, add_special_tokens=add_special_tokens,
-                                        truncation_side=truncation_side)
+        rows, _ = self.encode_truncated(
+            texts,
+            max_length,
+            add_special_tokens=add_special_tokens,
+            truncation_side=truncation_side,
+        )
         return self.pad(rows, pad_to=pad_to, side=padding_side)
 
     def encode_truncated(
@@ -161,19 +167,33 @@ class Tokenizer:
             raise ValueError(f"truncation side must be 'left' or 'right', got {truncation_side!r}")
         texts = list(texts)
         if max_length is None:
-            return [list(r) for r in self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]], 0
+            return [
+                list(r) for r in self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]
+            ], 0
         extra = self.hf.num_special_tokens_to_add() if add_special_tokens else 0
         if max_length <= extra:
-            raise ValueError(f"max_length={max_length} leaves no room beside {extra} special tokens")
+            raise ValueError(
+                f"max_length={max_length} leaves no room beside {extra} special tokens"
+            )
         self.hf.truncation_side = truncation_side
-        rows = [list(r) for r in self.hf(texts, add_special_tokens=add_special_tokens, truncation=True,
-                                         max_length=max_length)["input_ids"]]
+        rows = [
+            list(r)
+            for r in self.hf(
+                texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length
+            )["input_ids"]
+        ]
         at_limit = [t for t, r in zip(texts, rows) if len(r) == max_length]
-        full = self.hf(at_limit, add_special_tokens=add_special_tokens)["input_ids"] if at_limit else []
+        full = (
+            self.hf(at_limit, add_special_tokens=add_special_tokens)["input_ids"]
+            if at_limit
+            else []
+        )
         cut = sum(len(r) > max_length for r in full)
         return rows, cut
 
-    def pad(self, rows: Sequence[Sequence[int]], *, pad_to: int | None = None, side: str = "left") -> Batch:
+    def pad(
+        self, rows: Sequence[Sequence[int]], *, pad_to: int | None = None, side: str = "left"
+    ) -> Batch:
         """Pads token lists (on the left by default) into a :class:`Batch`."""
         if side not in ("left", "right"):
             raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
@@ -204,7 +224,9 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def batch_decode(self, rows: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
+    def batch_decode(
+        self, rows: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
         return [self.decode(r, skip_special_tokens=skip_special_tokens) for r in rows]
 
 

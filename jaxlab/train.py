@@ -24,8 +24,16 @@ from jaxlab.checkpoint import Checkpointer
 from jaxlab.config import check, register_config
 from jaxlab.models.decoder import Decoder, DecoderConfig
 
-__all__ = ["DataConfig", "OptimConfig", "CheckpointConfig", "LMTrainConfig", "counting_dataset",
-           "make_optimizer", "train_step", "train_lm"]
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "CheckpointConfig",
+    "LMTrainConfig",
+    "counting_dataset",
+    "make_optimizer",
+    "train_step",
+    "train_lm",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,8 +46,11 @@ class DataConfig:
     def __post_init__(self):
         check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.num_examples >= self.batch_size, "num_examples",
-              f"must be >= batch_size ({self.batch_size}), got {self.num_examples}")
+        check(
+            self.num_examples >= self.batch_size,
+            "num_examples",
+            f"must be >= batch_size ({self.batch_size}), got {self.num_examples}",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,7 +68,11 @@ class OptimConfig:
         check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(0 <= self.warmup_steps, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1/b2", f"must lie in [0, 1), got {self.b1}, {self.b2}")
+        check(
+            0 <= self.b1 < 1 and 0 <= self.b2 < 1,
+            "b1/b2",
+            f"must lie in [0, 1), got {self.b1}, {self.b2}",
+        )
         check(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
 
 
@@ -137,23 +152,40 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) 
     model = Decoder(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(cfg.train), wrt=nnx.Param)
     data = iter(counting_dataset(cfg.data, cfg.model.vocab_size))
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=cfg.checkpoint.save_every,
-                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        save_every=cfg.checkpoint.save_every,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
     start = ckpt.restore_or(0, model=model, optimizer=optimizer, data_iter=data)
     metrics: dict[str, float] = {}
     with open(workdir / "metrics.jsonl", "a") as log, ckpt:
-        bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
-                   desc="train-lm", disable=not progress)
+        bar = tqdm(
+            range(start, cfg.train.steps),
+            initial=start,
+            total=cfg.train.steps,
+            desc="train-lm",
+            disable=not progress,
+        )
         t0 = time.perf_counter()
         for step in bar:
             loss = train_step(model, optimizer, jnp.asarray(next(data)["tokens"]))
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.train.steps:
-                metrics = {"step": step + 1, "loss": float(loss),
-                           "steps_per_s": cfg.log_every / max(time.perf_counter() - t0, 1e-9)}
+                metrics = {
+                    "step": step + 1,
+                    "loss": float(loss),
+                    "steps_per_s": cfg.log_every / max(time.perf_counter() - t0, 1e-9),
+                }
                 t0 = time.perf_counter()
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            ckpt.save(step + 1, model=model, optimizer=optimizer, data_iter=data,
-                      force=step + 1 == cfg.train.steps)
+            ckpt.save(
+                step + 1,
+                model=model,
+                optimizer=optimizer,
+                data_iter=data,
+                force=step + 1 == cfg.train.steps,
+            )
     return metrics

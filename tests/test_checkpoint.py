@@ -16,8 +16,9 @@ from jaxlab.checkpoint import Checkpointer, CheckpointError
 from jaxlab.models import Decoder, DecoderConfig
 from jaxlab.train import DataConfig, OptimConfig, counting_dataset, make_optimizer, train_step
 
-MODEL = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2)
+MODEL = DecoderConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2
+)
 DATA = DataConfig(seq_len=16, batch_size=4, num_examples=64, seed=3)
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=2, steps=8)
 
@@ -90,7 +91,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         with pytest.raises(CheckpointError, match=r"no checkpoint for step 7; available: \[1\]"):
             ckpt.restore(7, model=model)
         with pytest.raises(CheckpointError, match="holds no 'optimizer' item"):
-            ckpt.restore(model=model, optimizer=nnx.Optimizer(model, make_optimizer(OPTIM), wrt=nnx.Param))
+            ckpt.restore(
+                model=model, optimizer=nnx.Optimizer(model, make_optimizer(OPTIM), wrt=nnx.Param)
+            )
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
@@ -111,9 +114,21 @@ def test_wrong_shapes_are_a_clear_error(tmp_path):
     model, _, _ = _fresh()
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, model=model)
-    other = Decoder(DecoderConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=2,
-                                  num_heads=4, num_kv_heads=2), rngs=nnx.Rngs(0))
-    with Checkpointer(tmp_path) as ckpt, pytest.raises(CheckpointError, match="corrupt or incompatible"):
+    other = Decoder(
+        DecoderConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+        ),
+        rngs=nnx.Rngs(0),
+    )
+    with (
+        Checkpointer(tmp_path) as ckpt,
+        pytest.raises(CheckpointError, match="corrupt or incompatible"),
+    ):
         ckpt.restore(model=other)
 
 
@@ -133,8 +148,12 @@ _KILLED_SAVE = textwrap.dedent(
 
 
 def test_killed_save_keeps_last_good_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_SAVE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "saving" in proc.stdout
     # the kill really came mid-save: step 2 was left as an uncommitted temporary directory

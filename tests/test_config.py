@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 import jaxlab.train  # noqa: F401  (registers config kinds)
-from jaxlab.config import ConfigError, apply_overrides, config_kinds, from_dict, load_config, to_dict
+from jaxlab.config import (
+    ConfigError,
+    apply_overrides,
+    config_kinds,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from jaxlab.models import DecoderConfig
 from jaxlab.train import LMTrainConfig
 
@@ -26,8 +33,14 @@ def test_configs_dir_is_not_empty():
 
 
 def test_dotted_overrides():
-    cfg = load_config(CONFIG_DIR / "lm_tiny.yaml", ["train.lr=1e-5", "model.num_layers=3",
-                                                    "model.rope_scaling={rope_type: linear, factor: 2.0}"])
+    cfg = load_config(
+        CONFIG_DIR / "lm_tiny.yaml",
+        [
+            "train.lr=1e-5",
+            "model.num_layers=3",
+            "model.rope_scaling={rope_type: linear, factor: 2.0}",
+        ],
+    )
     assert cfg.train.lr == 1e-5 and cfg.model.num_layers == 3
     assert cfg.model.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     # defaults only, no file
@@ -42,10 +55,16 @@ def test_dotted_overrides():
         ("train.steps=abc", r"train\.steps: expected an integer, got 'abc'"),
         ("train.steps=1.5", r"train\.steps: expected an integer"),
         ("train.lr=-1", r"train\.lr: must be positive, got -1\.0"),
-        ("model.num_heads=3", r"model\.num_kv_heads: num_heads=3 is not a multiple of num_kv_heads=2"),
+        (
+            "model.num_heads=3",
+            r"model\.num_kv_heads: num_heads=3 is not a multiple of num_kv_heads=2",
+        ),
         ("model.arch=gpt2", r"model\.arch: 'gpt2' is not one of"),
         ("model.qk_norm=maybe", r"model\.qk_norm: expected true or false"),
-        ("model.rope_scaling={rope_type: yarn}", r"model\.rope_scaling: unsupported rope scaling type 'yarn'"),
+        (
+            "model.rope_scaling={rope_type: yarn}",
+            r"model\.rope_scaling: unsupported rope scaling type 'yarn'",
+        ),
         ("train=3", r"train: expected a mapping for OptimConfig"),
         ("train.lr", r"must look like key\.path=value"),
     ],

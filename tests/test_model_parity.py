@@ -101,11 +101,14 @@ def test_decoder_matches_transformers(case, tmp_path):
     ids = rng.integers(0, 128, size=(4, 21))
     mask = np.zeros((4, 21), np.int64)
     for i, n in enumerate(lengths):
-        mask[i, 21 - n:] = 1
+        mask[i, 21 - n :] = 1
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     with torch.no_grad():
-        ref = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                       position_ids=torch.tensor(positions)).logits.numpy()
+        ref = hf_model(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(positions),
+        ).logits.numpy()
     ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     real = mask.astype(bool)
     assert np.isfinite(ours).all()
@@ -113,14 +116,18 @@ def test_decoder_matches_transformers(case, tmp_path):
 
     # and each padded row equals the same sequence run alone
     for i, n in enumerate(lengths):
-        alone = np.asarray(model(jnp.asarray(ids[i:i + 1, 21 - n:])))
-        assert _rel_err(ours[i, 21 - n:], alone[0]) < TOL
+        alone = np.asarray(model(jnp.asarray(ids[i : i + 1, 21 - n :])))
+        assert _rel_err(ours[i, 21 - n :], alone[0]) < TOL
 
 
 def test_bert_matches_transformers(tmp_path):
     cfg = transformers.BertConfig(
-        vocab_size=120, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=80, max_position_embeddings=64,
+        vocab_size=120,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=80,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     hf_model = _randomise(transformers.BertModel(cfg, add_pooling_layer=False).eval())
@@ -137,15 +144,89 @@ def test_bert_matches_transformers(tmp_path):
         mask[i, :n] = 1  # BERT batches are right-padded: positions are absolute
     types = rng.integers(0, 2, size=(3, 17))
     with torch.no_grad():
-        ref = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                       token_type_ids=torch.tensor(types)).last_hidden_state.numpy()
-    ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                            token_type_ids=jnp.asarray(types)))
+        ref = hf_model(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types)
+        ).last_hidden_state.numpy()
+    ours = np.asarray(
+        model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), token_type_ids=jnp.asarray(types))
+    )
     real = mask.astype(bool)
     assert _rel_err(ours[real], ref[real]) < TOL
 
     # mean pooling over real tokens, checked against numpy on the reference hidden states
-    pooled = np.asarray(model.embed(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                                    token_type_ids=jnp.asarray(types)))
+    pooled = np.asarray(
+        model.embed(
+            jnp.asarray(ids), attention_mask=jnp.asarray(mask), token_type_ids=jnp.asarray(types)
+        )
+    )
     ref_pooled = (ref * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     assert _rel_err(pooled, ref_pooled) < TOL
+
+
+# -- loading: sharded checkpoints and clear errors -------------------------------------------------
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf_model, _ = _hf_decoder("qwen2", tmp_path / "single")
+    hf_model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    a, _ = from_pretrained(tmp_path / "single")
+    b, _ = from_pretrained(tmp_path / "sharded")
+    ids = jnp.asarray([[1, 5, 9, 3]])
+    np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
+
+
+def test_loading_errors_are_clear(tmp_path):
+    import json
+    import shutil
+
+    from jaxlab.models import LoadError
+
+    _, path = _hf_decoder("llama", tmp_path / "ok")
+    with pytest.raises(LoadError, match="no config.json"):
+        from_pretrained(tmp_path)  # the parent has no config.json
+
+    bad = tmp_path / "arch"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    with pytest.raises(LoadError, match="model_type 'gpt_neox' is not supported; supported: llama"):
+        from_pretrained(bad)
+
+    shape = tmp_path / "shape"
+    shutil.copytree(path, shape)
+    (shape / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
+    with pytest.raises(
+        LoadError,
+        match=r"mlp.down_proj.kernel has shape \(3, 96, 64\), the config needs \(3, 100, 64\)",
+    ):
+        from_pretrained(shape)
+
+    layers = tmp_path / "layers"
+    shutil.copytree(path, layers)
+    (layers / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 4}))
+    with pytest.raises(LoadError, match=r"missing for layers \[3\]"):
+        from_pretrained(layers)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(path, missing)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(missing / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, missing / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=r"missing weight for norm.weight \(shape \(64,\)\)"):
+        from_pretrained(missing)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(path, corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="model.safetensors: cannot read safetensors file"):
+        from_pretrained(corrupt)
+
+    empty = tmp_path / "empty"
+    shutil.copytree(path, empty)
+    (empty / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match=r"no \*.safetensors weights"):
+        from_pretrained(empty)

@@ -10,15 +10,23 @@ from jaxlab.attention import attention, attention_implementations
 from jaxlab.models import BertConfig, BertEncoder, Decoder, DecoderConfig
 from jaxlab.models.layers import padding_positions
 
-CFG = DecoderConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
-                    num_kv_heads=2, qk_norm=True, attention_bias=True)
+CFG = DecoderConfig(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_layers=3,
+    num_heads=6,
+    num_kv_heads=2,
+    qk_norm=True,
+    attention_bias=True,
+)
 
 
 def _left_padded(rng, lengths, width, vocab):
     ids = rng.integers(0, vocab, size=(len(lengths), width)).astype(np.int32)
     mask = np.zeros((len(lengths), width), np.int32)
     for i, n in enumerate(lengths):
-        mask[i, width - n:] = 1
+        mask[i, width - n :] = 1
     return ids, mask
 
 
@@ -30,11 +38,16 @@ def test_cached_prefill_and_decode_equal_full_forward():
 
     # prefill 6 tokens into a 16-slot cache, then feed the remaining 4 one at a time
     cache = model.init_cache(3, 16)
-    logits, cache = model(jnp.asarray(ids[:, :6]), attention_mask=jnp.asarray(mask[:, :6]), cache=cache)
+    logits, cache = model(
+        jnp.asarray(ids[:, :6]), attention_mask=jnp.asarray(mask[:, :6]), cache=cache
+    )
     steps = [np.asarray(logits)]
     for t in range(6, 10):
-        logits, cache = model(jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.asarray(mask[:, t:t + 1]),
-                              cache=cache)
+        logits, cache = model(
+            jnp.asarray(ids[:, t : t + 1]),
+            attention_mask=jnp.asarray(mask[:, t : t + 1]),
+            cache=cache,
+        )
         steps.append(np.asarray(logits))
     cached = np.concatenate(steps, axis=1)
     real = mask.astype(bool)
@@ -52,17 +65,25 @@ def test_rows_with_different_cache_offsets():
     alone_b = np.asarray(model(jnp.asarray(b)))[0, -1]
     cache = model.init_cache(2, 12)
     # row 0 gets 5 tokens of `a`; row 1 gets nothing yet (masked out)
-    _, cache = model(jnp.asarray(np.concatenate([a, b])), attention_mask=jnp.asarray([[1] * 5, [0] * 5]),
-                     cache=cache)
+    _, cache = model(
+        jnp.asarray(np.concatenate([a, b])),
+        attention_mask=jnp.asarray([[1] * 5, [0] * 5]),
+        cache=cache,
+    )
     cache = cache._replace(index=jnp.asarray([5, 0], jnp.int32))  # row 1 starts again at slot 0
-    logits, _ = model(jnp.asarray(np.concatenate([a, b])), attention_mask=jnp.asarray([[0] * 5, [1] * 5]),
-                      cache=cache)
+    logits, _ = model(
+        jnp.asarray(np.concatenate([a, b])),
+        attention_mask=jnp.asarray([[0] * 5, [1] * 5]),
+        cache=cache,
+    )
     np.testing.assert_allclose(np.asarray(logits)[1, -1], alone_b, rtol=1e-5, atol=1e-5)
 
 
 def test_padding_positions():
     mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
-    assert np.array_equal(np.asarray(padding_positions(mask)), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0] * 5])
+    assert np.array_equal(
+        np.asarray(padding_positions(mask)), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0] * 5]
+    )
 
 
 @pytest.mark.parametrize("impl", [i for i in attention_implementations() if i != "cudnn"])
@@ -73,8 +94,13 @@ def test_attention_implementations_agree_with_float64(impl):
     v = rng.normal(size=(2, 7, 2, 8))
     mask = rng.random((2, 5, 7)) < 0.7
     mask[1, 2] = False  # a row that sees nothing stays finite
-    out = np.asarray(attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(mask),
-                               implementation=impl))
+    out = np.asarray(
+        attention(
+            *(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+            jnp.asarray(mask),
+            implementation=impl,
+        )
+    )
     # float64 numpy reference
     kk, vv = np.repeat(k, 3, axis=2), np.repeat(v, 3, axis=2)
     s = np.einsum("bthd,bshd->bhts", q, kk) / np.sqrt(8)

@@ -86,7 +86,9 @@ def attention(
             "query heads a multiple of key/value heads"
         )
     if mask is not None and mask.shape != (q.shape[0], q.shape[1], k.shape[1]):
-        raise ValueError(f"attention: mask {mask.shape} must be [B, T, S] = {(q.shape[0], q.shape[1], k.shape[1])}")
+        raise ValueError(
+            f"attention: mask {mask.shape} must be [B, T, S] = {(q.shape[0], q.shape[1], k.shape[1])}"
+        )
     try:
         fn = _IMPLEMENTATIONS[implementation]
     except KeyError:

@@ -36,16 +36,40 @@ class GenerationResult:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "cache_len", "top_k", "top_p", "greedy", "eos_ids", "pad_id"),
+    static_argnames=(
+        "graphdef",
+        "max_new_tokens",
+        "cache_len",
+        "top_k",
+        "top_p",
+        "greedy",
+        "eos_ids",
+        "pad_id",
+    ),
 )
-def _generate_core(state, ids, mask, key, temperature, *, graphdef, max_new_tokens, cache_len, top_k,
-                   top_p, greedy, eos_ids, pad_id):
+def _generate_core(
+    state,
+    ids,
+    mask,
+    key,
+    temperature,
+    *,
+    graphdef,
+    max_new_tokens,
+    cache_len,
+    top_k,
+    top_p,
+    greedy,
+    eos_ids,
+    pad_id,
+):
     model = nnx.merge(graphdef, state)
     b = ids.shape[0]
     n = max_new_tokens
     eos = jnp.asarray(eos_ids, jnp.int32)
-    sample = functools.partial(sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               greedy=greedy)
+    sample = functools.partial(
+        sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+    )
 
     cache = model.init_cache(b, cache_len)
     logits, cache = model(ids, attention_mask=mask, cache=cache)
@@ -76,7 +100,9 @@ def _generate_core(state, ids, mask, key, temperature, *, graphdef, max_new_toke
         return step + 1, tok, done, lengths, tokens, logprobs, raw_logprobs, cache, key
 
     carry = (jnp.int32(1), tok, done, lengths, tokens, logprobs, raw_logprobs, cache, key)
-    _, _, done, lengths, tokens, logprobs, raw_logprobs, _, _ = jax.lax.while_loop(cond, body, carry)
+    _, _, done, lengths, tokens, logprobs, raw_logprobs, _, _ = jax.lax.while_loop(
+        cond, body, carry
+    )
     return tokens, logprobs, raw_logprobs, lengths, done
 
 
@@ -108,21 +134,33 @@ def generate_tokens(
     b, p = input_ids.shape
     limit = model.config.max_position_embeddings
     if p + max_new_tokens > limit:
-        raise ValueError(f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"context of {limit} tokens")
+        raise ValueError(
+            f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {limit} tokens"
+        )
     cache_len = bucket_length(p + max_new_tokens, max(limit, p + max_new_tokens), granularity=64)
     graphdef, state = nnx.split(model)
     out = _generate_core(
-        state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, bool),
-        jax.random.key(seed), jnp.float32(max(temperature, 1e-6)),
-        graphdef=graphdef, max_new_tokens=int(max_new_tokens), cache_len=int(cache_len),
-        top_k=int(top_k), top_p=float(top_p), greedy=temperature == 0.0,
-        eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+        state,
+        jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(attention_mask, bool),
+        jax.random.key(seed),
+        jnp.float32(max(temperature, 1e-6)),
+        graphdef=graphdef,
+        max_new_tokens=int(max_new_tokens),
+        cache_len=int(cache_len),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        greedy=temperature == 0.0,
+        eos_ids=tuple(int(e) for e in eos_ids),
+        pad_id=int(pad_id),
     )
     return tuple(np.array(x) for x in out)  # writable copies
 
 
-def _cut_at_stop(tokenizer: Tokenizer, row: np.ndarray, n: int, stop: Sequence[str]) -> tuple[str, int, bool]:
+def _cut_at_stop(
+    tokenizer: Tokenizer, row: np.ndarray, n: int, stop: Sequence[str]
+) -> tuple[str, int, bool]:
     text = tokenizer.decode(row[:n])
     hits = [text.find(s) for s in stop if s and s in text]
     if not hits:
@@ -164,12 +202,21 @@ def generate(
     b = len(rows)
     batch_bucket = bucket_length(b, max(b, 1) * 2, granularity=64)
     longest = max(len(r) for r in rows)
-    batch = tokenizer.pad(rows + [[tokenizer.pad_token_id]] * (batch_bucket - b),
-                          pad_to=bucket_length(longest, max(longest, 1) * 2, granularity=64))
+    batch = tokenizer.pad(
+        rows + [[tokenizer.pad_token_id]] * (batch_bucket - b),
+        pad_to=bucket_length(longest, max(longest, 1) * 2, granularity=64),
+    )
     tokens, logprobs, raw, lengths, ended = generate_tokens(
-        model, batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens,
-        eos_ids=tokenizer.eos_token_ids, pad_id=tokenizer.pad_token_id, temperature=temperature,
-        top_p=top_p, top_k=top_k, seed=seed,
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_ids=tokenizer.eos_token_ids,
+        pad_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
     )
     tokens, logprobs, raw, lengths, ended = (x[:b] for x in (tokens, logprobs, raw, lengths, ended))
     texts, reasons = [], []
@@ -185,6 +232,12 @@ def generate(
             lengths[i] = cut
         texts.append(text)
         reasons.append(reason)
-    return GenerationResult(texts=texts, tokens=tokens, logprobs=logprobs, lengths=lengths.astype(np.int32),
-                            raw_logprobs=raw, finish_reasons=reasons,
-                            prompt_lengths=np.asarray([len(r) for r in rows], np.int32))
+    return GenerationResult(
+        texts=texts,
+        tokens=tokens,
+        logprobs=logprobs,
+        lengths=lengths.astype(np.int32),
+        raw_logprobs=raw,
+        finish_reasons=reasons,
+        prompt_lengths=np.asarray([len(r) for r in rows], np.int32),
+    )

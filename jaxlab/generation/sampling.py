@@ -13,7 +13,9 @@ __all__ = ["filter_logits", "sample_tokens"]
 _NEG_INF = -jnp.inf
 
 
-def filter_logits(logits: jax.Array, *, temperature: float | jax.Array, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(
+    logits: jax.Array, *, temperature: float | jax.Array, top_k: int, top_p: float
+) -> jax.Array:
     """The logits ``[B, V]`` of the distribution actually sampled from.
 
     Temperature first, then top-k (keep the k largest), then top-p (keep the smallest set of most

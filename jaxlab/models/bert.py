@@ -39,16 +39,34 @@ class BertConfig:
     attention_implementation: str = "xla"
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "max_position_embeddings", "type_vocab_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
             check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        check(self.hidden_size % self.num_heads == 0, "num_heads",
-              f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        check(self.hidden_act in ("gelu", "gelu_new", "relu"), "hidden_act",
-              f"{self.hidden_act!r} is not one of ['gelu', 'gelu_new', 'relu']")
-        check(self.pooling in _POOLING, "pooling", f"{self.pooling!r} is not one of {list(_POOLING)}")
-        check(self.attention_implementation in attention_implementations(), "attention_implementation",
-              f"{self.attention_implementation!r} is not one of {attention_implementations()}")
+        check(
+            self.hidden_size % self.num_heads == 0,
+            "num_heads",
+            f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}",
+        )
+        check(
+            self.hidden_act in ("gelu", "gelu_new", "relu"),
+            "hidden_act",
+            f"{self.hidden_act!r} is not one of ['gelu', 'gelu_new', 'relu']",
+        )
+        check(
+            self.pooling in _POOLING, "pooling", f"{self.pooling!r} is not one of {list(_POOLING)}"
+        )
+        check(
+            self.attention_implementation in attention_implementations(),
+            "attention_implementation",
+            f"{self.attention_implementation!r} is not one of {attention_implementations()}",
+        )
 
 
 _ACTS = {
@@ -59,8 +77,14 @@ _ACTS = {
 
 
 def _dense(rngs, din, dout, dtype):
-    return nnx.Linear(din, dout, dtype=dtype, param_dtype=dtype,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+    return nnx.Linear(
+        din,
+        dout,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
 
 
 class BertLayer(nnx.Module):
@@ -83,7 +107,9 @@ class BertLayer(nnx.Module):
         q = self.query(x).reshape(b, t, h, d)
         k = self.key(x).reshape(b, t, h, d)
         v = self.value(x).reshape(b, t, h, d)
-        a = attention(q, k, v, mask, scale=1.0 / math.sqrt(d), implementation=cfg.attention_implementation)
+        a = attention(
+            q, k, v, mask, scale=1.0 / math.sqrt(d), implementation=cfg.attention_implementation
+        )
         x = self.attention_layernorm(x + self.attention_output(a.reshape(b, t, e)))
         y = self.output(_ACTS[cfg.hidden_act](self.intermediate(x)))
         return self.output_layernorm(x + y)
@@ -101,14 +127,24 @@ class BertEncoder(nnx.Module):
         self.dtype = dtype
         e = cfg.hidden_size
         init = nnx.initializers.normal(0.02)
-        self.word_embeddings = nnx.Embed(cfg.vocab_size, e, dtype=dtype, param_dtype=dtype,
-                                         embedding_init=init, rngs=rngs)
-        self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, e, dtype=dtype,
-                                             param_dtype=dtype, embedding_init=init, rngs=rngs)
-        self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, e, dtype=dtype, param_dtype=dtype,
-                                               embedding_init=init, rngs=rngs)
+        self.word_embeddings = nnx.Embed(
+            cfg.vocab_size, e, dtype=dtype, param_dtype=dtype, embedding_init=init, rngs=rngs
+        )
+        self.position_embeddings = nnx.Embed(
+            cfg.max_position_embeddings,
+            e,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=init,
+            rngs=rngs,
+        )
+        self.token_type_embeddings = nnx.Embed(
+            cfg.type_vocab_size, e, dtype=dtype, param_dtype=dtype, embedding_init=init, rngs=rngs
+        )
         self.embeddings_layernorm = LayerNorm(e, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.layers = stack_layers(cfg.num_layers, lambda r: BertLayer(cfg, dtype=dtype, rngs=r), rngs)
+        self.layers = stack_layers(
+            cfg.num_layers, lambda r: BertLayer(cfg, dtype=dtype, rngs=r), rngs
+        )
 
     def __call__(
         self,
@@ -121,14 +157,19 @@ class BertEncoder(nnx.Module):
             raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
         b, t = input_ids.shape
         if t > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {t} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}; truncate the input")
+            raise ValueError(
+                f"sequence length {t} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}; truncate the input"
+            )
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, t), jnp.int32)
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(t))[None]
-             + self.token_type_embeddings(token_type_ids))
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(jnp.arange(t))[None]
+            + self.token_type_embeddings(token_type_ids)
+        )
         x = self.embeddings_layernorm(x)
         mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (b, t, t))
         x, _ = scan_layers(self.layers, lambda layer, h, _: (layer(h, mask), None), x)

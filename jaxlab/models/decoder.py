@@ -56,20 +56,43 @@ class DecoderConfig:
 
     def __post_init__(self):
         check(self.arch in _ARCHS, "arch", f"{self.arch!r} is not one of {list(_ARCHS)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        ):
             check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
-              f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        check(self.head_dim is not None or self.hidden_size % self.num_heads == 0, "head_dim",
-              f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; give head_dim")
-        check(self.head_dim is None or (self.head_dim > 0 and self.head_dim % 2 == 0), "head_dim",
-              f"must be a positive even number, got {self.head_dim}")
+        check(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_kv_heads",
+            f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}",
+        )
+        check(
+            self.head_dim is not None or self.hidden_size % self.num_heads == 0,
+            "head_dim",
+            f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; give head_dim",
+        )
+        check(
+            self.head_dim is None or (self.head_dim > 0 and self.head_dim % 2 == 0),
+            "head_dim",
+            f"must be a positive even number, got {self.head_dim}",
+        )
         check(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         check(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
-        check(self.hidden_act == "silu", "hidden_act", f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
-        check(self.attention_implementation in attention_implementations(), "attention_implementation",
-              f"{self.attention_implementation!r} is not one of {attention_implementations()}")
+        check(
+            self.hidden_act == "silu",
+            "hidden_act",
+            f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}",
+        )
+        check(
+            self.attention_implementation in attention_implementations(),
+            "attention_implementation",
+            f"{self.attention_implementation!r} is not one of {attention_implementations()}",
+        )
         try:
             rope_inv_freq(self.dim_per_head, self.rope_theta, self.rope_scaling)
         except (ValueError, KeyError) as e:
@@ -97,8 +120,15 @@ class KVCache(NamedTuple):
 
 
 def _dense(rngs, din, dout, bias, dtype):
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
 
 
 class Attention(nnx.Module):
@@ -168,9 +198,17 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = dtype
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
-                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.layers = stack_layers(cfg.num_layers, lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), rngs)
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+        self.layers = stack_layers(
+            cfg.num_layers, lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), rngs
+        )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(rngs, cfg.hidden_size, cfg.vocab_size, False, dtype)
@@ -202,7 +240,9 @@ class Decoder(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         if attention_mask.shape != (b, t):
-            raise ValueError(f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}")
+            raise ValueError(
+                f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}"
+            )
         token_valid = attention_mask.astype(bool)
 
         if cache is None:
@@ -224,7 +264,9 @@ class Decoder(nnx.Module):
 
         x = self.embed_tokens(input_ids)
         cfg = self.config
-        inv_freq = jnp.asarray(rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling), jnp.float32)
+        inv_freq = jnp.asarray(
+            rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling), jnp.float32
+        )
 
         def body(layer, h, layer_kv):
             return layer(h, positions, inv_freq, mask, layer_kv, index)

@@ -53,19 +53,23 @@ def encode(
     dim = model.config.hidden_size
     if n == 0:
         return np.zeros((0, dim), np.float32)
-    limit = min(max_length or tokenizer.model_max_length or model.config.max_position_embeddings,
-                model.config.max_position_embeddings)
+    limit = min(
+        max_length or tokenizer.model_max_length or model.config.max_position_embeddings,
+        model.config.max_position_embeddings,
+    )
     rows, cut = tokenizer.encode_truncated(texts, limit)
     if cut:
-        warnings.warn(f"encode: {cut} of {n} texts were longer than {limit} tokens and were truncated",
-                      stacklevel=2)
+        warnings.warn(
+            f"encode: {cut} of {n} texts were longer than {limit} tokens and were truncated",
+            stacklevel=2,
+        )
     order = np.argsort([-len(r) for r in rows], kind="stable")
     graphdef, state = nnx.split(model)
     run = _embed_fn(graphdef)
     out = np.zeros((n, dim), np.float32)
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc="encode", disable=not progress, total=len(starts)):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         chunk = [rows[i] for i in idx]
         width = bucket_length(max(len(r) for r in chunk), limit)
         chunk += [[]] * (batch_size - len(chunk))  # a fixed batch shape: one compile per bucket

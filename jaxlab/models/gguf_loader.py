@@ -59,8 +59,10 @@ def read_gguf_config(reader, path: Path) -> DecoderConfig:
     """DecoderConfig from GGUF metadata (layers, heads, KV heads, rope theta, norm eps, vocab, context)."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-                        f"{', '.join(SUPPORTED_ARCHS)}")
+        raise LoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHS)}"
+        )
 
     def get(key, default=None, required=True):
         value = _field(reader, f"{arch}.{key}", default)
@@ -79,7 +81,9 @@ def read_gguf_config(reader, path: Path) -> DecoderConfig:
         vocab = len(tokens.data)
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
-        raise LoadError(f"{path}: scaled RoPE stored as rope_freqs (Llama-3.1 style) is not supported yet")
+        raise LoadError(
+            f"{path}: scaled RoPE stored as rope_freqs (Llama-3.1 style) is not supported yet"
+        )
     try:
         return DecoderConfig(
             arch=arch,
@@ -116,7 +120,9 @@ def _tensors(reader, cfg: DecoderConfig, path: Path) -> Iterator[tuple[str, np.n
         try:
             w = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32)
         except Exception as e:
-            raise LoadError(f"{path}: cannot dequantise {t.name} ({t.tensor_type.name}): {e}") from None
+            raise LoadError(
+                f"{path}: cannot dequantise {t.name} ({t.tensor_type.name}): {e}"
+            ) from None
         w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
         if t.name == "token_embd.weight":
             yield "model.embed_tokens.weight", w
@@ -143,8 +149,9 @@ def load_gguf(path: str | Path, *, dtype=None, with_tokenizer: bool = True):
     path = Path(path)
     reader = _open(path)
     cfg = read_gguf_config(reader, path)
-    model = build_model("decoder", cfg, _tensors(reader, cfg, path), dtype=dtype or jnp.float32,
-                        source=str(path))
+    model = build_model(
+        "decoder", cfg, _tensors(reader, cfg, path), dtype=dtype or jnp.float32, source=str(path)
+    )
     tokenizer = None
     if with_tokenizer:
         try:

@@ -49,7 +49,9 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        return (
+            y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        ).astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
@@ -97,7 +99,9 @@ def padding_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def stack_layers(num_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+def stack_layers(
+    num_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs
+) -> nnx.Module:
     """Creates ``num_layers`` copies of a layer with parameters stacked on a leading axis."""
 
     @nnx.split_rngs(splits=num_layers)

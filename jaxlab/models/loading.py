@@ -79,7 +79,9 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or None
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    kind = (
+        params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    )
     if kind in (None, "default"):
         return float(theta), None
     merged = {**(scaling or {}), **{k: v for k, v in params.items() if k != "rope_theta"}}
@@ -109,7 +111,8 @@ def decoder_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=(arch == "qwen2") or bool(hf.get("attention_bias", False)),
-            attention_out_bias=arch in ("llama", "mistral") and bool(hf.get("attention_bias", False)),
+            attention_out_bias=arch in ("llama", "mistral")
+            and bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=arch == "qwen3",
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
@@ -121,9 +124,13 @@ def decoder_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
         raise LoadError(f"unsupported {arch} config: {e}") from None
 
 
-def bert_config_from_hf(hf: dict[str, Any], pooling: str = "mean", normalize: bool = False) -> BertConfig:
+def bert_config_from_hf(
+    hf: dict[str, Any], pooling: str = "mean", normalize: bool = False
+) -> BertConfig:
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise LoadError(f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported")
+        raise LoadError(
+            f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported"
+        )
     try:
         return BertConfig(
             vocab_size=hf["vocab_size"],
@@ -322,11 +329,15 @@ def build_model(
             found[path] = array
         else:
             if layer >= num_layers:
-                raise LoadError(f"{source}: tensor {key} is for layer {layer}, but the config has {num_layers}")
+                raise LoadError(
+                    f"{source}: tensor {key} is for layer {layer}, but the config has {num_layers}"
+                )
             layered.setdefault(path, [None] * num_layers)[layer] = array
     if unexpected:
-        raise LoadError(f"{source}: unexpected tensors for a {kind} model: {', '.join(unexpected[:5])}"
-                        + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+        raise LoadError(
+            f"{source}: unexpected tensors for a {kind} model: {', '.join(unexpected[:5])}"
+            + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
+        )
     for path, arrays in layered.items():
         missing_layers = [i for i, a in enumerate(arrays) if a is None]
         if missing_layers:
@@ -339,8 +350,10 @@ def build_model(
             raise LoadError(f"{source}: missing weight for {'.'.join(path)} (shape {var.shape})")
         array = found[path]
         if tuple(array.shape) != tuple(var.shape):
-            raise LoadError(f"{source}: {'.'.join(path)} has shape {tuple(array.shape)}, "
-                            f"the config needs {tuple(var.shape)}")
+            raise LoadError(
+                f"{source}: {'.'.join(path)} has shape {tuple(array.shape)}, "
+                f"the config needs {tuple(var.shape)}"
+            )
         leaves.append((path, jnp.asarray(array, dtype=var.dtype)))
     state = nnx.from_flat_state([(path, expected[path].replace(value)) for path, value in leaves])
     return nnx.merge(graphdef, state)
@@ -349,7 +362,9 @@ def build_model(
 def _load_hf_dir(path: Path, dtype) -> tuple[nnx.Module, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise LoadError(f"{path}: no config.json; an HF checkpoint directory needs config.json and *.safetensors")
+        raise LoadError(
+            f"{path}: no config.json; an HF checkpoint directory needs config.json and *.safetensors"
+        )
     try:
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
@@ -370,6 +385,8 @@ def _load_hf_dir(path: Path, dtype) -> tuple[nnx.Module, Any]:
     tokenizer = None
     if Tokenizer.directory_has_tokenizer(path):
         st_config = path / "sentence_bert_config.json"
-        limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+        limit = (
+            json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+        )
         tokenizer = Tokenizer.from_directory(path, model_max_length=limit)
     return model, tokenizer

