@@ -141,7 +141,10 @@ def _tensors(reader, cfg: DecoderConfig, path: Path) -> Iterator[tuple[str, np.n
 
 
 def load_gguf(path: str | Path, *, dtype=None, with_tokenizer: bool = True):
-    """``(model, tokenizer)`` from a GGUF file of a Llama / Qwen2 / Qwen3 decoder."""
+    """``(model, tokenizer)`` from a GGUF file of a Llama / Qwen2 / Qwen3 decoder.
+
+    The tokenizer is None when the file carries no tokenizer metadata.
+    """
     import jax.numpy as jnp
 
     from jaxlab.tokenization import Tokenizer
@@ -153,7 +156,7 @@ def load_gguf(path: str | Path, *, dtype=None, with_tokenizer: bool = True):
         "decoder", cfg, _tensors(reader, cfg, path), dtype=dtype or jnp.float32, source=str(path)
     )
     tokenizer = None
-    if with_tokenizer:
+    if with_tokenizer and "tokenizer.ggml.model" in reader.fields:
         try:
             tokenizer = Tokenizer.from_gguf(path)
         except Exception as e:

@@ -1,0 +1,1 @@
+"""Helpers for tests and examples: tiny fixtures written in real file formats."""
