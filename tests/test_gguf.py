@@ -14,9 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_model_parity import _hf_decoder, _rel_err  # noqa: E402
+
 from jaxlab.models import from_pretrained  # noqa: E402
 from jaxlab.testing.gguf_writer import write_decoder_gguf  # noqa: E402
-from test_model_parity import _hf_decoder, _rel_err  # noqa: E402
 
 QUANTS = ["F32", "F16", "Q8_0", "Q4_0"]
 
