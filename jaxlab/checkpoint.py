@@ -65,8 +65,10 @@ def create_checkpoint_manager(
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
     )
+    handlers = {name: ocp.StandardCheckpointHandler() for name in _STATE_ITEMS}
+    handlers.update({name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS})
     return ocp.CheckpointManager(
-        Path(directory).absolute(), options=options, item_names=_STATE_ITEMS + _JSON_ITEMS
+        Path(directory).absolute(), options=options, item_handlers=handlers
     )
 
 
@@ -99,7 +101,7 @@ class Checkpointer:
             self.directory, save_every=save_every, keep=keep, async_save=async_save
         )
         self._closed = False
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
 
     # -- saving ----------------------------------------------------------------------------------
     def save(
@@ -132,10 +134,18 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves and releases the manager (also done at interpreter exit)."""
         if not self._closed:
             self._closed = True
+            atexit.unregister(self._close_at_exit)
             self.manager.wait_until_finished()
             self.manager.close()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except RuntimeError:  # orbax's event loop may already be gone at interpreter shutdown
+            pass
 
     def __enter__(self):
         return self
@@ -189,6 +199,7 @@ class Checkpointer:
                     f"{step_dir}: holds no {name!r} item (found: {sorted(present)})"
                 )
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_of(obj))
+            self._check_shapes(step, step_dir, name, abstract)
             args[name] = ocp.args.StandardRestore(abstract)
         if data_iter is not None:
             if "data_iter" not in present:
@@ -222,6 +233,35 @@ class Checkpointer:
         if "extra" in args:
             out["extra"] = restored["extra"]
         return step, out
+
+    def _check_shapes(self, step: int, step_dir: Path, name: str, abstract: Any) -> None:
+        """Compares stored array shapes with the target's before Orbax reads any data, so that a
+        config change is reported by name (and Orbax's restore is not left half-started)."""
+        try:
+            stored = self.manager.item_metadata(step)[name]
+        except Exception as e:
+            raise CheckpointError(
+                f"{step_dir}: checkpoint is corrupt: cannot read the metadata of {name!r}: {e}"
+            ) from e
+        if stored is None:
+            return
+
+        def key(path):  # NNX variables add a trailing `.value` to the pytree path
+            return jax.tree_util.keystr(path).removesuffix(".value").removesuffix("['value']")
+
+        want = {key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+        have = {
+            key(p): tuple(getattr(x, "shape", ()))
+            for p, x in jax.tree_util.tree_leaves_with_path(stored)
+        }
+        # Orbax spells some containers differently in metadata (tuples as dicts), so only entries
+        # found under the same path are compared here; the restore itself checks the rest.
+        for key, shape in want.items():
+            if key in have and have[key] != shape:
+                raise CheckpointError(
+                    f"{step_dir}: {name}{key} is stored with shape {have[key]}, but the target has {shape} "
+                    "(a different model config?)"
+                )
 
     def restore_or(self, default_step: int, **targets) -> int:
         """Restores the latest checkpoint if there is one; otherwise returns ``default_step``."""

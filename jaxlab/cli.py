@@ -35,6 +35,25 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     )
 
 
+def _require_decoder(model, name):
+    from jaxlab.models import Decoder
+
+    if not isinstance(model, Decoder):
+        raise TypeError(
+            f"{name} is a {type(model).__name__}, not a decoder LM; this command needs a decoder"
+        )
+
+
+def _resolve_config(path: str | None) -> str | None:
+    """A config path as given, or else relative to the jaxlab checkout (configs/ is not installed)."""
+    from pathlib import Path
+
+    if path is None or Path(path).exists():
+        return path
+    beside = Path(__file__).resolve().parents[1] / path
+    return str(beside) if beside.exists() else path
+
+
 # -- demo --------------------------------------------------------------------------------------------
 
 
@@ -48,6 +67,7 @@ def _run_demo(args):
     t0 = time.perf_counter()
     model, tokenizer = from_pretrained(args.model)
     load_s = time.perf_counter() - t0
+    _require_decoder(model, args.model)
     cfg = model.config
     print(
         f"loaded {args.model}: {cfg.num_layers} layers, width {cfg.hidden_size}, "
@@ -89,7 +109,9 @@ def _run_config(args):
         for kind, cls in sorted(config_kinds().items()):
             print(f"{kind}: {cls.__module__}.{cls.__name__}")
         return
-    cfg = load_config(args.config, args.overrides)
+    if args.config is None:
+        raise ValueError("config show needs --config FILE")
+    cfg = load_config(_resolve_config(args.config), args.overrides)
     kind = next(k for k, c in config_kinds().items() if isinstance(cfg, c))
     print(yaml.safe_dump({"kind": kind, **to_dict(cfg)}, sort_keys=False), end="")
 
@@ -110,7 +132,7 @@ def _run_train_lm(args):
     from jaxlab.config import load_config
     from jaxlab.train import LMTrainConfig, train_lm
 
-    cfg = load_config(args.config, args.overrides, cls=LMTrainConfig)
+    cfg = load_config(_resolve_config(args.config), args.overrides, cls=LMTrainConfig)
     metrics = train_lm(cfg, args.workdir, progress=not args.quiet)
     print(json.dumps(metrics))
 
@@ -133,6 +155,7 @@ def _run_generate(args):
     from jaxlab.models import from_pretrained
 
     model, tokenizer = from_pretrained(args.model)
+    _require_decoder(model, args.model)
     out = generate(
         model,
         tokenizer,
@@ -232,12 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from jaxlab.checkpoint import CheckpointError
     from jaxlab.config import ConfigError
     from jaxlab.models.loading import LoadError
 
     try:
         args._run(args)
-    except (ConfigError, LoadError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, LoadError, CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

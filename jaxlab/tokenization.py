@@ -40,6 +40,65 @@ def _tokenizer_cache_dir(path: Path) -> Path | None:
     return root / "tokenizers" / f"{path.stem}-{key}"
 
 
+# llama.cpp metadata keys -> transformers' names (as transformers' own GGUF tokenizer reader maps them)
+_GGUF_TOKENIZER_KEYS = {
+    "tokenizer.ggml.model": "tokenizer_type",
+    "tokenizer.ggml.pre": "pre_tokenizer_type",
+    "tokenizer.ggml.tokens": "tokens",
+    "tokenizer.ggml.scores": "scores",
+    "tokenizer.ggml.token_type": "token_type",
+    "tokenizer.ggml.merges": "merges",
+    "tokenizer.ggml.precompiled_charsmap": "precompiled_charsmap",
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.unknown_token_id": "unk_token_id",
+    "tokenizer.ggml.padding_token_id": "pad_token_id",
+    "tokenizer.ggml.add_space_prefix": "add_prefix_space",
+}
+_GGUF_TOKENIZER_CONFIG_KEYS = {
+    "tokenizer.chat_template": "chat_template",
+    "tokenizer.ggml.add_bos_token": "add_bos_token",
+    "tokenizer.ggml.add_eos_token": "add_eos_token",
+}
+_GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def _hf_tokenizer_from_gguf(path: Path, reader=None):
+    """A transformers fast tokenizer from GGUF metadata, without torch."""
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    reader = reader if reader is not None else gguf.GGUFReader(str(path))
+
+    def value(key):
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    if value("tokenizer.ggml.model") is None:
+        raise ValueError(f"{path}: the GGUF file carries no tokenizer")
+    tokenizer = {
+        name: value(key) for key, name in _GGUF_TOKENIZER_KEYS.items() if key in reader.fields
+    }
+    config = {
+        name: value(key)
+        for key, name in _GGUF_TOKENIZER_CONFIG_KEYS.items()
+        if key in reader.fields
+    }
+    if tokenizer.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # as llama.cpp does for sentencepiece vocabularies
+    for name, key in _GGUF_SPECIAL_TOKENS.items():
+        token_id = value(key)
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(value("general.architecture"), tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
 class Tokenizer:
     """Wraps a ``transformers`` tokenizer.
 
@@ -62,33 +121,36 @@ class Tokenizer:
     def from_directory(cls, path: str | Path, **kw) -> Tokenizer:
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True), **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return cls(hf, **kw)
 
     @classmethod
-    def from_gguf(cls, path: str | Path, *, cache: bool = True) -> Tokenizer:
+    def from_gguf(cls, path: str | Path, *, reader=None, cache: bool = True) -> Tokenizer:
         """The tokenizer and chat template stored in a GGUF file's metadata.
 
-        Building it means parsing the whole vocabulary out of the GGUF (seconds), so the result is
-        saved under ``$JAXLAB_CACHE_DIR`` (default ``~/.cache/jaxlab``), keyed by the file's path,
-        size and modification time, and later loads read that copy.
+        The vocabulary, merges and special tokens are read with the ``gguf`` package (``reader``,
+        an open ``gguf.GGUFReader``, saves parsing the file twice) and turned into a fast
+        tokenizer by transformers' GGUF converter; torch is not needed. Because converting a
+        large vocabulary takes seconds, the result is saved under ``$JAXLAB_CACHE_DIR`` (default
+        ``~/.cache/jaxlab``), keyed by the file's path, size and modification time.
         """
-        from transformers import AutoTokenizer
+        from transformers import PreTrainedTokenizerFast
 
         path = Path(path).absolute()
         cached = _tokenizer_cache_dir(path) if cache else None
         if cached is not None and (cached / "tokenizer_config.json").is_file():
             try:
-                return cls(AutoTokenizer.from_pretrained(str(cached), local_files_only=True))
+                return cls(
+                    PreTrainedTokenizerFast.from_pretrained(str(cached), local_files_only=True)
+                )
             except Exception:  # a damaged cache entry: rebuild it below
                 shutil.rmtree(cached, ignore_errors=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf = AutoTokenizer.from_pretrained(
-                str(path.parent), gguf_file=path.name, local_files_only=True
-            )
+        hf = _hf_tokenizer_from_gguf(path, reader)
         if cached is not None:
+            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
             try:
-                tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
                 hf.save_pretrained(str(tmp))
                 os.replace(tmp, cached)
             except OSError:

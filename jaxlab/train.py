@@ -148,19 +148,21 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) 
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     model = Decoder(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(cfg.train), wrt=nnx.Param)
     data = iter(counting_dataset(cfg.data, cfg.model.vocab_size))
-    ckpt = Checkpointer(
+    metrics: dict[str, float] = {}
+    with Checkpointer(
         workdir / "checkpoints",
         save_every=cfg.checkpoint.save_every,
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
-    )
-    start = ckpt.restore_or(0, model=model, optimizer=optimizer, data_iter=data)
-    metrics: dict[str, float] = {}
-    with open(workdir / "metrics.jsonl", "a") as log, ckpt:
+    ) as ckpt:
+        start = ckpt.restore_or(0, model=model, optimizer=optimizer, data_iter=data)
+        (workdir / "config.json").write_text(
+            json.dumps(dataclasses.asdict(cfg), indent=2)
+        )  # after a good restore
+        log = (workdir / "metrics.jsonl").open("a")
         bar = tqdm(
             range(start, cfg.train.steps),
             initial=start,
@@ -188,4 +190,5 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) 
                 data_iter=data,
                 force=step + 1 == cfg.train.steps,
             )
+        log.close()
     return metrics

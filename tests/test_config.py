@@ -66,6 +66,10 @@ def test_dotted_overrides():
             r"model\.rope_scaling: unsupported rope scaling type 'yarn'",
         ),
         ("train=3", r"train: expected a mapping for OptimConfig"),
+        (
+            "model.hidden_size=36",
+            r"model\.head_dim: the per-head size must be even for RoPE, got 9",
+        ),
         ("train.lr", r"must look like key\.path=value"),
     ],
 )

@@ -83,6 +83,22 @@ def test_sampling_is_reproducible_and_logprobs_are_of_the_filtered_distribution(
         assert abs(a[1][row, 0] - (logits[tok] - logz)) < 1e-4
 
 
+def test_context_check_uses_the_real_prompt_length():
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    ids = np.zeros((1, 120), np.int32)
+    mask = np.zeros((1, 120), np.int32)
+    mask[0, -10:] = 1  # 10 real tokens in a wide padded batch: 10 + 100 fits in 128
+    tokens, *_ = generate_tokens(model, ids, mask, max_new_tokens=100, eos_ids=(), pad_id=0)
+    assert tokens.shape == (1, 100)
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_everything():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7)), jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(filter_logits(logits, temperature=1.0, top_k=100, top_p=1.0)), np.asarray(logits)
+    )
+
+
 def test_generation_input_errors():
     model = Decoder(CFG, rngs=nnx.Rngs(0))
     ids = np.ones((1, 4), np.int32)
@@ -92,4 +108,15 @@ def test_generation_input_errors():
         generate_tokens(model, ids, ids, max_new_tokens=2, eos_ids=(), pad_id=0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         generate_tokens(model, ids, ids, max_new_tokens=2, eos_ids=(), pad_id=0, temperature=-1.0)
+    with pytest.raises(TypeError, match="needs a decoder LM, got BertEncoder"):
+        from jaxlab.models import BertConfig, BertEncoder
+
+        generate_tokens(
+            BertEncoder(BertConfig(), rngs=nnx.Rngs(0)),
+            ids,
+            ids,
+            max_new_tokens=2,
+            eos_ids=(),
+            pad_id=0,
+        )
     assert jax.device_count() == 8  # conftest's virtual devices are in place

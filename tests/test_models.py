@@ -57,26 +57,29 @@ def test_cached_prefill_and_decode_equal_full_forward():
 
 
 def test_rows_with_different_cache_offsets():
-    """Each row writes at its own index: a row fed later equals the same row fed alone."""
+    """Rows sit at different cache offsets (continuous batching): each row's logits equal those of
+    its own sequence run alone, uncached."""
     model = Decoder(CFG, rngs=nnx.Rngs(1))
     rng = np.random.default_rng(1)
-    a = rng.integers(0, CFG.vocab_size, size=(1, 5)).astype(np.int32)
-    b = rng.integers(0, CFG.vocab_size, size=(1, 5)).astype(np.int32)
-    alone_b = np.asarray(model(jnp.asarray(b)))[0, -1]
-    cache = model.init_cache(2, 12)
-    # row 0 gets 5 tokens of `a`; row 1 gets nothing yet (masked out)
-    _, cache = model(
-        jnp.asarray(np.concatenate([a, b])),
-        attention_mask=jnp.asarray([[1] * 5, [0] * 5]),
-        cache=cache,
-    )
-    cache = cache._replace(index=jnp.asarray([5, 0], jnp.int32))  # row 1 starts again at slot 0
-    logits, _ = model(
-        jnp.asarray(np.concatenate([a, b])),
-        attention_mask=jnp.asarray([[0] * 5, [1] * 5]),
-        cache=cache,
-    )
-    np.testing.assert_allclose(np.asarray(logits)[1, -1], alone_b, rtol=1e-5, atol=1e-5)
+    a = rng.integers(0, CFG.vocab_size, size=9).astype(np.int32)  # row 0: 6 tokens, then 3 more
+    b = rng.integers(0, CFG.vocab_size, size=5).astype(np.int32)  # row 1: 2 tokens, then 3 more
+
+    def alone(seq):
+        return np.asarray(model(jnp.asarray(seq[None])))[0]
+
+    cache = model.init_cache(2, 16)
+    first = np.zeros((2, 6), np.int32)
+    first[0], first[1, :2] = a[:6], b[:2]
+    mask = np.zeros((2, 6), np.int32)
+    mask[0], mask[1, :2] = 1, 1  # row 1's tail is right padding: masked, and not written as valid
+    _, cache = model(jnp.asarray(first), attention_mask=jnp.asarray(mask), cache=cache)
+    cache = cache._replace(
+        index=jnp.asarray([6, 2], jnp.int32)
+    )  # each row writes after its own tokens
+    logits, cache = model(jnp.asarray(np.stack([a[6:], b[2:]])), cache=cache)
+    np.testing.assert_allclose(np.asarray(logits)[0], alone(a)[6:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits)[1], alone(b)[2:], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.asarray(cache.index), [9, 5])
 
 
 def test_padding_positions():

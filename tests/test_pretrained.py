@@ -204,6 +204,80 @@ def test_unknown_source_lists_registered_names():
         from_pretrained("no-such-model")
 
 
+@pytest.mark.parametrize(
+    "text, stop, kept, before",
+    [
+        ("Hello. The answer is 4", "The answer", "Hello. The answer", "Hello. "),
+        ("x = 1\n\nprint(x)", "\n\nprint", "x = 1\n\nprint", "x = 1"),
+    ],
+)
+def test_multi_token_stop_strings(smollm2, text, stop, kept, before):
+    from jaxlab.generation.generate import _cut_at_stop
+
+    _, tokenizer = smollm2
+    row = np.asarray(tokenizer.encode(text, add_special_tokens=False))
+    out, k, hit = _cut_at_stop(tokenizer, row, len(row), [stop, "never"])
+    assert hit and out == before
+    assert tokenizer.decode(row[:k]).startswith(kept) and stop in tokenizer.decode(row[:k])
+    assert stop not in tokenizer.decode(row[: k - 1])
+
+
+def test_gguf_tokenizer_equals_transformers_autotokenizer(smollm2):
+    from transformers import AutoTokenizer
+
+    _, tokenizer = smollm2
+    path = package_path(SMOLLM2_GGUF)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = [
+        "hello world",
+        "  The Capital of FRANCE is\n\nParis. 12345 héllo 🙂",
+        "def f(x):\n\treturn x**2",
+        "<|im_start|>user\nhi<|im_end|>",
+    ]
+    for text in texts:
+        assert tokenizer.encode(text) == ref.encode(text)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(messages) == ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_demo_runs_without_torch_and_without_a_tokenizer_cache(tmp_path):
+    """What `make demo` does on a fresh machine: torch is not installed, no cache exists."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from jaxlab.cli import main\n"
+        "sys.exit(main(['demo', '--max-new-tokens', '12']))"
+    )
+    env = {**os.environ, "JAXLAB_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Paris" in out.stdout
+
+
+def test_cli_refuses_the_wrong_kind_of_model():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxlab", "generate", "--model", MINILM_DIR, "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        out.returncode == 2 and "not a decoder LM" in out.stderr and "Traceback" not in out.stderr
+    )
+
+
 def test_stop_strings_cut_text_and_tokens(smollm2):
     model, tokenizer = smollm2
     out = generate(

@@ -473,5 +473,5 @@ def test_losses_compose_with_vmap():
     loss, mask = _batch(5)
     stacked = jnp.stack([jnp.asarray(loss, jnp.float32)] * 3)
     masks = jnp.stack([jnp.asarray(mask, jnp.float32)] * 3)
-    out = jax.vmap(lambda l, m: rl.aggregate_loss(l, m, "delta_l", max_len=M))(stacked, masks)
+    out = jax.vmap(lambda lm, m: rl.aggregate_loss(lm, m, "delta_l", max_len=M))(stacked, masks)
     np.testing.assert_allclose(np.asarray(out), _ref_aggregate(loss, mask, "delta_l"), rtol=1e-5)

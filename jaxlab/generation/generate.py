@@ -131,11 +131,16 @@ def generate_tokens(
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not isinstance(model, Decoder):
+        raise TypeError(f"generation needs a decoder LM, got {type(model).__name__}")
     b, p = input_ids.shape
     limit = model.config.max_position_embeddings
-    if p + max_new_tokens > limit:
+    longest = int(
+        np.asarray(attention_mask).sum(-1).max(initial=0)
+    )  # real tokens, not padded width
+    if longest + max_new_tokens > limit:
         raise ValueError(
-            f"prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {limit} tokens"
         )
     cache_len = bucket_length(p + max_new_tokens, max(limit, p + max_new_tokens), granularity=64)
@@ -149,7 +154,7 @@ def generate_tokens(
         graphdef=graphdef,
         max_new_tokens=int(max_new_tokens),
         cache_len=int(cache_len),
-        top_k=int(top_k),
+        top_k=min(int(top_k), model.config.vocab_size),
         top_p=float(top_p),
         greedy=temperature == 0.0,
         eos_ids=tuple(int(e) for e in eos_ids),
@@ -161,13 +166,18 @@ def generate_tokens(
 def _cut_at_stop(
     tokenizer: Tokenizer, row: np.ndarray, n: int, stop: Sequence[str]
 ) -> tuple[str, int, bool]:
+    """``(text before the first stop string, tokens kept, hit?)``.
+
+    The tokens kept are the shortest prefix whose text contains that whole stop string (what was
+    generated, stop string included); the returned text ends before it.
+    """
     text = tokenizer.decode(row[:n])
-    hits = [text.find(s) for s in stop if s and s in text]
+    hits = [(text.find(s), s) for s in stop if s and s in text]
     if not hits:
         return text, n, False
-    cut = min(hits)
-    for k in range(1, n + 1):  # the shortest token prefix whose text reaches the stop string
-        if len(tokenizer.decode(row[:k])) > cut:
+    cut, first = min(hits)
+    for k in range(1, n + 1):
+        if first in tokenizer.decode(row[:k]):
             return text[:cut], k, True
     return text[:cut], n, True
 
@@ -190,9 +200,20 @@ def generate(
     Prompts are left-padded into one batch whose length and size are bucketed (so a new prompt
     length rarely recompiles); generation stops per row at EOS (or the chat end-of-turn token) and
     is cut at the first ``stop`` string. ``chat=True`` renders each prompt with the chat template.
+
+    ``texts`` end before a stop string; ``tokens`` / ``lengths`` / ``logprobs`` keep what was
+    generated up to and including it. ``logprobs`` are under the distribution sampled from
+    (temperature, top-k, top-p applied); for greedy decoding, whose distribution is a point mass,
+    they are the model's own log-probabilities, as are ``raw_logprobs`` always.
     """
     if isinstance(prompts, str):
         raise TypeError("generate expects a list of prompts; wrap a single prompt in a list")
+    if not isinstance(model, Decoder):
+        raise TypeError(f"generate needs a decoder LM, got {type(model).__name__}")
+    if tokenizer is None:
+        raise ValueError(
+            "generate needs a tokenizer; this checkpoint has none (use generate_tokens on ids)"
+        )
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     texts_in = [tokenizer.apply_chat_template(p) for p in prompts] if chat else list(prompts)
@@ -202,9 +223,12 @@ def generate(
     b = len(rows)
     batch_bucket = bucket_length(b, max(b, 1) * 2, granularity=64)
     longest = max(len(r) for r in rows)
+    room = max(
+        model.config.max_position_embeddings - max_new_tokens, longest
+    )  # bucket within the context
     batch = tokenizer.pad(
         rows + [[tokenizer.pad_token_id]] * (batch_bucket - b),
-        pad_to=bucket_length(longest, max(longest, 1) * 2, granularity=64),
+        pad_to=bucket_length(longest, room, granularity=64),
     )
     tokens, logprobs, raw, lengths, ended = generate_tokens(
         model,

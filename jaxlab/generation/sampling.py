@@ -23,7 +23,7 @@ def filter_logits(
     Removed tokens get ``-inf``.
     """
     x = logits.astype(jnp.float32) / temperature
-    if top_k > 0:
+    if 0 < top_k < x.shape[-1]:
         kth = jax.lax.top_k(x, top_k)[0][:, -1:]
         x = jnp.where(x < kth, _NEG_INF, x)
     if top_p < 1.0:

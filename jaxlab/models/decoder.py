@@ -77,9 +77,14 @@ class DecoderConfig:
             f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; give head_dim",
         )
         check(
-            self.head_dim is None or (self.head_dim > 0 and self.head_dim % 2 == 0),
+            self.head_dim is None or self.head_dim > 0,
             "head_dim",
-            f"must be a positive even number, got {self.head_dim}",
+            f"must be positive, got {self.head_dim}",
+        )
+        check(
+            self.dim_per_head % 2 == 0,
+            "head_dim",
+            f"the per-head size must be even for RoPE, got {self.dim_per_head}",
         )
         check(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         check(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")

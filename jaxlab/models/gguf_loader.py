@@ -158,7 +158,7 @@ def load_gguf(path: str | Path, *, dtype=None, with_tokenizer: bool = True):
     tokenizer = None
     if with_tokenizer and "tokenizer.ggml.model" in reader.fields:
         try:
-            tokenizer = Tokenizer.from_gguf(path)
+            tokenizer = Tokenizer.from_gguf(path, reader=reader)
         except Exception as e:
             raise LoadError(f"{path}: cannot build the tokenizer from GGUF metadata: {e}") from None
     return model, tokenizer

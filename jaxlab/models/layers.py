@@ -57,7 +57,8 @@ class LayerNorm(nnx.Module):
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
     """Inverse frequencies ``[D/2]`` of rotary embeddings, with optional Llama-3 or linear scaling."""
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    kind = (scaling or {}).get("rope_type", "default")
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))  # "type" is HF's older key
     if kind == "default":
         return inv
     if kind == "linear":
