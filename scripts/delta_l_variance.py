@@ -201,11 +201,11 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4))
     for ax, (title, res) in zip(np.atleast_1d(axes), results.items()):
         names = list(res)
-        var = [res[n]["rel_variance"] for n in names]
-        bias = [res[n]["rel_bias"] for n in names]
         x = np.arange(len(names))
-        ax.bar(x - 0.2, var, 0.4, label="relative variance")
-        ax.bar(x + 0.2, bias, 0.4, label="relative bias")
+        for offset, key, label in ((-0.27, "rel_variance", "relative variance"), (0.0, "rel_bias", "relative bias"),
+                                   (0.27, "scale_spread", "scale spread (length-dependent scale)")):
+            ax.bar(x + offset, [res[n][key] for n in names], 0.27, label=label)
+        ax.set_yscale("symlog", linthresh=0.1)
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set_title(title)
         ax.legend()
