@@ -202,8 +202,11 @@ def plot(results: dict, path: Path) -> None:
     for ax, (title, res) in zip(np.atleast_1d(axes), results.items()):
         names = list(res)
         x = np.arange(len(names))
-        for offset, key, label in ((-0.27, "rel_variance", "relative variance"), (0.0, "rel_bias", "relative bias"),
-                                   (0.27, "scale_spread", "scale spread (length-dependent scale)")):
+        for offset, key, label in (
+            (-0.27, "rel_variance", "relative variance"),
+            (0.0, "rel_bias", "relative bias"),
+            (0.27, "scale_spread", "scale spread (length-dependent scale)"),
+        ):
             ax.bar(x + offset, [res[n][key] for n in names], 0.27, label=label)
         ax.set_yscale("symlog", linthresh=0.1)
         ax.set_xticks(x, names, rotation=30, ha="right")

@@ -8,13 +8,14 @@ Letters: B batch, T query length, S key length, H query heads, K key/value heads
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 
-__all__ = ["attention", "register_attention", "attention_implementations", "reference_attention"]
+__all__ = ["attention", "register_attention", "attention_implementations", "grouped_attention"]
 
 AttentionFn = Callable[..., jax.Array]
 _IMPLEMENTATIONS: dict[str, AttentionFn] = {}
@@ -38,41 +39,68 @@ def attention_implementations() -> list[str]:
 
 
 @register_attention("xla")
-def _xla_attention(q, k, v, mask, *, scale):
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=None if mask is None else mask[:, None], scale=scale, implementation="xla"
-    )
+def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd"):
+    """Grouped-query attention as two einsums with a float32 softmax (the default).
 
-
-@register_attention("cudnn")
-def _cudnn_attention(q, k, v, mask, *, scale):
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=None if mask is None else mask[:, None], scale=scale, implementation="cudnn"
-    )
-
-
-@register_attention("reference")
-def reference_attention(q, k, v, mask, *, scale):
-    """Plain einsum attention with a float32 softmax; a readable reference for the others."""
+    Query heads are grouped under their key/value head instead of repeating keys and values, and
+    keys/values are read in either layout without a transpose: ``bskd`` (tokens before heads) or
+    ``bksd`` (heads before slots, the KV-cache layout, where decoding reads each head's slots
+    contiguously).
+    """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if kv_layout == "bskd":
+        kv_heads = k.shape[2]
+        qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        return out.reshape(b, t, h, d)
+    # bksd: fold (batch, kv head) into one batch axis and (query, group) into the rows, so that
+    # XLA runs one batched matmul with few, larger batch entries (much faster on CPU).
+    kv_heads, s_len = k.shape[1], k.shape[2]
+    g = h // kv_heads
+    x = b * kv_heads
+    qx = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(x, t * g, d)
+    kx, vx = k.reshape(x, s_len, d), v.reshape(x, s_len, d)
+    logits = jnp.einsum("xqd,xsd->xqs", qx, kx, preferred_element_type=jnp.float32) * scale
     if mask is not None:
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        mx = jnp.broadcast_to(mask[:, None, :, None, :], (b, kv_heads, t, g, s_len)).reshape(
+            x, t * g, s_len
+        )
+        logits = jnp.where(mx, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("xqs,xsd->xqd", probs, vx).reshape(b, kv_heads, t, g, d)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+
+
+def _jax_nn(q, k, v, mask, *, scale, kv_layout, implementation):
+    if kv_layout == "bksd":
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=None if mask is None else mask[:, None],
+        scale=scale,
+        implementation=implementation,
+    )
+
+
+register_attention("jax_nn")(functools.partial(_jax_nn, implementation="xla"))
+register_attention("cudnn")(functools.partial(_jax_nn, implementation="cudnn"))
 
 
 def attention(
     q: jax.Array,  # [B, T, H, D]
-    k: jax.Array,  # [B, S, K, D]
-    v: jax.Array,  # [B, S, K, D]
+    k: jax.Array,  # [B, S, K, D], or [B, K, S, D] with kv_layout="bksd"
+    v: jax.Array,  # like k
     mask: jax.Array | None = None,  # [B, T, S] bool, True = query may see key
     *,
     scale: float | None = None,
     implementation: str = "xla",
+    kv_layout: str = "bskd",
 ) -> jax.Array:  # [B, T, H, D]
     """Scaled dot-product attention with grouped-query heads and a boolean mask.
 
@@ -80,14 +108,17 @@ def attention(
     """
     chex.assert_rank([q, k, v], 4)
     chex.assert_equal_shape([k, v])
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[2] % k.shape[2]:
+    if kv_layout not in ("bskd", "bksd"):
+        raise ValueError(f"attention: kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
+    s_len, kv_heads = (k.shape[1], k.shape[2]) if kv_layout == "bskd" else (k.shape[2], k.shape[1])
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[2] % kv_heads:
         raise ValueError(
-            f"attention: q {q.shape} and k {k.shape} need equal batch and head dim, and "
+            f"attention: q {q.shape} and k {k.shape} ({kv_layout}) need equal batch and head dim, and "
             "query heads a multiple of key/value heads"
         )
-    if mask is not None and mask.shape != (q.shape[0], q.shape[1], k.shape[1]):
+    if mask is not None and mask.shape != (q.shape[0], q.shape[1], s_len):
         raise ValueError(
-            f"attention: mask {mask.shape} must be [B, T, S] = {(q.shape[0], q.shape[1], k.shape[1])}"
+            f"attention: mask {mask.shape} must be [B, T, S] = {(q.shape[0], q.shape[1], s_len)}"
         )
     try:
         fn = _IMPLEMENTATIONS[implementation]
@@ -97,4 +128,4 @@ def attention(
         ) from None
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return fn(q, k, v, mask, scale=scale)
+    return fn(q, k, v, mask, scale=scale, kv_layout=kv_layout)

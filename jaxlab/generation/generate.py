@@ -1,4 +1,9 @@
-"""Batched generation: prefill of a left-padded batch, then one jitted decode loop over a KV cache.
+"""Batched generation: prefill of a left-padded batch, then jitted decode chunks over a KV cache.
+
+Decoding runs on the model with one module per layer (``scan_layers=False``): XLA then reads each
+layer's weights in place, where a scan over stacked weights copies them every step. The cache is
+a tuple of per-layer arrays carried through a ``while_loop`` and updated in place (donated).
+Shapes are bucketed (batch, prompt width, new-token budget), so new prompt lengths rarely compile.
 
 Letters: B batch, P prompt length, N new tokens, V vocab.
 """
@@ -7,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +21,10 @@ import numpy as np
 from flax import nnx
 
 from jaxlab.generation.sampling import sample_tokens
-from jaxlab.models.decoder import Decoder
+from jaxlab.models.decoder import Decoder, with_layer_layout
 from jaxlab.tokenization import Tokenizer, bucket_length
 
-__all__ = ["GenerationResult", "generate", "generate_tokens"]
+__all__ = ["GenerationResult", "generate", "generate_tokens", "decoding_model"]
 
 
 @dataclasses.dataclass
@@ -34,20 +40,31 @@ class GenerationResult:
     prompt_lengths: np.ndarray  # [B] int32
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "max_new_tokens",
-        "cache_len",
-        "top_k",
-        "top_p",
-        "greedy",
-        "eos_ids",
-        "pad_id",
-    ),
-)
-def _generate_core(
+# -- the model used for decoding ---------------------------------------------------------------------
+
+_DECODING_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoding_model(model: Decoder) -> Decoder:
+    """``model`` with one module per layer, converted once and reused until its weights change."""
+    if not model.config.scan_layers:
+        return model
+    fingerprint = tuple(id(x) for x in jax.tree.leaves(nnx.state(model)))
+    hit = _DECODING_MODELS.get(model)
+    if hit is not None and hit[0] == fingerprint:
+        return hit[1]
+    unrolled = with_layer_layout(model, scan_layers=False)
+    _DECODING_MODELS[model] = (fingerprint, unrolled)
+    return unrolled
+
+
+# -- jitted pieces -----------------------------------------------------------------------------------
+
+_STATIC = ("graphdef", "top_k", "top_p", "greedy")
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "cache_len", "n_bucket", "pad_id"))
+def _prefill(
     state,
     ids,
     mask,
@@ -55,55 +72,69 @@ def _generate_core(
     temperature,
     *,
     graphdef,
-    max_new_tokens,
-    cache_len,
     top_k,
     top_p,
     greedy,
-    eos_ids,
+    cache_len,
+    n_bucket,
     pad_id,
 ):
+    """Runs the prompt, samples the first token, and builds the decode carry."""
     model = nnx.merge(graphdef, state)
     b = ids.shape[0]
-    n = max_new_tokens
-    eos = jnp.asarray(eos_ids, jnp.int32)
-    sample = functools.partial(
-        sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
-    )
-
     cache = model.init_cache(b, cache_len)
     logits, cache = model(ids, attention_mask=mask, cache=cache)
     key, sub = jax.random.split(key)
-    tok, lp, raw = sample(logits[:, -1], sub)
-    tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
-    logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
-    raw_logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(raw)
-    done = jnp.isin(tok, eos)
-    lengths = jnp.ones((b,), jnp.int32)
-
-    def cond(carry):
-        step, done = carry[0], carry[2]
-        return (step < n) & ~jnp.all(done)
-
-    def body(carry):
-        step, prev, done, lengths, tokens, logprobs, raw_logprobs, cache, key = carry
-        logits, cache = model(prev[:, None], cache=cache)
-        key, sub = jax.random.split(key)
-        tok, lp, raw = sample(logits[:, 0], sub)
-        live = ~done
-        tok = jnp.where(live, tok, pad_id)
-        tokens = tokens.at[:, step].set(tok)
-        logprobs = logprobs.at[:, step].set(jnp.where(live, lp, 0.0))
-        raw_logprobs = raw_logprobs.at[:, step].set(jnp.where(live, raw, 0.0))
-        lengths = lengths + live.astype(jnp.int32)
-        done = done | jnp.isin(tok, eos)
-        return step + 1, tok, done, lengths, tokens, logprobs, raw_logprobs, cache, key
-
-    carry = (jnp.int32(1), tok, done, lengths, tokens, logprobs, raw_logprobs, cache, key)
-    _, _, done, lengths, tokens, logprobs, raw_logprobs, _, _ = jax.lax.while_loop(
-        cond, body, carry
+    tok, lp, raw = sample_tokens(
+        logits[:, -1], sub, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
     )
-    return tokens, logprobs, raw_logprobs, lengths, done
+    return {
+        "step": jnp.int32(1),
+        "prev": tok,
+        "done": jnp.zeros((b,), bool),
+        "lengths": jnp.ones((b,), jnp.int32),
+        "tokens": jnp.full((b, n_bucket), pad_id, jnp.int32).at[:, 0].set(tok),
+        "logprobs": jnp.zeros((b, n_bucket), jnp.float32).at[:, 0].set(lp),
+        "raw_logprobs": jnp.zeros((b, n_bucket), jnp.float32).at[:, 0].set(raw),
+        "cache": cache,
+        "key": key,
+    }
+
+
+@functools.partial(
+    jax.jit, static_argnames=(*_STATIC, "eos_ids", "pad_id"), donate_argnames=("carry",)
+)
+def _decode(state, carry, temperature, until, *, graphdef, top_k, top_p, greedy, eos_ids, pad_id):
+    """Decodes until every row is done or ``step`` reaches ``until`` (a traced bound)."""
+    model = nnx.merge(graphdef, state)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    carry = dict(carry, done=carry["done"] | jnp.isin(carry["prev"], eos))
+
+    def cond(c):
+        return (c["step"] < until) & ~jnp.all(c["done"])
+
+    def body(c):
+        logits, cache = model(c["prev"][:, None], cache=c["cache"])
+        key, sub = jax.random.split(c["key"])
+        tok, lp, raw = sample_tokens(
+            logits[:, 0], sub, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+        )
+        live = ~c["done"]
+        tok = jnp.where(live, tok, pad_id)
+        step = c["step"]
+        return {
+            "step": step + 1,
+            "prev": tok,
+            "done": c["done"] | jnp.isin(tok, eos),
+            "lengths": c["lengths"] + live.astype(jnp.int32),
+            "tokens": c["tokens"].at[:, step].set(tok),
+            "logprobs": c["logprobs"].at[:, step].set(jnp.where(live, lp, 0.0)),
+            "raw_logprobs": c["raw_logprobs"].at[:, step].set(jnp.where(live, raw, 0.0)),
+            "cache": cache,
+            "key": key,
+        }
+
+    return jax.lax.while_loop(cond, body, carry)
 
 
 def generate_tokens(
@@ -118,11 +149,20 @@ def generate_tokens(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
+    chunk: int | None = None,
+    on_chunk: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None,
 ):
     """Token-level generation on an already padded batch; see :func:`generate`.
 
+    Args:
+      chunk: decode this many steps per device call (default: all at once). Between chunks,
+        ``on_chunk(tokens [B, n], lengths [B])`` sees what is generated so far and may return a
+        boolean ``[B]`` of rows to stop (stop strings, streaming).
+
     Returns numpy ``(tokens [B, N], logprobs, raw_logprobs, lengths [B], ended_on_eos [B])``.
     """
+    if not isinstance(model, Decoder):
+        raise TypeError(f"generation needs a decoder LM, got {type(model).__name__}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -131,36 +171,68 @@ def generate_tokens(
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not isinstance(model, Decoder):
-        raise TypeError(f"generation needs a decoder LM, got {type(model).__name__}")
+    input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape or input_ids.shape[0] == 0:
+        raise ValueError(
+            f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be one "
+            "non-empty [B, P] shape"
+        )
     b, p = input_ids.shape
     limit = model.config.max_position_embeddings
-    longest = int(
-        np.asarray(attention_mask).sum(-1).max(initial=0)
-    )  # real tokens, not padded width
+    longest = int(attention_mask.sum(-1).max())  # real tokens, not the padded width
     if longest + max_new_tokens > limit:
         raise ValueError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {limit} tokens"
         )
-    cache_len = bucket_length(p + max_new_tokens, max(limit, p + max_new_tokens), granularity=64)
-    graphdef, state = nnx.split(model)
-    out = _generate_core(
+    n_bucket = bucket_length(max_new_tokens, max(max_new_tokens, 1) * 2, granularity=64)
+    cache_len = bucket_length(p + n_bucket, p + n_bucket, granularity=64)
+    dec = decoding_model(model)
+    graphdef, state = nnx.split(dec)
+    static = dict(
+        graphdef=graphdef,
+        top_k=min(int(top_k), model.config.vocab_size),
+        top_p=float(top_p),
+        greedy=temperature == 0.0,
+    )
+    temp = jnp.float32(max(temperature, 1e-6))
+    carry = _prefill(
         state,
         jnp.asarray(input_ids, jnp.int32),
         jnp.asarray(attention_mask, bool),
         jax.random.key(seed),
-        jnp.float32(max(temperature, 1e-6)),
-        graphdef=graphdef,
-        max_new_tokens=int(max_new_tokens),
+        temp,
         cache_len=int(cache_len),
-        top_k=min(int(top_k), model.config.vocab_size),
-        top_p=float(top_p),
-        greedy=temperature == 0.0,
-        eos_ids=tuple(int(e) for e in eos_ids),
+        n_bucket=int(n_bucket),
         pad_id=int(pad_id),
+        **static,
     )
-    return tuple(np.array(x) for x in out)  # writable copies
+    eos = tuple(int(e) for e in eos_ids)
+    step = 1
+    while True:
+        until = max_new_tokens if chunk is None else min(step + chunk, max_new_tokens)
+        carry = _decode(
+            state, carry, temp, jnp.int32(until), eos_ids=eos, pad_id=int(pad_id), **static
+        )
+        step = int(carry["step"])
+        done = np.asarray(carry["done"])
+        if on_chunk is not None:
+            stop = on_chunk(np.asarray(carry["tokens"])[:, :step], np.asarray(carry["lengths"]))
+            if stop is not None and np.any(stop & ~done):
+                carry = dict(carry, done=jnp.asarray(done | stop))
+                done = done | stop
+        if step >= max_new_tokens or done.all():
+            break
+    tokens = np.array(carry["tokens"][:, :max_new_tokens])
+    logprobs = np.array(carry["logprobs"][:, :max_new_tokens])
+    raw = np.array(carry["raw_logprobs"][:, :max_new_tokens])
+    lengths = np.array(carry["lengths"])
+    last = tokens[np.arange(b), np.maximum(lengths - 1, 0)]
+    ended = np.isin(last, np.asarray(eos, np.int32)) if eos else np.zeros((b,), bool)
+    return tokens, logprobs, raw, lengths, ended
+
+
+# -- text level ---------------------------------------------------------------------------------------
 
 
 def _cut_at_stop(
@@ -194,12 +266,14 @@ def generate(
     seed: int = 0,
     stop: Sequence[str] | None = None,
     chat: bool = False,
+    stream: Callable[[str], None] | None = None,
 ) -> GenerationResult:
     """Generates continuations of ``prompts``; ``temperature=0`` is greedy.
 
-    Prompts are left-padded into one batch whose length and size are bucketed (so a new prompt
-    length rarely recompiles); generation stops per row at EOS (or the chat end-of-turn token) and
-    is cut at the first ``stop`` string. ``chat=True`` renders each prompt with the chat template.
+    Prompts are left-padded into one batch whose size and width are bucketed; generation stops per
+    row at EOS (or the chat end-of-turn token) and at the first ``stop`` string (checked between
+    decode chunks, so a finished row stops costing work). ``chat=True`` renders each prompt with
+    the chat template. ``stream`` receives the first prompt's new text as it is produced.
 
     ``texts`` end before a stop string; ``tokens`` / ``lengths`` / ``logprobs`` keep what was
     generated up to and including it. ``logprobs`` are under the distribution sampled from
@@ -221,15 +295,38 @@ def generate(
     if any(len(r) == 0 for r in rows):
         raise ValueError("an empty prompt has nothing to condition on")
     b = len(rows)
-    batch_bucket = bucket_length(b, max(b, 1) * 2, granularity=64)
+    limit = model.config.max_position_embeddings
     longest = max(len(r) for r in rows)
-    room = max(
-        model.config.max_position_embeddings - max_new_tokens, longest
-    )  # bucket within the context
+    if longest + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {limit} tokens"
+        )
+    batch_bucket = bucket_length(b, max(b, 1) * 2, granularity=64)
+    room = max(limit - max_new_tokens, longest)  # bucket the width within the context
     batch = tokenizer.pad(
         rows + [[tokenizer.pad_token_id]] * (batch_bucket - b),
         pad_to=bucket_length(longest, room, granularity=64),
     )
+    stop = [s for s in (stop or ()) if s]
+    streamed = [0]
+
+    def on_chunk(tokens, lengths):
+        if stream is not None:
+            text = tokenizer.decode(tokens[0, : lengths[0]])
+            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                stream(text[streamed[0] :])
+                streamed[0] = len(text)
+        if not stop:
+            return None
+        return np.array(
+            [
+                i < b and any(s in tokenizer.decode(tokens[i, : lengths[i]]) for s in stop)
+                for i in range(tokens.shape[0])
+            ]
+        )
+
+    chunk = 16 if stop else (4 if stream is not None else None)
     tokens, logprobs, raw, lengths, ended = generate_tokens(
         model,
         batch.input_ids,
@@ -241,13 +338,15 @@ def generate(
         top_p=top_p,
         top_k=top_k,
         seed=seed,
+        chunk=chunk,
+        on_chunk=on_chunk if (stop or stream is not None) else None,
     )
     tokens, logprobs, raw, lengths, ended = (x[:b] for x in (tokens, logprobs, raw, lengths, ended))
     texts, reasons = [], []
     for i in range(b):
         n = int(lengths[i])
         reason = "eos" if ended[i] else "length"
-        text, cut, hit = _cut_at_stop(tokenizer, tokens[i], n, stop or ())
+        text, cut, hit = _cut_at_stop(tokenizer, tokens[i], n, stop)
         if hit:
             reason = "stop"
             tokens[i, cut:] = tokenizer.pad_token_id
@@ -256,6 +355,8 @@ def generate(
             lengths[i] = cut
         texts.append(text)
         reasons.append(reason)
+    if stream is not None:
+        stream(texts[0][streamed[0] :] if len(texts[0]) >= streamed[0] else "")
     return GenerationResult(
         texts=texts,
         tokens=tokens,

@@ -25,7 +25,7 @@ from jaxlab.models.layers import (
     stack_layers,
 )
 
-__all__ = ["DecoderConfig", "Decoder", "KVCache"]
+__all__ = ["DecoderConfig", "Decoder", "KVCache", "with_layer_layout"]
 
 _ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -53,6 +53,9 @@ class DecoderConfig:
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
     attention_implementation: str = "xla"
+    # True: layers stacked on a leading axis and run with lax.scan (fast compiles, for training);
+    # False: one module per layer, unrolled (fastest decoding: weights are read in place).
+    scan_layers: bool = True
 
     def __post_init__(self):
         check(self.arch in _ARCHS, "arch", f"{self.arch!r} is not one of {list(_ARCHS)}")
@@ -118,8 +121,10 @@ class KVCache(NamedTuple):
     Writing past ``S`` slots is the caller's error (slices clamp).
     """
 
-    k: jax.Array  # [L, B, S, K, D]
-    v: jax.Array  # [L, B, S, K, D]
+    k: (
+        jax.Array | tuple[jax.Array, ...]
+    )  # [L, B, S, K, D], or L arrays [B, S, K, D] (unrolled layers)
+    v: jax.Array | tuple[jax.Array, ...]
     index: jax.Array  # [B] int32
     valid: jax.Array  # [B, S] bool
 
@@ -159,12 +164,15 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        layout = "bskd"
         if kv is not None:  # write the new keys/values into each row's slots, attend over the cache
-            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (i, 0, 0)))
-            k = write(kv[0], k.astype(kv[0].dtype), index)
-            v = write(kv[1], v.astype(kv[1].dtype), index)
-            kv = (k, v)
-        out = attention(q, k, v, mask, implementation=cfg.attention_implementation)
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (0, i, 0)))
+            k = write(kv[0], jnp.swapaxes(k, 1, 2).astype(kv[0].dtype), index)
+            v = write(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index)
+            kv, layout = (k, v), "bksd"
+        out = attention(
+            q, k, v, mask, implementation=cfg.attention_implementation, kv_layout=layout
+        )
         return self.o_proj(out.reshape(b, t, cfg.num_heads * d)), kv
 
 
@@ -211,9 +219,14 @@ class Decoder(nnx.Module):
             embedding_init=nnx.initializers.normal(0.02),
             rngs=rngs,
         )
-        self.layers = stack_layers(
-            cfg.num_layers, lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), rngs
-        )
+        if not cfg.scan_layers:
+            self.layers = nnx.List(
+                [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+            )
+        else:
+            self.layers = stack_layers(
+                cfg.num_layers, lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), rngs
+            )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(rngs, cfg.hidden_size, cfg.vocab_size, False, dtype)
@@ -221,11 +234,17 @@ class Decoder(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache of ``max_len`` slots per row."""
         cfg = self.config
-        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.dim_per_head)  # heads before slots
         dtype = dtype or self.dtype
+        if cfg.scan_layers:
+            k = jnp.zeros((cfg.num_layers, *shape), dtype)
+            v = jnp.zeros((cfg.num_layers, *shape), dtype)
+        else:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return KVCache(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=k,
+            v=v,
             index=jnp.zeros((batch_size,), jnp.int32),
             valid=jnp.zeros((batch_size, max_len), bool),
         )
@@ -276,7 +295,14 @@ class Decoder(nnx.Module):
         def body(layer, h, layer_kv):
             return layer(h, positions, inv_freq, mask, layer_kv, index)
 
-        x, new_kv = scan_layers(self.layers, body, x, kv)
+        if cfg.scan_layers:
+            x, new_kv = scan_layers(self.layers, body, x, kv)
+        else:  # one array per layer: decoding reads each layer's weights in place
+            outs = []
+            for i, layer in enumerate(self.layers):
+                x, layer_kv = body(layer, x, None if kv is None else (kv[0][i], kv[1][i]))
+                outs.append(layer_kv)
+            new_kv = None if kv is None else (tuple(o[0] for o in outs), tuple(o[1] for o in outs))
         x = self.norm(x)
         if return_hidden:
             out = x
@@ -287,3 +313,31 @@ class Decoder(nnx.Module):
         if cache is None:
             return out
         return out, KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + t, valid=valid)
+
+
+def with_layer_layout(model: Decoder, scan_layers: bool) -> Decoder:
+    """The same model with its layers stacked (``scan_layers=True``) or one module per layer.
+
+    Returns ``model`` itself when it already has that layout; otherwise a new module whose arrays
+    are copies (slices of the stacked arrays, or their stack).
+    """
+    cfg = model.config
+    if cfg.scan_layers == scan_layers:
+        return model
+    new_cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
+    abstract = nnx.eval_shape(lambda: Decoder(new_cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    source = {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(nnx.state(model))}
+    leaves = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        key = tuple(str(k) for k in path)
+        if key[0] != "layers":
+            value = source[key][...]
+        elif scan_layers:  # ('layers', rest...) <- stack of ('layers', i, rest...)
+            value = jnp.stack(
+                [source[("layers", str(i), *key[1:])][...] for i in range(cfg.num_layers)]
+            )
+        else:  # ('layers', i, rest...) <- ('layers', rest...)[i]
+            value = source[("layers", *key[2:])][...][int(key[1])]
+        leaves.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))

@@ -320,6 +320,12 @@ def build_model(
         path, layer, transpose = mapped
         if transpose:
             array = array.T
+        if layer is not None and not getattr(config, "scan_layers", True):
+            if layer >= num_layers:
+                raise LoadError(
+                    f"{source}: tensor {key} is for layer {layer}, but the config has {num_layers}"
+                )
+            path, layer = ("layers", str(layer), *path[1:]), None  # one module per layer
         if path not in expected:
             if path == ("lm_head", "kernel") and getattr(config, "tie_word_embeddings", False):
                 continue  # some tied checkpoints store the head as well

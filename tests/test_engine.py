@@ -1,0 +1,123 @@
+"""Continuous batching: same greedy tokens as generate, immediate refill, weight swaps, versions."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlab.generation import Engine, generate_tokens
+from jaxlab.models import Decoder, DecoderConfig
+
+CFG = DecoderConfig(
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=128,
+)
+EOS = 49
+
+
+def _requests(seed=0, n=7):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 49, size=int(k)).tolist() for k in rng.integers(2, 14, size=n)]
+    news = rng.integers(2, 14, size=n).tolist()
+    return prompts, news
+
+
+def test_engine_greedy_equals_generate():
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    prompts, news = _requests()
+    eng = Engine(model, num_slots=3, max_len=48, eos_ids=(EOS,), pad_id=0)
+    for p, n in zip(prompts, news):
+        eng.submit(p, n)
+    out = {c.request_id: c for c in eng.run()}
+    assert sorted(out) == list(range(len(prompts)))
+    for i, (p, n) in enumerate(zip(prompts, news)):
+        ids = np.array([p], np.int32)
+        toks, lps, raw, lens, _ = generate_tokens(
+            model, ids, np.ones_like(ids), max_new_tokens=n, eos_ids=(EOS,), pad_id=0
+        )
+        assert out[i].tokens == toks[0, : lens[0]].tolist()
+        np.testing.assert_allclose(out[i].logprobs, lps[0, : lens[0]], atol=1e-5)
+        np.testing.assert_allclose(out[i].raw_logprobs, raw[0, : lens[0]], atol=1e-5)
+        assert out[i].finish_reason == ("eos" if out[i].tokens[-1] == EOS else "length")
+        assert len(out[i].tokens) <= n
+
+
+def test_slots_are_refilled_at_once():
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    eng = Engine(model, num_slots=2, max_len=64, eos_ids=(), pad_id=0)
+    eng.submit([1, 2, 3], 2)  # short
+    eng.submit([4, 5], 20)  # long
+    eng.submit([6, 7, 8], 3)  # waits for the short one's slot
+    finished_at = {}
+    while eng.pending or eng.num_active:
+        for c in eng.step():
+            finished_at[c.request_id] = eng.step_count
+        if eng.step_count < 8:
+            # the long request never holds the others back: two slots stay busy while work is queued
+            assert eng.num_active + (eng.pending > 0) >= 1
+    # request 0 ends after 1 prefill token + 1 decoded token; request 2 starts on the very next step
+    assert finished_at[0] == 1 and finished_at[2] == 1 + 2
+    assert eng.occupancy[:3] == [1.0, 1.0, 1.0] and eng.occupancy[-1] == 0.5
+    assert len(eng.occupancy) == eng.step_count
+
+
+def test_weight_swap_tags_tokens_with_policy_versions():
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    other = Decoder(CFG, rngs=nnx.Rngs(1))
+    eng = Engine(model, num_slots=1, max_len=64, eos_ids=(), pad_id=0)
+    prompt = [3, 1, 4, 1, 5]
+    eng.submit(prompt, 8)
+    for _ in range(3):
+        eng.step()
+    assert eng.update_weights(other) == 1
+    (c,) = eng.run()
+    assert c.policy_versions == [
+        0,
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+        1,
+    ]  # 1 prefill + 3 decode steps under version 0
+    # after the swap, tokens follow the new weights given the same prefix
+    ids = np.array([prompt + c.tokens[:4]], np.int32)
+    toks, *_ = generate_tokens(
+        other, ids, np.ones_like(ids), max_new_tokens=4, eos_ids=(), pad_id=0
+    )
+    assert c.tokens[4:] == toks[0].tolist()
+    with pytest.raises(ValueError, match="same config"):
+        eng.update_weights(Decoder(DecoderConfig(), rngs=nnx.Rngs(0)))
+
+
+def test_engine_errors():
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    eng = Engine(model, num_slots=2, max_len=32, eos_ids=(), pad_id=0)
+    with pytest.raises(ValueError, match="exceeds the engine's max_len of 32"):
+        eng.submit(list(range(1, 30)), 8)
+    with pytest.raises(ValueError, match="empty prompt"):
+        eng.submit([], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        eng.submit([1], 0)
+    assert eng.run() == []
+
+
+def test_long_requests_fill_the_cache_exactly():
+    """prompt + max_new_tokens == max_len: the bucketed prompt width must leave room (no clamped writes)."""
+    model = Decoder(CFG, rngs=nnx.Rngs(2))
+    eng = Engine(model, num_slots=2, max_len=64, eos_ids=(), pad_id=0)
+    prompts = [list(range(1, 21)), list(range(5, 12))]
+    for p, n in zip(prompts, [44, 57]):
+        eng.submit(p, n)
+    out = {c.request_id: c for c in eng.run()}
+    for i, (p, n) in enumerate(zip(prompts, [44, 57])):
+        ids = np.array([p], np.int32)
+        toks, *_ = generate_tokens(
+            model, ids, np.ones_like(ids), max_new_tokens=n, eos_ids=(), pad_id=0
+        )
+        assert out[i].tokens == toks[0].tolist()
