@@ -87,7 +87,7 @@ def main():
         ids = rng.integers(100, 40000, size=(b, args.prompt)).astype(np.int32)
         mask = np.ones_like(ids)
 
-        def ours():
+        def ours(ids=ids, mask=mask, b=b):
             out = generate_tokens(
                 model, ids, mask, max_new_tokens=args.new, eos_ids=(), pad_id=tok.pad_token_id
             )
@@ -103,7 +103,7 @@ def main():
         if hf is not None:
             tids = torch.tensor(ids, dtype=torch.long)
 
-            def theirs():
+            def theirs(tids=tids, b=b):
                 with torch.no_grad():
                     out = hf.generate(
                         tids,

@@ -120,3 +120,67 @@ def test_generation_input_errors():
             pad_id=0,
         )
     assert jax.device_count() == 8  # conftest's virtual devices are in place
+
+
+def test_bucketed_shapes_do_not_recompile():
+    from jaxlab.testing.compile_count import count_compilations
+
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+
+    def run(b, p, n):
+        ids = rng.integers(1, 50, size=(b, p)).astype(np.int32)
+        generate_tokens(model, ids, np.ones_like(ids), max_new_tokens=n, eos_ids=(), pad_id=0)
+
+    run(3, 5, 20)  # compiles prefill and decode for the (4, 8, 32) bucket
+    with count_compilations() as names:
+        run(4, 7, 30)
+        run(2 + 1, 6, 25)
+        run(4, 8, 17)
+    assert not [n for n in names if "_prefill" in n or "_decode" in n], names
+    with count_compilations() as names:
+        run(5, 8, 20)  # a new batch bucket (8) compiles once more
+    assert sum("_prefill" in n for n in names) == 1
+
+
+def test_bad_requests_fail_before_any_compilation():
+    from jaxlab.testing.compile_count import count_compilations
+
+    from jaxlab.models import LoadError, from_pretrained
+
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    with count_compilations() as names:
+        with pytest.raises(ValueError, match=r"prompt \(130 tokens\) \+ max_new_tokens \(1\) exceeds"):
+            long = np.ones((1, 130), np.int32)
+            generate_tokens(model, long, long, max_new_tokens=1, eos_ids=(), pad_id=0)
+        with pytest.raises(ValueError, match=r"prompt \(4 tokens\) \+ max_new_tokens \(125\) exceeds"):
+            short = np.ones((1, 4), np.int32)
+            generate_tokens(model, short, short, max_new_tokens=125, eos_ids=(), pad_id=0)
+        with pytest.raises(ValueError, match="non-empty"):
+            generate_tokens(model, np.zeros((0, 4), np.int32), np.zeros((0, 4), np.int32), max_new_tokens=2,
+                            eos_ids=(), pad_id=0)
+        with pytest.raises(LoadError, match="not a registered name"):
+            from_pretrained("no-such-model")
+    assert not [n for n in names if "_prefill" in n or "_decode" in n]
+
+
+def test_sampling_never_leaves_the_top_k_top_p_set_and_matches_its_distribution():
+    from jaxlab.generation import sample_tokens
+
+    logits = jnp.log(jnp.asarray([[0.30, 0.25, 0.20, 0.10, 0.08, 0.05, 0.02]], jnp.float32))
+    n = 40_000
+    keys = jax.random.split(jax.random.key(0), n)
+    draw = jax.jit(jax.vmap(lambda k: sample_tokens(logits, k, temperature=1.0, top_k=4, top_p=0.7)[0][0]))
+    samples = np.asarray(draw(keys))
+    # top-4 keeps ids 0-3 (mass 0.85); top-p 0.7 within them keeps 0, 1, 2 (0.30+0.25 < 0.7 <= +0.20)
+    assert set(np.unique(samples).tolist()) == {0, 1, 2}
+    expected = np.array([0.30, 0.25, 0.20]) / 0.75
+    freq = np.bincount(samples, minlength=3)[:3] / n
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) < 5 * se), (freq, expected)
+    # temperature sharpens: at T=0.5 the probabilities are p^2 renormalised
+    draw_t = jax.jit(jax.vmap(lambda k: sample_tokens(logits, k, temperature=0.5)[0][0]))
+    p = np.array([0.30, 0.25, 0.20, 0.10, 0.08, 0.05, 0.02]) ** 2
+    p /= p.sum()
+    freq = np.bincount(np.asarray(draw_t(keys)), minlength=7) / n
+    assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n) + 1e-4)

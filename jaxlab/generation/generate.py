@@ -185,8 +185,17 @@ def generate_tokens(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {limit} tokens"
         )
+    # bucket the batch size and the prompt width (left padding) so that new shapes rarely compile
+    b_bucket = bucket_length(b, 2 * b, granularity=64)
+    width = bucket_length(p, max(limit - max_new_tokens, p), granularity=64)
+    if (b_bucket, width) != (b, p):
+        ids = np.full((b_bucket, width), pad_id, np.int32)
+        msk = np.zeros((b_bucket, width), np.int32)
+        ids[:b, width - p :] = input_ids
+        msk[:b, width - p :] = attention_mask
+        input_ids, attention_mask = ids, msk
     n_bucket = bucket_length(max_new_tokens, max(max_new_tokens, 1) * 2, granularity=64)
-    cache_len = bucket_length(p + n_bucket, p + n_bucket, granularity=64)
+    cache_len = bucket_length(width + n_bucket, width + n_bucket, granularity=64)
     dec = decoding_model(model)
     graphdef, state = nnx.split(dec)
     static = dict(
@@ -217,16 +226,18 @@ def generate_tokens(
         step = int(carry["step"])
         done = np.asarray(carry["done"])
         if on_chunk is not None:
-            stop = on_chunk(np.asarray(carry["tokens"])[:, :step], np.asarray(carry["lengths"]))
-            if stop is not None and np.any(stop & ~done):
-                carry = dict(carry, done=jnp.asarray(done | stop))
-                done = done | stop
+            stop = on_chunk(np.asarray(carry["tokens"])[:b, :step], np.asarray(carry["lengths"])[:b])
+            if stop is not None:
+                stop = np.pad(np.asarray(stop, bool), (0, len(done) - b))
+                if np.any(stop & ~done):
+                    carry = dict(carry, done=jnp.asarray(done | stop))
+                    done = done | stop
         if step >= max_new_tokens or done.all():
             break
-    tokens = np.array(carry["tokens"][:, :max_new_tokens])
-    logprobs = np.array(carry["logprobs"][:, :max_new_tokens])
-    raw = np.array(carry["raw_logprobs"][:, :max_new_tokens])
-    lengths = np.array(carry["lengths"])
+    tokens = np.array(carry["tokens"][:b, :max_new_tokens])
+    logprobs = np.array(carry["logprobs"][:b, :max_new_tokens])
+    raw = np.array(carry["raw_logprobs"][:b, :max_new_tokens])
+    lengths = np.array(carry["lengths"][:b])
     last = tokens[np.arange(b), np.maximum(lengths - 1, 0)]
     ended = np.isin(last, np.asarray(eos, np.int32)) if eos else np.zeros((b,), bool)
     return tokens, logprobs, raw, lengths, ended
@@ -302,12 +313,7 @@ def generate(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {limit} tokens"
         )
-    batch_bucket = bucket_length(b, max(b, 1) * 2, granularity=64)
-    room = max(limit - max_new_tokens, longest)  # bucket the width within the context
-    batch = tokenizer.pad(
-        rows + [[tokenizer.pad_token_id]] * (batch_bucket - b),
-        pad_to=bucket_length(longest, room, granularity=64),
-    )
+    batch = tokenizer.pad(rows)  # generate_tokens buckets the batch size and the width
     stop = [s for s in (stop or ()) if s]
     streamed = [0]
 
@@ -319,12 +325,7 @@ def generate(
                 streamed[0] = len(text)
         if not stop:
             return None
-        return np.array(
-            [
-                i < b and any(s in tokenizer.decode(tokens[i, : lengths[i]]) for s in stop)
-                for i in range(tokens.shape[0])
-            ]
-        )
+        return np.array([any(s in tokenizer.decode(tokens[i, : lengths[i]]) for s in stop) for i in range(b)])
 
     chunk = 16 if stop else (4 if stream is not None else None)
     tokens, logprobs, raw, lengths, ended = generate_tokens(
@@ -341,7 +342,6 @@ def generate(
         chunk=chunk,
         on_chunk=on_chunk if (stop or stream is not None) else None,
     )
-    tokens, logprobs, raw, lengths, ended = (x[:b] for x in (tokens, logprobs, raw, lengths, ended))
     texts, reasons = [], []
     for i in range(b):
         n = int(lengths[i])
