@@ -284,7 +284,8 @@ def generate(
     Prompts are left-padded into one batch whose size and width are bucketed; generation stops per
     row at EOS (or the chat end-of-turn token) and at the first ``stop`` string (checked between
     decode chunks, so a finished row stops costing work). ``chat=True`` renders each prompt with
-    the chat template. ``stream`` receives the first prompt's new text as it is produced.
+    the chat template; a prompt may then also be a list of ``{"role", "content"}`` messages.
+    ``stream`` receives the first prompt's new text as it is produced.
 
     ``texts`` end before a stop string; ``tokens`` / ``lengths`` / ``logprobs`` keep what was
     generated up to and including it. ``logprobs`` are under the distribution sampled from
