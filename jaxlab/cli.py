@@ -210,16 +210,26 @@ def _run_chat(args):
             continue
         messages.append({"role": "user", "content": line})
         print("assistant: ", end="", flush=True)
-        out = generate(model, tokenizer, [messages], max_new_tokens=args.max_new_tokens, chat=True,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed + len(messages),
-                       stream=lambda text: print(text, end="", flush=True))
+        out = generate(
+            model,
+            tokenizer,
+            [messages],
+            max_new_tokens=args.max_new_tokens,
+            chat=True,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed + len(messages),
+            stream=lambda text: print(text, end="", flush=True),
+        )
         print(flush=True)
         messages.append({"role": "assistant", "content": out.texts[0].strip()})
 
 
 def _chat_args(p):
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--system", default=None, help="a system prompt (default: the chat template's own)")
+    p.add_argument(
+        "--system", default=None, help="a system prompt (default: the chat template's own)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -261,7 +271,12 @@ COMMANDS = [
         _run_demo,
     ),
     Command("generate", "continue prompts with a decoder LM", _generate_args, _run_generate),
-    Command("chat", "an interactive chat that streams the reply as it is generated", _chat_args, _run_chat),
+    Command(
+        "chat",
+        "an interactive chat that streams the reply as it is generated",
+        _chat_args,
+        _run_chat,
+    ),
     Command(
         "embed",
         "sentence embeddings with an encoder (all-MiniLM-L6-v2 by default)",

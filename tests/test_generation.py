@@ -150,15 +150,25 @@ def test_bad_requests_fail_before_any_compilation():
 
     model = Decoder(CFG, rngs=nnx.Rngs(0))
     with count_compilations() as names:
-        with pytest.raises(ValueError, match=r"prompt \(130 tokens\) \+ max_new_tokens \(1\) exceeds"):
+        with pytest.raises(
+            ValueError, match=r"prompt \(130 tokens\) \+ max_new_tokens \(1\) exceeds"
+        ):
             long = np.ones((1, 130), np.int32)
             generate_tokens(model, long, long, max_new_tokens=1, eos_ids=(), pad_id=0)
-        with pytest.raises(ValueError, match=r"prompt \(4 tokens\) \+ max_new_tokens \(125\) exceeds"):
+        with pytest.raises(
+            ValueError, match=r"prompt \(4 tokens\) \+ max_new_tokens \(125\) exceeds"
+        ):
             short = np.ones((1, 4), np.int32)
             generate_tokens(model, short, short, max_new_tokens=125, eos_ids=(), pad_id=0)
         with pytest.raises(ValueError, match="non-empty"):
-            generate_tokens(model, np.zeros((0, 4), np.int32), np.zeros((0, 4), np.int32), max_new_tokens=2,
-                            eos_ids=(), pad_id=0)
+            generate_tokens(
+                model,
+                np.zeros((0, 4), np.int32),
+                np.zeros((0, 4), np.int32),
+                max_new_tokens=2,
+                eos_ids=(),
+                pad_id=0,
+            )
         with pytest.raises(LoadError, match="not a registered name"):
             from_pretrained("no-such-model")
     assert not [n for n in names if "_prefill" in n or "_decode" in n]
@@ -170,7 +180,9 @@ def test_sampling_never_leaves_the_top_k_top_p_set_and_matches_its_distribution(
     logits = jnp.log(jnp.asarray([[0.30, 0.25, 0.20, 0.10, 0.08, 0.05, 0.02]], jnp.float32))
     n = 40_000
     keys = jax.random.split(jax.random.key(0), n)
-    draw = jax.jit(jax.vmap(lambda k: sample_tokens(logits, k, temperature=1.0, top_k=4, top_p=0.7)[0][0]))
+    draw = jax.jit(
+        jax.vmap(lambda k: sample_tokens(logits, k, temperature=1.0, top_k=4, top_p=0.7)[0][0])
+    )
     samples = np.asarray(draw(keys))
     # top-4 keeps ids 0-3 (mass 0.85); top-p 0.7 within them keeps 0, 1, 2 (0.30+0.25 < 0.7 <= +0.20)
     assert set(np.unique(samples).tolist()) == {0, 1, 2}

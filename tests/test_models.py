@@ -150,3 +150,26 @@ def test_bert_pooling_and_normalisation():
     # padding does not change the embedding of the shorter text
     alone = np.asarray(model.embed(ids[1:, :2], attention_mask=mask[1:, :2]))
     np.testing.assert_allclose(emb[1], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_layouts_convert_both_ways_and_agree():
+    from jaxlab.models.decoder import with_layer_layout
+
+    model = Decoder(CFG, rngs=nnx.Rngs(4))
+    unrolled = with_layer_layout(model, scan_layers=False)
+    assert not unrolled.config.scan_layers and len(unrolled.layers) == CFG.num_layers
+    assert with_layer_layout(unrolled, scan_layers=False) is unrolled
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 9)), jnp.int32)
+    np.testing.assert_allclose(
+        np.asarray(unrolled(ids)), np.asarray(model(ids)), rtol=1e-5, atol=1e-5
+    )
+    back = with_layer_layout(unrolled, scan_layers=True)
+    for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    cache = unrolled.init_cache(2, 16)
+    assert isinstance(cache.k, tuple) and cache.k[0].shape == (
+        2,
+        CFG.num_kv_heads,
+        16,
+        CFG.dim_per_head,
+    )

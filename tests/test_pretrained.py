@@ -311,11 +311,17 @@ def _hf_greedy(hf_model, tokenizer, batch, n):
         out = hf_model.generate(
             torch.tensor(batch.input_ids, dtype=torch.long),
             attention_mask=torch.tensor(batch.attention_mask),
-            max_new_tokens=n, do_sample=False, output_scores=True, return_dict_in_generate=True,
-            eos_token_id=list(tokenizer.eos_token_ids), pad_token_id=tokenizer.pad_token_id,
+            max_new_tokens=n,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            eos_token_id=list(tokenizer.eos_token_ids),
+            pad_token_id=tokenizer.pad_token_id,
         )
-    seqs = out.sequences[:, batch.input_ids.shape[1]:].numpy()
-    scores = torch.stack(out.scores, 1).float().numpy()  # [B, N, V] raw logits (greedy: no processors)
+    seqs = out.sequences[:, batch.input_ids.shape[1] :].numpy()
+    scores = (
+        torch.stack(out.scores, 1).float().numpy()
+    )  # [B, N, V] raw logits (greedy: no processors)
     return seqs, scores
 
 
@@ -325,7 +331,9 @@ def _compare_rows(ours_tokens, ours_lp, ours_len, hf_tokens, hf_scores, eos_ids)
         logits = hf_scores[t].astype(np.float64)
         if ours_tokens[t] != hf_tokens[t]:
             top2 = np.sort(logits)[-2:]
-            assert top2[1] - top2[0] < 1e-5, f"token {t}: {ours_tokens[t]} != {hf_tokens[t]} with no tie"
+            assert top2[1] - top2[0] < 1e-5, (
+                f"token {t}: {ours_tokens[t]} != {hf_tokens[t]} with no tie"
+            )
             return t
         lse = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
         assert abs(ours_lp[t] - (logits[hf_tokens[t]] - lse)) < 1e-4, t
@@ -341,8 +349,14 @@ def test_greedy_generation_matches_transformers(smollm2, smollm2_hf):
     eos = tokenizer.eos_token_ids
     n = 64
     batch = tokenizer(GEN_PROMPTS)  # batched, left-padded
-    toks, lps, _, lens, _ = generate_tokens(model, batch.input_ids, batch.attention_mask, max_new_tokens=n,
-                                            eos_ids=eos, pad_id=tokenizer.pad_token_id)
+    toks, lps, _, lens, _ = generate_tokens(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        max_new_tokens=n,
+        eos_ids=eos,
+        pad_id=tokenizer.pad_token_id,
+    )
     hf_toks, hf_scores = _hf_greedy(smollm2_hf, tokenizer, batch, n)
     compared = 0
     for i in range(len(GEN_PROMPTS)):
@@ -351,8 +365,14 @@ def test_greedy_generation_matches_transformers(smollm2, smollm2_hf):
 
     for i, prompt in enumerate(GEN_PROMPTS):  # one at a time
         single = tokenizer([prompt])
-        toks1, lps1, _, lens1, _ = generate_tokens(model, single.input_ids, single.attention_mask,
-                                                   max_new_tokens=n, eos_ids=eos, pad_id=tokenizer.pad_token_id)
+        toks1, lps1, _, lens1, _ = generate_tokens(
+            model,
+            single.input_ids,
+            single.attention_mask,
+            max_new_tokens=n,
+            eos_ids=eos,
+            pad_id=tokenizer.pad_token_id,
+        )
         hf1, sc1 = _hf_greedy(smollm2_hf, tokenizer, single, n)
         _compare_rows(toks1[0], lps1[0], int(lens1[0]), hf1[0], sc1[0], eos)
 
@@ -361,9 +381,15 @@ def test_chat_cli_streams_answers_to_piped_questions():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "jaxlab", "chat", "--max-new-tokens", "24"],
-                         input="What is the capital of France?\nAnd of Italy?\n", capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxlab", "chat", "--max-new-tokens", "24"],
+        input="What is the capital of France?\nAnd of Italy?\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("assistant:")]
-    assert len(lines) == 2 and "Paris" in lines[0] and "Rome" in lines[1]  # the second turn sees the first
+    assert (
+        len(lines) == 2 and "Paris" in lines[0] and "Rome" in lines[1]
+    )  # the second turn sees the first

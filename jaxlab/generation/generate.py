@@ -226,7 +226,9 @@ def generate_tokens(
         step = int(carry["step"])
         done = np.asarray(carry["done"])
         if on_chunk is not None:
-            stop = on_chunk(np.asarray(carry["tokens"])[:b, :step], np.asarray(carry["lengths"])[:b])
+            stop = on_chunk(
+                np.asarray(carry["tokens"])[:b, :step], np.asarray(carry["lengths"])[:b]
+            )
             if stop is not None:
                 stop = np.pad(np.asarray(stop, bool), (0, len(done) - b))
                 if np.any(stop & ~done):
@@ -326,7 +328,9 @@ def generate(
                 streamed[0] = len(text)
         if not stop:
             return None
-        return np.array([any(s in tokenizer.decode(tokens[i, : lengths[i]]) for s in stop) for i in range(b)])
+        return np.array(
+            [any(s in tokenizer.decode(tokens[i, : lengths[i]]) for s in stop) for i in range(b)]
+        )
 
     chunk = 16 if stop else (4 if stream is not None else None)
     tokens, logprobs, raw, lengths, ended = generate_tokens(
