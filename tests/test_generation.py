@@ -144,9 +144,8 @@ def test_bucketed_shapes_do_not_recompile():
 
 
 def test_bad_requests_fail_before_any_compilation():
-    from jaxlab.testing.compile_count import count_compilations
-
     from jaxlab.models import LoadError, from_pretrained
+    from jaxlab.testing.compile_count import count_compilations
 
     model = Decoder(CFG, rngs=nnx.Rngs(0))
     with count_compilations() as names:

@@ -363,7 +363,7 @@ def test_greedy_generation_matches_transformers(smollm2, smollm2_hf):
         compared += _compare_rows(toks[i], lps[i], int(lens[i]), hf_toks[i], hf_scores[i], eos)
     assert compared >= len(GEN_PROMPTS) * 32  # most of the 8 x 64 tokens were checked
 
-    for i, prompt in enumerate(GEN_PROMPTS):  # one at a time
+    for prompt in GEN_PROMPTS:  # one at a time
         single = tokenizer([prompt])
         toks1, lps1, _, lens1, _ = generate_tokens(
             model,
