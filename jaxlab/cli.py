@@ -236,6 +236,117 @@ def _chat_args(p):
     p.add_argument("--seed", type=int, default=0)
 
 
+# -- rl ----------------------------------------------------------------------------------------------
+
+
+def _run_rl(args):
+    if args.rl_command == "simulate":
+        return _run_rl_simulate(args)
+    raise ValueError(f"unknown rl command {args.rl_command!r}")
+
+
+def _run_rl_simulate(args):
+    from jaxlab.rl.scheduling import SchedulerConfig
+    from jaxlab.rl.simulate import length_sampler, simulate
+
+    cfg = SchedulerConfig(
+        scheduler=args.scheduler,
+        group_size=args.group_size,
+        update_groups=args.update_groups,
+        rollout_groups=args.rollout_groups
+        or max(args.update_groups, -(-args.slots // args.group_size) * 2),
+        max_staleness=args.max_staleness,
+        num_prompts=args.prompts,
+    )
+    result = simulate(
+        cfg,
+        slots=args.slots,
+        lengths=length_sampler(args.lengths),
+        seed=args.seed,
+        update_cost=args.update_cost,
+    )
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "slots": args.slots,
+        "lengths": args.lengths,
+        **result.summary(),
+    }
+    for key in (
+        "bubble_ratio",
+        "rollout_bubble_ratio",
+        "useful_ratio",
+        "max_staleness",
+        "throughput",
+        "total_steps",
+        "updates",
+        "wasted_tokens",
+    ):
+        value = summary[key]
+        print(f"{key:22s} {value:.4f}" if isinstance(value, float) else f"{key:22s} {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    if args.plot:
+        _plot_occupancy(
+            result.occupancy, args.plot, f"{args.scheduler}: bubble ratio {result.bubble_ratio:.2f}"
+        )
+
+
+def _plot_occupancy(occupancy, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.plot(occupancy, lw=0.6)
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("slot occupancy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _rl_args(p):
+    sub = p.add_subparsers(dest="rl_command", metavar="RL_COMMAND", required=True)
+    sim = sub.add_parser(
+        "simulate",
+        help="discrete-event simulation of rollout scheduling (bubble ratio)",
+        description="Runs the real rollout controller against simulated generation and prints the bubble "
+        "ratio, staleness and throughput.",
+    )
+    sim.add_argument("--scheduler", choices=["sync", "sorted"], default="sorted")
+    sim.add_argument(
+        "--lengths",
+        default="lognormal:6.2,1.0",
+        help="lognormal:MU,SIGMA | bimodal:SHORT,LONG,P_LONG | fixed:N | uniform:LO,HI | file:PATH",
+    )
+    sim.add_argument("--prompts", type=int, default=256)
+    sim.add_argument("--group-size", type=int, default=8)
+    sim.add_argument("--slots", type=int, default=64)
+    sim.add_argument(
+        "--update-groups",
+        type=int,
+        default=4,
+        help="sorted: complete groups that trigger an update",
+    )
+    sim.add_argument(
+        "--rollout-groups",
+        type=int,
+        default=None,
+        help="groups admitted and not yet trained (sync: the batch); default 2 x slots / G",
+    )
+    sim.add_argument("--max-staleness", type=int, default=1)
+    sim.add_argument(
+        "--update-cost", type=float, default=0.0, help="decode steps per trained token of an update"
+    )
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--json", default=None, help="write the results here")
+    sim.add_argument("--plot", default=None, help="write a slot-occupancy timeline PNG here")
+
+
 # -- embed -------------------------------------------------------------------------------------------
 
 
@@ -283,6 +394,7 @@ COMMANDS = [
         _embed_args,
         _run_embed,
     ),
+    Command("rl", "RL post-training tools: `rl simulate` (rollout scheduling)", _rl_args, _run_rl),
     Command(
         "train-lm",
         "train (or resume) a small decoder LM with Orbax checkpoints",

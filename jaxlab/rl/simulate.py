@@ -1,0 +1,164 @@
+"""Discrete-event simulation of RL rollout scheduling with the real controller.
+
+Time is counted in decode steps: every step, each active slot produces one token of its sample
+(a memory-bound decode step costs about the same whatever the number of active rows). A sample's
+length is drawn from a distribution, per (group, sample, attempt), so a regenerated sample gets a
+fresh length. A policy update stops generation for ``update_cost`` steps per trained token
+(0 by default: only the rollout's own idle slots count).
+
+Bubble ratio = idle slot-time / total slot-time, where a slot is idle when it has no sample to
+decode, and all slots are idle while an update runs. SortedRL reports cutting it by > 50%
+against synchronous rollouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
+
+__all__ = ["length_sampler", "simulate", "SimulationResult"]
+
+
+def length_sampler(spec: str, *, max_len: int = 1_000_000) -> Callable[[np.random.Generator], int]:
+    """Parses a length distribution: ``lognormal:MU,SIGMA`` (of the natural log of the length),
+    ``bimodal:SHORT,LONG,P_LONG``, ``fixed:N``, ``uniform:LO,HI`` or ``file:PATH`` (one length per
+    line, drawn with replacement). Lengths are clipped to [1, max_len]."""
+    kind, _, args = spec.partition(":")
+    try:
+        if kind == "lognormal":
+            mu, sigma = (float(x) for x in args.split(","))
+            draw = lambda rng: rng.lognormal(mu, sigma)  # noqa: E731
+        elif kind == "bimodal":
+            short, long_, p = (float(x) for x in args.split(","))
+            draw = lambda rng: long_ if rng.random() < p else short  # noqa: E731
+        elif kind == "fixed":
+            n = float(args)
+            draw = lambda rng: n  # noqa: E731
+        elif kind == "uniform":
+            lo, hi = (int(x) for x in args.split(","))
+            draw = lambda rng: rng.integers(lo, hi + 1)  # noqa: E731
+        elif kind == "file":
+            path = Path(args)
+            if not path.is_file():
+                raise ValueError(f"length file {path} does not exist")
+            values = np.loadtxt(path, dtype=np.float64, ndmin=1)
+            if values.size == 0 or (values <= 0).any():
+                raise ValueError(f"length file {path} must hold positive lengths")
+            draw = lambda rng: values[rng.integers(len(values))]  # noqa: E731
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+    except ValueError as e:
+        raise ValueError(
+            f"bad length distribution {spec!r} ({e}); use lognormal:MU,SIGMA, bimodal:SHORT,LONG,P_LONG, "
+            "fixed:N, uniform:LO,HI or file:PATH"
+        ) from None
+    return lambda rng: int(np.clip(round(float(draw(rng))), 1, max_len))
+
+
+@dataclasses.dataclass
+class SimulationResult:
+    scheduler: str
+    bubble_ratio: float
+    rollout_bubble_ratio: float  # idle slots during generation only
+    max_staleness: int
+    mean_staleness: float
+    throughput: float  # trained samples per decode step
+    total_steps: float
+    updates: int
+    trained_samples: int
+    generated_tokens: int
+    wasted_tokens: int  # generated for attempts that were dropped
+    useful_ratio: float  # slot-time spent on tokens that were trained
+    occupancy: list[float]  # per decode step
+
+    def summary(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("occupancy")
+        return d
+
+
+def simulate(
+    config: SchedulerConfig,
+    *,
+    slots: int,
+    lengths: Callable[[np.random.Generator], int] | str,
+    seed: int = 0,
+    update_cost: float = 0.0,
+) -> SimulationResult:
+    """Runs the controller against simulated generation; see the module docstring."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if isinstance(lengths, str):
+        lengths = length_sampler(lengths)
+    ctrl = Controller(config)
+    running: dict[SampleRef, list[int]] = {}  # ref -> [tokens left, length]
+    steps = 0.0
+    idle = 0.0
+    update_idle = 0.0
+    generated = 0
+    wasted = 0
+    occupancy = []
+    trained_tokens_of: dict[int, int] = {}
+
+    def length_of(ref: SampleRef) -> int:
+        return lengths(np.random.default_rng([seed, ref.group, ref.index, ref.attempt]))
+
+    while not ctrl.done:
+        groups = ctrl.ready()
+        while groups:
+            tokens = sum(r["length"] for g in groups for r in ctrl.groups[g])
+            for g in groups:
+                trained_tokens_of[g] = sum(r["length"] for r in ctrl.groups[g])
+            for ref in ctrl.update(groups):
+                if ref in running:
+                    left, n = running.pop(ref)
+                    wasted += n - left
+            cost = update_cost * tokens
+            steps += cost
+            update_idle += slots * cost
+            groups = ctrl.ready()
+        for ref in ctrl.start(slots - len(running)):
+            n = length_of(ref)
+            running[ref] = [n, n]
+        if not running:
+            if ctrl.done:
+                break
+            raise RuntimeError(
+                "scheduler stalled: nothing running, nothing to train"
+            )  # a controller bug
+        steps += 1
+        idle += slots - len(running)
+        occupancy.append(len(running) / slots)
+        generated += len(running)
+        finished = []
+        for ref, state in running.items():
+            state[0] -= 1
+            if state[0] == 0:
+                finished.append(ref)
+        for ref in finished:
+            ctrl.finish(ref, running.pop(ref)[1])
+
+    stale = [u["staleness"] for u in ctrl.updates]
+    total = slots * steps
+    decode_steps = len(occupancy)
+    return SimulationResult(
+        scheduler=config.scheduler,
+        bubble_ratio=(idle + update_idle) / total if total else 0.0,
+        rollout_bubble_ratio=idle / (slots * decode_steps) if decode_steps else 0.0,
+        max_staleness=max(stale, default=0),
+        mean_staleness=float(np.mean(stale)) if stale else 0.0,
+        throughput=len(ctrl.trained) * config.group_size / steps if steps else 0.0,
+        total_steps=steps,
+        updates=len(ctrl.updates),
+        trained_samples=len(ctrl.trained) * config.group_size,
+        generated_tokens=generated,
+        wasted_tokens=wasted + ctrl.wasted_tokens,
+        useful_ratio=(generated - wasted - ctrl.wasted_tokens) / total if total else 0.0,
+        occupancy=occupancy,
+    )

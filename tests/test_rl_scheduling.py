@@ -1,0 +1,189 @@
+"""The rollout controller (sync / SortedRL) under random event orders, and the simulator."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxlab.config import ConfigError
+from jaxlab.rl.scheduling import Controller, SchedulerConfig
+from jaxlab.rl.simulate import length_sampler, simulate
+
+
+def _drive(cfg, slots, seed, restore_every=0):
+    """Runs the controller with random finishing orders, random update delays and checkpoint restores."""
+    rng = np.random.default_rng(seed)
+    ctrl = Controller(cfg)
+    running = []
+    trained_complete = []
+    events = 0
+    while not ctrl.done:
+        events += 1
+        assert events < 100_000, "no progress"
+        groups = ctrl.ready()
+        if groups and rng.random() < 0.7:  # sometimes the trainer is busy and updates later
+            for g in groups:
+                recs = ctrl.groups[g]
+                assert all(r["status"] == "finished" for r in recs) and len(recs) == cfg.group_size
+                trained_complete.append(g)
+            dropped = set(ctrl.update(groups))
+            running = [r for r in running if r not in dropped]
+        running += ctrl.start(slots - len(running))
+        if running and rng.random() < 0.8:
+            k = int(rng.integers(1, len(running) + 1))
+            for idx in sorted(rng.choice(len(running), size=k, replace=False), reverse=True):
+                ref = running.pop(idx)
+                assert ctrl.finish(ref, int(rng.integers(1, 50)))
+        if restore_every and events % restore_every == 0:  # checkpoint and restore through JSON
+            ctrl = Controller.from_state_dict(json.loads(json.dumps(ctrl.state_dict())))
+        ctrl.check_invariants()
+    return ctrl, trained_complete
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "sorted"])
+@pytest.mark.parametrize("seed", range(6))
+def test_controller_invariants_under_random_event_orders(scheduler, seed):
+    cfg = SchedulerConfig(
+        scheduler=scheduler,
+        group_size=3,
+        update_groups=2,
+        rollout_groups=5,
+        max_staleness=seed % 3,
+        num_prompts=23,
+    )
+    ctrl, trained = _drive(cfg, slots=7, seed=seed, restore_every=5 if seed % 2 else 0)
+    assert sorted(ctrl.trained) == list(range(23))  # every group trained exactly once, none lost
+    assert trained == ctrl.trained
+    assert all(u["staleness"] <= cfg.max_staleness for u in ctrl.updates)
+    if scheduler == "sync":
+        assert all(u["staleness"] == 0 for u in ctrl.updates)
+
+
+def test_stale_completions_are_ignored():
+    cfg = SchedulerConfig(
+        scheduler="sorted",
+        group_size=2,
+        update_groups=1,
+        rollout_groups=2,
+        max_staleness=0,
+        num_prompts=4,
+    )
+    ctrl = Controller(cfg)
+    a, b, c, d = ctrl.start(4)  # groups 0 and 1
+    assert ctrl.finish(a, 3) and ctrl.finish(b, 5)
+    dropped = ctrl.update(ctrl.ready())  # trains group 0; group 1's in-flight samples are now stale
+    assert set(dropped) == {c, d}
+    assert not ctrl.finish(c, 7)  # the dropped attempt's completion is ignored
+    restarted = ctrl.start(4)
+    assert {(r.group, r.index, r.attempt) for r in restarted} >= {(1, 0, 1), (1, 1, 1)}
+
+
+def test_update_refuses_incomplete_groups():
+    ctrl = Controller(
+        SchedulerConfig(
+            scheduler="sorted", group_size=2, update_groups=1, rollout_groups=1, num_prompts=1
+        )
+    )
+    ctrl.start(1)
+    with pytest.raises(ValueError, match=r"groups \[0\] are not complete"):
+        ctrl.update([0])
+
+
+def test_sorted_halves_the_bubble_ratio_of_sync_on_lognormal_lengths():
+    common = dict(group_size=8, update_groups=4, rollout_groups=16, num_prompts=128)
+    lengths = f"lognormal:{math.log(300)},1.0"
+    sync = simulate(SchedulerConfig(scheduler="sync", **common), slots=64, lengths=lengths, seed=0)
+    sorted_ = simulate(
+        SchedulerConfig(scheduler="sorted", max_staleness=1, **common),
+        slots=64,
+        lengths=lengths,
+        seed=0,
+    )
+    assert sorted_.bubble_ratio <= 0.5 * sync.bubble_ratio
+    assert sorted_.max_staleness <= 1 and sync.max_staleness == 0
+    assert sorted_.trained_samples == sync.trained_samples == 128 * 8
+    assert sorted_.throughput > sync.throughput
+
+
+def test_simulation_with_max_staleness_zero_trains_on_policy_only():
+    cfg = SchedulerConfig(
+        scheduler="sorted",
+        group_size=4,
+        update_groups=2,
+        rollout_groups=8,
+        max_staleness=0,
+        num_prompts=32,
+    )
+    r = simulate(cfg, slots=16, lengths="uniform:5,60", seed=1)
+    assert r.max_staleness == 0 and r.wasted_tokens > 0 and r.trained_samples == 128
+
+
+def test_length_samplers(tmp_path):
+    rng = np.random.default_rng(0)
+    draws = [length_sampler("lognormal:5,0.5")(rng) for _ in range(2000)]
+    assert abs(np.median(draws) - math.exp(5)) < 10
+    assert {length_sampler("bimodal:10,500,0.3")(rng) for _ in range(200)} == {10, 500}
+    assert length_sampler("fixed:7")(rng) == 7
+    f = tmp_path / "lengths.txt"
+    f.write_text("3\n9\n27\n")
+    assert {length_sampler(f"file:{f}")(rng) for _ in range(100)} == {3, 9, 27}
+    with pytest.raises(ValueError, match="bad length distribution 'gamma:1,2'"):
+        length_sampler("gamma:1,2")
+    with pytest.raises(ValueError, match="does not exist"):
+        length_sampler(f"file:{tmp_path / 'nope.txt'}")
+
+
+def test_scheduler_config_validation():
+    with pytest.raises(ConfigError, match="scheduler: 'fifo' is not one of"):
+        SchedulerConfig(scheduler="fifo")
+    with pytest.raises(ConfigError, match="rollout_groups: must be >= update_groups"):
+        SchedulerConfig(update_groups=8, rollout_groups=4)
+
+
+def test_rl_simulate_cli(tmp_path):
+    out = tmp_path / "sim.json"
+    plot = tmp_path / "sim.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxlab",
+            "rl",
+            "simulate",
+            "--scheduler",
+            "sorted",
+            "--lengths",
+            "lognormal:4,1",
+            "--prompts",
+            "32",
+            "--group-size",
+            "4",
+            "--slots",
+            "16",
+            "--update-groups",
+            "2",
+            "--max-staleness",
+            "1",
+            "--seed",
+            "3",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "bubble_ratio" in proc.stdout
+    data = json.loads(out.read_text())
+    assert (
+        0 <= data["bubble_ratio"] <= 1
+        and data["max_staleness"] <= 1
+        and data["trained_samples"] == 128
+    )
+    assert plot.stat().st_size > 0
