@@ -102,7 +102,8 @@ def _demo_args(p):
 def _run_config(args):
     import yaml
 
-    import jaxlab.train  # noqa: F401  (registers config kinds)
+    import jaxlab.rl.trainer  # noqa: F401  (registers config kinds)
+    import jaxlab.train  # noqa: F401
     from jaxlab.config import config_kinds, load_config, to_dict
 
     if args.action == "kinds":
@@ -242,6 +243,8 @@ def _chat_args(p):
 def _run_rl(args):
     if args.rl_command == "simulate":
         return _run_rl_simulate(args)
+    if args.rl_command == "train":
+        return _run_rl_train(args)
     raise ValueError(f"unknown rl command {args.rl_command!r}")
 
 
@@ -290,6 +293,15 @@ def _run_rl_simulate(args):
         _plot_occupancy(
             result.occupancy, args.plot, f"{args.scheduler}: bubble ratio {result.bubble_ratio:.2f}"
         )
+
+
+def _run_rl_train(args):
+    from jaxlab.config import load_config
+    from jaxlab.rl.trainer import RLTrainConfig, train_rl
+
+    cfg = load_config(_resolve_config(args.config), args.overrides, cls=RLTrainConfig)
+    summary = train_rl(cfg, args.workdir, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
 
 
 def _plot_occupancy(occupancy, path, title):
@@ -345,6 +357,22 @@ def _rl_args(p):
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", default=None, help="write the results here")
     sim.add_argument("--plot", default=None, help="write a slot-occupancy timeline PNG here")
+    train = sub.add_parser(
+        "train",
+        help="RL training with the sync or SortedRL scheduler (configs/rl/*.yaml)",
+        description="Trains a policy on a verifiable task; writes metrics.jsonl, timeline.png and summary.json.",
+    )
+    train.add_argument("config", help="an rl_train YAML config, e.g. configs/rl/tiny_sorted.yaml")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set scheduler.max_staleness=2 (repeatable)",
+    )
+    train.add_argument("--workdir", required=True, help="outputs go here")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 # -- embed -------------------------------------------------------------------------------------------
@@ -394,7 +422,12 @@ COMMANDS = [
         _embed_args,
         _run_embed,
     ),
-    Command("rl", "RL post-training tools: `rl simulate` (rollout scheduling)", _rl_args, _run_rl),
+    Command(
+        "rl",
+        "RL post-training: `rl train` (sync / SortedRL) and `rl simulate` (scheduling)",
+        _rl_args,
+        _run_rl,
+    ),
     Command(
         "train-lm",
         "train (or resume) a small decoder LM with Orbax checkpoints",

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-import jaxlab.train  # noqa: F401  (registers config kinds)
+import jaxlab.rl.trainer  # noqa: F401  (registers config kinds)
+import jaxlab.train  # noqa: F401
 from jaxlab.config import (
     ConfigError,
     apply_overrides,
@@ -20,7 +21,9 @@ from jaxlab.train import LMTrainConfig
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIG_DIR))
+)
 def test_every_config_file_loads(path):
     cfg = load_config(path)
     assert type(cfg) in config_kinds().values()

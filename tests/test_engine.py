@@ -121,3 +121,16 @@ def test_long_requests_fill_the_cache_exactly():
             model, ids, np.ones_like(ids), max_new_tokens=n, eos_ids=(), pad_id=0
         )
         assert out[i].tokens == toks[0].tolist()
+
+
+def test_cancel_frees_the_slot_and_drops_queued_requests():
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    eng = Engine(model, num_slots=1, max_len=64, eos_ids=(), pad_id=0)
+    a = eng.submit([1, 2], 30)
+    b = eng.submit([3, 4], 30)
+    c = eng.submit([5, 6], 2)
+    eng.step()
+    assert eng.cancel(a) and eng.cancel(b) and not eng.cancel(99)
+    assert eng.free_slots == 0  # c is queued for the freed slot
+    (done,) = eng.run()
+    assert done.request_id == c and len(done.tokens) == 2

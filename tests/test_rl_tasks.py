@@ -119,9 +119,10 @@ def test_answer_extraction():
     assert extract_number("we get 3 then 5") == 5
 
 
-def test_unknown_task_and_bad_settings():
+def test_unknown_task_and_bad_settings():  # noqa: D103
     with pytest.raises(
-        ValueError, match="unknown task 'chess'; known: arithmetic, countdown, knights_knaves"
+        ValueError,
+        match="unknown task 'chess'; known: arithmetic, countdown, knights_knaves, toy_digits",
     ):
         make_task("chess")
     with pytest.raises(ValueError, match="countdown: count >= 2"):

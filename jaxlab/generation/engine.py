@@ -217,6 +217,25 @@ class Engine:
         self._queue.append(Request(prompt_ids, int(max_new_tokens), rid))
         return rid
 
+    def cancel(self, request_id: int) -> bool:
+        """Drops a queued or in-flight request (its slot frees at once); returns whether it was found."""
+        for k, req in enumerate(self._queue):
+            if req.request_id == request_id:
+                del self._queue[k]
+                return True
+        for i, slot in enumerate(self._slots):
+            if slot is not None and slot.request.request_id == request_id:
+                self._slots[i] = None
+                self._prev[i] = self.pad_id
+                self._stale.discard(i)
+                return True
+        return False
+
+    @property
+    def free_slots(self) -> int:
+        """Slots that no running or queued request will take."""
+        return max(self.num_slots - self.num_active - len(self._queue), 0)
+
     @property
     def num_active(self) -> int:
         return sum(s is not None for s in self._slots)

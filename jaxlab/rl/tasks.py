@@ -5,7 +5,8 @@ of indices (a grain ``MapDataset``), reproducible and resumable. Rewards are 1.0
 answer, ``format_reward`` (default 0.1) for a well-formed but wrong one, 0.0 otherwise.
 
 Tasks, by name: ``arithmetic`` (multi-digit expressions), ``countdown`` (reach a target with given
-numbers, each used once), ``knights_knaves`` (who tells the truth).
+numbers, each used once), ``knights_knaves`` (who tells the truth), and ``toy_digits`` (a dense
+reward for smoke tests of tiny models).
 """
 
 from __future__ import annotations
@@ -308,6 +309,21 @@ class KnightsKnavesTask(Task):
         if set(found) != set(problem.answer):
             return self.format_reward
         return 1.0 if found == problem.answer else self.format_reward
+
+
+@TASKS.register("toy_digits")
+class ToyDigitsTask(Task):
+    """A smoke-test task for tiny models: the reward is the fraction of completion characters that
+    are digits (a random character-level policy starts near 10%)."""
+
+    name = "toy_digits"
+
+    def problem(self, index: int) -> Problem:
+        rng = self.rng(index)
+        return Problem(f"Write some digits {int(rng.integers(100))}:", None)
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        return sum(ch.isdigit() for ch in completion) / len(completion) if completion else 0.0
 
 
 def make_task(name: str, **kwargs) -> Task:

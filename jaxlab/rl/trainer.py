@@ -1,0 +1,435 @@
+"""The RL trainer: Engine rollouts driven by the scheduling controller, group advantages, policy updates.
+
+    cfg = load_config("configs/rl/sorted_tiny.yaml")
+    summary = train_rl(cfg, "runs/rl")
+
+One loop serves both schedulers (``sync`` and SortedRL's ``sorted``): the controller decides which
+samples the Engine generates and when an update is ready; the trainer scores finished groups with
+the task's verifiable reward, computes advantages and the policy loss (any aggregation mode by
+name), updates the policy with optax, and swaps the new weights into the Engine. Samples that the
+controller drops as too stale are cancelled in the Engine and regenerated.
+
+Writes ``metrics.jsonl`` (one line per update), ``timeline.json`` and ``timeline.png`` (slot
+occupancy and update intervals over wall-clock time) and ``summary.json``.
+
+Bubble ratio (measured): idle slot-time over total slot-time, where each Engine step contributes
+its duration times the fraction of idle slots, and each policy update its whole duration (all
+slots idle while the device trains).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxlab import rl
+from jaxlab.config import check, register_config
+from jaxlab.generation import Engine
+from jaxlab.models import Decoder, DecoderConfig, from_pretrained
+from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
+from jaxlab.rl.tasks import make_task
+from jaxlab.tokenization import bucket_length
+
+__all__ = [
+    "RLTaskConfig",
+    "RLLossConfig",
+    "RLGenerationConfig",
+    "RLOptimConfig",
+    "RLTrainConfig",
+    "train_rl",
+]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLTaskConfig:
+    name: str = "arithmetic"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLLossConfig:
+    agg: str = "token_mean"
+    alpha: float = 1.0  # delta_l
+    max_len: float | None = (
+        None  # delta_l / seq_mean_token_sum_norm; default: generation.max_new_tokens
+    )
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    advantage: str = "grpo"
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    tis_cap: float = 2.0
+
+    def __post_init__(self):
+        check(
+            self.agg in rl.AGGREGATION_MODES,
+            "agg",
+            f"{self.agg!r} is not one of {rl.AGGREGATION_MODES.names()}",
+        )
+        check(
+            self.advantage in rl.ADVANTAGE_ESTIMATORS,
+            "advantage",
+            f"{self.advantage!r} is not one of {rl.ADVANTAGE_ESTIMATORS.names()}",
+        )
+        check(
+            self.kl_kind in rl.KL_ESTIMATORS,
+            "kl_kind",
+            f"{self.kl_kind!r} is not one of {rl.KL_ESTIMATORS.names()}",
+        )
+        check(0 <= self.alpha <= 1, "alpha", f"must lie in [0, 1], got {self.alpha}")
+        check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLGenerationConfig:
+    slots: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    chat: bool = True
+
+    def __post_init__(self):
+        check(self.slots >= 1, "slots", f"must be >= 1, got {self.slots}")
+        check(
+            self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
+        )
+        check(
+            self.temperature > 0, "temperature", f"RL samples: must be > 0, got {self.temperature}"
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLOptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+
+
+@register_config("rl_train")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLTrainConfig:
+    model: str = (
+        "smollm2-135m-instruct"  # a registered name, HF dir or .gguf, or "tiny" (char-level)
+    )
+    tiny_model: DecoderConfig = dataclasses.field(
+        default_factory=DecoderConfig
+    )  # used when model == "tiny"
+    task: RLTaskConfig = dataclasses.field(default_factory=RLTaskConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    loss: RLLossConfig = dataclasses.field(default_factory=RLLossConfig)
+    generation: RLGenerationConfig = dataclasses.field(default_factory=RLGenerationConfig)
+    optim: RLOptimConfig = dataclasses.field(default_factory=RLOptimConfig)
+
+
+def _load_policy(cfg: RLTrainConfig):
+    if cfg.model == "tiny":
+        from jaxlab.testing.char_tokenizer import char_tokenizer
+
+        tokenizer = char_tokenizer()
+        mcfg = dataclasses.replace(cfg.tiny_model, vocab_size=tokenizer.vocab_size)
+        return Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed)), tokenizer
+    model, tokenizer = from_pretrained(cfg.model)
+    if not isinstance(model, Decoder) or tokenizer is None:
+        raise ValueError(f"{cfg.model} is not a decoder LM with a tokenizer")
+    return model, tokenizer
+
+
+def _sequence_logprobs(model: Decoder, tokens, mask, temperature):
+    """log π(token t | tokens < t) ``[B, T-1]`` under logits / temperature (the sampled distribution)."""
+    logits = model(tokens[:, :-1], attention_mask=mask[:, :-1]) / temperature
+    return rl.token_logprobs(logits, tokens[:, 1:])
+
+
+def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float):
+    @nnx.jit
+    def update(model, optimizer, ref_model, tokens, mask, loss_mask, behaviour_logp, advantages):
+        def loss_fn(m):
+            logp = _sequence_logprobs(m, tokens, mask, temperature)
+            loss, metrics = rl.policy_loss(
+                logp,
+                behaviour_logp,
+                advantages,
+                loss_mask,
+                clip_low=loss_cfg.clip_low,
+                clip_high=loss_cfg.clip_high,
+                agg=loss_cfg.agg,
+                max_len=max_len,
+                alpha=loss_cfg.alpha,
+            )
+            if loss_cfg.kl_coef > 0:
+                ref_logp = jax.lax.stop_gradient(
+                    _sequence_logprobs(ref_model, tokens, mask, temperature)
+                )
+                kl = rl.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
+                kl_loss = rl.aggregate_loss(
+                    kl, loss_mask, loss_cfg.agg, max_len=max_len, alpha=loss_cfg.alpha
+                )
+                loss = loss + loss_cfg.kl_coef * kl_loss
+                metrics["kl"] = rl.masked_mean(kl, loss_mask)
+            return loss, metrics
+
+        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        metrics["loss"] = loss
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return metrics
+
+    return update
+
+
+class _Timeline:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.steps: list[tuple[float, float, float]] = []  # (start, end, occupancy)
+        self.updates: list[tuple[float, float]] = []
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def bubble_ratio(self, since: float = 0.0) -> float:
+        """Idle slot-time / total slot-time, over intervals starting at ``since`` seconds."""
+        busy = sum((e - s) * occ for s, e, occ in self.steps if s >= since)
+        total = sum(e - s for s, e, _ in self.steps if s >= since) + sum(
+            e - s for s, e in self.updates if s >= since
+        )
+        return 1.0 - busy / total if total else 0.0
+
+    def plot(self, path: Path, title: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 3))
+        if self.steps:
+            ax.step(
+                [s for s, _, _ in self.steps],
+                [o for _, _, o in self.steps],
+                where="post",
+                lw=0.8,
+                label="slot occupancy",
+            )
+        for k, (s, e) in enumerate(self.updates):
+            ax.axvspan(s, e, color="tab:red", alpha=0.25, label="policy update" if k == 0 else None)
+        ax.set_xlabel("seconds")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def train_rl(cfg: RLTrainConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Runs RL on ``cfg.task`` until every prompt's group is trained; returns the summary."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    model, tokenizer = _load_policy(cfg)
+    ref_model = nnx.clone(model) if cfg.loss.kl_coef > 0 else None
+    task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.kwargs)
+    gen = cfg.generation
+    max_len = cfg.loss.max_len or float(gen.max_new_tokens)
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.optim.grad_clip),
+        optax.adamw(cfg.optim.lr, weight_decay=cfg.optim.weight_decay),
+    )
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    update_fn = _make_update_fn(cfg.loss, gen.temperature, max_len)
+
+    def prompt_ids(group: int) -> list[int]:
+        text = task.problem(group).prompt
+        if gen.chat:
+            return tokenizer.encode(tokenizer.apply_chat_template(text), add_special_tokens=False)
+        return tokenizer.encode(text)
+
+    longest_prompt = max(len(prompt_ids(g)) for g in range(min(cfg.scheduler.num_prompts, 64)))
+    engine = Engine(
+        model,
+        num_slots=gen.slots,
+        max_len=2 * longest_prompt + gen.max_new_tokens + 8,
+        eos_ids=tokenizer.eos_token_ids,
+        pad_id=tokenizer.pad_token_id,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        seed=cfg.optim.seed,
+    )
+    ctrl = Controller(cfg.scheduler)
+    by_request: dict[int, SampleRef] = {}
+    request_of: dict[SampleRef, int] = {}
+    finished: dict[tuple[int, int], Any] = {}
+    timeline = _Timeline()
+    log = (workdir / "metrics.jsonl").open("w")
+    bar = tqdm(
+        total=cfg.scheduler.num_prompts, desc=f"rl {cfg.scheduler.scheduler}", disable=not progress
+    )
+    rewards_seen: list[float] = []
+    trained_samples = 0
+
+    while not ctrl.done:
+        groups = ctrl.ready()
+        if groups:
+            t_start = timeline.now()
+            metrics = _update(
+                cfg,
+                ctrl,
+                groups,
+                finished,
+                task,
+                prompt_ids,
+                tokenizer,
+                model,
+                optimizer,
+                ref_model,
+                update_fn,
+                max_len,
+            )
+            rewards_seen.extend(metrics.pop("_rewards"))
+            trained_samples += len(groups) * cfg.scheduler.group_size
+            for ref in ctrl.update(groups):
+                finished.pop((ref.group, ref.index), None)
+                rid = request_of.pop(ref, None)
+                if rid is not None:
+                    engine.cancel(rid)
+                    by_request.pop(rid, None)
+            engine.update_weights(model)
+            timeline.updates.append((t_start, timeline.now()))
+            metrics.update(
+                version=ctrl.version,
+                time=timeline.now(),
+                bubble_ratio=timeline.bubble_ratio(),
+                trained_samples=trained_samples,
+                dropped=ctrl.dropped,
+            )
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            bar.update(len(groups))
+            bar.set_postfix(
+                reward=f"{metrics['reward_mean']:.3f}", bubble=f"{metrics['bubble_ratio']:.2f}"
+            )
+            continue
+        for ref in ctrl.start(engine.free_slots):
+            rid = engine.submit(prompt_ids(ref.group), gen.max_new_tokens)
+            by_request[rid], request_of[ref] = ref, rid
+        if not engine.num_active and not engine.pending:
+            raise RuntimeError("the rollout stalled: nothing to generate and nothing to train")
+        t_start = timeline.now()
+        done = engine.step()
+        timeline.steps.append((t_start, timeline.now(), engine.occupancy[-1]))
+        for c in done:
+            ref = by_request.pop(c.request_id, None)
+            if ref is None:
+                continue
+            request_of.pop(ref, None)
+            if ctrl.finish(ref, len(c.tokens)):
+                finished[(ref.group, ref.index)] = c
+    bar.close()
+    log.close()
+    summary = {
+        "scheduler": cfg.scheduler.scheduler,
+        "bubble_ratio": timeline.bubble_ratio(),
+        # the second half of the run, after the first calls compiled the Engine and the update
+        "bubble_ratio_second_half": timeline.bubble_ratio(since=timeline.now() / 2),
+        "wall_s": timeline.now(),
+        "s_per_trained_sample": timeline.now() / max(trained_samples, 1),
+        "updates": len(ctrl.updates),
+        "max_staleness": max((u["staleness"] for u in ctrl.updates), default=0),
+        "dropped": ctrl.dropped,
+        "reward_first_quarter": float(np.mean(rewards_seen[: max(len(rewards_seen) // 4, 1)])),
+        "reward_last_quarter": float(np.mean(rewards_seen[-max(len(rewards_seen) // 4, 1) :])),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (workdir / "timeline.json").write_text(
+        json.dumps({"steps": timeline.steps, "updates": timeline.updates})
+    )
+    timeline.plot(
+        workdir / "timeline.png",
+        f"{cfg.scheduler.scheduler}: bubble ratio {summary['bubble_ratio']:.2f}",
+    )
+    return summary
+
+
+def _update(
+    cfg,
+    ctrl,
+    groups,
+    finished,
+    task,
+    prompt_ids,
+    tokenizer,
+    model,
+    optimizer,
+    ref_model,
+    update_fn,
+    max_len,
+) -> dict[str, Any]:
+    """Scores the groups, builds the padded batch and runs one policy update."""
+    g_size = cfg.scheduler.group_size
+    rows, rewards, staleness = [], [], []
+    for g in groups:
+        problem = task.problem(g)
+        for i in range(g_size):
+            c = finished.pop((g, i))
+            rewards.append(task.reward(problem, tokenizer.decode(c.tokens)))
+            staleness.append(ctrl.version - min(c.policy_versions))
+            rows.append((prompt_ids(g), c))
+    if cfg.scheduler.scheduler == "sorted" and max(staleness) > cfg.scheduler.max_staleness:
+        raise AssertionError(
+            f"a trained token is {max(staleness)} versions old (max_staleness "
+            f"{cfg.scheduler.max_staleness})"
+        )
+    reward_arr = np.asarray(rewards, np.float32).reshape(len(groups), g_size)
+    adv = np.asarray(rl.compute_advantages(jnp.asarray(reward_arr), cfg.loss.advantage)).reshape(-1)
+
+    # right-padded [N, T] sequences; the loss covers completion tokens only. N and T are bucketed
+    # (padding rows carry no loss and do not count as sequences), so updates rarely recompile.
+    width = bucket_length(max(len(p) + len(c.tokens) for p, c in rows), 1 << 20, granularity=64)
+    n = bucket_length(len(rows), 2 * len(rows), granularity=64)
+    adv = np.pad(adv, (0, n - len(rows)))
+    tokens = np.full((n, width), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((n, width), np.int32)
+    loss_mask = np.zeros((n, width - 1), np.float32)
+    behaviour = np.zeros((n, width - 1), np.float32)
+    for r, (p, c) in enumerate(rows):
+        seq = p + c.tokens
+        tokens[r, : len(seq)] = seq
+        mask[r, : len(seq)] = 1
+        loss_mask[r, len(p) - 1 : len(seq) - 1] = (
+            1  # predicting completion token j from position j-1
+        )
+        behaviour[r, len(p) - 1 : len(seq) - 1] = c.logprobs
+    metrics = update_fn(
+        model,
+        optimizer,
+        ref_model,
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        jnp.asarray(loss_mask),
+        jnp.asarray(behaviour),
+        jnp.asarray(adv, jnp.float32),
+    )
+    out = {k: float(v) for k, v in metrics.items()}
+    out.update(
+        reward_mean=float(reward_arr.mean()),
+        reward_max=float(reward_arr.max()),
+        groups=len(groups),
+        max_token_staleness=int(max(staleness)),
+        mean_length=float(np.mean([len(c.tokens) for _, c in rows])),
+        _rewards=rewards,
+    )
+    return out
