@@ -86,6 +86,27 @@ def _run_demo(args):
         f"{n} tokens ({out.finish_reasons[0]}); first call {first_s:.1f} s including compilation, "
         f"then {gen_s:.2f} s = {n / gen_s:.1f} tokens/s (greedy, batch 1, float32)"
     )
+    if not args.skip_rl:
+        _demo_rl()
+
+
+def _demo_rl():
+    """A short RL run of both schedulers on a tiny character-level model: bubble ratio and reward."""
+    import tempfile
+
+    from jaxlab.config import load_config
+    from jaxlab.rl.trainer import train_rl
+
+    print("\nRL on a tiny model (toy_digits task), sync vs SortedRL rollouts:")
+    rows = []
+    for name in ("sync", "sorted"):
+        cfg = load_config(_resolve_config(f"configs/rl/tiny_{name}.yaml"), ["scheduler.num_prompts=32"])
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.append((name, train_rl(cfg, tmp, progress=False)))
+    print(f"{'scheduler':10s} {'bubble ratio':>13s} {'reward first/last quarter':>27s} {'updates':>8s}")
+    for name, s in rows:
+        print(f"{name:10s} {s['bubble_ratio']:13.2f} {s['reward_first_quarter']:13.3f} -> "
+              f"{s['reward_last_quarter']:.3f} {s['updates']:8d}")
 
 
 def _demo_args(p):
@@ -94,6 +115,7 @@ def _demo_args(p):
     )
     p.add_argument("--question", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--skip-rl", action="store_true", help="skip the short RL run on a tiny model")
 
 
 # -- config ------------------------------------------------------------------------------------------

@@ -253,7 +253,7 @@ def test_demo_runs_without_torch_and_without_a_tokenizer_cache(tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from jaxlab.cli import main\n"
-        "sys.exit(main(['demo', '--max-new-tokens', '12']))"
+        "sys.exit(main(['demo', '--max-new-tokens', '12', '--skip-rl']))"
     )
     env = {**os.environ, "JAXLAB_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run(
