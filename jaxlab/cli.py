@@ -100,13 +100,19 @@ def _demo_rl():
     print("\nRL on a tiny model (toy_digits task), sync vs SortedRL rollouts:")
     rows = []
     for name in ("sync", "sorted"):
-        cfg = load_config(_resolve_config(f"configs/rl/tiny_{name}.yaml"), ["scheduler.num_prompts=32"])
+        cfg = load_config(
+            _resolve_config(f"configs/rl/tiny_{name}.yaml"), ["scheduler.num_prompts=32"]
+        )
         with tempfile.TemporaryDirectory() as tmp:
             rows.append((name, train_rl(cfg, tmp, progress=False)))
-    print(f"{'scheduler':10s} {'bubble ratio':>13s} {'reward first/last quarter':>27s} {'updates':>8s}")
+    print(
+        f"{'scheduler':10s} {'bubble ratio':>13s} {'reward first/last quarter':>27s} {'updates':>8s}"
+    )
     for name, s in rows:
-        print(f"{name:10s} {s['bubble_ratio']:13.2f} {s['reward_first_quarter']:13.3f} -> "
-              f"{s['reward_last_quarter']:.3f} {s['updates']:8d}")
+        print(
+            f"{name:10s} {s['bubble_ratio']:13.2f} {s['reward_first_quarter']:13.3f} -> "
+            f"{s['reward_last_quarter']:.3f} {s['updates']:8d}"
+        )
 
 
 def _demo_args(p):

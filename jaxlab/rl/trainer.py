@@ -235,201 +235,206 @@ class _Timeline:
         plt.close(fig)
 
 
-def train_rl(cfg: RLTrainConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Runs RL on ``cfg.task`` until every prompt's group is trained; returns the summary."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    model, tokenizer = _load_policy(cfg)
-    ref_model = nnx.clone(model) if cfg.loss.kl_coef > 0 else None
-    task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.kwargs)
-    gen = cfg.generation
-    max_len = cfg.loss.max_len or float(gen.max_new_tokens)
-    tx = optax.chain(
-        optax.clip_by_global_norm(cfg.optim.grad_clip),
-        optax.adamw(cfg.optim.lr, weight_decay=cfg.optim.weight_decay),
-    )
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    update_fn = _make_update_fn(cfg.loss, gen.temperature, max_len)
+class RLTrainer:
+    """The training loop's state: policy, optimizer, task, Engine, controller and bookkeeping."""
 
-    def prompt_ids(group: int) -> list[int]:
-        text = task.problem(group).prompt
-        if gen.chat:
-            return tokenizer.encode(tokenizer.apply_chat_template(text), add_special_tokens=False)
-        return tokenizer.encode(text)
+    def __init__(self, cfg: RLTrainConfig, workdir: str | Path):
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        self.model, self.tokenizer = _load_policy(cfg)
+        self.ref_model = nnx.clone(self.model) if cfg.loss.kl_coef > 0 else None
+        self.task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.kwargs)
+        gen = cfg.generation
+        self.max_len = cfg.loss.max_len or float(gen.max_new_tokens)
+        tx = optax.chain(
+            optax.clip_by_global_norm(cfg.optim.grad_clip),
+            optax.adamw(cfg.optim.lr, weight_decay=cfg.optim.weight_decay),
+        )
+        self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+        self.update_fn = _make_update_fn(cfg.loss, gen.temperature, self.max_len)
+        longest_prompt = max(
+            len(self.prompt_ids(g)) for g in range(min(cfg.scheduler.num_prompts, 64))
+        )
+        self.engine = Engine(
+            self.model,
+            num_slots=gen.slots,
+            max_len=2 * longest_prompt + gen.max_new_tokens + 8,
+            eos_ids=self.tokenizer.eos_token_ids,
+            pad_id=self.tokenizer.pad_token_id,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            seed=cfg.optim.seed,
+        )
+        self.ctrl = Controller(cfg.scheduler)
+        self.by_request: dict[int, SampleRef] = {}
+        self.request_of: dict[SampleRef, int] = {}
+        self.finished: dict[tuple[int, int], Any] = {}
+        self.timeline = _Timeline()
+        self.rewards_seen: list[float] = []
+        self.trained_samples = 0
 
-    longest_prompt = max(len(prompt_ids(g)) for g in range(min(cfg.scheduler.num_prompts, 64)))
-    engine = Engine(
-        model,
-        num_slots=gen.slots,
-        max_len=2 * longest_prompt + gen.max_new_tokens + 8,
-        eos_ids=tokenizer.eos_token_ids,
-        pad_id=tokenizer.pad_token_id,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        seed=cfg.optim.seed,
-    )
-    ctrl = Controller(cfg.scheduler)
-    by_request: dict[int, SampleRef] = {}
-    request_of: dict[SampleRef, int] = {}
-    finished: dict[tuple[int, int], Any] = {}
-    timeline = _Timeline()
-    log = (workdir / "metrics.jsonl").open("w")
-    bar = tqdm(
-        total=cfg.scheduler.num_prompts, desc=f"rl {cfg.scheduler.scheduler}", disable=not progress
-    )
-    rewards_seen: list[float] = []
-    trained_samples = 0
+    def prompt_ids(self, group: int) -> list[int]:
+        text = self.task.problem(group).prompt
+        if self.cfg.generation.chat:
+            return self.tokenizer.encode(
+                self.tokenizer.apply_chat_template(text), add_special_tokens=False
+            )
+        return self.tokenizer.encode(text)
 
-    while not ctrl.done:
-        groups = ctrl.ready()
-        if groups:
-            t_start = timeline.now()
-            metrics = _update(
-                cfg,
-                ctrl,
-                groups,
-                finished,
-                task,
-                prompt_ids,
-                tokenizer,
-                model,
-                optimizer,
-                ref_model,
-                update_fn,
-                max_len,
-            )
-            rewards_seen.extend(metrics.pop("_rewards"))
-            trained_samples += len(groups) * cfg.scheduler.group_size
-            for ref in ctrl.update(groups):
-                finished.pop((ref.group, ref.index), None)
-                rid = request_of.pop(ref, None)
-                if rid is not None:
-                    engine.cancel(rid)
-                    by_request.pop(rid, None)
-            engine.update_weights(model)
-            timeline.updates.append((t_start, timeline.now()))
-            metrics.update(
-                version=ctrl.version,
-                time=timeline.now(),
-                bubble_ratio=timeline.bubble_ratio(),
-                trained_samples=trained_samples,
-                dropped=ctrl.dropped,
-            )
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            bar.update(len(groups))
-            bar.set_postfix(
-                reward=f"{metrics['reward_mean']:.3f}", bubble=f"{metrics['bubble_ratio']:.2f}"
-            )
-            continue
-        for ref in ctrl.start(engine.free_slots):
-            rid = engine.submit(prompt_ids(ref.group), gen.max_new_tokens)
-            by_request[rid], request_of[ref] = ref, rid
-        if not engine.num_active and not engine.pending:
+    def run(self, *, progress: bool = True) -> dict[str, Any]:
+        """Trains until every prompt's group is trained; returns (and writes) the summary."""
+        cfg, ctrl = self.cfg, self.ctrl
+        bar = tqdm(
+            total=cfg.scheduler.num_prompts,
+            desc=f"rl {cfg.scheduler.scheduler}",
+            disable=not progress,
+        )
+        with (self.workdir / "metrics.jsonl").open("w") as log:
+            while not ctrl.done:
+                groups = ctrl.ready()
+                if groups:
+                    metrics = self.update(groups)
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                    bar.update(len(groups))
+                    bar.set_postfix(
+                        reward=f"{metrics['reward_mean']:.3f}",
+                        bubble=f"{metrics['bubble_ratio']:.2f}",
+                    )
+                else:
+                    self.rollout_step()
+        bar.close()
+        return self.write_summary()
+
+    def rollout_step(self) -> None:
+        """Starts what the controller asks for, runs one Engine step, reports finished samples."""
+        for ref in self.ctrl.start(self.engine.free_slots):
+            rid = self.engine.submit(self.prompt_ids(ref.group), self.cfg.generation.max_new_tokens)
+            self.by_request[rid], self.request_of[ref] = ref, rid
+        if not self.engine.num_active and not self.engine.pending:
             raise RuntimeError("the rollout stalled: nothing to generate and nothing to train")
-        t_start = timeline.now()
-        done = engine.step()
-        timeline.steps.append((t_start, timeline.now(), engine.occupancy[-1]))
+        t_start = self.timeline.now()
+        done = self.engine.step()
+        self.timeline.steps.append((t_start, self.timeline.now(), self.engine.occupancy[-1]))
         for c in done:
-            ref = by_request.pop(c.request_id, None)
+            ref = self.by_request.pop(c.request_id, None)
             if ref is None:
                 continue
-            request_of.pop(ref, None)
-            if ctrl.finish(ref, len(c.tokens)):
-                finished[(ref.group, ref.index)] = c
-    bar.close()
-    log.close()
-    summary = {
-        "scheduler": cfg.scheduler.scheduler,
-        "bubble_ratio": timeline.bubble_ratio(),
-        # the second half of the run, after the first calls compiled the Engine and the update
-        "bubble_ratio_second_half": timeline.bubble_ratio(since=timeline.now() / 2),
-        "wall_s": timeline.now(),
-        "s_per_trained_sample": timeline.now() / max(trained_samples, 1),
-        "updates": len(ctrl.updates),
-        "max_staleness": max((u["staleness"] for u in ctrl.updates), default=0),
-        "dropped": ctrl.dropped,
-        "reward_first_quarter": float(np.mean(rewards_seen[: max(len(rewards_seen) // 4, 1)])),
-        "reward_last_quarter": float(np.mean(rewards_seen[-max(len(rewards_seen) // 4, 1) :])),
-    }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (workdir / "timeline.json").write_text(
-        json.dumps({"steps": timeline.steps, "updates": timeline.updates})
-    )
-    timeline.plot(
-        workdir / "timeline.png",
-        f"{cfg.scheduler.scheduler}: bubble ratio {summary['bubble_ratio']:.2f}",
-    )
-    return summary
+            self.request_of.pop(ref, None)
+            if self.ctrl.finish(ref, len(c.tokens)):
+                self.finished[(ref.group, ref.index)] = c
 
-
-def _update(
-    cfg,
-    ctrl,
-    groups,
-    finished,
-    task,
-    prompt_ids,
-    tokenizer,
-    model,
-    optimizer,
-    ref_model,
-    update_fn,
-    max_len,
-) -> dict[str, Any]:
-    """Scores the groups, builds the padded batch and runs one policy update."""
-    g_size = cfg.scheduler.group_size
-    rows, rewards, staleness = [], [], []
-    for g in groups:
-        problem = task.problem(g)
-        for i in range(g_size):
-            c = finished.pop((g, i))
-            rewards.append(task.reward(problem, tokenizer.decode(c.tokens)))
-            staleness.append(ctrl.version - min(c.policy_versions))
-            rows.append((prompt_ids(g), c))
-    if cfg.scheduler.scheduler == "sorted" and max(staleness) > cfg.scheduler.max_staleness:
-        raise AssertionError(
-            f"a trained token is {max(staleness)} versions old (max_staleness "
-            f"{cfg.scheduler.max_staleness})"
+    def update(self, groups: list[int]) -> dict[str, Any]:
+        """Scores ``groups``, runs one policy update, swaps weights, cancels what became stale."""
+        cfg, ctrl = self.cfg, self.ctrl
+        t_start = self.timeline.now()
+        metrics = self._policy_update(groups)
+        self.trained_samples += len(groups) * cfg.scheduler.group_size
+        for ref in ctrl.update(groups):
+            self.finished.pop((ref.group, ref.index), None)
+            rid = self.request_of.pop(ref, None)
+            if rid is not None:
+                self.engine.cancel(rid)
+                self.by_request.pop(rid, None)
+        self.engine.update_weights(self.model)
+        self.timeline.updates.append((t_start, self.timeline.now()))
+        metrics.update(
+            version=ctrl.version,
+            time=self.timeline.now(),
+            bubble_ratio=self.timeline.bubble_ratio(),
+            trained_samples=self.trained_samples,
+            dropped=ctrl.dropped,
         )
-    reward_arr = np.asarray(rewards, np.float32).reshape(len(groups), g_size)
-    adv = np.asarray(rl.compute_advantages(jnp.asarray(reward_arr), cfg.loss.advantage)).reshape(-1)
+        return metrics
 
-    # right-padded [N, T] sequences; the loss covers completion tokens only. N and T are bucketed
-    # (padding rows carry no loss and do not count as sequences), so updates rarely recompile.
-    width = bucket_length(max(len(p) + len(c.tokens) for p, c in rows), 1 << 20, granularity=64)
-    n = bucket_length(len(rows), 2 * len(rows), granularity=64)
-    adv = np.pad(adv, (0, n - len(rows)))
-    tokens = np.full((n, width), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros((n, width), np.int32)
-    loss_mask = np.zeros((n, width - 1), np.float32)
-    behaviour = np.zeros((n, width - 1), np.float32)
-    for r, (p, c) in enumerate(rows):
-        seq = p + c.tokens
-        tokens[r, : len(seq)] = seq
-        mask[r, : len(seq)] = 1
-        loss_mask[r, len(p) - 1 : len(seq) - 1] = (
-            1  # predicting completion token j from position j-1
+    def _policy_update(self, groups: list[int]) -> dict[str, Any]:
+        cfg, tokenizer = self.cfg, self.tokenizer
+        g_size = cfg.scheduler.group_size
+        rows, rewards, staleness = [], [], []
+        for g in groups:
+            problem = self.task.problem(g)
+            for i in range(g_size):
+                c = self.finished.pop((g, i))
+                rewards.append(self.task.reward(problem, tokenizer.decode(c.tokens)))
+                staleness.append(self.ctrl.version - min(c.policy_versions))
+                rows.append((self.prompt_ids(g), c))
+        if cfg.scheduler.scheduler == "sorted" and max(staleness) > cfg.scheduler.max_staleness:
+            raise AssertionError(
+                f"a trained token is {max(staleness)} versions old (max_staleness "
+                f"{cfg.scheduler.max_staleness})"
+            )
+        self.rewards_seen.extend(rewards)
+        reward_arr = np.asarray(rewards, np.float32).reshape(len(groups), g_size)
+        adv = np.asarray(
+            rl.compute_advantages(jnp.asarray(reward_arr), cfg.loss.advantage)
+        ).reshape(-1)
+
+        # right-padded [N, T] sequences; the loss covers completion tokens only. N and T are bucketed
+        # (padding rows carry no loss and do not count as sequences), so updates rarely recompile.
+        width = bucket_length(max(len(p) + len(c.tokens) for p, c in rows), 1 << 20, granularity=64)
+        n = bucket_length(len(rows), 2 * len(rows), granularity=64)
+        adv = np.pad(adv, (0, n - len(rows)))
+        tokens = np.full((n, width), tokenizer.pad_token_id, np.int32)
+        mask = np.zeros((n, width), np.int32)
+        loss_mask = np.zeros((n, width - 1), np.float32)
+        behaviour = np.zeros((n, width - 1), np.float32)
+        for r, (p, c) in enumerate(rows):
+            seq = p + c.tokens
+            tokens[r, : len(seq)] = seq
+            mask[r, : len(seq)] = 1
+            loss_mask[r, len(p) - 1 : len(seq) - 1] = (
+                1  # predicting completion token j from position j-1
+            )
+            behaviour[r, len(p) - 1 : len(seq) - 1] = c.logprobs
+        metrics = self.update_fn(
+            self.model,
+            self.optimizer,
+            self.ref_model,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            jnp.asarray(loss_mask),
+            jnp.asarray(behaviour),
+            jnp.asarray(adv, jnp.float32),
         )
-        behaviour[r, len(p) - 1 : len(seq) - 1] = c.logprobs
-    metrics = update_fn(
-        model,
-        optimizer,
-        ref_model,
-        jnp.asarray(tokens),
-        jnp.asarray(mask),
-        jnp.asarray(loss_mask),
-        jnp.asarray(behaviour),
-        jnp.asarray(adv, jnp.float32),
-    )
-    out = {k: float(v) for k, v in metrics.items()}
-    out.update(
-        reward_mean=float(reward_arr.mean()),
-        reward_max=float(reward_arr.max()),
-        groups=len(groups),
-        max_token_staleness=int(max(staleness)),
-        mean_length=float(np.mean([len(c.tokens) for _, c in rows])),
-        _rewards=rewards,
-    )
-    return out
+        out = {k: float(v) for k, v in metrics.items()}
+        out.update(
+            reward_mean=float(reward_arr.mean()),
+            reward_max=float(reward_arr.max()),
+            groups=len(groups),
+            max_token_staleness=int(max(staleness)),
+            mean_length=float(np.mean([len(c.tokens) for _, c in rows])),
+        )
+        return out
+
+    def write_summary(self) -> dict[str, Any]:
+        ctrl, timeline, seen = self.ctrl, self.timeline, self.rewards_seen
+        quarter = max(len(seen) // 4, 1)
+        summary = {
+            "scheduler": self.cfg.scheduler.scheduler,
+            "bubble_ratio": timeline.bubble_ratio(),
+            # the second half of the run, after the first calls compiled the Engine and the update
+            "bubble_ratio_second_half": timeline.bubble_ratio(since=timeline.now() / 2),
+            "wall_s": timeline.now(),
+            "s_per_trained_sample": timeline.now() / max(self.trained_samples, 1),
+            "updates": len(ctrl.updates),
+            "max_staleness": max((u["staleness"] for u in ctrl.updates), default=0),
+            "dropped": ctrl.dropped,
+            "reward_first_quarter": float(np.mean(seen[:quarter])),
+            "reward_last_quarter": float(np.mean(seen[-quarter:])),
+        }
+        (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.workdir / "timeline.json").write_text(
+            json.dumps({"steps": timeline.steps, "updates": timeline.updates})
+        )
+        timeline.plot(
+            self.workdir / "timeline.png",
+            f"{self.cfg.scheduler.scheduler}: bubble ratio {summary['bubble_ratio']:.2f}",
+        )
+        return summary
+
+
+def train_rl(cfg: RLTrainConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Runs RL on ``cfg.task`` until every prompt's group is trained; returns the summary."""
+    return RLTrainer(cfg, workdir).run(progress=progress)
