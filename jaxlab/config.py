@@ -36,6 +36,7 @@ __all__ = [
     "apply_overrides",
     "load_config",
     "check",
+    "check_positive",
 ]
 
 
@@ -67,6 +68,13 @@ def check(condition: bool, field: str, message: str) -> None:
     """Validation helper for ``__post_init__``: raises ConfigError naming the field."""
     if not condition:
         raise ConfigError(f"{field}: {message}")
+
+
+def check_positive(config: Any, *names: str) -> None:
+    """``check`` that each named field of ``config`` is > 0."""
+    for name in names:
+        value = getattr(config, name)
+        check(value > 0, name, f"must be positive, got {value}")
 
 
 def _type_name(tp: Any) -> str:

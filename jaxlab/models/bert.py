@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlab.attention import attention, attention_implementations
-from jaxlab.config import check
+from jaxlab.config import check, check_positive
 from jaxlab.models.layers import LayerNorm, scan_layers, stack_layers
 
 __all__ = ["BertConfig", "BertEncoder", "pool"]
@@ -39,7 +39,8 @@ class BertConfig:
     attention_implementation: str = "xla"
 
     def __post_init__(self):
-        for name in (
+        check_positive(
+            self,
             "vocab_size",
             "hidden_size",
             "intermediate_size",
@@ -47,8 +48,7 @@ class BertConfig:
             "num_heads",
             "max_position_embeddings",
             "type_vocab_size",
-        ):
-            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        )
         check(
             self.hidden_size % self.num_heads == 0,
             "num_heads",

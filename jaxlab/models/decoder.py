@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlab.attention import attention, attention_implementations
-from jaxlab.config import check
+from jaxlab.config import check, check_positive
 from jaxlab.models.layers import (
     RMSNorm,
     apply_rope,
@@ -59,7 +59,8 @@ class DecoderConfig:
 
     def __post_init__(self):
         check(self.arch in _ARCHS, "arch", f"{self.arch!r} is not one of {list(_ARCHS)}")
-        for name in (
+        check_positive(
+            self,
             "vocab_size",
             "hidden_size",
             "intermediate_size",
@@ -67,8 +68,7 @@ class DecoderConfig:
             "num_heads",
             "num_kv_heads",
             "max_position_embeddings",
-        ):
-            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        )
         check(
             self.num_heads % self.num_kv_heads == 0,
             "num_kv_heads",
