@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxlab.attention import attention, attention_implementations
 from jaxlab.config import check, check_positive
-from jaxlab.models.layers import LayerNorm, scan_layers, stack_layers
+from jaxlab.models.layers import LayerNorm, dense, scan_layers, stack_layers
 
 __all__ = ["BertConfig", "BertEncoder", "pool"]
 
@@ -76,27 +76,16 @@ _ACTS = {
 }
 
 
-def _dense(rngs, din, dout, dtype):
-    return nnx.Linear(
-        din,
-        dout,
-        dtype=dtype,
-        param_dtype=dtype,
-        kernel_init=nnx.initializers.normal(0.02),
-        rngs=rngs,
-    )
-
-
 class BertLayer(nnx.Module):
     def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.query = _dense(rngs, e, e, dtype)
-        self.key = _dense(rngs, e, e, dtype)
-        self.value = _dense(rngs, e, e, dtype)
-        self.attention_output = _dense(rngs, e, e, dtype)
+        self.query = dense(rngs, e, e, dtype=dtype)
+        self.key = dense(rngs, e, e, dtype=dtype)
+        self.value = dense(rngs, e, e, dtype=dtype)
+        self.attention_output = dense(rngs, e, e, dtype=dtype)
         self.attention_layernorm = LayerNorm(e, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.intermediate = _dense(rngs, e, f, dtype)
-        self.output = _dense(rngs, f, e, dtype)
+        self.intermediate = dense(rngs, e, f, dtype=dtype)
+        self.output = dense(rngs, f, e, dtype=dtype)
         self.output_layernorm = LayerNorm(e, eps=cfg.layer_norm_eps, dtype=dtype)
         self.cfg = cfg
 

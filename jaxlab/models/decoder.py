@@ -19,6 +19,7 @@ from jaxlab.config import check, check_positive
 from jaxlab.models.layers import (
     RMSNorm,
     apply_rope,
+    dense,
     padding_positions,
     rope_inv_freq,
     scan_layers,
@@ -129,25 +130,13 @@ class KVCache(NamedTuple):
     valid: jax.Array  # [B, S] bool
 
 
-def _dense(rngs, din, dout, bias, dtype):
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=dtype,
-        kernel_init=nnx.initializers.normal(0.02),
-        rngs=rngs,
-    )
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
-        self.q_proj = _dense(rngs, e, h * d, cfg.attention_bias, dtype)
-        self.k_proj = _dense(rngs, e, k * d, cfg.attention_bias, dtype)
-        self.v_proj = _dense(rngs, e, k * d, cfg.attention_bias, dtype)
-        self.o_proj = _dense(rngs, h * d, e, cfg.attention_out_bias, dtype)
+        self.q_proj = dense(rngs, e, h * d, bias=cfg.attention_bias, dtype=dtype)
+        self.k_proj = dense(rngs, e, k * d, bias=cfg.attention_bias, dtype=dtype)
+        self.v_proj = dense(rngs, e, k * d, bias=cfg.attention_bias, dtype=dtype)
+        self.o_proj = dense(rngs, h * d, e, bias=cfg.attention_out_bias, dtype=dtype)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
@@ -179,9 +168,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _dense(rngs, e, f, cfg.mlp_bias, dtype)
-        self.up_proj = _dense(rngs, e, f, cfg.mlp_bias, dtype)
-        self.down_proj = _dense(rngs, f, e, cfg.mlp_bias, dtype)
+        self.gate_proj = dense(rngs, e, f, bias=cfg.mlp_bias, dtype=dtype)
+        self.up_proj = dense(rngs, e, f, bias=cfg.mlp_bias, dtype=dtype)
+        self.down_proj = dense(rngs, f, e, bias=cfg.mlp_bias, dtype=dtype)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -229,7 +218,7 @@ class Decoder(nnx.Module):
             )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _dense(rngs, cfg.hidden_size, cfg.vocab_size, False, dtype)
+            self.lm_head = dense(rngs, cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache of ``max_len`` slots per row."""

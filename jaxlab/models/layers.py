@@ -12,6 +12,7 @@ from flax import nnx
 
 __all__ = [
     "RMSNorm",
+    "dense",
     "LayerNorm",
     "rope_inv_freq",
     "apply_rope",
@@ -52,6 +53,21 @@ class LayerNorm(nnx.Module):
         return (
             y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         ).astype(x.dtype)
+
+
+def dense(
+    rngs: nnx.Rngs, din: int, dout: int, *, bias: bool = True, dtype=jnp.float32
+) -> nnx.Linear:
+    """A linear layer with the models' conventions: N(0, 0.02) init, params and compute in ``dtype``."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
