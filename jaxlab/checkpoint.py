@@ -16,6 +16,7 @@ part-way leaves the previous checkpoint untouched.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -25,10 +26,25 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["CheckpointError", "Checkpointer", "create_checkpoint_manager"]
+from jaxlab.config import check
+
+__all__ = ["CheckpointConfig", "CheckpointError", "Checkpointer", "create_checkpoint_manager"]
 
 _STATE_ITEMS = ("model", "optimizer")
 _JSON_ITEMS = ("data_iter", "extra")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """When trainers save: every ``save_every`` steps (updates, for RL), keeping the newest ``keep``."""
+
+    save_every: int = 50
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        check(self.save_every >= 1, "save_every", f"must be >= 1, got {self.save_every}")
+        check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
 
 
 class CheckpointError(RuntimeError):

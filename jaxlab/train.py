@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxlab.checkpoint import Checkpointer
+from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
 from jaxlab.models.decoder import Decoder, DecoderConfig
 
@@ -74,17 +74,6 @@ class OptimConfig:
             f"must lie in [0, 1), got {self.b1}, {self.b2}",
         )
         check(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CheckpointConfig:
-    save_every: int = 50
-    keep: int = 3
-    async_save: bool = True
-
-    def __post_init__(self):
-        check(self.save_every >= 1, "save_every", f"must be >= 1, got {self.save_every}")
-        check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
 
 
 @register_config("lm_train")

@@ -33,3 +33,25 @@ def test_max_staleness_zero_trains_only_on_policy_tokens(tmp_path):
     assert summary["max_staleness"] == 0 and all(x["max_token_staleness"] == 0 for x in lines)
     # on-policy: the importance ratio of every trained token is 1 before the update
     assert all(abs(x["ratio_mean"] - 1.0) < 1e-3 and x["clip_frac"] == 0.0 for x in lines)
+
+
+def test_preempted_run_resumes_from_its_checkpoint(tmp_path):
+    from jaxlab.rl.trainer import RLTrainer
+
+    cfg = load_config("configs/rl/tiny_sorted.yaml", ["scheduler.num_prompts=24", "checkpoint.save_every=2"])
+    first = RLTrainer(cfg, tmp_path)
+    stopped = first.run_until(3, progress=False)  # as if preempted after 3 updates
+    assert stopped["stopped_after_updates"] == 3
+    version = stopped["version"]
+    assert first.checkpointer.latest_step() == version
+
+    resumed = RLTrainer(cfg, tmp_path)  # a new process would do the same
+    assert resumed.resumed_from == version and resumed.ctrl.version == version
+    assert resumed.engine.policy_version == version
+    assert int(resumed.optimizer.step[...]) == version  # one optimizer step per update
+    resumed.ctrl.check_invariants()
+    summary = resumed.run(progress=False)
+    assert sorted(resumed.ctrl.trained) == list(range(24))  # every group trained once, none lost
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["version"] for x in lines] == list(range(1, summary["updates"] + 1))
+    assert sum(x["groups"] for x in lines) == 24

@@ -206,6 +206,17 @@ class Controller:
     def staleness_of(self, ref: SampleRef) -> int:
         return self.version - self.groups[ref.group][ref.index]["started"]
 
+    def requeue_active(self) -> list[SampleRef]:
+        """Turns every in-flight attempt back into a queued sample (a new attempt), first in the
+        queue; used when a run is checkpointed, since in-flight generations are not saved."""
+        refs = self.active
+        for ref in refs:
+            rec = self.groups[ref.group][ref.index]
+            rec.update(status="queued", attempt=rec["attempt"] + 1, started=None)
+        for ref in sorted(refs, reverse=True):
+            self.queue.appendleft((ref.group, ref.index))
+        return refs
+
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -33,6 +33,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxlab import rl
+from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
 from jaxlab.generation import Engine
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
@@ -134,6 +135,9 @@ class RLTrainConfig:
     loss: RLLossConfig = dataclasses.field(default_factory=RLLossConfig)
     generation: RLGenerationConfig = dataclasses.field(default_factory=RLGenerationConfig)
     optim: RLOptimConfig = dataclasses.field(default_factory=RLOptimConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(
+        default_factory=lambda: CheckpointConfig(save_every=4, keep=2)
+    )
 
 
 def _load_policy(cfg: RLTrainConfig):
@@ -274,6 +278,57 @@ class RLTrainer:
         self.timeline = _Timeline()
         self.rewards_seen: list[float] = []
         self.trained_samples = 0
+        self.checkpointer = Checkpointer(
+            self.workdir / "checkpoints",
+            save_every=cfg.checkpoint.save_every,
+            keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save,
+        )
+        self.resumed_from = self._restore()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _save(self, force: bool = False) -> None:
+        """Saves model, optimizer and the run state at an update boundary (every ``save_every`` versions).
+
+        In-flight generations are not saved: in the saved controller they are queued again (a new
+        attempt), so a resumed run regenerates them. Finished samples of open groups are kept.
+        """
+        ctrl = Controller.from_state_dict(self.ctrl.state_dict())
+        ctrl.requeue_active()
+        finished = {
+            f"{g},{i}": dataclasses.asdict(c)
+            for (g, i), c in self.finished.items()
+            if g in ctrl.groups and ctrl.groups[g][i]["status"] == "finished"
+        }
+        extra = {
+            "controller": ctrl.state_dict(),
+            "finished": finished,
+            "rewards_seen": self.rewards_seen,
+            "trained_samples": self.trained_samples,
+            "engine_version": self.engine.policy_version,
+        }
+        self.checkpointer.save(
+            self.ctrl.version, model=self.model, optimizer=self.optimizer, extra=extra, force=force
+        )
+
+    def _restore(self) -> int | None:
+        """Restores the latest checkpoint in ``workdir/checkpoints``, if any; returns its version."""
+        if self.checkpointer.latest_step() is None:
+            return None
+        from jaxlab.generation.engine import Completion
+
+        step, restored = self.checkpointer.restore(model=self.model, optimizer=self.optimizer)
+        extra = restored["extra"]
+        self.ctrl = Controller.from_state_dict(extra["controller"])
+        self.finished = {
+            tuple(int(x) for x in key.split(",")): Completion(**value)
+            for key, value in extra["finished"].items()
+        }
+        self.rewards_seen = list(extra["rewards_seen"])
+        self.trained_samples = int(extra["trained_samples"])
+        self.engine.update_weights(self.model)
+        self.engine.policy_version = int(extra["engine_version"])
+        return step
 
     def prompt_ids(self, group: int) -> list[int]:
         text = self.task.problem(group).prompt
@@ -285,26 +340,38 @@ class RLTrainer:
 
     def run(self, *, progress: bool = True) -> dict[str, Any]:
         """Trains until every prompt's group is trained; returns (and writes) the summary."""
-        cfg, ctrl = self.cfg, self.ctrl
+        return self.run_until(None, progress=progress)
+
+    def run_until(self, max_updates: int | None, *, progress: bool = True) -> dict[str, Any]:
+        """Trains until done, or stops after ``max_updates`` more updates and saves (a preemption)."""
+        cfg = self.cfg
         bar = tqdm(
             total=cfg.scheduler.num_prompts,
+            initial=len(self.ctrl.trained),
             desc=f"rl {cfg.scheduler.scheduler}",
             disable=not progress,
         )
-        with (self.workdir / "metrics.jsonl").open("w") as log:
-            while not ctrl.done:
-                groups = ctrl.ready()
-                if groups:
-                    metrics = self.update(groups)
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
-                    bar.update(len(groups))
-                    bar.set_postfix(
-                        reward=f"{metrics['reward_mean']:.3f}",
-                        bubble=f"{metrics['bubble_ratio']:.2f}",
-                    )
-                else:
+        updates = 0
+        mode = "a" if self.resumed_from is not None else "w"
+        with (self.workdir / "metrics.jsonl").open(mode) as log, self.checkpointer:
+            while not self.ctrl.done:
+                groups = self.ctrl.ready()
+                if not groups:
                     self.rollout_step()
+                    continue
+                metrics = self.update(groups)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                bar.update(len(groups))
+                bar.set_postfix(
+                    reward=f"{metrics['reward_mean']:.3f}", bubble=f"{metrics['bubble_ratio']:.2f}"
+                )
+                updates += 1
+                if max_updates is not None and updates >= max_updates and not self.ctrl.done:
+                    self._save(force=True)
+                    bar.close()
+                    return {"stopped_after_updates": updates, "version": self.ctrl.version}
+                self._save(force=self.ctrl.done)
         bar.close()
         return self.write_summary()
 
