@@ -1,6 +1,6 @@
 """Reward and bubble ratio of RL runs side by side, from their metrics.jsonl.
 
-    python scripts/plot_rl_runs.py runs/rl_smollm2_sync runs/rl_smollm2_sorted --out rl_runs.png
+python scripts/plot_rl_runs.py runs/rl_smollm2_sync runs/rl_smollm2_sorted --out rl_runs.png
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ def main():
         label = json.loads((Path(run) / "config.json").read_text())["scheduler"]["scheduler"]
         samples = [x["trained_samples"] for x in lines]
         ax_r.plot(samples, [x["reward_mean"] for x in lines], marker="o", ms=3, label=label)
-        ax_b.plot([x["time"] for x in lines], [x["bubble_ratio"] for x in lines], marker="o", ms=3, label=label)
+        ax_b.plot(
+            [x["time"] for x in lines],
+            [x["bubble_ratio"] for x in lines],
+            marker="o",
+            ms=3,
+            label=label,
+        )
     ax_r.set_xlabel("trained samples")
     ax_r.set_ylabel("mean reward of the update batch")
     ax_b.set_xlabel("seconds")

@@ -31,20 +31,39 @@ def main():
     runs = [("sync", 0)] + [("sorted", k) for k in (0, 1, 2, 4)]
     rows = []
     for sched, k in runs:
-        res = [simulate(SchedulerConfig(scheduler=sched, max_staleness=k, **common), slots=64, lengths=lengths,
-                        seed=s).summary() for s in range(args.seeds)]
-        mean = {key: sum(r[key] for r in res) / len(res) for key in
-                ("bubble_ratio", "useful_ratio", "throughput", "mean_staleness", "wasted_tokens")}
+        res = [
+            simulate(
+                SchedulerConfig(scheduler=sched, max_staleness=k, **common),
+                slots=64,
+                lengths=lengths,
+                seed=s,
+            ).summary()
+            for s in range(args.seeds)
+        ]
+        mean = {
+            key: sum(r[key] for r in res) / len(res)
+            for key in (
+                "bubble_ratio",
+                "useful_ratio",
+                "throughput",
+                "mean_staleness",
+                "wasted_tokens",
+            )
+        }
         mean.update(scheduler=sched, max_staleness=max(r["max_staleness"] for r in res), k=k)
         rows.append(mean)
     base = rows[0]
     print(f"lengths {lengths}, {common}, 64 slots, mean of {args.seeds} seeds")
-    print(f"{'scheduler':14s} {'bubble':>7s} {'vs sync':>8s} {'useful':>7s} {'max stale':>9s} {'throughput':>11s}")
+    print(
+        f"{'scheduler':14s} {'bubble':>7s} {'vs sync':>8s} {'useful':>7s} {'max stale':>9s} {'throughput':>11s}"
+    )
     for r in rows:
         name = r["scheduler"] if r["scheduler"] == "sync" else f"sorted k={r['k']}"
         red = 1 - r["bubble_ratio"] / base["bubble_ratio"]
-        print(f"{name:14s} {r['bubble_ratio']:7.3f} {-red:+8.0%} {r['useful_ratio']:7.3f} {r['max_staleness']:9d} "
-              f"{r['throughput'] / base['throughput']:10.2f}x")
+        print(
+            f"{name:14s} {r['bubble_ratio']:7.3f} {-red:+8.0%} {r['useful_ratio']:7.3f} {r['max_staleness']:9d} "
+            f"{r['throughput'] / base['throughput']:10.2f}x"
+        )
     (out / "results.json").write_text(json.dumps(rows, indent=2))
 
 

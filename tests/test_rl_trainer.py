@@ -38,7 +38,9 @@ def test_max_staleness_zero_trains_only_on_policy_tokens(tmp_path):
 def test_preempted_run_resumes_from_its_checkpoint(tmp_path):
     from jaxlab.rl.trainer import RLTrainer
 
-    cfg = load_config("configs/rl/tiny_sorted.yaml", ["scheduler.num_prompts=24", "checkpoint.save_every=2"])
+    cfg = load_config(
+        "configs/rl/tiny_sorted.yaml", ["scheduler.num_prompts=24", "checkpoint.save_every=2"]
+    )
     first = RLTrainer(cfg, tmp_path)
     stopped = first.run_until(3, progress=False)  # as if preempted after 3 updates
     assert stopped["stopped_after_updates"] == 3
