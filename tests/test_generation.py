@@ -7,17 +7,10 @@ import pytest
 from flax import nnx
 
 from jaxlab.generation import filter_logits, generate_tokens
-from jaxlab.models import Decoder, DecoderConfig
+from jaxlab.models import Decoder
+from jaxlab.testing import TINY_DECODER
 
-CFG = DecoderConfig(
-    vocab_size=50,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    max_position_embeddings=128,
-)
+CFG = TINY_DECODER
 
 
 def test_greedy_equals_recomputed_argmax():

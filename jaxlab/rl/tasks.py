@@ -11,6 +11,7 @@ reward for smoke tests of tiny models).
 
 from __future__ import annotations
 
+import abc
 import ast
 import dataclasses
 import itertools
@@ -82,8 +83,8 @@ class Problem:
         return {"prompt": self.prompt, "answer": repr(self.answer), "meta": repr(self.meta)}
 
 
-class Task:
-    """Base class: ``problem(i)`` and ``reward(problem, completion)``."""
+class Task(abc.ABC):
+    """Abstract base: subclasses define ``problem(i)`` and ``reward(problem, completion)``."""
 
     name = "task"
 
@@ -94,11 +95,13 @@ class Task:
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, index, zlib.crc32(self.name.encode())])
 
+    @abc.abstractmethod
     def problem(self, index: int) -> Problem:
-        raise NotImplementedError
+        """Problem ``index`` of this task's seeded stream (deterministic)."""
 
+    @abc.abstractmethod
     def reward(self, problem: Problem, completion: str) -> float:
-        raise NotImplementedError
+        """The verifiable reward of ``completion`` for ``problem``."""
 
 
 # -- arithmetic ----------------------------------------------------------------------------------------
