@@ -169,7 +169,7 @@ def _np_plan(pattern, layout, t, w, g):
             verts = sorted(v[bi, hi][v[bi, hi] >= 0].tolist())
             for i, qb in enumerate(blocks[r]):
 
-                def act(kb):
+                def act(kb, qb=qb, dists=dists):
                     delta = qb - kb
                     return kb <= qb and np.any(
                         ((delta - 1) * g < dists) & (dists < (delta + 1) * g)
