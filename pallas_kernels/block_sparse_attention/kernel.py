@@ -46,7 +46,7 @@ def merge_partial(o0, lse0, o1, lse1):
     Rows where a side saw nothing carry lse = −inf and never produce NaN.
     """
     mx = jnp.maximum(lse0, lse1)
-    mx = jnp.where(jnp.isneginf(mx), 0.0, mx)
+    mx = jnp.where(mx == -jnp.inf, 0.0, mx)
     w0, w1 = jnp.exp(lse0 - mx), jnp.exp(lse1 - mx)
     tot = w0 + w1
     out = (w0[..., None] * o0 + w1[..., None] * o1) / jnp.where(tot == 0, 1.0, tot)[..., None]
@@ -61,6 +61,14 @@ def _compiler_params(num_warps, num_stages, interpret):
     if interpret or plgpu is None:
         return None
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _div(x, m):  # non-negative ints: plain truncating division (lowers on Triton as is)
+    return lax.div(x, jnp.asarray(m, jnp.int32))
+
+
+def _rem(x, m):
+    return lax.rem(x, jnp.asarray(m, jnp.int32))
 
 
 def _dot_nt(a, b):  # a [M, D] · b [N, D]ᵀ → [M, N] f32
@@ -115,13 +123,15 @@ def _fwd_kernel(
 
     nsub = g // bk
 
-    def block_body(t, carry):
-        kb = bidx_ref[t // nsub]
-        start = pl.multiple_of(kb * g + (t % nsub) * bk, bk)
+    def block_body(t, carry, masked):
+        kb = bidx_ref[_div(t, nsub)]
+        start = pl.multiple_of(kb * g + _rem(t, nsub) * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         s = _dot_nt(q, k) * c
-        if causal:
-            k_pos = kvblk_ref[kb] * g + (t % nsub) * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        if masked:
+            k_pos = (
+                kvblk_ref[kb] * g + _rem(t, nsub) * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+            )
             s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, MASK)
         return update(s, v_ref[pl.ds(start, bk), :], carry)
 
@@ -130,18 +140,23 @@ def _fwd_kernel(
         jnp.full((g,), -jnp.inf, jnp.float32),
         jnp.zeros((g,), jnp.float32),
     )
-    carry = lax.fori_loop(0, bcnt_ref[b, h, i] * nsub, block_body, carry)
+    # active key blocks ascend, so only the last one can hold the diagonal: mask just that one
+    cnt = bcnt_ref[b, h, i]
+    n_free = (jnp.maximum(cnt - 1, 0) if causal else cnt) * nsub
+    carry = lax.fori_loop(0, n_free, functools.partial(block_body, masked=False), carry)
+    if causal:
+        carry = lax.fori_loop(n_free, cnt * nsub, functools.partial(block_body, masked=True), carry)
     nbar = barcnt_ref[b, h, i]
 
     def bar_body(t, carry):
         valid = t * bv + lax.broadcasted_iota(jnp.int32, (bv,), 0) < nbar
         cols = jnp.where(valid, baridx_ref[pl.ds(t * bv, bv)], 0)
         s = _dot_nt(q, k_ref[cols, :]) * c
-        k_pos = kvblk_ref[cols // g] * g + cols % g
+        k_pos = kvblk_ref[_div(cols, g)] * g + _rem(cols, g)
         ok = valid[None, :] & (q_pos[:, None] >= k_pos[None, :])
         return update(jnp.where(ok, s, MASK), v_ref[cols, :], carry)
 
-    acc, m, l_sum = lax.fori_loop(0, pl.cdiv(nbar, bv), bar_body, carry)
+    acc, m, l_sum = lax.fori_loop(0, _div(nbar + bv - 1, bv), bar_body, carry)
     empty = m < 0.5 * MASK  # nothing visible (also m = −inf: no work at all)
     o = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, l_sum)[:, None])
     lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l_sum))) * LN2)
@@ -199,8 +214,8 @@ def block_sparse_attention_fwd(
         pl.BlockSpec((None, None, None, vcap), lambda i, bi, hi: (bi, hi, i, 0)),
         whole(plan.bar_cnt),
         pl.BlockSpec((None, g, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // grp, 0)),
-        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // grp, 0)),
+        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, _div(hi, grp), 0)),
+        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, _div(hi, grp), 0)),
     ]
     args = [
         plan.q_blocks,
@@ -263,7 +278,7 @@ def _dq_kernel(
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
     lse2 = lse_ref[...] * LOG2E
-    lse2 = jnp.where(jnp.isneginf(lse2), 0.0, lse2)
+    lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
     delta = delta_ref[...]
     q_pos = qblk_ref[i] * g + lax.broadcasted_iota(jnp.int32, (g,), 0)
 
@@ -274,28 +289,35 @@ def _dq_kernel(
 
     nsub = g // bk
 
-    def block_body(t, dq):
-        kb = bidx_ref[t // nsub]
-        start = pl.multiple_of(kb * g + (t % nsub) * bk, bk)
+    def block_body(t, dq, masked):
+        kb = bidx_ref[_div(t, nsub)]
+        start = pl.multiple_of(kb * g + _rem(t, nsub) * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         s = _dot_nt(q, k) * c
-        if causal:
-            k_pos = kvblk_ref[kb] * g + (t % nsub) * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        if masked:
+            k_pos = (
+                kvblk_ref[kb] * g + _rem(t, nsub) * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+            )
             s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, -jnp.inf)
         return grad(s, k, v_ref[pl.ds(start, bk), :], dq)
 
-    dq = lax.fori_loop(0, bcnt_ref[b, h, i] * nsub, block_body, jnp.zeros(q.shape, jnp.float32))
+    cnt = bcnt_ref[b, h, i]
+    n_free = (jnp.maximum(cnt - 1, 0) if causal else cnt) * nsub
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(0, n_free, functools.partial(block_body, masked=False), dq)
+    if causal:
+        dq = lax.fori_loop(n_free, cnt * nsub, functools.partial(block_body, masked=True), dq)
     nbar = barcnt_ref[b, h, i]
 
     def bar_body(t, dq):
         valid = t * bv + lax.broadcasted_iota(jnp.int32, (bv,), 0) < nbar
         cols = jnp.where(valid, baridx_ref[pl.ds(t * bv, bv)], 0)
         k = k_ref[cols, :]
-        k_pos = kvblk_ref[cols // g] * g + cols % g
+        k_pos = kvblk_ref[_div(cols, g)] * g + _rem(cols, g)
         ok = valid[None, :] & (q_pos[:, None] >= k_pos[None, :])
         return grad(jnp.where(ok, _dot_nt(q, k) * c, -jnp.inf), k, v_ref[cols, :], dq)
 
-    dq = lax.fori_loop(0, pl.cdiv(nbar, bv), bar_body, dq)
+    dq = lax.fori_loop(0, _div(nbar + bv - 1, bv), bar_body, dq)
     dq_ref[...] = dq * (c * LN2)
 
 
@@ -321,21 +343,23 @@ def _dkdv_kernel(
 ):
     jt, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nsub_k = g // bk
-    j = jt // nsub_k
+    j = _div(jt, nsub_k)
     k, v = k_ref[...], v_ref[...]
-    k_pos = kvblk_ref[j] * g + (jt % nsub_k) * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+    k_pos = kvblk_ref[j] * g + _rem(jt, nsub_k) * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
     nsub = g // bq
 
-    def body(t, carry):
+    def body(t, carry, masked):
         dk, dv = carry
-        qb = qidx_ref[t // nsub]
-        start = pl.multiple_of(qb * g + (t % nsub) * bq, bq)
+        qb = qidx_ref[_div(t, nsub)]
+        start = pl.multiple_of(qb * g + _rem(t, nsub) * bq, bq)
         q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
         lse2 = lse_ref[pl.ds(start, bq)] * LOG2E
-        lse2 = jnp.where(jnp.isneginf(lse2), 0.0, lse2)
+        lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
         s = _dot_nt(q, k) * c
-        if causal:
-            q_pos = qblk_ref[qb] * g + (t % nsub) * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
+        if masked:
+            q_pos = (
+                qblk_ref[qb] * g + _rem(t, nsub) * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
+            )
             s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, -jnp.inf)
         p = jnp.exp2(s - lse2[:, None])
         dv = dv + _dot_tn(p.astype(do.dtype), do)
@@ -343,7 +367,13 @@ def _dkdv_kernel(
         return dk + _dot_tn(ds.astype(q.dtype), q), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, qcnt_ref[b, h, j] * nsub, body, (zeros, zeros))
+    # the query blocks of a key block ascend, so only the first one can hold the diagonal
+    cnt = qcnt_ref[b, h, j]
+    n_diag = jnp.minimum(cnt, 1) * nsub if causal else 0
+    carry = (zeros, zeros)
+    if causal:
+        carry = lax.fori_loop(0, n_diag, functools.partial(body, masked=True), carry)
+    dk, dv = lax.fori_loop(n_diag, cnt * nsub, functools.partial(body, masked=False), carry)
     dk_ref[...] = dk * (c * LN2)
     dv_ref[...] = dv
 
@@ -374,19 +404,19 @@ def _bar_dkdv_kernel(
     valid = t * bv + lax.broadcasted_iota(jnp.int32, (bv,), 0) < vcnt_ref[b, h]
     cols = jnp.where(valid, vidx_ref[pl.ds(t * bv, bv)], 0)
     k, v = k_ref[cols, :], v_ref[cols, :]
-    k_blk = kvblk_ref[cols // g]
-    k_pos = k_blk * g + cols % g
+    k_blk = kvblk_ref[_div(cols, g)]
+    k_pos = k_blk * g + _rem(cols, g)
     nsub = g // bq
 
     def body(it, carry):
         dk, dv = carry
-        i = it // nsub
-        start = pl.multiple_of(i * g + (it % nsub) * bq, bq)
+        i = _div(it, nsub)
+        start = pl.multiple_of(i * g + _rem(it, nsub) * bq, bq)
         q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
         lse2 = lse_ref[pl.ds(start, bq)] * LOG2E
-        lse2 = jnp.where(jnp.isneginf(lse2), 0.0, lse2)
+        lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
         q_blk = qblk_ref[i]
-        q_pos = q_blk * g + (it % nsub) * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
+        q_pos = q_blk * g + _rem(it, nsub) * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
         covered = active_ref[jnp.clip(q_blk - k_blk, 0, active_ref.shape[0] - 1)] != 0
         ok = (valid & ~covered)[None, :] & (q_pos[:, None] >= k_pos[None, :])
         p = jnp.exp2(jnp.where(ok, _dot_nt(q, k) * c, -jnp.inf) - lse2[:, None])
@@ -438,7 +468,7 @@ def block_sparse_attention_bwd(
     do = do.astype(q.dtype)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
     row = lambda: pl.BlockSpec((None, g, None, d), lambda i, bi, hi: (bi, i, hi, 0))  # noqa: E731
-    kv_whole = pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // grp, 0))
+    kv_whole = pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, _div(hi, grp), 0))
     vec = pl.BlockSpec((None, None, g), lambda i, bi, hi: (bi, hi, i))
 
     dq = pl.pallas_call(
@@ -480,7 +510,7 @@ def block_sparse_attention_bwd(
 
     q_whole = pl.BlockSpec((None, tq, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     vec_whole = pl.BlockSpec((None, None, tq), lambda i, bi, hi: (bi, hi, 0))
-    kv_tile = pl.BlockSpec((None, bk, None, d), lambda jt, bi, hi: (bi, jt, hi // grp, 0))
+    kv_tile = pl.BlockSpec((None, bk, None, d), lambda jt, bi, hi: (bi, jt, _div(hi, grp), 0))
     out_tile = pl.BlockSpec((None, bk, None, d), lambda jt, bi, hi: (bi, jt, hi, 0))
     dk_h, dv_h = pl.pallas_call(
         functools.partial(_dkdv_kernel, g=g, bq=bq, bk=bk, causal=causal, c=c),
@@ -488,7 +518,9 @@ def block_sparse_attention_bwd(
         in_specs=[
             whole(plan.q_blocks),
             whole(plan.kv_blocks),
-            pl.BlockSpec((None, None, None, n_q), lambda jt, bi, hi: (bi, hi, jt // (g // bk), 0)),
+            pl.BlockSpec(
+                (None, None, None, n_q), lambda jt, bi, hi: (bi, hi, _div(jt, g // bk), 0)
+            ),
             whole(plan.qblock_cnt),
             q_whole,
             kv_tile,
