@@ -179,7 +179,7 @@ def block_sparse_attention_fwd(
     lse_prev: jax.Array | None = None,  # [B, H, Tq] f32
     block_k: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of q against one key chunk over the plan's blocks and bars: ``(o f32, lse f32)``.
@@ -446,7 +446,7 @@ def block_sparse_attention_bwd(
     block_q: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of one step's share of the attention: ``dq [B, Tq, H, D]``, ``dk, dv [B, Tk, K, D]``
