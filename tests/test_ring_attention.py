@@ -1,0 +1,199 @@
+"""Ring attention over 8 virtual CPU devices against the single-device reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from jaxlab.attention.ring import ring_attention
+from jaxlab.attention.sparse import (
+    VerticalSlashPattern,
+    pattern_from_budgets,
+    sparse_attention_reference,
+)
+
+G = 16
+T = 256
+
+
+def _mesh(layout, n=8):
+    devs = np.array(jax.devices()[:n])
+    if layout == "hierarchical":
+        return Mesh(devs.reshape(2, n // 2), ("node", "local")), ("node", "local")
+    return Mesh(devs, ("sp",)), "sp"
+
+
+def _inputs(key, heads, dtype=jnp.float32, t=T):
+    h, kvh = heads
+    ks = jax.random.split(key, 5)
+    q = jax.random.normal(ks[0], (1, t, h, 16), dtype)
+    k = jax.random.normal(ks[1], (1, t, kvh, 16), dtype)
+    v = jax.random.normal(ks[2], (1, t, kvh, 16), dtype)
+    w = jax.random.normal(ks[3], (1, t, h, 16), jnp.float32)
+    pat = pattern_from_budgets(
+        ks[4], 1, h, t, vertical_size=20, slash_size=4, sink_tokens=3, window=2, fill=0.0
+    )
+    # head 0 sees nothing but its verticals, head 1 only the main block diagonal
+    pat = VerticalSlashPattern(
+        pat.vertical_idx.at[0, 1].set(-1),
+        pat.slash_idx.at[0, 0].set(-1).at[0, 1].set(jnp.where(jnp.arange(4) == 0, 0, -1)),
+    )
+    return q, k, v, w, pat
+
+
+def _loss_and_grads(fn, q, k, v, w):
+    def loss(q, k, v):
+        out, lse = fn(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * w) + 0.1 * jnp.sum(
+            jnp.where(jnp.isfinite(lse), lse, 0.0)
+        )
+
+    (val, grads) = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    return fn(q, k, v), grads
+
+
+def _check(
+    layout, heads, sparse, implementation, dtype=jnp.float32, vertical_mode="ring", tol=2e-5
+):
+    q, k, v, w, pat = _inputs(jax.random.key(0), heads, dtype)
+    pat = pat if sparse else None
+    mesh, axis = _mesh(layout)
+    ring = jax.jit(
+        lambda q, k, v: ring_attention(
+            q,
+            k,
+            v,
+            mesh=mesh,
+            axis_name=axis,
+            layout=layout,
+            pattern=pat,
+            block_size=G,
+            implementation=implementation,
+            vertical_mode=vertical_mode,
+            return_lse=True,
+            bar_block=8,
+        )
+    )
+    ref = jax.jit(
+        lambda q, k, v: sparse_attention_reference(
+            *(x.astype(jnp.float32) for x in (q, k, v)), pat, block_size=G
+        )
+    )
+    (out, lse), grads = _loss_and_grads(ring, q, k, v, w)
+    (out_r, lse_r), grads_r = _loss_and_grads(ref, q, k, v, w)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32),
+        np.asarray(out_r),
+        atol=tol * 50 if dtype != jnp.float32 else tol,
+    )
+    fin = np.isfinite(np.asarray(lse_r))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin)
+    np.testing.assert_allclose(
+        np.asarray(lse)[fin], np.asarray(lse_r)[fin], atol=tol * 50 if dtype != jnp.float32 else tol
+    )
+    for name, a, b in zip("qkv", grads, grads_r, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        scale = np.abs(b).max()
+        np.testing.assert_allclose(
+            a / scale,
+            b / scale,
+            atol=tol * 500 if dtype != jnp.float32 else tol * 5,
+            err_msg=f"d{name}",
+        )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped", "hierarchical"])
+@pytest.mark.parametrize("heads", [(4, 1), (4, 4)])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_ring_xla_matches_reference(layout, heads, sparse):
+    _check(layout, heads, sparse, "xla")
+
+
+@pytest.mark.parametrize("layout", ["striped", "hierarchical"])
+def test_ring_pallas_matches_reference(layout):
+    _check(layout, (4, 1), True, "pallas")
+
+
+def test_ring_pallas_dense_zigzag():
+    _check("zigzag", (4, 4), False, "pallas")
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_gathered_verticals_match_reference(implementation):
+    _check("striped", (4, 1), True, implementation, vertical_mode="gathered")
+
+
+def test_ring_bfloat16_close_to_float32_reference():
+    _check("striped", (4, 1), True, "xla", dtype=jnp.bfloat16, tol=2e-4)
+
+
+def test_ring_errors():
+    q, k, v, _, pat = _inputs(jax.random.key(1), (4, 1), t=T)
+    mesh, axis = _mesh("striped")
+    with pytest.raises(ValueError, match="multiple of"):
+        ring_attention(q[:, :200], k[:, :200], v[:, :200], mesh=mesh, axis_name=axis, block_size=G)
+    with pytest.raises(ValueError, match="causal"):
+        ring_attention(q, k, v, mesh=mesh, axis_name=axis, pattern=pat, causal=False, block_size=G)
+    with pytest.raises(ValueError, match="hierarchical"):
+        ring_attention(q, k, v, mesh=mesh, axis_name=axis, layout="hierarchical", block_size=G)
+    with pytest.raises(ValueError, match="implementation"):
+        ring_attention(q, k, v, mesh=mesh, axis_name=axis, implementation="cuda", block_size=G)
+
+
+def test_collective_permute_counts():
+    """Flat ring: W−1 shifts of (k, v) forward; backward adds W−1 of (k, v) and W of (dk, dv)."""
+    q, k, v, _, _ = _inputs(jax.random.key(2), (4, 1))
+    mesh, axis = _mesh("striped")
+    fn = lambda q, k, v: ring_attention(
+        q,
+        k,
+        v,
+        mesh=mesh,
+        axis_name=axis,
+        block_size=G,  # noqa: E731
+        implementation="xla",
+    )
+    fwd_hlo = jax.jit(fn).lower(q, k, v).compile().as_text()
+    grad_hlo = (
+        jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2)))
+        .lower(q, k, v)
+        .compile()
+        .as_text()
+    )
+
+    def count(txt):
+        return sum(
+            1
+            for line in txt.splitlines()
+            if " collective-permute(" in line or " collective-permute-start(" in line
+        )
+
+    w = 8
+    assert count(fwd_hlo) == 2 * (w - 1)
+    # as traced: forward 2(W−1); backward shifts (k, v) W−1 times again and (dk, dv) W times
+    traced = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2))).lower(q, k, v)
+    assert traced.as_text().count("collective_permute") == 2 * (w - 1) * 2 + 2 * w
+    # compiled: XLA shares the backward's (k, v) shifts with the forward's identical ones
+    assert count(grad_hlo) == 2 * (w - 1) + 2 * w
+    assert "all-gather" not in fwd_hlo
+    # hierarchical 2 × 4: inner shifts 3 per outer step (×2), outer shift once, of (k, v)
+    mesh_h, axis_h = _mesh("hierarchical")
+    hlo_h = (
+        jax.jit(
+            lambda q, k, v: ring_attention(
+                q,
+                k,
+                v,
+                mesh=mesh_h,
+                axis_name=axis_h,
+                layout="hierarchical",
+                block_size=G,
+                implementation="xla",
+            )
+        )
+        .lower(q, k, v)
+        .compile()
+        .as_text()
+    )
+    assert count(hlo_h) == 2 * (2 * 3 + 1)
