@@ -264,7 +264,7 @@ def ring_attention(
     k: jax.Array,  # [B, T, K, D]
     v: jax.Array,  # [B, T, K, D]
     *,
-    mesh: jax.sharding.Mesh,
+    mesh: jax.sharding.Mesh | None = None,
     axis_name: str | tuple[str, str] = "sp",
     layout: str = "striped",
     pattern: VerticalSlashPattern | None = None,
@@ -280,7 +280,8 @@ def ring_attention(
 ):
     """Sequence-parallel attention over the mesh axis ``axis_name`` (``(outer, inner)`` for
     ``layout="hierarchical"``). Inputs and output are in natural token order; the permutation to the
-    layout happens here. ``pattern=None`` is dense. Returns out ``[B, T, H, D]`` (and lse
+    layout happens here. ``mesh=None`` takes the mesh set with ``jax.set_mesh``. ``pattern=None`` is
+    dense. Returns out ``[B, T, H, D]`` (and lse
     ``[B, H, T]`` float32 with ``return_lse``). Differentiable in q, k, v; the pattern is fixed.
     """
     chex.assert_rank([q, k, v], 4)
@@ -300,6 +301,10 @@ def ring_attention(
         raise ValueError(
             f"ring_attention: vertical_mode must be one of {VERTICAL_MODES}, got {vertical_mode!r}"
         )
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            raise ValueError("ring_attention: pass mesh= or run under `with jax.set_mesh(mesh):`")
     if pattern is not None and not causal:
         raise ValueError("ring_attention: vertical-slash patterns are causal; pass causal=True")
     if layout == "hierarchical":

@@ -53,7 +53,10 @@ class DecoderConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
-    attention_implementation: str = "xla"
+    attention_implementation: str = "xla"  # a registered name, or "ring" (sequence parallel)
+    # options of attention_implementation="ring" (RING_DEFAULTS); it runs over the mesh set with
+    # jax.set_mesh, for training / prefill of unpadded causal sequences
+    ring: dict[str, Any] | None = None
     # True: layers stacked on a leading axis and run with lax.scan (fast compiles, for training);
     # False: one module per layer, unrolled (fastest decoding: weights are read in place).
     scan_layers: bool = True
@@ -97,11 +100,14 @@ class DecoderConfig:
             "hidden_act",
             f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}",
         )
+        known = [*attention_implementations(), "ring"]
         check(
-            self.attention_implementation in attention_implementations(),
+            self.attention_implementation in known,
             "attention_implementation",
-            f"{self.attention_implementation!r} is not one of {attention_implementations()}",
+            f"{self.attention_implementation!r} is not one of {known}",
         )
+        if self.ring is not None:
+            _check_ring_options(self.ring)
         try:
             rope_inv_freq(self.dim_per_head, self.rope_theta, self.rope_scaling)
         except (ValueError, KeyError) as e:
@@ -113,6 +119,82 @@ class DecoderConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+RING_DEFAULTS: dict[str, Any] = {
+    "axis_name": "sp",  # mesh axis of the sequence; [outer, inner] for layout "hierarchical"
+    "layout": "striped",
+    "block_size": 128,
+    "kernel": "pallas",  # per-step implementation: "pallas" or "xla"
+    "vertical_mode": "ring",
+    "sparse": None,  # None: dense; else vertical_slash_pattern options (vertical_size, slash_size, ...)
+}
+_SPARSE_KEYS = ("vertical_size", "slash_size", "last_q", "mode", "sink_tokens", "window", "top_p")
+
+
+def _check_ring_options(ring):
+    from jaxlab.attention.layouts import LAYOUTS
+    from jaxlab.attention.ring import RING_IMPLEMENTATIONS, VERTICAL_MODES
+
+    check(isinstance(ring, dict), "ring", f"must be a mapping, got {ring!r}")
+    for key in ring:
+        check(key in RING_DEFAULTS, f"ring.{key}", f"unknown option; known: {list(RING_DEFAULTS)}")
+    opts = {**RING_DEFAULTS, **ring}
+    check(opts["layout"] in LAYOUTS, "ring.layout", f"{opts['layout']!r} is not one of {LAYOUTS}")
+    check(
+        opts["kernel"] in RING_IMPLEMENTATIONS,
+        "ring.kernel",
+        f"{opts['kernel']!r} is not one of {RING_IMPLEMENTATIONS}",
+    )
+    check(
+        opts["vertical_mode"] in VERTICAL_MODES,
+        "ring.vertical_mode",
+        f"{opts['vertical_mode']!r} is not one of {VERTICAL_MODES}",
+    )
+    check(
+        isinstance(opts["block_size"], int) and opts["block_size"] > 0,
+        "ring.block_size",
+        f"must be a positive int, got {opts['block_size']!r}",
+    )
+    sparse = opts["sparse"]
+    if sparse is not None:
+        check(
+            isinstance(sparse, dict) and {"vertical_size", "slash_size"} <= set(sparse),
+            "ring.sparse",
+            "needs at least vertical_size and slash_size",
+        )
+        for key in sparse:
+            check(
+                key in _SPARSE_KEYS, f"ring.sparse.{key}", f"unknown option; known: {_SPARSE_KEYS}"
+            )
+
+
+def _ring_attention(q, k, v, cfg):
+    """Sequence-parallel (ring) attention over the current mesh; sparse when configured."""
+    from jaxlab.attention.ring import ring_attention
+    from jaxlab.attention.sparse import vertical_slash_pattern
+
+    opts = {**RING_DEFAULTS, **(cfg.ring or {})}
+    axis = opts["axis_name"]
+    axis = tuple(axis) if isinstance(axis, list | tuple) else axis
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError("attention_implementation='ring' needs a mesh: `with jax.set_mesh(mesh):`")
+    pattern = None
+    if opts["sparse"] is not None:
+        pattern = vertical_slash_pattern(q, k, mesh=mesh, axis_name=axis, **opts["sparse"])
+    return ring_attention(
+        q,
+        k,
+        v,
+        mesh=mesh,
+        axis_name=axis,
+        layout=opts["layout"],
+        pattern=pattern,
+        block_size=opts["block_size"],
+        implementation=opts["kernel"],
+        vertical_mode=opts["vertical_mode"],
+    )
 
 
 class KVCache(NamedTuple):
@@ -159,9 +241,14 @@ class Attention(nnx.Module):
             k = write(kv[0], jnp.swapaxes(k, 1, 2).astype(kv[0].dtype), index)
             v = write(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index)
             kv, layout = (k, v), "bksd"
-        out = attention(
-            q, k, v, mask, implementation=cfg.attention_implementation, kv_layout=layout
-        )
+        if cfg.attention_implementation == "ring":
+            if kv is not None:
+                raise ValueError("ring attention runs without a KV cache (training and prefill)")
+            out = _ring_attention(q, k, v, cfg)
+        else:
+            out = attention(
+                q, k, v, mask, implementation=cfg.attention_implementation, kv_layout=layout
+            )
         return self.o_proj(out.reshape(b, t, cfg.num_heads * d)), kv
 
 
