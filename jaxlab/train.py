@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
+from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.models.decoder import Decoder, DecoderConfig
 
 __all__ = [
@@ -83,10 +84,16 @@ class LMTrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     log_every: int = 10
 
     def __post_init__(self):
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check(
+            self.data.batch_size % self.mesh.data == 0,
+            "mesh.data",
+            f"batch_size={self.data.batch_size} does not split over {self.mesh.data} replicas",
+        )
 
 
 def counting_dataset(cfg: DataConfig, vocab_size: int) -> grain.IterDataset:
@@ -135,8 +142,14 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) 
 
     Writes ``metrics.jsonl``, ``config.json`` and ``checkpoints/`` under ``workdir``.
     """
-    workdir = Path(workdir)
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        return _train_lm(cfg, Path(workdir), mesh, progress)
+
+
+def _train_lm(cfg, workdir, mesh, progress):
     workdir.mkdir(parents=True, exist_ok=True)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     model = Decoder(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(cfg.train), wrt=nnx.Param)
     data = iter(counting_dataset(cfg.data, cfg.model.vocab_size))
@@ -161,7 +174,8 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) 
         )
         t0 = time.perf_counter()
         for step in bar:
-            loss = train_step(model, optimizer, jnp.asarray(next(data)["tokens"]))
+            tokens = jax.device_put(next(data)["tokens"], batch_sharding)
+            loss = train_step(model, optimizer, tokens)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.train.steps:
                 metrics = {
                     "step": step + 1,

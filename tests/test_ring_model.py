@@ -103,3 +103,25 @@ def test_ring_config_errors():
     cfg = dataclasses.replace(BASE, attention_implementation="ring", ring={"kernel": "xla"})
     with pytest.raises(ValueError, match="set_mesh"):
         Decoder(cfg, rngs=nnx.Rngs(0))(_ids()[:, :T])
+
+
+def test_train_lm_with_sparse_ring_attention(tmp_path):
+    """The shipped config trains with sequence parallelism over 8 devices and its loss falls."""
+    import json
+
+    from jaxlab.config import load_config
+    from jaxlab.train import train_lm
+
+    cfg = load_config(
+        "configs/lm_ring_sparse_tiny.yaml",
+        overrides=["train.steps=20", "log_every=10", "checkpoint.save_every=100"],
+    )
+    train_lm(cfg, tmp_path, progress=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 0.5
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        train_lm(
+            load_config("configs/lm_ring_sparse_tiny.yaml", overrides=["mesh.sp=16"]),
+            tmp_path / "x",
+            progress=False,
+        )
