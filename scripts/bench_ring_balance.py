@@ -144,12 +144,27 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(9, 3.8))
+        fig, ax = plt.subplots(figsize=(9.5, 4))
         x = np.arange(len(rows))
-        for i, layout in enumerate(LAYOUTS):
-            ax.bar(
-                x + (i - 1) * 0.27, [r[layout]["ring_over_ideal"] for r in rows], 0.27, label=layout
+        series = [
+            (layout, lambda r, layout=layout: r[layout]["ring_over_ideal"]) for layout in LAYOUTS
+        ]
+        series.append(
+            (
+                "striped, gathered verticals",
+                lambda r: (
+                    r["striped"]["gathered_ring_over_ideal"]
+                    if r["pattern"] != "dense causal"
+                    else r["striped"]["ring_over_ideal"]
+                ),
             )
+        )
+        width = 0.8 / len(series)
+        for i, (label, get) in enumerate(series):
+            ax.bar(
+                x + (i - (len(series) - 1) / 2) * width, [get(r) for r in rows], width, label=label
+            )
+        ax.set_yscale("log")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(x, [r["pattern"] for r in rows], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("ring time / ideal")
