@@ -357,12 +357,15 @@ def ring_attention(
         return o.astype(q.dtype), lse
 
     seq = P(None, spec_axes)
-    fn = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(seq, seq, seq, P()),
-        out_specs=(seq, P(None, None, spec_axes)),
-        check_vma=False,
+    # jit: outside a jit, shard_map would run op by op
+    fn = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(seq, seq, seq, P()),
+            out_specs=(seq, P(None, None, spec_axes)),
+            check_vma=False,
+        )
     )
     out, lse = fn(q, k, v, pattern)
     if not identity:

@@ -310,12 +310,14 @@ def vertical_slash_pattern(
             f"vertical_slash_pattern: T={q.shape[1]} must split into {world} shards of at least "
             f"last_q={last_q} tokens"
         )
-    fn = jax.shard_map(
-        functools.partial(_estimate, axis_name=axis_name, **kw),
-        mesh=mesh,
-        in_specs=(P(None, axis_name), P(None, axis_name)),
-        out_specs=P(),
-        check_vma=False,
+    fn = jax.jit(
+        jax.shard_map(
+            functools.partial(_estimate, axis_name=axis_name, **kw),
+            mesh=mesh,
+            in_specs=(P(None, axis_name), P(None, axis_name)),
+            out_specs=P(),
+            check_vma=False,
+        )
     )
     return fn(q, k)
 
