@@ -8,6 +8,7 @@ from jaxlab.models.decoder import Decoder as Decoder
 from jaxlab.models.decoder import DecoderConfig as DecoderConfig
 from jaxlab.models.decoder import KVCache as KVCache
 from jaxlab.models.encode import encode as encode
+from jaxlab.models.encode import encode_ids as encode_ids
 from jaxlab.models.loading import LoadError as LoadError
 from jaxlab.models.loading import from_pretrained as from_pretrained
 from jaxlab.models.loading import pretrained_names as pretrained_names

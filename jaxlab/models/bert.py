@@ -150,12 +150,27 @@ class BertEncoder(nnx.Module):
                 f"sequence length {t} exceeds max_position_embeddings "
                 f"{self.config.max_position_embeddings}; truncate the input"
             )
+        return self.from_word_embeddings(
+            self.word_embeddings(input_ids),
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+        )
+
+    def from_word_embeddings(
+        self,
+        word_embeddings: jax.Array,  # [B, T, E]: the token embeddings (e.g. to differentiate by)
+        *,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:  # [B, T, E]
+        """The encoder from token embeddings on (positions, token types and the layers added here)."""
+        b, t, _ = word_embeddings.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, t), jnp.int32)
         x = (
-            self.word_embeddings(input_ids)
+            word_embeddings
             + self.position_embeddings(jnp.arange(t))[None]
             + self.token_type_embeddings(token_type_ids)
         )

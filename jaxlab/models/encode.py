@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from jaxlab.models.bert import BertEncoder
 from jaxlab.tokenization import Tokenizer, bucket_length
 
-__all__ = ["encode"]
+__all__ = ["encode", "encode_ids"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,6 +63,26 @@ def encode(
             f"encode: {cut} of {n} texts were longer than {limit} tokens and were truncated",
             stacklevel=2,
         )
+    return encode_ids(model, tokenizer, rows, batch_size=batch_size, limit=limit, progress=progress)
+
+
+def encode_ids(
+    model: BertEncoder,
+    tokenizer: Tokenizer,
+    rows: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Embeds already tokenized rows (special tokens included, each at most ``limit`` long)."""
+    n = len(rows)
+    dim = model.config.hidden_size
+    limit = limit or model.config.max_position_embeddings
+    if n == 0:
+        return np.zeros((0, dim), np.float32)
+    if max(len(r) for r in rows) > limit:
+        raise ValueError(f"encode_ids: a row is longer than {limit} tokens")
     order = np.argsort([-len(r) for r in rows], kind="stable")
     graphdef, state = nnx.split(model)
     run = _embed_fn(graphdef)

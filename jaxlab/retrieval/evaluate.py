@@ -1,0 +1,268 @@
+"""PosIR evaluation: embed, retrieve exactly by cosine, score, analyse by position; saliency.
+
+Documents longer than the encoder's limit are handled by a named strategy, itself a position-bias
+variable worth reporting:
+
+* ``truncate``: keep the first ``max_length`` tokens (evidence past them is invisible);
+* ``chunk_max`` / ``chunk_mean``: encode consecutive windows of ``max_length − 2`` tokens (each with
+  [CLS]/[SEP]) and max- / mean-pool the window embeddings, then L2-normalise.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlab.models.bert import BertEncoder, pool
+from jaxlab.models.encode import encode, encode_ids
+from jaxlab.retrieval.builder import token_ids
+from jaxlab.retrieval.data import PosIRData
+from jaxlab.retrieval.metrics import BUCKET_NAMES, ndcg_at_k, position_analysis, recall_at_k
+
+__all__ = [
+    "STRATEGIES",
+    "embed_documents",
+    "retrieve",
+    "evaluate_posir",
+    "saliency_profile",
+    "plot_report",
+]
+
+STRATEGIES = ("truncate", "chunk_max", "chunk_mean")
+
+
+def _limit(model, tokenizer, max_length):
+    return min(
+        max_length or tokenizer.model_max_length or model.config.max_position_embeddings,
+        model.config.max_position_embeddings,
+    )
+
+
+def embed_documents(
+    model: BertEncoder,
+    tokenizer,
+    texts,
+    *,
+    strategy: str = "chunk_max",
+    max_length: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
+    """``[N, E]`` unit-norm document embeddings under a long-document strategy."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown long-document strategy {strategy!r}; known: {STRATEGIES}")
+    limit = _limit(model, tokenizer, max_length)
+    if strategy == "truncate":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return encode(
+                model,
+                tokenizer,
+                list(texts),
+                batch_size=batch_size,
+                max_length=limit,
+                progress=progress,
+            )
+    hf = tokenizer.hf
+    # the special tokens framing one window: what the tokenizer puts around an empty text
+    frame = list(hf("", add_special_tokens=True)["input_ids"])
+    head = frame[:1] if frame and frame[0] in (hf.cls_token_id, hf.bos_token_id) else []
+    tail = frame[len(head) :]
+    width = limit - len(head) - len(tail)
+    rows, owner = [], []
+    for i, ids in enumerate(token_ids(tokenizer, texts)):
+        for s in range(0, max(len(ids), 1), width):
+            rows.append(head + list(ids[s : s + width]) + tail)
+            owner.append(i)
+    emb = encode_ids(model, tokenizer, rows, batch_size=batch_size, limit=limit, progress=progress)
+    owner = np.asarray(owner)
+    out = np.zeros((len(texts), emb.shape[1]), np.float32)
+    for i in range(len(texts)):
+        e = emb[owner == i]
+        out[i] = e.max(axis=0) if strategy == "chunk_max" else e.mean(axis=0)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def retrieve(queries: np.ndarray, docs: np.ndarray, k: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by cosine (inputs unit-norm): ``(indices [Q, k], scores [Q, k])`` best first."""
+    k = min(k, docs.shape[0])
+    scores = queries @ docs.T
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-top, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(top, order, axis=1)
+
+
+def evaluate_posir(
+    data: PosIRData,
+    model: BertEncoder,
+    tokenizer,
+    *,
+    strategy: str = "chunk_max",
+    max_length: int | None = None,
+    batch_size: int = 32,
+    query_prefix: str = "",
+    progress: bool = False,
+) -> dict:
+    """Retrieval over the whole corpus and PosIR's analysis; a JSON-ready report."""
+    q_emb = encode(
+        model,
+        tokenizer,
+        [query_prefix + t for t in data.query_texts],
+        batch_size=batch_size,
+        progress=progress,
+    )
+    d_emb = embed_documents(
+        model,
+        tokenizer,
+        data.corpus_texts,
+        strategy=strategy,
+        max_length=max_length,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    top, _ = retrieve(q_emb, d_emb, k=100)
+    ranked = [[data.corpus_ids[j] for j in row] for row in top]
+    rels = [data.qrels[q] for q in data.query_ids]
+    ndcg = ndcg_at_k(ranked, rels, 10)
+    analysis = position_analysis(ndcg, data.relative_positions, data.doc_token_lengths)
+    return {
+        "strategy": strategy,
+        "max_length": _limit(model, tokenizer, max_length),
+        "num_queries": len(data),
+        "num_documents": len(data.corpus_ids),
+        "ndcg@10": analysis["ndcg@10"],
+        "recall@10": float(recall_at_k(ranked, rels, 10).mean()),
+        "recall@100": float(recall_at_k(ranked, rels, 100).mean()),
+        "psi": analysis["psi"],
+        "analysis": analysis,
+        "per_query": {
+            "ndcg@10": ndcg.tolist(),
+            "relpos": data.relative_positions.tolist(),
+            "token_length": data.doc_token_lengths.tolist(),
+        },
+    }
+
+
+def saliency_profile(
+    data: PosIRData,
+    model: BertEncoder,
+    tokenizer,
+    *,
+    max_examples: int = 16,
+    relpos_range: tuple[float, float] = (0.4, 0.6),
+    min_tokens: int = 0,
+    max_length: int | None = None,
+    points: int = 100,
+) -> dict:
+    """Mean ± SD over examples of the gradient saliency of cos(query, document) along the document.
+
+    Per token: ‖∂cos / ∂e_t‖₂ with e_t the token embedding; [CLS]/[SEP] dropped; clipped at the 99th
+    percentile and divided by it; resampled to ``points`` positions. Examples: queries whose evidence
+    midpoint lies in ``relpos_range`` and whose document has at least ``min_tokens`` tokens; documents
+    are truncated to the model's limit.
+    """
+    lo, hi = relpos_range
+    pick = np.flatnonzero(
+        (data.relative_positions >= lo)
+        & (data.relative_positions <= hi)
+        & (data.doc_token_lengths >= min_tokens)
+    )[:max_examples]
+    if pick.size == 0:
+        raise ValueError(
+            f"saliency: no query with relpos in {relpos_range} and ≥ {min_tokens} tokens"
+        )
+    limit = _limit(model, tokenizer, max_length)
+    q_emb = encode(model, tokenizer, [data.query_texts[i] for i in pick])
+    index = {c: j for j, c in enumerate(data.corpus_ids)}
+    docs = [data.corpus_texts[index[data.positive(int(i))]] for i in pick]
+    rows, _ = tokenizer.encode_truncated(docs, limit)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def grads(state, ids, q):
+        m = nnx.merge(graphdef, state)
+        e = m.word_embeddings(ids[None])
+
+        def cos(e):
+            hidden = m.from_word_embeddings(e)
+            d = pool(hidden, jnp.ones(ids[None].shape, bool), m.config.pooling, normalize=True)[0]
+            return jnp.dot(d, q / jnp.linalg.norm(q))
+
+        return jnp.linalg.norm(jax.grad(cos)(e)[0], axis=-1)
+
+    grid = np.linspace(0.0, 1.0, points)
+    curves = []
+    for row, q in zip(rows, q_emb, strict=True):
+        sal = np.asarray(grads(state, jnp.asarray(row), jnp.asarray(q)))[1:-1]
+        sal = np.minimum(sal, np.percentile(sal, 99)) / max(np.percentile(sal, 99), 1e-12)
+        curves.append(np.interp(grid, np.linspace(0.0, 1.0, len(sal)), sal))
+    curves = np.asarray(curves)
+    return {
+        "positions": grid.tolist(),
+        "mean": curves.mean(0).tolist(),
+        "std": curves.std(0).tolist(),
+        "num_examples": int(len(curves)),
+    }
+
+
+def plot_report(report: dict, path: str | Path, saliency: dict | None = None) -> Path:
+    """nDCG@10 by evidence position per length bucket (and the saliency curve when given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    analysis = report["analysis"]
+    n = analysis["num_bins"]
+    centres = (np.arange(n) + 0.5) / n
+    fig, axes = plt.subplots(
+        1, 2 if saliency else 1, figsize=(11 if saliency else 6.5, 4), squeeze=False
+    )
+    ax = axes[0, 0]
+    for name in BUCKET_NAMES:
+        b = analysis["buckets"].get(name)
+        if b is None:
+            continue
+        ys = [np.nan if m is None else m for m in b["bin_means"]]
+        ax.plot(
+            centres,
+            ys,
+            "o-",
+            ms=3,
+            label=f"{name} (n={b['n']}, nDCG {b['ndcg@10']:.3f}, PSI {b['psi']:.2f})",
+        )
+    ax.set_xlabel("relative position of the evidence")
+    ax.set_ylabel("nDCG@10")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(
+        f"{report.get('model', 'encoder')} ({report['strategy']}): nDCG@10 "
+        f"{report['ndcg@10']:.3f}, PSI {report['psi']:.2f}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    if saliency:
+        ax = axes[0, 1]
+        x, m, s = (np.asarray(saliency[k]) for k in ("positions", "mean", "std"))
+        ax.plot(x, m)
+        ax.fill_between(x, m - s, m + s, alpha=0.25)
+        ax.set_xlabel("relative position in the document")
+        ax.set_ylabel("normalised saliency")
+        ax.set_title(f"gradient saliency (n={saliency['num_examples']})", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(report, indent=1))
+    return path
