@@ -10,6 +10,7 @@ variable worth reporting:
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "retrieve",
     "evaluate_posir",
     "saliency_profile",
+    "token_saliency",
     "plot_report",
 ]
 
@@ -150,6 +152,29 @@ def evaluate_posir(
     }
 
 
+@functools.lru_cache(maxsize=4)
+def _saliency_fn(graphdef):
+    @jax.jit
+    def run(state, ids, q):
+        m = nnx.merge(graphdef, state)
+
+        def cos(e):
+            hidden = m.from_word_embeddings(e)
+            d = pool(hidden, jnp.ones(ids[None].shape, bool), m.config.pooling, normalize=True)[0]
+            return jnp.dot(d, q / jnp.linalg.norm(q))
+
+        return jnp.linalg.norm(jax.grad(cos)(m.word_embeddings(ids[None]))[0], axis=-1)
+
+    return run
+
+
+def token_saliency(model: BertEncoder, ids, query_embedding) -> np.ndarray:
+    """``[T]``: ‖∂ cos(query, doc) / ∂e_t‖₂ for each document token embedding e_t (mean pooling
+    over the whole row, as the model pools)."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(_saliency_fn(graphdef)(state, jnp.asarray(ids), jnp.asarray(query_embedding)))
+
+
 def saliency_profile(
     data: PosIRData,
     model: BertEncoder,
@@ -183,24 +208,10 @@ def saliency_profile(
     index = {c: j for j, c in enumerate(data.corpus_ids)}
     docs = [data.corpus_texts[index[data.positive(int(i))]] for i in pick]
     rows, _ = tokenizer.encode_truncated(docs, limit)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def grads(state, ids, q):
-        m = nnx.merge(graphdef, state)
-        e = m.word_embeddings(ids[None])
-
-        def cos(e):
-            hidden = m.from_word_embeddings(e)
-            d = pool(hidden, jnp.ones(ids[None].shape, bool), m.config.pooling, normalize=True)[0]
-            return jnp.dot(d, q / jnp.linalg.norm(q))
-
-        return jnp.linalg.norm(jax.grad(cos)(e)[0], axis=-1)
-
     grid = np.linspace(0.0, 1.0, points)
     curves = []
     for row, q in zip(rows, q_emb, strict=True):
-        sal = np.asarray(grads(state, jnp.asarray(row), jnp.asarray(q)))[1:-1]
+        sal = token_saliency(model, row, q)[1:-1]
         sal = np.minimum(sal, np.percentile(sal, 99)) / max(np.percentile(sal, 99), 1e-12)
         curves.append(np.interp(grid, np.linspace(0.0, 1.0, len(sal)), sal))
     curves = np.asarray(curves)
