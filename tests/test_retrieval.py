@@ -182,14 +182,19 @@ def test_long_document_strategies(minilm):
     text = " ".join(["The harbour master of Corlin walked along the quay at dawn."] * 60)
     ids = tok.hf(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 600
-    trunc = embed_documents(model, tok, [text], strategy="truncate")
+    trunc = embed_documents(model, tok, [text], strategy="truncate").vectors
     np.testing.assert_allclose(trunc, encode(model, tok, [text]), atol=1e-6)
     width = tok.model_max_length - 2  # 256 for all-MiniLM-L6-v2 (its max_seq_length)
     windows = [tok.decode(ids[s : s + width]) for s in range(0, len(ids), width)]
     parts = encode(model, tok, windows)
-    for strategy, agg in (("chunk_max", parts.max(0)), ("chunk_mean", parts.mean(0))):
-        got = embed_documents(model, tok, [text], strategy=strategy)[0]
-        np.testing.assert_allclose(got, agg / np.linalg.norm(agg), atol=1e-4)
+    mean = embed_documents(model, tok, [text], strategy="chunk_mean").vectors[0]
+    np.testing.assert_allclose(mean, parts.mean(0) / np.linalg.norm(parts.mean(0)), atol=1e-4)
+    # MaxP: a document scores as its best window; two documents, queries near each window
+    other = "A weaver repaired the old mill in the early morning."
+    docs = embed_documents(model, tok, [other, text], strategy="chunk_max")
+    queries = encode(model, tok, ["harbour master of Corlin", "weaver mill"])
+    want = np.stack([queries @ encode(model, tok, [other])[0], (queries @ parts.T).max(1)], 1)
+    np.testing.assert_allclose(docs.scores(queries), want, atol=1e-4)
     with pytest.raises(ValueError, match="strategy"):
         embed_documents(model, tok, [text], strategy="middle")
 

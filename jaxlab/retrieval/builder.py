@@ -219,7 +219,7 @@ def build_posir(
     lengths: Sequence[tuple[int, int]] = DEFAULT_LENGTHS,
     seed: int = 0,
     distractors: Sequence[str] = (),
-    distractor_rate: float = 0.3,
+    distractor_rate: float = 0.1,
 ) -> PosIRData:
     """One document per (query, evidence) pair: a bucket drawn uniformly from ``lengths``, a token
     length uniform in its range, the evidence at a relative position uniform in [0, 1] (inserted at

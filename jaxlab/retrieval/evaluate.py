@@ -4,12 +4,14 @@ Documents longer than the encoder's limit are handled by a named strategy, itsel
 variable worth reporting:
 
 * ``truncate``: keep the first ``max_length`` tokens (evidence past them is invisible);
-* ``chunk_max`` / ``chunk_mean``: encode consecutive windows of ``max_length − 2`` tokens (each with
-  [CLS]/[SEP]) and max- / mean-pool the window embeddings, then L2-normalise.
+* ``chunk_max``: encode consecutive windows of ``max_length − 2`` tokens (each with [CLS]/[SEP]);
+  a document scores as its best window (MaxP);
+* ``chunk_mean``: the mean of those window embeddings, L2-normalised (one vector per document).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -28,6 +30,7 @@ from jaxlab.retrieval.metrics import BUCKET_NAMES, ndcg_at_k, position_analysis,
 
 __all__ = [
     "STRATEGIES",
+    "DocumentEmbeddings",
     "embed_documents",
     "retrieve",
     "evaluate_posir",
@@ -46,31 +49,25 @@ def _limit(model, tokenizer, max_length):
     )
 
 
-def embed_documents(
-    model: BertEncoder,
-    tokenizer,
-    texts,
-    *,
-    strategy: str = "chunk_max",
-    max_length: int | None = None,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> np.ndarray:
-    """``[N, E]`` unit-norm document embeddings under a long-document strategy."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown long-document strategy {strategy!r}; known: {STRATEGIES}")
-    limit = _limit(model, tokenizer, max_length)
-    if strategy == "truncate":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return encode(
-                model,
-                tokenizer,
-                list(texts),
-                batch_size=batch_size,
-                max_length=limit,
-                progress=progress,
-            )
+@dataclasses.dataclass
+class DocumentEmbeddings:
+    """Unit-norm embeddings of documents: one row per document, or per chunk with ``owner`` giving
+    each row's document (ascending) when a document is scored by its best chunk (MaxP)."""
+
+    vectors: np.ndarray  # [N or C, E]
+    owner: np.ndarray | None = None  # [C] document index of each chunk
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """``[Q, N]`` cosine scores (the best chunk's for multi-vector documents)."""
+        s = queries @ self.vectors.T
+        if self.owner is None:
+            return s
+        starts = np.flatnonzero(np.r_[True, self.owner[1:] != self.owner[:-1]])
+        return np.maximum.reduceat(s, starts, axis=1)
+
+
+def _chunks(model, tokenizer, texts, limit, batch_size, progress):
+    """Embeddings of consecutive windows of limit − specials tokens, each framed by the specials."""
     hf = tokenizer.hf
     # the special tokens framing one window: what the tokenizer puts around an empty text
     frame = list(hf("", add_special_tokens=True)["input_ids"])
@@ -83,18 +80,51 @@ def embed_documents(
             rows.append(head + list(ids[s : s + width]) + tail)
             owner.append(i)
     emb = encode_ids(model, tokenizer, rows, batch_size=batch_size, limit=limit, progress=progress)
-    owner = np.asarray(owner)
+    return emb, np.asarray(owner)
+
+
+def embed_documents(
+    model: BertEncoder,
+    tokenizer,
+    texts,
+    *,
+    strategy: str = "chunk_max",
+    max_length: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> DocumentEmbeddings:
+    """Document embeddings under a long-document strategy: ``truncate`` (first window only),
+    ``chunk_max`` (every window kept; a document scores as its best window, MaxP) or ``chunk_mean``
+    (the mean of the window embeddings, renormalised)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown long-document strategy {strategy!r}; known: {STRATEGIES}")
+    limit = _limit(model, tokenizer, max_length)
+    if strategy == "truncate":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return DocumentEmbeddings(
+                encode(
+                    model,
+                    tokenizer,
+                    list(texts),
+                    batch_size=batch_size,
+                    max_length=limit,
+                    progress=progress,
+                )
+            )
+    emb, owner = _chunks(model, tokenizer, texts, limit, batch_size, progress)
+    if strategy == "chunk_max":
+        return DocumentEmbeddings(emb, owner)
     out = np.zeros((len(texts), emb.shape[1]), np.float32)
-    for i in range(len(texts)):
-        e = emb[owner == i]
-        out[i] = e.max(axis=0) if strategy == "chunk_max" else e.mean(axis=0)
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    np.add.at(out, owner, emb)
+    return DocumentEmbeddings(out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12))
 
 
-def retrieve(queries: np.ndarray, docs: np.ndarray, k: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by cosine (inputs unit-norm): ``(indices [Q, k], scores [Q, k])`` best first."""
-    k = min(k, docs.shape[0])
-    scores = queries @ docs.T
+def retrieve(queries: np.ndarray, docs, k: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k: ``(indices [Q, k], scores [Q, k])`` best first. ``docs`` is a unit-norm
+    ``[N, E]`` array (cosine) or :class:`DocumentEmbeddings`."""
+    scores = docs.scores(queries) if isinstance(docs, DocumentEmbeddings) else queries @ docs.T
+    k = min(k, scores.shape[1])
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     top = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-top, axis=1, kind="stable")
