@@ -30,7 +30,7 @@ from jaxlab.config import check
 
 __all__ = ["CheckpointConfig", "CheckpointError", "Checkpointer", "create_checkpoint_manager"]
 
-_STATE_ITEMS = ("model", "optimizer")
+_STATE_ITEMS = ("model", "optimizer", "arrays")
 _JSON_ITEMS = ("data_iter", "extra")
 
 
@@ -128,14 +128,20 @@ class Checkpointer:
         optimizer: Any = None,
         data_iter: Any = None,
         extra: dict[str, Any] | None = None,
+        arrays: Any = None,
         force: bool = False,
     ) -> bool:
-        """Starts saving ``step`` if the policy says so (or ``force``); returns whether it did."""
+        """Starts saving ``step`` if the policy says so (or ``force``); returns whether it did.
+
+        ``arrays`` is any further pytree of arrays (e.g. an engine's KV caches); pass host copies
+        of buffers that later computations donate."""
         args = {}
         if model is not None:
             args["model"] = ocp.args.StandardSave(_state_of(model))
         if optimizer is not None:
             args["optimizer"] = ocp.args.StandardSave(_state_of(optimizer))
+        if arrays is not None:
+            args["arrays"] = ocp.args.StandardSave(arrays)
         if data_iter is not None:
             args["data_iter"] = ocp.args.JsonSave(data_iter.get_state())
         if extra is not None:
@@ -183,6 +189,7 @@ class Checkpointer:
         model: Any = None,
         optimizer: Any = None,
         data_iter: Any = None,
+        arrays: Any = None,
     ) -> tuple[int, dict[str, Any]]:
         """Restores ``step`` (default: the latest) into the given objects.
 
@@ -205,7 +212,7 @@ class Checkpointer:
         step_dir = self.directory / str(step)
         present = {p.name for p in step_dir.iterdir()} if step_dir.is_dir() else set()
 
-        targets = {"model": model, "optimizer": optimizer}
+        targets = {"model": model, "optimizer": optimizer, "arrays": arrays}
         args = {}
         for name, obj in targets.items():
             if obj is None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -162,7 +162,7 @@ class Engine:
         self._queue: collections.deque[Request] = collections.deque()
         self._slots: list[_Slot | None] = [None] * num_slots
         self._prev = np.full((num_slots,), self.pad_id, np.int32)
-        self._ids = itertools.count()
+        self._next_id = 0
         self.recompute_kv = recompute_kv
         self._stale: set[int] = set()
         self.step_count = 0
@@ -193,6 +193,60 @@ class Engine:
             self._stale.update(i for i, s in enumerate(self._slots) if s is not None)
         return self.policy_version
 
+    # -- snapshots -------------------------------------------------------------------------------
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The engine's state between steps: ``(arrays, meta)``, host copies of the KV caches and
+        the sampling key, and JSON data for queue, slots and counters. Restoring it continues every
+        in-flight sequence exactly as if nothing happened (:meth:`restore_snapshot`)."""
+        cache = self._cache
+        arrays = {
+            "k": [np.asarray(x) for x in cache.k],
+            "v": [np.asarray(x) for x in cache.v],
+            "index": np.asarray(cache.index),
+            "valid": np.asarray(cache.valid),
+            "key": np.asarray(jax.random.key_data(self._key)),
+        }
+
+        def req(r):
+            return {"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens,
+                    "request_id": r.request_id}
+
+        meta = {
+            "queue": [req(r) for r in self._queue],
+            "slots": [None if s is None else {
+                "request": req(s.request), "tokens": s.tokens, "logprobs": s.logprobs,
+                "raw_logprobs": s.raw_logprobs, "versions": s.versions,
+                "submitted_step": s.submitted_step} for s in self._slots],
+            "prev": self._prev.tolist(),
+            "stale": sorted(self._stale),
+            "step_count": self.step_count,
+            "policy_version": self.policy_version,
+            "next_id": self._next_id,
+        }
+        return arrays, meta
+
+    def restore_snapshot(self, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Restores :meth:`snapshot` output into an engine built with the same settings."""
+        if len(meta["slots"]) != self.num_slots or len(arrays["k"]) != len(self._cache.k):
+            raise ValueError("restore_snapshot: the snapshot is of an engine with other settings")
+        self._cache = type(self._cache)(
+            k=tuple(jnp.asarray(x) for x in arrays["k"]),
+            v=tuple(jnp.asarray(x) for x in arrays["v"]),
+            index=jnp.asarray(arrays["index"]),
+            valid=jnp.asarray(arrays["valid"]),
+        )
+        self._key = jax.random.wrap_key_data(jnp.asarray(arrays["key"]))
+        self._queue = collections.deque(Request(**r) for r in meta["queue"])
+        self._slots = [None if s is None else _Slot(Request(**s["request"]), list(s["tokens"]),
+                                                    list(s["logprobs"]), list(s["raw_logprobs"]),
+                                                    list(s["versions"]), int(s["submitted_step"]))
+                       for s in meta["slots"]]
+        self._prev = np.asarray(meta["prev"], np.int32)
+        self._stale = set(meta["stale"])
+        self.step_count = int(meta["step_count"])
+        self.policy_version = int(meta["policy_version"])
+        self._next_id = int(meta["next_id"])
+
     # -- requests --------------------------------------------------------------------------------
     def submit(
         self, prompt_ids: Sequence[int], max_new_tokens: int, request_id: int | None = None
@@ -213,7 +267,10 @@ class Engine:
                 f"prompt + max_new_tokens exceeds the model's context of "
                 f"{self._config.max_position_embeddings} tokens"
             )
-        rid = next(self._ids) if request_id is None else int(request_id)
+        if request_id is None:
+            rid, self._next_id = self._next_id, self._next_id + 1
+        else:
+            rid = int(request_id)
         self._queue.append(Request(prompt_ids, int(max_new_tokens), rid))
         return rid
 

@@ -288,27 +288,31 @@ class RLTrainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _save(self, force: bool = False) -> None:
-        """Saves model, optimizer and the run state at an update boundary (every ``save_every`` versions).
-
-        In-flight generations are not saved: in the saved controller they are queued again (a new
-        attempt), so a resumed run regenerates them. Finished samples of open groups are kept.
-        """
-        ctrl = Controller.from_state_dict(self.ctrl.state_dict())
-        ctrl.requeue_active()
+        """Saves the whole run state at an update boundary (every ``save_every`` versions): model,
+        optimizer, controller, finished samples of open groups, the Engine's in-flight sequences
+        (KV caches, tokens, behaviour log-probs, sampling key) and which request is which sample, so
+        that a resumed run continues exactly as an uninterrupted one."""
+        arrays, engine_meta = self.engine.snapshot()
         finished = {
             f"{g},{i}": dataclasses.asdict(c)
             for (g, i), c in self.finished.items()
-            if g in ctrl.groups and ctrl.groups[g][i]["status"] == "finished"
+            if g in self.ctrl.groups and self.ctrl.groups[g][i]["status"] == "finished"
         }
         extra = {
-            "controller": ctrl.state_dict(),
+            "controller": self.ctrl.state_dict(),
             "finished": finished,
             "rewards_seen": self.rewards_seen,
             "trained_samples": self.trained_samples,
-            "engine_version": self.engine.policy_version,
+            "engine": engine_meta,
+            "requests": [[rid, *dataclasses.astuple(ref)] for rid, ref in self.by_request.items()],
         }
         self.checkpointer.save(
-            self.ctrl.version, model=self.model, optimizer=self.optimizer, extra=extra, force=force
+            self.ctrl.version,
+            model=self.model,
+            optimizer=self.optimizer,
+            extra=extra,
+            arrays=arrays,
+            force=force,
         )
 
     def _restore(self) -> int | None:
@@ -317,7 +321,10 @@ class RLTrainer:
             return None
         from jaxlab.generation.engine import Completion
 
-        step, restored = self.checkpointer.restore(model=self.model, optimizer=self.optimizer)
+        arrays, _ = self.engine.snapshot()  # the target structure
+        step, restored = self.checkpointer.restore(
+            model=self.model, optimizer=self.optimizer, arrays=arrays
+        )
         extra = restored["extra"]
         self.ctrl = Controller.from_state_dict(extra["controller"])
         self.finished = {
@@ -326,8 +333,10 @@ class RLTrainer:
         }
         self.rewards_seen = list(extra["rewards_seen"])
         self.trained_samples = int(extra["trained_samples"])
-        self.engine.update_weights(self.model)
-        self.engine.policy_version = int(extra["engine_version"])
+        self.engine._set_model(self.model)  # the restored weights, without marking slots stale
+        self.engine.restore_snapshot(restored["arrays"], extra["engine"])
+        self.by_request = {int(r[0]): SampleRef(*map(int, r[1:])) for r in extra["requests"]}
+        self.request_of = {ref: rid for rid, ref in self.by_request.items()}
         return step
 
     def prompt_ids(self, group: int) -> list[int]:
