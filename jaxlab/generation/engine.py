@@ -150,6 +150,7 @@ class Engine:
         self._temperature = jnp.float32(max(temperature, 1e-6))
         self._config = model.config
         self.policy_version = 0
+        self.device = jax.devices()[0]
         self._set_model(model)
         self._static = dict(
             graphdef=self._graphdef,
@@ -171,7 +172,9 @@ class Engine:
 
     # -- weights ---------------------------------------------------------------------------------
     def _set_model(self, model: Decoder) -> None:
-        graphdef, self._state = nnx.split(decoding_model(model))
+        graphdef, state = nnx.split(decoding_model(model))
+        # the engine's own single-device copy (the trainer may keep the weights on a mesh)
+        self._state = jax.device_put(state, self.device)
         if hasattr(self, "_graphdef") and graphdef != self._graphdef:
             raise ValueError("update_weights needs a model of the same architecture")
         self._graphdef = graphdef
@@ -208,15 +211,27 @@ class Engine:
         }
 
         def req(r):
-            return {"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens,
-                    "request_id": r.request_id}
+            return {
+                "prompt_ids": r.prompt_ids,
+                "max_new_tokens": r.max_new_tokens,
+                "request_id": r.request_id,
+            }
 
         meta = {
             "queue": [req(r) for r in self._queue],
-            "slots": [None if s is None else {
-                "request": req(s.request), "tokens": s.tokens, "logprobs": s.logprobs,
-                "raw_logprobs": s.raw_logprobs, "versions": s.versions,
-                "submitted_step": s.submitted_step} for s in self._slots],
+            "slots": [
+                None
+                if s is None
+                else {
+                    "request": req(s.request),
+                    "tokens": s.tokens,
+                    "logprobs": s.logprobs,
+                    "raw_logprobs": s.raw_logprobs,
+                    "versions": s.versions,
+                    "submitted_step": s.submitted_step,
+                }
+                for s in self._slots
+            ],
             "prev": self._prev.tolist(),
             "stale": sorted(self._stale),
             "step_count": self.step_count,
@@ -237,10 +252,19 @@ class Engine:
         )
         self._key = jax.random.wrap_key_data(jnp.asarray(arrays["key"]))
         self._queue = collections.deque(Request(**r) for r in meta["queue"])
-        self._slots = [None if s is None else _Slot(Request(**s["request"]), list(s["tokens"]),
-                                                    list(s["logprobs"]), list(s["raw_logprobs"]),
-                                                    list(s["versions"]), int(s["submitted_step"]))
-                       for s in meta["slots"]]
+        self._slots = [
+            None
+            if s is None
+            else _Slot(
+                Request(**s["request"]),
+                list(s["tokens"]),
+                list(s["logprobs"]),
+                list(s["raw_logprobs"]),
+                list(s["versions"]),
+                int(s["submitted_step"]),
+            )
+            for s in meta["slots"]
+        ]
         self._prev = np.asarray(meta["prev"], np.int32)
         self._stale = set(meta["stale"])
         self.step_count = int(meta["step_count"])

@@ -36,9 +36,10 @@ from jaxlab import rl
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
 from jaxlab.generation import Engine
+from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
 from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
-from jaxlab.rl.tasks import make_task
+from jaxlab.rl.tasks import make_task, task_dataset
 from jaxlab.tokenization import bucket_length
 
 __all__ = [
@@ -56,6 +57,7 @@ class RLTaskConfig:
     name: str = "arithmetic"
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
+    shuffle_seed: int | None = None  # None: problems in index order
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,6 +140,12 @@ class RLTrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(
         default_factory=lambda: CheckpointConfig(save_every=4, keep=2)
     )
+    # the policy update runs data-parallel over mesh.data devices (batch split, weights replicated);
+    # generation keeps its own single-device copy of the weights
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    tensorboard: bool = (
+        True  # also write metrics as TensorBoard events when tensorboardX is installed
+    )
 
 
 def _load_policy(cfg: RLTrainConfig):
@@ -196,6 +204,43 @@ def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float):
     return update
 
 
+class _MetricsLog:
+    """Metrics to ``metrics.jsonl`` and, when tensorboardX is installed, TensorBoard event files
+    under ``workdir/tensorboard`` (scalars by their JSONL key, step = policy version)."""
+
+    def __init__(self, workdir: Path, *, append: bool, tensorboard: bool):
+        self.file = (workdir / "metrics.jsonl").open("a" if append else "w")
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = int(metrics.get("version", 0))
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and key != "version":
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class _Timeline:
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -248,8 +293,20 @@ class RLTrainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         self.model, self.tokenizer = _load_policy(cfg)
+        self.mesh = make_mesh(cfg.mesh)
+        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.batch_sharding = jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec("data")
+        )
+        if cfg.mesh.data > 1:
+            nnx.update(self.model, jax.device_put(nnx.state(self.model), self.replicated))
         self.ref_model = nnx.clone(self.model) if cfg.loss.kl_coef > 0 else None
         self.task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.kwargs)
+        # prompts through grain: group g is record g of the (optionally shuffled) dataset; the
+        # controller's next group is the data position, saved with its state
+        self.prompts = task_dataset(
+            self.task, cfg.scheduler.num_prompts, shuffle_seed=cfg.task.shuffle_seed
+        )
         gen = cfg.generation
         self.max_len = cfg.loss.max_len or float(gen.max_new_tokens)
         tx = optax.chain(
@@ -339,8 +396,11 @@ class RLTrainer:
         self.request_of = {ref: rid for rid, ref in self.by_request.items()}
         return step
 
+    def problem(self, group: int):
+        return self.task.problem(int(self.prompts[group]["index"]))
+
     def prompt_ids(self, group: int) -> list[int]:
-        text = self.task.problem(group).prompt
+        text = self.prompts[group]["prompt"]
         if self.cfg.generation.chat:
             return self.tokenizer.encode(
                 self.tokenizer.apply_chat_template(text), add_special_tokens=False
@@ -361,16 +421,17 @@ class RLTrainer:
             disable=not progress,
         )
         updates = 0
-        mode = "a" if self.resumed_from is not None else "w"
-        with (self.workdir / "metrics.jsonl").open(mode) as log, self.checkpointer:
+        log = _MetricsLog(
+            self.workdir, append=self.resumed_from is not None, tensorboard=cfg.tensorboard
+        )
+        with log, self.checkpointer:
             while not self.ctrl.done:
                 groups = self.ctrl.ready()
                 if not groups:
                     self.rollout_step()
                     continue
                 metrics = self.update(groups)
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
+                log.write(metrics)
                 bar.update(len(groups))
                 bar.set_postfix(
                     reward=f"{metrics['reward_mean']:.3f}", bubble=f"{metrics['bubble_ratio']:.2f}"
@@ -430,7 +491,7 @@ class RLTrainer:
         g_size = cfg.scheduler.group_size
         rows, rewards, staleness = [], [], []
         for g in groups:
-            problem = self.task.problem(g)
+            problem = self.problem(g)
             for i in range(g_size):
                 c = self.finished.pop((g, i))
                 rewards.append(self.task.reward(problem, tokenizer.decode(c.tokens)))
@@ -451,6 +512,7 @@ class RLTrainer:
         # (padding rows carry no loss and do not count as sequences), so updates rarely recompile.
         width = bucket_length(max(len(p) + len(c.tokens) for p, c in rows), 1 << 20, granularity=64)
         n = bucket_length(len(rows), 2 * len(rows), granularity=64)
+        n = -(-n // cfg.mesh.data) * cfg.mesh.data  # rows split evenly over the data axis
         adv = np.pad(adv, (0, n - len(rows)))
         tokens = np.full((n, width), tokenizer.pad_token_id, np.int32)
         mask = np.zeros((n, width), np.int32)
@@ -464,16 +526,11 @@ class RLTrainer:
                 1  # predicting completion token j from position j-1
             )
             behaviour[r, len(p) - 1 : len(seq) - 1] = c.logprobs
-        metrics = self.update_fn(
-            self.model,
-            self.optimizer,
-            self.ref_model,
-            jnp.asarray(tokens),
-            jnp.asarray(mask),
-            jnp.asarray(loss_mask),
-            jnp.asarray(behaviour),
-            jnp.asarray(adv, jnp.float32),
+        batch = jax.device_put(
+            (tokens, mask, loss_mask, behaviour, adv.astype(np.float32)), self.batch_sharding
         )
+        with jax.set_mesh(self.mesh):
+            metrics = self.update_fn(self.model, self.optimizer, self.ref_model, *batch)
         out = {k: float(v) for k, v in metrics.items()}
         out.update(
             reward_mean=float(reward_arr.mean()),
