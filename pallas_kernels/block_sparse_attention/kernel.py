@@ -83,6 +83,52 @@ def _dot(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _iota(n):
+    return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _key_block_tile(idx_ref, kvblk_ref, t, nsub, g, bk):
+    """Tile t of a query row's active key blocks (``nsub`` tiles of ``bk`` per block):
+    ``(start row in the local keys, global key positions [bk])``."""
+    kb = idx_ref[_div(t, nsub)]
+    offset = _rem(t, nsub) * bk
+    return pl.multiple_of(kb * g + offset, bk), kvblk_ref[kb] * g + offset + _iota(bk)
+
+
+def _bar_tile(cols_ref, kvblk_ref, t, bv, count, g):
+    """Tile t of a gathered-column list: ``(valid [bv], local columns [bv], global positions [bv])``."""
+    valid = t * bv + _iota(bv) < count
+    cols = jnp.where(valid, cols_ref[pl.ds(t * bv, bv)], 0)
+    return valid, cols, kvblk_ref[_div(cols, g)] * g + _rem(cols, g)
+
+
+def _over_blocks(cnt, nsub, causal, body, carry, *, diagonal_first):
+    """Runs ``body(t, carry, masked)`` over ``cnt`` blocks of ``nsub`` tiles. Block lists ascend, so
+    under causality only one block can hold the diagonal (the last of a query row's key blocks, the
+    first of a key block's query blocks): only its tiles get the token-level mask."""
+    if not causal:
+        return lax.fori_loop(0, cnt * nsub, functools.partial(body, masked=False), carry)
+    split = (jnp.minimum(cnt, 1) if diagonal_first else jnp.maximum(cnt - 1, 0)) * nsub
+    first, second = (True, False) if diagonal_first else (False, True)
+    carry = lax.fori_loop(0, split, functools.partial(body, masked=first), carry)
+    return lax.fori_loop(split, cnt * nsub, functools.partial(body, masked=second), carry)
+
+
+def _lse2(lse):
+    """Natural log-sum-exp → base 2; rows that saw nothing (−inf) → 0 (their scores are −inf)."""
+    lse2 = lse * LOG2E
+    return jnp.where(lse2 == -jnp.inf, 0.0, lse2)
+
+
+def _dkdv_update(q, do, lse2, delta, s, k, v, carry):
+    """Adds one tile's dK / dV (unscaled dK) for the tile's scores ``s`` (masked entries −inf)."""
+    dk, dv = carry
+    p = jnp.exp2(s - lse2[:, None])
+    dv = dv + _dot_tn(p.astype(do.dtype), do)
+    ds = p * (_dot_nt(do, v) - delta[:, None])
+    return dk + _dot_tn(ds.astype(q.dtype), q), dv
+
+
 # ----------------------------------------------------------------------------------- forward
 
 
@@ -111,7 +157,7 @@ def _fwd_kernel(
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q = q_ref[...]
     d = q.shape[-1]
-    q_pos = qblk_ref[i] * g + lax.broadcasted_iota(jnp.int32, (g,), 0)
+    q_pos = qblk_ref[i] * g + _iota(g)
 
     def update(s, v, carry):
         acc, m, l_sum = carry
@@ -124,14 +170,9 @@ def _fwd_kernel(
     nsub = g // bk
 
     def block_body(t, carry, masked):
-        kb = bidx_ref[_div(t, nsub)]
-        start = pl.multiple_of(kb * g + _rem(t, nsub) * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
-        s = _dot_nt(q, k) * c
+        start, k_pos = _key_block_tile(bidx_ref, kvblk_ref, t, nsub, g, bk)
+        s = _dot_nt(q, k_ref[pl.ds(start, bk), :]) * c
         if masked:
-            k_pos = (
-                kvblk_ref[kb] * g + _rem(t, nsub) * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-            )
             s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, MASK)
         return update(s, v_ref[pl.ds(start, bk), :], carry)
 
@@ -140,21 +181,14 @@ def _fwd_kernel(
         jnp.full((g,), -jnp.inf, jnp.float32),
         jnp.zeros((g,), jnp.float32),
     )
-    # active key blocks ascend, so only the last one can hold the diagonal: mask just that one
-    cnt = bcnt_ref[b, h, i]
-    n_free = (jnp.maximum(cnt - 1, 0) if causal else cnt) * nsub
-    carry = lax.fori_loop(0, n_free, functools.partial(block_body, masked=False), carry)
-    if causal:
-        carry = lax.fori_loop(n_free, cnt * nsub, functools.partial(block_body, masked=True), carry)
+    carry = _over_blocks(bcnt_ref[b, h, i], nsub, causal, block_body, carry, diagonal_first=False)
     nbar = barcnt_ref[b, h, i]
 
     def bar_body(t, carry):
-        valid = t * bv + lax.broadcasted_iota(jnp.int32, (bv,), 0) < nbar
-        cols = jnp.where(valid, baridx_ref[pl.ds(t * bv, bv)], 0)
-        s = _dot_nt(q, k_ref[cols, :]) * c
-        k_pos = kvblk_ref[_div(cols, g)] * g + _rem(cols, g)
+        valid, cols, k_pos = _bar_tile(baridx_ref, kvblk_ref, t, bv, nbar, g)
         ok = valid[None, :] & (q_pos[:, None] >= k_pos[None, :])
-        return update(jnp.where(ok, s, MASK), v_ref[cols, :], carry)
+        s = jnp.where(ok, _dot_nt(q, k_ref[cols, :]) * c, MASK)
+        return update(s, v_ref[cols, :], carry)
 
     acc, m, l_sum = lax.fori_loop(0, _div(nbar + bv - 1, bv), bar_body, carry)
     empty = m < 0.5 * MASK  # nothing visible (also m = −inf: no work at all)
@@ -277,10 +311,8 @@ def _dq_kernel(
 ):
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
-    lse2 = lse_ref[...] * LOG2E
-    lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
-    delta = delta_ref[...]
-    q_pos = qblk_ref[i] * g + lax.broadcasted_iota(jnp.int32, (g,), 0)
+    lse2, delta = _lse2(lse_ref[...]), delta_ref[...]
+    q_pos = qblk_ref[i] * g + _iota(g)
 
     def grad(s, k, v, dq):
         p = jnp.exp2(s - lse2[:, None])
@@ -290,30 +322,20 @@ def _dq_kernel(
     nsub = g // bk
 
     def block_body(t, dq, masked):
-        kb = bidx_ref[_div(t, nsub)]
-        start = pl.multiple_of(kb * g + _rem(t, nsub) * bk, bk)
+        start, k_pos = _key_block_tile(bidx_ref, kvblk_ref, t, nsub, g, bk)
         k = k_ref[pl.ds(start, bk), :]
         s = _dot_nt(q, k) * c
         if masked:
-            k_pos = (
-                kvblk_ref[kb] * g + _rem(t, nsub) * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-            )
             s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, -jnp.inf)
         return grad(s, k, v_ref[pl.ds(start, bk), :], dq)
 
-    cnt = bcnt_ref[b, h, i]
-    n_free = (jnp.maximum(cnt - 1, 0) if causal else cnt) * nsub
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, n_free, functools.partial(block_body, masked=False), dq)
-    if causal:
-        dq = lax.fori_loop(n_free, cnt * nsub, functools.partial(block_body, masked=True), dq)
+    dq = _over_blocks(bcnt_ref[b, h, i], nsub, causal, block_body, dq, diagonal_first=False)
     nbar = barcnt_ref[b, h, i]
 
     def bar_body(t, dq):
-        valid = t * bv + lax.broadcasted_iota(jnp.int32, (bv,), 0) < nbar
-        cols = jnp.where(valid, baridx_ref[pl.ds(t * bv, bv)], 0)
+        valid, cols, k_pos = _bar_tile(baridx_ref, kvblk_ref, t, bv, nbar, g)
         k = k_ref[cols, :]
-        k_pos = kvblk_ref[_div(cols, g)] * g + _rem(cols, g)
         ok = valid[None, :] & (q_pos[:, None] >= k_pos[None, :])
         return grad(jnp.where(ok, _dot_nt(q, k) * c, -jnp.inf), k, v_ref[cols, :], dq)
 
@@ -345,35 +367,30 @@ def _dkdv_kernel(
     nsub_k = g // bk
     j = _div(jt, nsub_k)
     k, v = k_ref[...], v_ref[...]
-    k_pos = kvblk_ref[j] * g + _rem(jt, nsub_k) * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+    k_pos = kvblk_ref[j] * g + _rem(jt, nsub_k) * bk + _iota(bk)
     nsub = g // bq
 
     def body(t, carry, masked):
-        dk, dv = carry
-        qb = qidx_ref[_div(t, nsub)]
-        start = pl.multiple_of(qb * g + _rem(t, nsub) * bq, bq)
-        q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
-        lse2 = lse_ref[pl.ds(start, bq)] * LOG2E
-        lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
+        start, q_pos = _key_block_tile(qidx_ref, qblk_ref, t, nsub, g, bq)  # query tiles here
+        q = q_ref[pl.ds(start, bq), :]
         s = _dot_nt(q, k) * c
         if masked:
-            q_pos = (
-                qblk_ref[qb] * g + _rem(t, nsub) * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
-            )
             s = jnp.where(q_pos[:, None] >= k_pos[None, :], s, -jnp.inf)
-        p = jnp.exp2(s - lse2[:, None])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_nt(do, v) - delta_ref[pl.ds(start, bq)][:, None])
-        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+        return _dkdv_update(
+            q,
+            do_ref[pl.ds(start, bq), :],
+            _lse2(lse_ref[pl.ds(start, bq)]),
+            delta_ref[pl.ds(start, bq)],
+            s,
+            k,
+            v,
+            carry,
+        )
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    # the query blocks of a key block ascend, so only the first one can hold the diagonal
-    cnt = qcnt_ref[b, h, j]
-    n_diag = jnp.minimum(cnt, 1) * nsub if causal else 0
-    carry = (zeros, zeros)
-    if causal:
-        carry = lax.fori_loop(0, n_diag, functools.partial(body, masked=True), carry)
-    dk, dv = lax.fori_loop(n_diag, cnt * nsub, functools.partial(body, masked=False), carry)
+    dk, dv = _over_blocks(
+        qcnt_ref[b, h, j], nsub, causal, body, (zeros, zeros), diagonal_first=True
+    )
     dk_ref[...] = dk * (c * LN2)
     dv_ref[...] = dv
 
@@ -401,30 +418,34 @@ def _bar_dkdv_kernel(
     c,
 ):
     t, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    valid = t * bv + lax.broadcasted_iota(jnp.int32, (bv,), 0) < vcnt_ref[b, h]
-    cols = jnp.where(valid, vidx_ref[pl.ds(t * bv, bv)], 0)
+    count = vcnt_ref[b, h]
+    valid, cols, k_pos = _bar_tile(vidx_ref, kvblk_ref, t, bv, count, g)
     k, v = k_ref[cols, :], v_ref[cols, :]
-    k_blk = kvblk_ref[_div(cols, g)]
-    k_pos = k_blk * g + _rem(cols, g)
+    k_blk = _div(k_pos, g)
     nsub = g // bq
 
     def body(it, carry):
-        dk, dv = carry
         i = _div(it, nsub)
         start = pl.multiple_of(i * g + _rem(it, nsub) * bq, bq)
-        q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
-        lse2 = lse_ref[pl.ds(start, bq)] * LOG2E
-        lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
+        q = q_ref[pl.ds(start, bq), :]
         q_blk = qblk_ref[i]
-        q_pos = q_blk * g + _rem(it, nsub) * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0)
+        q_pos = q_blk * g + _rem(it, nsub) * bq + _iota(bq)
+        # a column inside an active block of this query block was done with the blocks
         covered = active_ref[jnp.clip(q_blk - k_blk, 0, active_ref.shape[0] - 1)] != 0
         ok = (valid & ~covered)[None, :] & (q_pos[:, None] >= k_pos[None, :])
-        p = jnp.exp2(jnp.where(ok, _dot_nt(q, k) * c, -jnp.inf) - lse2[:, None])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_nt(do, v) - delta_ref[pl.ds(start, bq)][:, None])
-        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+        s = jnp.where(ok, _dot_nt(q, k) * c, -jnp.inf)
+        return _dkdv_update(
+            q,
+            do_ref[pl.ds(start, bq), :],
+            _lse2(lse_ref[pl.ds(start, bq)]),
+            delta_ref[pl.ds(start, bq)],
+            s,
+            k,
+            v,
+            carry,
+        )
 
-    start = jnp.where(t * bv < vcnt_ref[b, h], vstart_ref[t], n_q) * nsub
+    start = jnp.where(t * bv < count, vstart_ref[t], n_q) * nsub
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(start, n_q * nsub, body, (zeros, zeros))
     dk_ref[...] = dk * (c * LN2)
