@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,16 +35,6 @@ def texts_of(n, tokenizer, target=256, seed=0):
     return out
 
 
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--texts", type=int, default=256)
@@ -58,11 +47,12 @@ def main(argv=None):
 
     from jaxlab.models import encode, from_pretrained
     from jaxlab.models.registry import MINILM_DIR, package_path
+    from jaxlab.testing.bench import time_call
 
     model, tokenizer = from_pretrained(MINILM_DIR)
     texts = texts_of(args.texts, tokenizer)
-    ours_s = best_of(
-        lambda: encode(model, tokenizer, texts, batch_size=args.batch_size), args.repeats
+    ours_s = time_call(
+        lambda: encode(model, tokenizer, texts, batch_size=args.batch_size), repeats=args.repeats
     )
     row = {
         "texts": args.texts,
@@ -75,7 +65,9 @@ def main(argv=None):
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(str(package_path(MINILM_DIR)), device="cpu")
-        ref_s = best_of(lambda: st.encode(texts, batch_size=args.batch_size), args.repeats)
+        ref_s = time_call(
+            lambda: st.encode(texts, batch_size=args.batch_size), repeats=args.repeats
+        )
         ours = encode(model, tokenizer, texts[:8], batch_size=args.batch_size)
         ref = st.encode(texts[:8], batch_size=args.batch_size)
         cos = float(np.min(np.sum(ours * ref, axis=1) / np.linalg.norm(ref, axis=1)))

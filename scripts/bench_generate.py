@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxlab.testing.bench import time_call
+
 
 def copy_bandwidth_gbs(nbytes: int = 512 * 2**20) -> float:
     src = np.ones(nbytes // 4, np.float32)
@@ -30,16 +32,6 @@ def copy_bandwidth_gbs(nbytes: int = 512 * 2**20) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best / 1e9  # read + write
-
-
-def _best(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main():
@@ -93,7 +85,7 @@ def main():
             )
             assert out[0].shape == (b, args.new)
 
-        t_ours = _best(ours, args.repeats)
+        t_ours = time_call(ours, repeats=args.repeats)
         row = {
             "batch": b,
             "jaxlab_s": t_ours,
@@ -115,7 +107,7 @@ def main():
                     )
                 assert out.shape == (b, args.prompt + args.new)
 
-            t_hf = _best(theirs, 1)
+            t_hf = time_call(theirs, repeats=1)
             row.update(hf_s=t_hf, hf_tok_s=b * args.new / t_hf, speedup=t_hf / t_ours)
         rows.append(row)
         print(json.dumps(row))

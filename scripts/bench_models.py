@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
 
 import jax
@@ -19,15 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-def _best_of(fn, repeats):
-    fn()  # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from jaxlab.testing.bench import time_call
 
 
 def bench_smollm2(batch, length, repeats):
@@ -48,14 +39,14 @@ def bench_smollm2(batch, length, repeats):
     graphdef, state = nnx.split(model)
     run = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     jx = jnp.asarray(ids)
-    ours = _best_of(lambda: run(state, jx).block_until_ready(), repeats)
+    ours = time_call(lambda: run(state, jx).block_until_ready(), repeats=repeats)
     tx = torch.tensor(ids)
 
     def torch_fwd():
         with torch.no_grad():
             ref(tx)
 
-    theirs = _best_of(torch_fwd, repeats)
+    theirs = time_call(torch_fwd, repeats=repeats)
     tokens = batch * length
     return {
         "case": f"SmolLM2 prefill B={batch} T={length}",
@@ -82,8 +73,8 @@ def bench_minilm(n_texts, words, repeats):
     ]
     model, tokenizer = from_pretrained(MINILM_DIR)
     st = SentenceTransformer(str(package_path(MINILM_DIR)), device="cpu")
-    ours = _best_of(lambda: encode(model, tokenizer, texts, batch_size=64), repeats)
-    theirs = _best_of(lambda: st.encode(texts, batch_size=64), repeats)
+    ours = time_call(lambda: encode(model, tokenizer, texts, batch_size=64), repeats=repeats)
+    theirs = time_call(lambda: st.encode(texts, batch_size=64), repeats=repeats)
     return {
         "case": f"MiniLM encode N={n_texts} ~{words} words",
         "jaxlab_s": ours,

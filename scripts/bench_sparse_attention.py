@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -32,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxlab.attention import layouts  # noqa: E402
 from jaxlab.attention.sparse import VerticalSlashPattern  # noqa: E402
+from jaxlab.testing.bench import time_call  # noqa: E402
 from pallas_kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention_bwd,
     block_sparse_attention_bwd_reference,
@@ -71,17 +70,6 @@ def computed_flops(plan, g, d):
     blocks = float(jnp.sum(plan.block_cnt))
     bars = float(jnp.sum(plan.bar_cnt))
     return 4.0 * d * (blocks * g * g + bars * g)
-
-
-def timeit(fn, *args, reps=5):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_fns(plan, g, kw):
@@ -181,8 +169,10 @@ def main(argv=None):
                 lambda q, k, v, cud=cud: cud(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)
             )
         )
-        t_cud = timeit(cud, q, k, v)
-        t_cud_b = None if args.skip_backward else timeit(cud_b, q, k, v)
+        t_cud = time_call(cud, q, k, v, repeats=5, reduce="median")
+        t_cud_b = (
+            None if args.skip_backward else time_call(cud_b, q, k, v, repeats=5, reduce="median")
+        )
         row = {"n": n, "cudnn_fwd_ms": t_cud * 1e3, "cudnn_fwd_tflops": dense_flops / t_cud / 1e12}
         if t_cud_b:
             row.update(
@@ -194,17 +184,17 @@ def main(argv=None):
             pat = None if sp is None else bench_pattern(ks[2], n, h, sp, g)
             plan_fn = jax.jit(lambda p, n=n: plan_for(p, n, g, h))
             plan = jax.block_until_ready(plan_fn(pat))
-            t_plan = timeit(plan_fn, pat, reps=3)
+            t_plan = time_call(plan_fn, pat, repeats=3, reduce="median")
             flops = computed_flops(plan, g, d)
             f, fb = make_fns(plan, g, kw)
-            t_f = timeit(f, q, k, v)
+            t_f = time_call(f, q, k, v, repeats=5, reduce="median")
             row[f"{name}_density"] = flops / (4.0 * d * h * n * (n + g) / 2)
             row[f"{name}_plan_ms"] = t_plan * 1e3
             row[f"{name}_fwd_ms"] = t_f * 1e3
             row[f"{name}_fwd_tflops"] = flops / t_f / 1e12
             row[f"{name}_fwd_speedup_vs_cudnn"] = t_cud / t_f
             if not args.skip_backward:
-                t_fb = timeit(fb, q, k, v)
+                t_fb = time_call(fb, q, k, v, repeats=5, reduce="median")
                 row[f"{name}_fwdbwd_ms"] = t_fb * 1e3
                 row[f"{name}_fwdbwd_tflops"] = 3.5 * flops / t_fb / 1e12
                 row[f"{name}_fwdbwd_speedup_vs_cudnn"] = t_cud_b / t_fb

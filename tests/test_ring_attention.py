@@ -53,11 +53,12 @@ def _loss_and_grads(fn, q, k, v, w):
     return fn(q, k, v), grads
 
 
-def _check(
-    layout, heads, sparse, implementation, dtype=jnp.float32, vertical_mode="ring", tol=2e-5
-):
+def _check(layout, heads, sparse, implementation, dtype=jnp.float32, vertical_mode="ring"):
     q, k, v, w, pat = _inputs(jax.random.key(0), heads, dtype)
     pat = pat if sparse else None
+    # float32: summation order only (measured ~6e-7); bfloat16 inputs and outputs: about 2 ulp
+    # of bfloat16 (measured 6.4e-3 on out, 5.6e-3 on the normalized gradients)
+    out_atol, grad_atol = (2e-5, 1e-5) if dtype == jnp.float32 else (1.5e-2, 1.5e-2)
     mesh, axis = _mesh(layout)
     ring = jax.jit(
         lambda q, k, v: ring_attention(
@@ -85,20 +86,18 @@ def _check(
     np.testing.assert_allclose(
         np.asarray(out, np.float32),
         np.asarray(out_r),
-        atol=tol * 50 if dtype != jnp.float32 else tol,
+        atol=out_atol,
     )
     fin = np.isfinite(np.asarray(lse_r))
     np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin)
-    np.testing.assert_allclose(
-        np.asarray(lse)[fin], np.asarray(lse_r)[fin], atol=tol * 50 if dtype != jnp.float32 else tol
-    )
+    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(lse_r)[fin], atol=out_atol)
     for name, a, b in zip("qkv", grads, grads_r, strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         scale = np.abs(b).max()
         np.testing.assert_allclose(
             a / scale,
             b / scale,
-            atol=tol * 500 if dtype != jnp.float32 else tol * 5,
+            atol=grad_atol,
             err_msg=f"d{name}",
         )
 
@@ -125,7 +124,7 @@ def test_gathered_verticals_match_reference(implementation):
 
 
 def test_ring_bfloat16_close_to_float32_reference():
-    _check("striped", (4, 1), True, "xla", dtype=jnp.bfloat16, tol=2e-4)
+    _check("striped", (4, 1), True, "xla", dtype=jnp.bfloat16)
 
 
 def test_ring_errors():

@@ -185,6 +185,19 @@ def _np_plan(pattern, layout, t, w, g):
     return out
 
 
+def _plan(pat, blocks, rank, src, t, g):
+    """The step plan of device ``rank`` holding device ``src``'s keys (2 heads, bar tiles of 4)."""
+    return layouts.step_plan(
+        pat,
+        jnp.asarray(blocks[rank]),
+        jnp.asarray(blocks[src]),
+        num_blocks=t // g,
+        block_size=g,
+        batch_heads=(1, 2),
+        bar_block=4,
+    )
+
+
 @pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_step_plans_match_brute_force(layout):
     t, g, w = 128, 8, 4
@@ -205,15 +218,7 @@ def test_step_plans_match_brute_force(layout):
     inner = 2 if layout == "hierarchical" else None
     for r, step in itertools.product(range(w), range(w)):
         src = int(layouts.ring_source(r, step, w, inner))
-        plan = layouts.step_plan(
-            pat,
-            jnp.asarray(blocks[r]),
-            jnp.asarray(blocks[src]),
-            num_blocks=t // g,
-            block_size=g,
-            batch_heads=(1, 2),
-            bar_block=4,
-        )
+        plan = _plan(pat, blocks, r, src, t, g)
         for hi, i in itertools.product(range(2), range(blocks.shape[1])):
             e_src, e_blk, e_bars = expected[r, step, 0, hi, i]
             assert e_src == src
@@ -232,15 +237,7 @@ def test_every_step_of_a_ring_covers_the_mask_once():
         blocks = layouts.layout_blocks(layout, t // g, w)
         got = np.zeros_like(full, dtype=int)
         for r, src in itertools.product(range(w), range(w)):
-            plan = layouts.step_plan(
-                pat,
-                jnp.asarray(blocks[r]),
-                jnp.asarray(blocks[src]),
-                num_blocks=t // g,
-                block_size=g,
-                batch_heads=(1, 2),
-                bar_block=4,
-            )
+            plan = _plan(pat, blocks, r, src, t, g)
             m = np.asarray(layouts.step_mask(plan, g))
             qpos = (blocks[r][:, None] * g + np.arange(g)).reshape(-1)
             kpos = (blocks[src][:, None] * g + np.arange(g)).reshape(-1)

@@ -46,12 +46,6 @@ class VerticalSlashPattern:
     vertical_idx: jax.Array
     slash_idx: jax.Array
 
-    def density(self, seq_len: int, block_size: int = 128) -> jax.Array:
-        """Fraction of the causal (q, k) pairs that the mask keeps, per [B, H] (small T only)."""
-        mask = sparse_mask(self, seq_len, block_size)
-        causal = seq_len * (seq_len + 1) / 2
-        return mask.sum(axis=(-1, -2)) / causal
-
 
 def _check_qk(q, k, name):
     chex.assert_rank([q, k], 4)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from jaxlab.models.bert import BertEncoder
 from jaxlab.tokenization import Tokenizer, bucket_length
 
-__all__ = ["encode", "encode_ids"]
+__all__ = ["encode", "encode_ids", "encode_limit"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -26,6 +26,13 @@ def _embed_fn(graphdef):
         return model.embed(ids, attention_mask=mask)
 
     return run
+
+
+def encode_limit(model: BertEncoder, tokenizer: Tokenizer, max_length: int | None = None) -> int:
+    """Tokens per text: ``max_length``, else the tokenizer's limit, else the position table, capped
+    at the position table."""
+    pos = model.config.max_position_embeddings
+    return min(max_length or tokenizer.model_max_length or pos, pos)
 
 
 def encode(
@@ -53,10 +60,7 @@ def encode(
     dim = model.config.hidden_size
     if n == 0:
         return np.zeros((0, dim), np.float32)
-    limit = min(
-        max_length or tokenizer.model_max_length or model.config.max_position_embeddings,
-        model.config.max_position_embeddings,
-    )
+    limit = encode_limit(model, tokenizer, max_length)
     rows, cut = tokenizer.encode_truncated(texts, limit)
     if cut:
         warnings.warn(

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlab.models.bert import BertEncoder, pool
-from jaxlab.models.encode import encode, encode_ids
+from jaxlab.models.encode import encode, encode_ids, encode_limit
 from jaxlab.retrieval.builder import token_ids
 from jaxlab.retrieval.data import PosIRData
 from jaxlab.retrieval.metrics import BUCKET_NAMES, ndcg_at_k, position_analysis, recall_at_k
@@ -40,13 +40,6 @@ __all__ = [
 ]
 
 STRATEGIES = ("truncate", "chunk_max", "chunk_mean")
-
-
-def _limit(model, tokenizer, max_length):
-    return min(
-        max_length or tokenizer.model_max_length or model.config.max_position_embeddings,
-        model.config.max_position_embeddings,
-    )
 
 
 @dataclasses.dataclass
@@ -98,7 +91,7 @@ def embed_documents(
     (the mean of the window embeddings, renormalised)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown long-document strategy {strategy!r}; known: {STRATEGIES}")
-    limit = _limit(model, tokenizer, max_length)
+    limit = encode_limit(model, tokenizer, max_length)
     if strategy == "truncate":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -166,7 +159,7 @@ def evaluate_posir(
     analysis = position_analysis(ndcg, data.relative_positions, data.doc_token_lengths)
     return {
         "strategy": strategy,
-        "max_length": _limit(model, tokenizer, max_length),
+        "max_length": encode_limit(model, tokenizer, max_length),
         "num_queries": len(data),
         "num_documents": len(data.corpus_ids),
         "ndcg@10": analysis["ndcg@10"],
@@ -233,7 +226,7 @@ def saliency_profile(
         raise ValueError(
             f"saliency: no query with relpos in {relpos_range} and ≥ {min_tokens} tokens"
         )
-    limit = _limit(model, tokenizer, max_length)
+    limit = encode_limit(model, tokenizer, max_length)
     q_emb = encode(model, tokenizer, [data.query_texts[i] for i in pick])
     index = {c: j for j, c in enumerate(data.corpus_ids)}
     docs = [data.corpus_texts[index[data.positive(int(i))]] for i in pick]
