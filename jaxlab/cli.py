@@ -90,6 +90,8 @@ def _run_demo(args):
         _demo_rl()
     if not args.skip_posir:
         _demo_posir()
+    if not args.skip_sky:
+        _demo_sky()
 
 
 def _demo_posir():
@@ -112,6 +114,31 @@ def _demo_posir():
     print(
         "  evidence in the first / middle / last third: "
         + " / ".join(f"{ndcg[t].mean():.3f}" for t in thirds)
+    )
+
+
+def _demo_sky():
+    """Simulate a LAMOST plate, subtract its sky with Super Sky and with a quickly trained SMI."""
+    from jaxlab.sky import SMIConfig, evaluate_sky, simulate_plate, smi_sky, super_sky, train_smi
+
+    t0 = time.perf_counter()
+    plate = simulate_plate(0)
+    train = [simulate_plate(1000 + i) for i in range(16)]
+    model, history = train_smi(
+        train, SMIConfig(steps_shift=100, steps_shared=80, steps_individual=80), progress=False
+    )
+    print(
+        f"\nsky: simulated {plate.n_fibers}-fibre plate ({int(plate.is_sky.sum())} sky fibres, "
+        f"{plate.meta['SKYSRC']} night sky); SMI trained on 16 plates in {history['seconds']:.0f} s"
+    )
+    for name, sky in (("Super Sky", super_sky(plate)), ("SMI", smi_sky(model, plate))):
+        rep = evaluate_sky(plate, sky)
+        err, chi2 = rep["sky_error_pct"], rep["chi2_per_pixel"]["all"]
+        print(
+            f"  {name:9s} sky error vs truth: blue {err['blue']:.2f} %, all {err['all']:.2f} %; chi2/pixel {chi2:.3f}"
+        )
+    print(
+        f"  ({time.perf_counter() - t0:.0f} s; `python -m jaxlab sky --help` for simulate / train / subtract / evaluate)"
     )
 
 
@@ -148,6 +175,7 @@ def _demo_args(p):
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--skip-rl", action="store_true", help="skip the short RL run on a tiny model")
     p.add_argument("--skip-posir", action="store_true", help="skip the short PosIR evaluation")
+    p.add_argument("--skip-sky", action="store_true", help="skip the short sky-subtraction step")
 
 
 # -- config ------------------------------------------------------------------------------------------
@@ -599,6 +627,172 @@ def _posir_args(p):
     e.add_argument("--progress", action="store_true")
 
 
+# -- sky ---------------------------------------------------------------------------------------------
+
+
+def _run_sky(args):
+    {
+        "simulate": _sky_simulate,
+        "train": _sky_train,
+        "subtract": _sky_subtract,
+        "evaluate": _sky_evaluate,
+    }[args.sky_command](args)
+
+
+def _sky_simulate(args):
+    from jaxlab.sky import simulate_plate, write_plate
+
+    t0 = time.perf_counter()
+    plate = simulate_plate(args.seed, n_fibers=args.fibers, n_sky=args.sky_fibers)
+    write_plate(plate, args.out, overwrite=args.overwrite)
+    print(
+        f"wrote {args.out}: {plate.n_fibers} fibres ({int(plate.is_sky.sum())} sky) x {plate.n_pix} pixels, "
+        f"{plate.wavelength[0]:.0f}-{plate.wavelength[-1]:.0f} Å, sky source {plate.meta['SKYSRC']}, "
+        f"moon {plate.meta['MOON']:.2f} x dark continuum ({time.perf_counter() - t0:.1f} s)"
+    )
+
+
+def _smi_train_plates(n: int, seed: int, like):
+    from jaxlab.sky import simulate_plate
+
+    return [
+        simulate_plate(
+            seed + i,
+            n_fibers=like.n_fibers if like else 250,
+            n_sky=like.is_sky.sum() if like else 20,
+        )
+        for i in range(n)
+    ]
+
+
+def _sky_train(args):
+    from jaxlab.sky import SMIConfig, read_plate, save_smi, train_smi
+
+    t0 = time.perf_counter()
+    if args.plates:
+        plates = [read_plate(p) for p in args.plates]
+        print(f"training SMI on {len(plates)} plate file(s)")
+    else:
+        print(
+            f"simulating {args.simulate} training plates (seeds {args.seed}..{args.seed + args.simulate - 1})"
+        )
+        plates = _smi_train_plates(args.simulate, args.seed, None)
+    config = SMIConfig(steps_shift=args.steps, steps_shared=args.steps, steps_individual=args.steps)
+    model, history = train_smi(plates, config, progress=True, log=print)
+    save_smi(model, args.out, history)
+    print(
+        f"saved the SMI model to {args.out} (training {history['seconds']:.1f} s, total {time.perf_counter() - t0:.1f} s)"
+    )
+
+
+def _sky_subtract(args):
+    from jaxlab.sky import load_smi, pca_clean, read_plate, smi_sky, super_sky, write_plate
+
+    plate = read_plate(args.plate)
+    t0 = time.perf_counter()
+    if args.method == "supersky":
+        sky = super_sky(plate)
+    elif args.method == "pca":
+        sky = pca_clean(plate)
+    else:
+        if args.model:
+            model = load_smi(args.model)
+        else:
+            from jaxlab.sky import SMIConfig, train_smi
+
+            print(
+                f"no --model: training SMI on {args.train_plates} simulated plates first (see `sky train`)"
+            )
+            plates = _smi_train_plates(args.train_plates, 10_000, plate)
+            steps = args.train_steps
+            model, history = train_smi(
+                plates,
+                SMIConfig(steps_shift=steps, steps_shared=steps, steps_individual=steps),
+                log=print,
+            )
+            print(f"trained in {history['seconds']:.1f} s")
+            t0 = time.perf_counter()
+        sky = smi_sky(model, plate)
+    seconds = time.perf_counter() - t0
+    out = plate.with_sky(sky, args.method)
+    write_plate(out, args.out, overwrite=args.overwrite)
+    print(
+        f"{args.method}: sky of {plate.n_fibers} fibres in {seconds:.2f} s -> {args.out} (SKY, SKYSUB)"
+    )
+
+
+def _sky_evaluate(args):
+    from jaxlab.sky import evaluate_sky, read_plate
+    from jaxlab.sky.plots import plot_sky
+
+    reports = {}
+    for path in args.plates:
+        plate = read_plate(path)
+        rep = evaluate_sky(plate)
+        rep["method"] = plate.meta.get("SKYMETH", "?")
+        reports[path] = rep
+        print(
+            f"{path} [{rep['method']}]"
+            + ("" if rep["has_truth"] else " (no truth: sky fibres only)")
+        )
+        for key in (
+            "sky_error_pct",
+            "sky_rms_error_pct",
+            "chi2_per_pixel",
+            "line_residual_pct",
+            "continuum_residual_pct",
+        ):
+            if key in rep:
+                v = rep[key]
+                print(
+                    f"  {key:24s} blue {v['blue']:7.3f}  red {v['red']:7.3f}  all {v['all']:7.3f}"
+                )
+        if args.plot:
+            target = (
+                args.plot
+                if len(args.plates) == 1
+                else args.plot.replace(".png", f"_{len(reports)}.png")
+            )
+            plot_sky(plate, target)
+            print(f"  plot: {target}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports if len(reports) > 1 else next(iter(reports.values())), f, indent=2)
+        print(f"metrics: {args.json}")
+
+
+def _sky_args(p):
+    sub = p.add_subparsers(
+        dest="sky_command", metavar="{simulate,train,subtract,evaluate}", required=True
+    )
+    s = sub.add_parser("simulate", help="write a simulated LAMOST-like plate with truth layers")
+    s.add_argument("--out", required=True, help="plate FITS file to write (docs/sky_format.md)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fibers", type=int, default=250)
+    s.add_argument("--sky-fibers", type=int, default=20)
+    s.add_argument("--overwrite", action="store_true")
+    t = sub.add_parser("train", help="train an SMI model (on plate files, or on simulated plates)")
+    t.add_argument("--out", required=True, help="directory for the Orbax checkpoint")
+    t.add_argument("--plates", nargs="*", help="training plate FITS files (default: simulate)")
+    t.add_argument("--simulate", type=int, default=24, help="number of simulated training plates")
+    t.add_argument("--seed", type=int, default=1000)
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps per training stage")
+    u = sub.add_parser("subtract", help="estimate every fibre's sky; write SKY and SKYSUB")
+    u.add_argument("plate")
+    u.add_argument("--method", choices=("supersky", "pca", "smi"), default="supersky")
+    u.add_argument("--out", required=True)
+    u.add_argument("--model", help="SMI model directory from `sky train` (smi only)")
+    u.add_argument(
+        "--train-plates", type=int, default=16, help="without --model: simulated plates to train on"
+    )
+    u.add_argument("--train-steps", type=int, default=200, help="without --model: steps per stage")
+    u.add_argument("--overwrite", action="store_true")
+    e = sub.add_parser("evaluate", help="metrics (blue / red / all) of subtracted plate(s)")
+    e.add_argument("plates", nargs="+")
+    e.add_argument("--json", help="write the metrics as JSON")
+    e.add_argument("--plot", help="PNG with a fibre's spectrum, residuals and error by wavelength")
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 
@@ -635,6 +829,12 @@ COMMANDS = [
         _run_rl,
     ),
     Command(
+        "sky",
+        "sky subtraction: `sky simulate | train | subtract | evaluate` (SMI, Super Sky, PCA)",
+        _sky_args,
+        _run_sky,
+    ),
+    Command(
         "train-lm",
         "train (or resume) a small decoder LM with Orbax checkpoints",
         _train_lm_args,
@@ -667,10 +867,19 @@ def main(argv: list[str] | None = None) -> int:
     from jaxlab.checkpoint import CheckpointError
     from jaxlab.config import ConfigError
     from jaxlab.models.loading import LoadError
+    from jaxlab.sky.plate import SkyFormatError
 
     try:
         args._run(args)
-    except (ConfigError, LoadError, CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
+    except (
+        ConfigError,
+        LoadError,
+        CheckpointError,
+        SkyFormatError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -271,6 +271,7 @@ def test_demo_runs_without_torch_and_without_a_tokenizer_cache(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Paris" in out.stdout
     assert "PosIR" in out.stdout and "nDCG@10" in out.stdout
+    assert "Super Sky" in out.stdout and "SMI " in out.stdout
 
 
 def test_cli_refuses_the_wrong_kind_of_model():

@@ -7,6 +7,8 @@
   residual| / the line's flux, median over fibres (Bai et al. 2017's 3 % / 1.5 % figure).
 - `continuum_residual`: |sum of residual| / sum sky over 100 A windows free of strong sky lines,
   median over fibres and windows.
+With truth the residual of these two is true sky - sky estimate on object fibres (the systematic
+error, free of photon noise); without truth it is flux - sky on the sky fibres.
 """
 
 from __future__ import annotations
@@ -56,17 +58,20 @@ def evaluate_sky(plate: Plate, sky: np.ndarray | None = None) -> dict:
             for r, m in regions.items()
         }
         reference = true_sky
+        # Line and continuum residuals against truth measure the sky error itself, not the noise.
+        systematic = (true_sky - sky)[rows]
     else:
         rows = plate.is_sky
         resid = flux - sky
         reference = sky
+        systematic = resid[rows]
     chi = resid[rows] ** 2 * ivar[rows]
     n = good[rows]
     out["chi2_per_pixel"] = {
         r: float(chi[:, m].sum() / max(n[:, m].sum(), 1)) for r, m in regions.items()
     }
-    out["line_residual_pct"] = _line_residual(resid[rows], reference[rows], wave)
-    out["continuum_residual_pct"] = _continuum_residual(resid[rows], reference[rows], wave)
+    out["line_residual_pct"] = _line_residual(systematic, reference[rows], wave)
+    out["continuum_residual_pct"] = _continuum_residual(systematic, reference[rows], wave)
     return out
 
 

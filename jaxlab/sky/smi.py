@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -322,7 +323,10 @@ def _codes(model: SMIModel, t: _PlateTensors, *, individual: bool):
     pred = field @ hpb
     thr = _throughput(pred, t.features, t.ivar_lines)
     z = model.individual(jnp.concatenate([t.features, thr[:, None] * pred, t.pos], -1))
-    return thr[:, None] * field + z, z, shared
+    # Individual corrections are relative and bounded (+-10 % of each code entry): unbounded ones
+    # diverged on some training sets and undid the field.
+    base = thr[:, None] * field
+    return base * (1.0 + 0.1 * jnp.tanh(z)), z, shared
 
 
 def _line_loss(codes, t: _PlateTensors, hpb):
@@ -392,7 +396,8 @@ def train_smi(
         )
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     history["calibration"] = {"loss": losses, "seconds": time.perf_counter() - t0}
-    say(f"calibration: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    if losses:
+        say(f"calibration: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
     # Decoder basis: PCA of the aligned sky fibres of all training plates.
     t0 = time.perf_counter()
@@ -508,9 +513,10 @@ def train_smi(
         "club": club_hist,
         "seconds": time.perf_counter() - t0,
     }
-    say(
-        f"individual codes: reconstruction {rec_hist[0]:.3f} -> {rec_hist[-1]:.3f}, CLUB {club_hist[-1]:.3f}"
-    )
+    if rec_hist:
+        say(
+            f"individual codes: reconstruction {rec_hist[0]:.3f} -> {rec_hist[-1]:.3f}, CLUB {club_hist[-1]:.3f}"
+        )
     history["seconds"] = (
         sum(v["seconds"] for v in history.values() if isinstance(v, dict))
         + history["basis_seconds"]
@@ -601,8 +607,13 @@ def save_smi(model: SMIModel, directory: str | Path, history: dict | None = None
         "n_anchors": int(model.anchor_pix.shape[0]),
         "history": _summary(history) if history else {},
     }
+    if directory.exists():  # a model directory holds one model: replace an earlier one
+        entries = list(directory.iterdir()) if directory.is_dir() else [directory]
+        if not all(e.is_dir() and e.name.isdigit() for e in entries):
+            raise FileExistsError(f"{directory}: exists and is not an SMI model directory")
+        shutil.rmtree(directory)
     with Checkpointer(directory, async_save=False, keep=1) as ckpt:
-        ckpt.save(0, model=nnx.state(model, nnx.Param, nnx.Variable), extra=extra, force=True)
+        ckpt.save(0, model=nnx.state(model), extra=extra, force=True)
     return directory
 
 
@@ -621,7 +632,7 @@ def load_smi(directory: str | Path) -> SMIModel:
             np.zeros(extra["n_anchors"]),
             rngs=nnx.Rngs(0),
         )
-        state = nnx.state(model, nnx.Param, nnx.Variable)
+        state = nnx.state(model)
         _, out = ckpt.restore(model=state)
         nnx.update(model, out["model"])
     return model
