@@ -7,18 +7,19 @@ The paper (papers.md #9) fixes the structure, not the architecture; jaxlab's SMI
    on the lines' laboratory positions: the fibre's windows must be fitted by line profiles (one free
    amplitude each) centred at the vacuum wavelengths plus the predicted shift. Spectra are resampled
    differentiably (Keys cubic) into the common frame, and the sky estimate back into each fibre's.
-2. Sky decoder: a linear basis `B` [K, W] (+ mean) over the aligned sky, initialised by PCA of the
-   training plates' aligned sky fibres: fibre i's sky is (c_i B + b0) shifted to its frame.
+2. Sky decoder: a linear basis B [K+1, W] over the aligned sky, the mean and K principal components
+   of the training plates' aligned sky fibres: fibre i's sky is c_i B shifted to its frame.
 3. Incremental training of the codes c_i:
    (a) common: a shared encoder E_s maps every fibre's sky-line features (high-passed pixels on sky
        lines, where objects contribute little) to a code; it is trained to reconstruct those features
        while maximising the mutual information (InfoNCE) between codes of different fibres of the
        same plate, so the code holds what the plate's fibres share: the sky. The plate's common code
        s is the mean over all its fibres.
-   (b) individual: with E_s frozen, an individual encoder E_z (sky-line features + focal-plane
-       position) gives z_i, and c_i = s + z_i + phi(x_i) beta, where beta is a closed-form weighted
-       least-squares fit, over the sky fibres, of their full-spectrum codes' departures from
-       s + z (the local environment: moonlight and continuum gradients that only sky fibres show).
+   (b) individual: with E_s frozen, c_i = t_i field(x_i) (1 + 0.1 tanh z_i). The field is s plus a
+       closed-form ridge fit, over the focal plane, of the sky fibres' full-spectrum codes divided by
+       their throughputs (the local environment: moonlight and continuum gradients that only sky
+       fibres show); t_i is fibre i's sky-line throughput against the field; z_i, from an individual
+       encoder E_z (sky-line features, the field's prediction, position), is a bounded correction.
        E_z is trained to reconstruct every fibre while minimising the mutual information (CLUB,
        with a Gaussian q trained alongside) between z of adjoining fibres (nearest on the focal
        plane), which pushes what neighbours share into s and the smooth field, leaving z the truly
@@ -276,7 +277,6 @@ class _PlateTensors:
     features: jax.Array  # [F, P] aligned high-pass on line pixels
     ivar_lines: jax.Array  # [F, P]
     pos: jax.Array
-    is_sky: jax.Array
     neighbour: jax.Array
     sky_codes: jax.Array  # [S, K] full-spectrum least-squares codes of the sky fibres
     sky_rows: jax.Array
@@ -345,8 +345,6 @@ def train_smi(
 
     Returns (model, history) with per-stage losses and seconds.
     """
-    from tqdm.auto import tqdm
-
     config = config or SMIConfig()
     say = log or (lambda s: None)
     if not plates:
@@ -362,14 +360,14 @@ def train_smi(
     prepared = [_prepare(p, config) for p in plates]
     anchors = _anchor_pixels(plates[0], config.window)
     history: dict = {}
+    start = time.perf_counter()
 
     # Stage 0: wavelength calibration, self-supervised on anchor lines.
-    t0 = time.perf_counter()
     model = SMIModel(config, grid[2], np.zeros(1, int), anchors, rngs=rngs)
     windows, wivar = _flat_windows(prepared, anchors, config.window)
     opt = _optimizer(model.calibration, config.learning_rate, nnx.Param)
 
-    ppa = 1.0 / (plates[0].wavelength * np.log(10.0) * config_coeff1(plates[0]))
+    ppa = 1.0 / (plates[0].wavelength * np.log(10.0) * plates[0].coeff1)
     model.pix_per_angstrom[...] = jnp.asarray(ppa, jnp.float32)
     anchor_ppa = jnp.asarray(np.interp(anchors, np.arange(grid[2]), ppa), jnp.float32)
     anchors_j = jnp.asarray(anchors, jnp.float32)
@@ -383,21 +381,15 @@ def train_smi(
         opt.update(calibration, grads)
         return loss
 
-    losses = []
-    bar = tqdm(range(config.steps_shift), desc="SMI wavelength calibration", disable=not progress)
-    for _ in bar:
+    def calibration_step(_):
         rows = rng.choice(len(windows), min(1024, len(windows)), replace=False)
-        losses.append(
-            float(
-                cal_step(
-                    model.calibration, opt, jnp.asarray(windows[rows]), jnp.asarray(wivar[rows])
-                )
-            )
-        )
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    history["calibration"] = {"loss": losses, "seconds": time.perf_counter() - t0}
-    if losses:
-        say(f"calibration: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        win, iv = jnp.asarray(windows[rows]), jnp.asarray(wivar[rows])
+        return {"loss": cal_step(model.calibration, opt, win, iv)}
+
+    history["calibration"] = _run_stage(
+        config.steps_shift, calibration_step, "SMI wavelength calibration", progress
+    )
+    say(f"calibration: loss {_first_last(history['calibration'], 'loss')}")
 
     # Decoder basis: PCA of the aligned sky fibres of all training plates.
     t0 = time.perf_counter()
@@ -419,7 +411,6 @@ def train_smi(
                 features=hp[:, line_pix],
                 ivar_lines=ivar[:, line_pix],
                 pos=jnp.asarray(p.pos),
-                is_sky=jnp.asarray(p.is_sky),
                 neighbour=jnp.asarray(p.neighbour),
                 sky_codes=codes,
                 sky_rows=jnp.asarray(rows),
@@ -428,7 +419,6 @@ def train_smi(
     history["basis_seconds"] = time.perf_counter() - t0
 
     # Stage (a): common code, InfoNCE between fibres of the same plate.
-    t0 = time.perf_counter()
     shared_wrt = _select("shared", "critic")
     opt = _optimizer(model, config.learning_rate, shared_wrt)
     n_plate = len(tensors)
@@ -450,36 +440,34 @@ def train_smi(
         opt.update(model, grads)
         return loss, aux
 
-    rec_hist, nce_hist = [], []
-    bar = tqdm(range(config.steps_shared), desc="SMI common code (max MI)", disable=not progress)
-    for _ in bar:
+    def common_step(_):
         rows = [rng.choice(t.features.shape[0], m, replace=False) for t in tensors]
         feats = jnp.stack([t.features[r] for t, r in zip(tensors, rows)])
         ivars = jnp.stack([t.ivar_lines[r] for t, r in zip(tensors, rows)])
         pa = jnp.asarray(rng.integers(0, m, n_plate))
         pb = (pa + jnp.asarray(rng.integers(1, m, n_plate))) % m
         _, (rec, nce) = shared_step(model, opt, feats, ivars, pa, pb)
-        rec_hist.append(float(rec))
-        nce_hist.append(float(nce))
-        bar.set_postfix(rec=f"{rec_hist[-1]:.3f}", infonce=f"{nce_hist[-1]:.2f}")
-    history["common"] = {
-        "reconstruction": rec_hist,
-        "infonce": nce_hist,
-        "seconds": time.perf_counter() - t0,
-    }
+        return {"reconstruction": rec, "infonce": nce}
+
+    history["common"] = _run_stage(
+        config.steps_shared, common_step, "SMI common code (max MI)", progress
+    )
     say(
-        f"common code: reconstruction {rec_hist[0]:.3f} -> {rec_hist[-1]:.3f}, InfoNCE {nce_hist[-1]:.2f} nats"
+        f"common code: reconstruction {_first_last(history['common'], 'reconstruction')}, "
+        f"InfoNCE {_first_last(history['common'], 'infonce')} nats"
     )
 
     # Stage (b): individual codes, CLUB between adjoining fibres, smooth field from sky fibres.
-    t0 = time.perf_counter()
     z_wrt, q_wrt = _select("individual"), _select("club")
     opt = _optimizer(model, config.learning_rate, z_wrt)
     opt_q = _optimizer(model, config.learning_rate, q_wrt)
 
     @nnx.jit
     def individual_step(model, opt, opt_q, t: _PlateTensors):
-        codes, z, _ = _codes(model, t, individual=True)
+        # First the variational q(z_neighbour | z) is fitted to the current codes (maximum
+        # likelihood, z held fixed), then the encoder steps against that q. The other order (encoder
+        # against last step's q) let q's variance collapse and the CLUB term diverge to NaN.
+        _, z, _ = _codes(model, t, individual=True)
         zs = jax.lax.stop_gradient(z)
 
         def q_loss(model):
@@ -495,33 +483,49 @@ def train_smi(
             return rec + config.club_weight * club, (rec, club)
 
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, z_wrt), has_aux=True)
-        (loss, aux), grads = grad_fn(model)
+        (_, (rec, club)), grads = grad_fn(model)
         opt.update(model, grads)
-        return aux
+        return rec, club
 
-    rec_hist, club_hist = [], []
-    bar = tqdm(
-        range(config.steps_individual), desc="SMI individual codes (min MI)", disable=not progress
-    )
-    for step in bar:
+    def individual_stage_step(step):
         rec, club = individual_step(model, opt, opt_q, tensors[step % n_plate])
-        rec_hist.append(float(rec))
-        club_hist.append(float(club))
-        bar.set_postfix(rec=f"{rec_hist[-1]:.3f}", club=f"{club_hist[-1]:.2f}")
-    history["individual"] = {
-        "reconstruction": rec_hist,
-        "club": club_hist,
-        "seconds": time.perf_counter() - t0,
-    }
-    if rec_hist:
-        say(
-            f"individual codes: reconstruction {rec_hist[0]:.3f} -> {rec_hist[-1]:.3f}, CLUB {club_hist[-1]:.3f}"
-        )
-    history["seconds"] = (
-        sum(v["seconds"] for v in history.values() if isinstance(v, dict))
-        + history["basis_seconds"]
+        return {"reconstruction": rec, "club": club}
+
+    history["individual"] = _run_stage(
+        config.steps_individual, individual_stage_step, "SMI individual codes (min MI)", progress
     )
+    say(
+        f"individual codes: reconstruction {_first_last(history['individual'], 'reconstruction')}, "
+        f"CLUB {_first_last(history['individual'], 'club')}"
+    )
+    history["seconds"] = time.perf_counter() - start
+    for stage in ("calibration", "common", "individual"):
+        bad = [
+            k for k, v in history[stage].items() if isinstance(v, list) and not np.isfinite(v).all()
+        ]
+        if bad:
+            raise FloatingPointError(f"SMI training diverged in stage {stage!r} ({', '.join(bad)})")
     return model, history
+
+
+def _run_stage(steps: int, step_fn: Callable[[int], dict], desc: str, progress: bool) -> dict:
+    """Runs `step_fn(step) -> {name: scalar}` `steps` times with a progress bar; per-name histories."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    hist: dict = {}
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for step in bar:
+        for k, v in step_fn(step).items():
+            hist.setdefault(k, []).append(float(v))
+        bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in hist.items()})
+    hist["seconds"] = time.perf_counter() - t0
+    return hist
+
+
+def _first_last(hist: dict, name: str) -> str:
+    vals = hist.get(name, [])
+    return f"{vals[0]:.3f} -> {vals[-1]:.3f}" if vals else "(no steps)"
 
 
 def _select(*names: str):
@@ -531,10 +535,6 @@ def _select(*names: str):
         return isinstance(value, nnx.Param) and bool(path) and path[0] in names
 
     return pred
-
-
-def config_coeff1(plate: Plate) -> float:
-    return plate.coeff1
 
 
 def _rebuild(model, config, n_pix, line_pix, anchors, basis, rngs) -> SMIModel:
@@ -566,7 +566,7 @@ def _apply_jit(model, flux, ivar, highpass, pos, sky_rows, neighbour):
     lp = model.line_pixels[...]
     basis = model.basis[...]
     codes_sky = _sky_codes(basis, a_flux[sky_rows], a_ivar[sky_rows])
-    t = _PlateTensors(a_hp[:, lp], a_ivar[:, lp], pos, None, neighbour, codes_sky, sky_rows)  # type: ignore[arg-type]
+    t = _PlateTensors(a_hp[:, lp], a_ivar[:, lp], pos, neighbour, codes_sky, sky_rows)
     codes, _, _ = _codes(model, t, individual=True)
     sky_ref = codes @ basis
     return resample(sky_ref, -shift), shift
