@@ -49,14 +49,14 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd"):
     """
     b, t, h, d = q.shape
     if kv_layout == "bskd":
-        kv_heads = k.shape[2]
-        qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-        if mask is not None:
-            logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        return out.reshape(b, t, h, d)
+        # One sequence at a time: its logits ([H, T, S]) stay in cache between the two matmuls
+        # and the softmax, which on CPU is ~2.5x faster than materialising [B, H, T, S] at once.
+        one = functools.partial(_attend_sequence, scale=scale)
+        if b == 1:
+            return one(q[0], k[0], v[0], None if mask is None else mask[0])[None]
+        if mask is None:
+            return jax.lax.map(lambda a: one(*a, None), (q, k, v))
+        return jax.lax.map(lambda a: one(*a), (q, k, v, mask))
     # bksd: fold (batch, kv head) into one batch axis and (query, group) into the rows, so that
     # XLA runs one batched matmul with few, larger batch entries (much faster on CPU).
     kv_heads, s_len = k.shape[1], k.shape[2]
@@ -73,6 +73,28 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd"):
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("xqs,xsd->xqd", probs, vx).reshape(b, kv_heads, t, g, d)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+
+
+def _attend_sequence(q, k, v, mask, *, scale):
+    """Grouped-query attention of one sequence: q ``[T, H, D]``, k/v ``[S, K, D]``, mask ``[T, S]``.
+
+    Heads move to the front so that each matmul is a batch of K dense ``[G·T, D]`` products, and
+    the softmax is normalised after the second matmul (on ``[.., D]`` instead of ``[.., S]``).
+    """
+    t, h, d = q.shape
+    s_len, kv_heads, _ = k.shape
+    g = h // kv_heads
+    qx = (q * jnp.asarray(scale, q.dtype)).reshape(t, kv_heads, g, d).transpose(1, 2, 0, 3)
+    qx = qx.reshape(kv_heads, g * t, d)
+    kx, vx = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [K, S, D]
+    logits = jnp.einsum("xqd,xsd->xqs", qx, kx, preferred_element_type=jnp.float32)
+    if mask is not None:
+        m = jnp.broadcast_to(mask[None], (g, t, s_len)).reshape(1, g * t, s_len)
+        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.einsum("xqs,xsd->xqd", p.astype(v.dtype), vx, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(p, axis=-1, keepdims=True)
+    return out.reshape(kv_heads, g, t, d).transpose(2, 0, 1, 3).reshape(t, h, d).astype(q.dtype)
 
 
 def _jax_nn(q, k, v, mask, *, scale, kv_layout, implementation):
