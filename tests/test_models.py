@@ -82,6 +82,20 @@ def test_rows_with_different_cache_offsets():
     assert np.array_equal(np.asarray(cache.index), [9, 5])
 
 
+def test_logits_to_keep_is_the_tail_of_the_full_logits():
+    model = Decoder(CFG, rngs=nnx.Rngs(1))
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 6)), jnp.int32)
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1], [1] * 6])
+    full = np.asarray(model(ids, attention_mask=mask))
+    tail = np.asarray(model(ids, attention_mask=mask, logits_to_keep=2))
+    assert tail.shape == (2, 2, CFG.vocab_size)
+    np.testing.assert_allclose(tail, full[:, -2:], rtol=1e-6, atol=1e-6)
+    logits, _ = model(ids, attention_mask=mask, cache=model.init_cache(2, 8), logits_to_keep=1)
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"logits_to_keep must lie in \[1, 6\], got 7"):
+        model(ids, logits_to_keep=7)
+
+
 def test_padding_positions():
     mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
     assert np.array_equal(
@@ -90,17 +104,18 @@ def test_padding_positions():
 
 
 @pytest.mark.parametrize("impl", [i for i in attention_implementations() if i != "cudnn"])
-def test_attention_implementations_agree_with_float64(impl):
+@pytest.mark.parametrize("batch,masked", [(2, True), (1, True), (3, False)])
+def test_attention_implementations_agree_with_float64(impl, batch, masked):
     rng = np.random.default_rng(3)
-    q = rng.normal(size=(2, 5, 6, 8))
-    k = rng.normal(size=(2, 7, 2, 8))
-    v = rng.normal(size=(2, 7, 2, 8))
-    mask = rng.random((2, 5, 7)) < 0.7
-    mask[1, 2] = False  # a row that sees nothing stays finite
+    q = rng.normal(size=(batch, 5, 6, 8))
+    k = rng.normal(size=(batch, 7, 2, 8))
+    v = rng.normal(size=(batch, 7, 2, 8))
+    mask = rng.random((batch, 5, 7)) < 0.7 if masked else np.ones((batch, 5, 7), bool)
+    mask[-1, 2] = not masked  # a row that sees nothing stays finite
     out = np.asarray(
         attention(
             *(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
-            jnp.asarray(mask),
+            jnp.asarray(mask) if masked else None,
             implementation=impl,
         )
     )

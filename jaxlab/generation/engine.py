@@ -75,7 +75,7 @@ def _prefill_slot(
     model = nnx.merge(graphdef, state)
     s = cache.valid.shape[1]
     row = model.init_cache(1, s)
-    logits, row = model(ids, attention_mask=mask, cache=row)
+    logits, row = model(ids, attention_mask=mask, cache=row, logits_to_keep=1)
     tok, lp, raw = sample_tokens(
         logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
     )

@@ -83,7 +83,7 @@ def _prefill(
     model = nnx.merge(graphdef, state)
     b = ids.shape[0]
     cache = model.init_cache(b, cache_len)
-    logits, cache = model(ids, attention_mask=mask, cache=cache)
+    logits, cache = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
     key, sub = jax.random.split(key)
     tok, lp, raw = sample_tokens(
         logits[:, -1], sub, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy

@@ -333,7 +333,11 @@ class Decoder(nnx.Module):
         attention_mask: jax.Array | None = None,  # [B, T], 1 = real token, 0 = padding
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        logits_to_keep: int | None = None,
     ):
+        """Logits ``[B, T, V]`` (or hidden states with ``return_hidden``); with ``cache`` also the
+        updated cache. ``logits_to_keep=n`` computes them for the last ``n`` positions only
+        (prefill needs one: the vocabulary projection is ~20% of SmolLM2's prefill FLOPs)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
         b, t = input_ids.shape
@@ -379,6 +383,10 @@ class Decoder(nnx.Module):
                 x, layer_kv = body(layer, x, None if kv is None else (kv[0][i], kv[1][i]))
                 outs.append(layer_kv)
             new_kv = None if kv is None else (tuple(o[0] for o in outs), tuple(o[1] for o in outs))
+        if logits_to_keep is not None:
+            if not 1 <= logits_to_keep <= t:
+                raise ValueError(f"logits_to_keep must lie in [1, {t}], got {logits_to_keep}")
+            x = x[:, t - logits_to_keep :]
         x = self.norm(x)
         if return_hidden:
             out = x
