@@ -39,19 +39,28 @@ def attention_implementations() -> list[str]:
 
 
 @register_attention("xla")
-def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd"):
+def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=None):
     """Grouped-query attention as two einsums with a float32 softmax (the default).
 
     Query heads are grouped under their key/value head instead of repeating keys and values, and
     keys/values are read in either layout without a transpose: ``bskd`` (tokens before heads) or
     ``bksd`` (heads before slots, the KV-cache layout, where decoding reads each head's slots
     contiguously).
+
+    ``per_sequence`` (``bskd`` only; default: on when the backend is CPU) attends one sequence at
+    a time in a ``lax.map``, so that a sequence's ``[H, T, S]`` logits stay in cache between the
+    two matmuls and the softmax: ~2.5x faster on CPU than materialising ``[B, H, T, S]`` at once.
+    Accelerators keep the whole batch in one pass.
     """
     b, t, h, d = q.shape
     if kv_layout == "bskd":
-        # One sequence at a time: its logits ([H, T, S]) stay in cache between the two matmuls
-        # and the softmax, which on CPU is ~2.5x faster than materialising [B, H, T, S] at once.
+        if per_sequence is None:
+            per_sequence = jax.default_backend() == "cpu"
         one = functools.partial(_attend_sequence, scale=scale)
+        if not per_sequence:
+            if mask is None:
+                return jax.vmap(lambda *a: one(*a, None))(q, k, v)
+            return jax.vmap(one)(q, k, v, mask)
         if b == 1:
             return one(q[0], k[0], v[0], None if mask is None else mask[0])[None]
         if mask is None:
