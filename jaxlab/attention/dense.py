@@ -38,6 +38,9 @@ def attention_implementations() -> list[str]:
     return sorted(_IMPLEMENTATIONS)
 
 
+_CACHE_BYTES = 4 << 20  # float32 logits above this size are computed one sequence at a time on CPU
+
+
 @register_attention("xla")
 def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=None):
     """Grouped-query attention as two einsums with a float32 softmax (the default).
@@ -47,15 +50,17 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=No
     ``bksd`` (heads before slots, the KV-cache layout, where decoding reads each head's slots
     contiguously).
 
-    ``per_sequence`` (``bskd`` only; default: on when the backend is CPU) attends one sequence at
-    a time in a ``lax.map``, so that a sequence's ``[H, T, S]`` logits stay in cache between the
-    two matmuls and the softmax: ~2.5x faster on CPU than materialising ``[B, H, T, S]`` at once.
-    Accelerators keep the whole batch in one pass.
+    ``per_sequence`` (``bskd`` only) attends one sequence at a time in a ``lax.map``, so that a
+    sequence's ``[H, T, S]`` logits stay in cache between the two matmuls and the softmax: ~2.5x
+    faster on CPU than materialising ``[B, H, T, S]`` at once. By default it is on when the
+    backend is CPU and the batch's logits would outgrow the cache (> 4 MiB); accelerators keep
+    the whole batch in one pass.
     """
     b, t, h, d = q.shape
     if kv_layout == "bskd":
         if per_sequence is None:
-            per_sequence = jax.default_backend() == "cpu"
+            logits_bytes = 4 * b * h * t * k.shape[1]
+            per_sequence = jax.default_backend() == "cpu" and logits_bytes > _CACHE_BYTES
         one = functools.partial(_attend_sequence, scale=scale)
         if not per_sequence:
             if mask is None:
