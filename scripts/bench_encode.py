@@ -87,6 +87,7 @@ def main(argv=None):
     import numpy as np
 
     from jaxlab.models import encode, from_pretrained
+    from jaxlab.models.encode import encode_limit
     from jaxlab.models.registry import MINILM_DIR, package_path
     from jaxlab.testing.bench import time_call
 
@@ -112,7 +113,9 @@ def main(argv=None):
         ours = encode(model, tokenizer, texts[:8], batch_size=args.batch_size)
         ref = st.encode(texts[:8], batch_size=args.batch_size)
         cos = float(np.min(np.sum(ours * ref, axis=1) / np.linalg.norm(ref, axis=1)))
-        lengths = [len(r) for r in tokenizer.encode_truncated(texts, 256)[0]]
+        lengths = [
+            len(r) for r in tokenizer.encode_truncated(texts, encode_limit(model, tokenizer))[0]
+        ]
         row.update(
             reference_texts_per_s=args.texts / ref_s,
             torch_ceiling=torch_ceilings(model.config, args.batch_size, max(lengths)),

@@ -172,13 +172,13 @@ def test_shifts_move_sky_lines_in_angstrom(plate: Plate) -> None:
     assert np.std(ds) > 0.05  # the test has something to measure (~0.1 A per fibre)
 
 
-@pytest.mark.parametrize(
-    "source",
-    [
-        "parametric",
-        pytest.param("paranal", marks=pytest.mark.skipif(not HAS_PARANAL, reason="no pypeit")),
-    ],
-)
+def sky_sources(with_pypeit: str) -> list:
+    """The parametric sky, and `with_pypeit` where the pypeit Paranal spectrum is installed."""
+    skip = pytest.mark.skipif(not HAS_PARANAL, reason="no pypeit")
+    return ["parametric", pytest.param(with_pypeit, marks=skip)]
+
+
+@pytest.mark.parametrize("source", sky_sources("paranal"))
 def test_sky_lines_at_vacuum_wavelengths(source: str) -> None:
     """Isolated lines sit at their laboratory vacuum wavelengths (converted from air here)."""
     p = sim(2, sky_source=source)
@@ -229,13 +229,7 @@ def test_throughput_scales_the_sky() -> None:
     assert np.max(np.abs(design / t[:, None] @ coef - ratio)) > 0.03
 
 
-@pytest.mark.parametrize(
-    "source",
-    [
-        "parametric",
-        pytest.param("auto", marks=pytest.mark.skipif(not HAS_PARANAL, reason="no pypeit")),
-    ],
-)
+@pytest.mark.parametrize("source", sky_sources("auto"))
 def test_line_width_is_the_resolution(source: str) -> None:
     p = sim(4, sky_source=source)
     lam0 = 5578.9

@@ -387,9 +387,8 @@ def train_smi(
         return {"loss": cal_step(model.calibration, opt, win, iv)}
 
     history["calibration"] = _run_stage(
-        config.steps_shift, calibration_step, "SMI wavelength calibration", progress
+        config.steps_shift, calibration_step, "SMI wavelength calibration", progress, say
     )
-    say(f"calibration: loss {_first_last(history['calibration'], 'loss')}")
 
     # Decoder basis: PCA of the aligned sky fibres of all training plates.
     t0 = time.perf_counter()
@@ -450,11 +449,7 @@ def train_smi(
         return {"reconstruction": rec, "infonce": nce}
 
     history["common"] = _run_stage(
-        config.steps_shared, common_step, "SMI common code (max MI)", progress
-    )
-    say(
-        f"common code: reconstruction {_first_last(history['common'], 'reconstruction')}, "
-        f"InfoNCE {_first_last(history['common'], 'infonce')} nats"
+        config.steps_shared, common_step, "SMI common code (max MI)", progress, say
     )
 
     # Stage (b): individual codes, CLUB between adjoining fibres, smooth field from sky fibres.
@@ -492,11 +487,11 @@ def train_smi(
         return {"reconstruction": rec, "club": club}
 
     history["individual"] = _run_stage(
-        config.steps_individual, individual_stage_step, "SMI individual codes (min MI)", progress
-    )
-    say(
-        f"individual codes: reconstruction {_first_last(history['individual'], 'reconstruction')}, "
-        f"CLUB {_first_last(history['individual'], 'club')}"
+        config.steps_individual,
+        individual_stage_step,
+        "SMI individual codes (min MI)",
+        progress,
+        say,
     )
     history["seconds"] = time.perf_counter() - start
     for stage in ("calibration", "common", "individual"):
@@ -508,8 +503,15 @@ def train_smi(
     return model, history
 
 
-def _run_stage(steps: int, step_fn: Callable[[int], dict], desc: str, progress: bool) -> dict:
-    """Runs `step_fn(step) -> {name: scalar}` `steps` times with a progress bar; per-name histories."""
+def _run_stage(
+    steps: int,
+    step_fn: Callable[[int], dict],
+    desc: str,
+    progress: bool,
+    say: Callable[[str], None],
+) -> dict:
+    """Runs `step_fn(step) -> {name: scalar}` `steps` times with a progress bar, then says each
+    quantity's first and last value; returns per-name histories and the stage's seconds."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -520,12 +522,9 @@ def _run_stage(steps: int, step_fn: Callable[[int], dict], desc: str, progress: 
             hist.setdefault(k, []).append(float(v))
         bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in hist.items()})
     hist["seconds"] = time.perf_counter() - t0
+    trend = ", ".join(f"{k} {v[0]:.3f} -> {v[-1]:.3f}" for k, v in hist.items() if k != "seconds")
+    say(f"{desc}: {trend or 'no steps'} ({hist['seconds']:.1f} s)")
     return hist
-
-
-def _first_last(hist: dict, name: str) -> str:
-    vals = hist.get(name, [])
-    return f"{vals[0]:.3f} -> {vals[-1]:.3f}" if vals else "(no steps)"
 
 
 def _select(*names: str):
