@@ -42,7 +42,9 @@ _CACHE_BYTES = 4 << 20  # float32 logits above this size are computed one sequen
 
 
 @register_attention("xla")
-def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=None):
+def grouped_attention(
+    q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=None, native=None
+):
     """Grouped-query attention as two einsums with a float32 softmax (the default).
 
     Query heads are grouped under their key/value head instead of repeating keys and values, and
@@ -55,6 +57,11 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=No
     faster on CPU than materialising ``[B, H, T, S]`` at once. By default it is on when the
     backend is CPU and the batch's logits would outgrow the cache (> 4 MiB); accelerators keep
     the whole batch in one pass.
+
+    ``native`` (``bksd`` only): run :func:`jaxlab.attention.native.cache_attention`, a C++ kernel
+    for a few new tokens over a KV cache (~5x faster than XLA's batched matmuls at batch 32). By
+    default it is on for float32 on CPU with at most ``CACHE_ATTENTION_MAX_TOKENS`` new tokens,
+    when the kernel is built; rows whose mask is all False then give zeros.
     """
     b, t, h, d = q.shape
     if kv_layout == "bskd":
@@ -71,6 +78,12 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=No
         if mask is None:
             return jax.lax.map(lambda a: one(*a, None), (q, k, v))
         return jax.lax.map(lambda a: one(*a), (q, k, v, mask))
+    if native is None:
+        native = _use_native(q, k, v)
+    if native:
+        from jaxlab.attention import native as kernels
+
+        return kernels.cache_attention(q, k, v, mask, scale=scale)
     # bksd: fold (batch, kv head) into one batch axis and (query, group) into the rows, so that
     # XLA runs one batched matmul with few, larger batch entries (much faster on CPU).
     kv_heads, s_len = k.shape[1], k.shape[2]
@@ -87,6 +100,17 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=No
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("xqs,xsd->xqd", probs, vx).reshape(b, kv_heads, t, g, d)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+
+
+def _use_native(q, k, v):
+    from jaxlab.attention import native as kernels
+
+    return (
+        jax.default_backend() == "cpu"
+        and all(x.dtype == jnp.float32 for x in (q, k, v))
+        and q.shape[1] <= kernels.CACHE_ATTENTION_MAX_TOKENS
+        and kernels.available()
+    )
 
 
 def _attend_sequence(q, k, v, mask, *, scale):

@@ -1,0 +1,313 @@
+// CPU kernels called from jaxlab through XLA's FFI (see jaxlab/attention/native.py).
+//
+// cache_attention: grouped-query attention of a few new query tokens over a KV cache in the
+// "bksd" layout (heads before slots). XLA runs this as batched matmuls of B·K tiny entries,
+// ~10-25 µs each on CPU; here each (row, kv head) item reads its slots once, skips the slots
+// the mask hides, and the items are spread over XLA's intra-op thread pool.
+//
+// Letters: B batch, T query tokens, H query heads, K kv heads, G = H / K, S slots, D head dim.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// exp(x) for x <= 0 (a softmax's shifted logits), written so the compiler vectorises the loop
+// that calls it: Cody-Waite range reduction and a degree-6 polynomial, max rel. error ~2e-7.
+// Below -87 (and for -inf, a hidden slot) it gives exactly 0.
+inline float exp_nonpositive(float x) {
+  const bool underflow = x < -87.0f;
+  x = std::max(x, -87.0f);
+  constexpr float kRound = 12582912.0f;  // 1.5 · 2^23: adding and subtracting it rounds to nearest
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? 0.0f : p * scale;
+}
+
+struct Problem {
+  const float* q;     // [B, T, H, D]
+  const float* k;     // [B, K, S, D]
+  const float* v;     // [B, K, S, D]
+  const bool* mask;   // [B, T, S]
+  float* out;         // [B, T, H, D]
+  int64_t b, t, h, kv, s, d;
+  float scale;
+};
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < d; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+#ifdef __AVX512F__
+// r[i] = sum of the 16 lanes of v[i]: a transpose-and-add tree, ~3 instructions per sum instead
+// of a horizontal reduction per vector.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lane j of u[i]: lane j's sums of v[4i .. 4i+3]
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// out[s] = q · k_s for 16 consecutive slots; kD a multiple of 16.
+template <int64_t kD>
+inline void dots16(const float* __restrict q, const float* __restrict k, float* out) {
+  constexpr int kC = kD / 16;
+  __m512 qv[kC], v[16];
+  for (int c = 0; c < kC; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  for (int i = 0; i < 16; ++i) {
+    const float* ks = k + i * kD;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
+    for (int c = 1; c < kC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(ks + 16 * c), acc);
+    v[i] = acc;
+  }
+  _mm512_storeu_ps(out, sum_lanes16(v));
+}
+#endif
+
+// logits[r, s] = q_r · k_s for every slot in a 16-slot block with some visible slot (others are
+// left unset: the caller masks them).
+template <int64_t kD>
+void all_dots(const float* const* q_rows, int64_t rows, const float* kb, int64_t s_len, int64_t d,
+              const uint8_t* any, float* logits) {
+  int64_t s0 = 0;
+#ifdef __AVX512F__
+  if constexpr (kD > 0 && kD % 16 == 0) {
+    for (; s0 + 16 <= s_len; s0 += 16) {
+      uint8_t seen = 0;
+      for (int i = 0; i < 16; ++i) seen |= any[s0 + i];
+      if (!seen) continue;
+      for (int64_t r = 0; r < rows; ++r) dots16<kD>(q_rows[r], kb + s0 * kD, logits + r * s_len + s0);
+    }
+  }
+#endif
+  for (int64_t s = s0; s < s_len; ++s) {
+    if (!any[s]) continue;
+    for (int64_t r = 0; r < rows; ++r) logits[r * s_len + s] = dot(q_rows[r], kb + s * d, d);
+  }
+}
+
+// acc[r, :] = Σ_s w[r, s] · v_s over visible slots, for a chunk of kR rows kept in registers.
+template <int64_t kD, int kR>
+void weighted_sum_chunk(const float* w, int64_t s_len, const float* vb, const uint8_t* any,
+                        float* acc) {
+  float a[kR][kD] = {};
+  for (int64_t s = 0; s < s_len; ++s) {
+    if (!any[s]) continue;
+    const float* vs = vb + s * kD;
+    for (int r = 0; r < kR; ++r) {
+      const float wr = w[r * s_len + s];
+#pragma omp simd
+      for (int64_t j = 0; j < kD; ++j) a[r][j] += wr * vs[j];
+    }
+  }
+  for (int r = 0; r < kR; ++r)
+    for (int64_t j = 0; j < kD; ++j) acc[r * kD + j] = a[r][j];
+}
+
+template <int64_t kD>
+void weighted_sum(const float* w, int64_t rows, int64_t s_len, int64_t d, const float* vb,
+                  const uint8_t* any, float* acc) {
+  if constexpr (kD > 0) {
+    constexpr int64_t kR = kD <= 64 ? 4 : 2;  // rows whose accumulators fit in registers
+    for (int64_t r = 0; r < rows; r += kR) {
+      const float* wr = w + r * s_len;
+      float* ar = acc + r * kD;
+      switch (std::min(kR, rows - r)) {
+        case 4:
+          weighted_sum_chunk<kD, 4>(wr, s_len, vb, any, ar);
+          break;
+        case 3:
+          weighted_sum_chunk<kD, 3>(wr, s_len, vb, any, ar);
+          break;
+        case 2:
+          weighted_sum_chunk<kD, 2>(wr, s_len, vb, any, ar);
+          break;
+        default:
+          weighted_sum_chunk<kD, 1>(wr, s_len, vb, any, ar);
+      }
+    }
+  } else {
+    std::fill(acc, acc + rows * d, 0.0f);
+    for (int64_t s = 0; s < s_len; ++s) {
+      if (!any[s]) continue;
+      const float* vs = vb + s * d;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float wr = w[r * s_len + s];
+        float* ar = acc + r * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) ar[j] += wr * vs[j];
+      }
+    }
+  }
+}
+
+// One (batch row, kv head): its T·G query rows against the head's S slots. kD > 0 fixes the head
+// dim at compile time (the common 64 and 128), so the per-slot work unrolls into registers.
+template <int64_t kD>
+void attend_item(const Problem& p, int64_t item, std::vector<float>& logits,
+                 std::vector<uint8_t>& any) {
+  const int64_t bi = item / p.kv, ki = item % p.kv;
+  const int64_t g = p.h / p.kv, rows = p.t * g, s_len = p.s;
+  const int64_t d = kD > 0 ? kD : p.d;
+  const float* kb = p.k + (bi * p.kv + ki) * s_len * d;
+  const float* vb = p.v + (bi * p.kv + ki) * s_len * d;
+  const bool* mb = p.mask + bi * p.t * s_len;
+  logits.resize(rows * s_len);
+  any.resize(s_len);
+  for (int64_t s = 0; s < s_len; ++s) {
+    uint8_t seen = 0;
+    for (int64_t ti = 0; ti < p.t; ++ti) seen |= mb[ti * s_len + s];
+    any[s] = seen;
+  }
+  std::vector<const float*> q_rows(rows);  // row r = (token ti, group member gi)
+  for (int64_t ti = 0; ti < p.t; ++ti)
+    for (int64_t gi = 0; gi < g; ++gi)
+      q_rows[ti * g + gi] = p.q + ((bi * p.t + ti) * p.h + ki * g + gi) * d;
+  all_dots<kD>(q_rows.data(), rows, kb, s_len, d, any.data(), logits.data());
+
+  // softmax numerators in place (hidden slots -> 0); a row with no visible slot gives zeros
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> inv_sum(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* lr = logits.data() + r * s_len;
+    const uint8_t* mr = reinterpret_cast<const uint8_t*>(mb + (r / g) * s_len);
+    const float scale = p.scale;
+#pragma omp simd
+    for (int64_t s = 0; s < s_len; ++s) lr[s] = mr[s] ? lr[s] * scale : neg_inf;
+    float mx = neg_inf;
+#pragma omp simd reduction(max : mx)
+    for (int64_t s = 0; s < s_len; ++s) mx = mx > lr[s] ? mx : lr[s];
+    if (mx == neg_inf) {
+      std::fill(lr, lr + s_len, 0.0f);
+      inv_sum[r] = 0.0f;
+      continue;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t s = 0; s < s_len; ++s) {
+      const float e = exp_nonpositive(lr[s] - mx);
+      lr[s] = e;
+      sum += e;
+    }
+    inv_sum[r] = 1.0f / sum;
+  }
+  // out_r = Σ_s p[r, s] · v_s / Σ_s p[r, s]
+  std::vector<float> acc(rows * d);
+  weighted_sum<kD>(logits.data(), rows, s_len, d, vb, any.data(), acc.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = p.out + (q_rows[r] - p.q);  // the output row at the query row's offset
+    for (int64_t j = 0; j < d; ++j) o[j] = acc[r * d + j] * inv_sum[r];
+  }
+}
+
+// Work shared by the calling thread and tasks on XLA's pool. Items are claimed from an atomic
+// counter, so a task the pool starts late (or never) leaves nothing undone: the caller only
+// waits for items already claimed.
+struct Shared {
+  Problem problem;
+  int64_t items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void work() {
+    std::vector<float> logits;
+    std::vector<uint8_t> any;
+    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+      switch (problem.d) {
+        case 64:
+          attend_item<64>(problem, i, logits, any);
+          break;
+        case 128:
+          attend_item<128>(problem, i, logits, any);
+          break;
+        default:
+          attend_item<0>(problem, i, logits, any);
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                              ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                              ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                              float scale) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4 ||
+      mask.dimensions().size() != 3) {
+    return ffi::Error::InvalidArgument("cache_attention: q, k, v must be rank 4, mask rank 3");
+  }
+  auto shared = std::make_shared<Shared>();
+  Problem& p = shared->problem;
+  p.b = qd[0], p.t = qd[1], p.h = qd[2], p.d = qd[3];
+  p.kv = kd[1], p.s = kd[2];
+  if (kd[0] != p.b || kd[3] != p.d || p.kv == 0 || p.h % p.kv != 0) {
+    return ffi::Error::InvalidArgument("cache_attention: q and k shapes do not match");
+  }
+  p.q = q.typed_data();
+  p.k = k.typed_data();
+  p.v = v.typed_data();
+  p.mask = mask.typed_data();
+  p.out = out->typed_data();
+  p.scale = scale;
+  shared->items = p.b * p.kv;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
+  shared->work();
+  while (shared->done.load(std::memory_order_acquire) < shared->items) {
+    std::this_thread::yield();
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
