@@ -15,6 +15,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxlab import native as kernels
+
 __all__ = ["attention", "register_attention", "attention_implementations", "grouped_attention"]
 
 AttentionFn = Callable[..., jax.Array]
@@ -58,7 +60,7 @@ def grouped_attention(
     backend is CPU and the batch's logits would outgrow the cache (> 4 MiB); accelerators keep
     the whole batch in one pass.
 
-    ``native`` (``bksd`` only): run :func:`jaxlab.attention.native.cache_attention`, a C++ kernel
+    ``native`` (``bksd`` only): run :func:`jaxlab.native.cache_attention`, a C++ kernel
     for a few new tokens over a KV cache (~5x faster than XLA's batched matmuls at batch 32). By
     default it is on for float32 on CPU with at most ``CACHE_ATTENTION_MAX_TOKENS`` new tokens,
     when the kernel is built; rows whose mask is all False then give zeros.
@@ -79,10 +81,8 @@ def grouped_attention(
             return jax.lax.map(lambda a: one(*a, None), (q, k, v))
         return jax.lax.map(lambda a: one(*a), (q, k, v, mask))
     if native is None:
-        native = _use_native(q, k, v)
+        native = kernels.use_cache_attention(q, k, v)
     if native:
-        from jaxlab.attention import native as kernels
-
         return kernels.cache_attention(q, k, v, mask, scale=scale)
     # bksd: fold (batch, kv head) into one batch axis and (query, group) into the rows, so that
     # XLA runs one batched matmul with few, larger batch entries (much faster on CPU).
@@ -100,17 +100,6 @@ def grouped_attention(
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("xqs,xsd->xqd", probs, vx).reshape(b, kv_heads, t, g, d)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
-
-
-def _use_native(q, k, v):
-    from jaxlab.attention import native as kernels
-
-    return (
-        jax.default_backend() == "cpu"
-        and all(x.dtype == jnp.float32 for x in (q, k, v))
-        and q.shape[1] <= kernels.CACHE_ATTENTION_MAX_TOKENS
-        and kernels.available()
-    )
 
 
 def _attend_sequence(q, k, v, mask, *, scale):

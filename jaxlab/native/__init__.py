@@ -17,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -28,15 +29,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "build", "cache_attention", "CACHE_ATTENTION_MAX_TOKENS"]
+__all__ = [
+    "available",
+    "build",
+    "cache_attention",
+    "use_cache_attention",
+    "rows_matmul",
+    "dot_general",
+    "CACHE_ATTENTION_MAX_TOKENS",
+    "ROWS_MATMUL_MAX_ROWS",
+]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17"]
-_TARGET = "jaxlab_cache_attention"
 # more new tokens than this per row (prefill into the cache) stay on XLA's batched matmuls
 CACHE_ATTENTION_MAX_TOKENS = 8
+# matmuls with more rows than this (prefill, training) stay on XLA
+ROWS_MATMUL_MAX_ROWS = 32
 
 
 def _library_name() -> str:
@@ -81,6 +92,9 @@ def build(force: bool = False) -> Path:
     raise RuntimeError("no writable directory for the kernels: " + "; ".join(errors))
 
 
+_TARGETS = {"jaxlab_cache_attention": "CacheAttention", "jaxlab_rows_matmul": "RowsMatmul"}
+
+
 @functools.cache
 def available() -> bool:
     """Whether the native kernels are loaded (building them on first call if needed)."""
@@ -88,16 +102,29 @@ def available() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
-        jax.ffi.register_ffi_target(
-            _TARGET, jax.ffi.pycapsule(lib.CacheAttention), platform="cpu"
-        )
-    except (OSError, RuntimeError) as e:
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+            )
+    except (OSError, RuntimeError, AttributeError) as e:
         log.warning("jaxlab native CPU kernels unavailable, using XLA instead: %s", e)
         return False
     return True
 
 
-def _reference(q, k, v, mask, scale):
+def _require():
+    if not available():
+        raise RuntimeError("jaxlab's native CPU kernels are not available (see the log)")
+
+
+def _on_cpu_float32(*xs) -> bool:
+    return jax.default_backend() == "cpu" and all(x.dtype == jnp.float32 for x in xs)
+
+
+# -- attention over a KV cache ---------------------------------------------------------------------
+
+
+def _attention_reference(q, k, v, mask, scale):
     from jaxlab.attention.dense import grouped_attention
 
     return grouped_attention(q, k, v, mask, scale=scale, kv_layout="bksd", native=False)
@@ -106,22 +133,22 @@ def _reference(q, k, v, mask, scale):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _cache_attention(q, k, v, mask, scale):
     call = jax.ffi.ffi_call(
-        _TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential"
+        "jaxlab_cache_attention", jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential"
     )
     return call(q, k, v, mask, scale=np.float32(scale))
 
 
-def _fwd(q, k, v, mask, scale):
+def _attention_fwd(q, k, v, mask, scale):
     return _cache_attention(q, k, v, mask, scale), (q, k, v, mask)
 
 
-def _bwd(scale, res, g):  # differentiate the XLA formulation (the kernel is forward-only)
+def _attention_bwd(scale, res, g):  # differentiate the XLA formulation (the kernel is forward-only)
     q, k, v, mask = res
-    _, vjp = jax.vjp(lambda q, k, v: _reference(q, k, v, mask, scale), q, k, v)
+    _, vjp = jax.vjp(lambda q, k, v: _attention_reference(q, k, v, mask, scale), q, k, v)
     return (*vjp(g), None)
 
 
-_cache_attention.defvjp(_fwd, _bwd)
+_cache_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def cache_attention(q, k, v, mask, *, scale: float) -> jax.Array:
@@ -129,16 +156,84 @@ def cache_attention(q, k, v, mask, *, scale: float) -> jax.Array:
 
     A row whose mask is all False gives zeros.
     """
-    if not available():
-        raise RuntimeError("jaxlab's native CPU kernels are not available (see the log)")
+    _require()
     if mask is None:
         mask = jnp.ones((q.shape[0], q.shape[1], k.shape[2]), bool)
     return _cache_attention(q, k, v, mask.astype(bool), scale)
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    try:
-        print(f"built {build(force='--force' in sys.argv)}")
-    except RuntimeError as e:  # the XLA path still works; say so and do not fail the install
-        print(f"native kernels not built ({e}); jaxlab will use XLA for them", file=sys.stderr)
+def use_cache_attention(q, k, v) -> bool:
+    """The default choice: float32 on CPU, few new tokens, kernels built."""
+    return (
+        _on_cpu_float32(q, k, v) and q.shape[1] <= CACHE_ATTENTION_MAX_TOKENS and available()
+    )
+
+
+# -- few-row matmuls -------------------------------------------------------------------------------
+
+
+def _matmul_reference(x, w, transposed):
+    return x @ (w.T if transposed else w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rows_matmul(x, w, transposed):
+    n = w.shape[0] if transposed else w.shape[1]
+    call = jax.ffi.ffi_call(
+        "jaxlab_rows_matmul",
+        jax.ShapeDtypeStruct((x.shape[0], n), x.dtype),
+        vmap_method="sequential",
+    )
+    return call(x, w, transposed=transposed)
+
+
+def _matmul_fwd(x, w, transposed):
+    return _rows_matmul(x, w, transposed), (x, w)
+
+
+def _matmul_bwd(transposed, res, g):
+    _, vjp = jax.vjp(lambda x, w: _matmul_reference(x, w, transposed), *res)
+    return vjp(g)
+
+
+_rows_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def rows_matmul(x, w, *, transposed: bool = False) -> jax.Array:
+    """``x [M, K] @ w [K, N]``, or ``x @ w.T`` for ``w [N, K]`` with ``transposed`` (float32)."""
+    _require()
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1 if transposed else 0]:
+        raise ValueError(f"rows_matmul: x {x.shape} and w {w.shape} (transposed={transposed})")
+    return _rows_matmul(x, w, transposed)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    """``jax.lax.dot_general`` that sends decoding's few-row float32 matmuls to :func:`rows_matmul`.
+
+    Used by jaxlab's linear layers and tied LM heads. It takes ``lhs [..., K]`` against a 2-D
+    weight (``[K, N]``, or ``[N, K]`` contracted on its last axis) when there are at most
+    ``ROWS_MATMUL_MAX_ROWS`` rows, on CPU, in float32; everything else goes to XLA unchanged.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    rows = math.prod(lhs.shape[:-1])
+    if (
+        not lb
+        and not rb
+        and tuple(lc) == (lhs.ndim - 1,)
+        and rhs.ndim == 2
+        and tuple(rc) in ((0,), (1,))
+        and 1 <= rows <= ROWS_MATMUL_MAX_ROWS
+        and preferred_element_type in (None, jnp.float32)
+        and _on_cpu_float32(lhs, rhs)
+        and available()
+    ):
+        out = _rows_matmul(lhs.reshape(rows, lhs.shape[-1]), rhs, tuple(rc) == (1,))
+        return out.reshape(*lhs.shape[:-1], out.shape[-1])
+    return jax.lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kw,
+    )

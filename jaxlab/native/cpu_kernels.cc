@@ -1,4 +1,8 @@
-// CPU kernels called from jaxlab through XLA's FFI (see jaxlab/attention/native.py).
+// CPU kernels called from jaxlab through XLA's FFI (see jaxlab/native/__init__.py).
+//
+// rows_matmul: x [M, K] times a weight [K, N] ("nn") or [N, K] ("nt", a tied embedding) for the
+// few rows of a decode step (M <= 32). XLA's kernels for this shape run at a fraction of memory
+// bandwidth; these stream the weight once per call (per 8 rows from cache), over XLA's threads.
 //
 // cache_attention: grouped-query attention of a few new query tokens over a KV cache in the
 // "bksd" layout (heads before slots). XLA runs this as batched matmuls of B·K tiny entries,
@@ -239,33 +243,30 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& logits,
   }
 }
 
-// Work shared by the calling thread and tasks on XLA's pool. Items are claimed from an atomic
-// counter, so a task the pool starts late (or never) leaves nothing undone: the caller only
-// waits for items already claimed.
-struct Shared {
-  Problem problem;
-  int64_t items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void work() {
-    std::vector<float> logits;
-    std::vector<uint8_t> any;
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-      switch (problem.d) {
-        case 64:
-          attend_item<64>(problem, i, logits, any);
-          break;
-        case 128:
-          attend_item<128>(problem, i, logits, any);
-          break;
-        default:
-          attend_item<0>(problem, i, logits, any);
+// Runs fn(i) for i in [0, items) on the calling thread and tasks on XLA's pool. Items are claimed
+// from an atomic counter, so a task the pool starts late (or never) leaves nothing undone: the
+// caller only waits for items already claimed.
+template <typename Fn>
+void parallel_for(ffi::ThreadPool& pool, int64_t items, Fn fn) {
+  struct Shared {
+    Shared(Fn f, int64_t n) : fn(std::move(f)), items(n) {}
+    Fn fn;
+    int64_t items;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    void work() {
+      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+        fn(i);
+        done.fetch_add(1, std::memory_order_release);
       }
-      done.fetch_add(1, std::memory_order_release);
     }
-  }
-};
+  };
+  auto shared = std::make_shared<Shared>(std::move(fn), items);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
+  shared->work();
+  while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
 
 ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
@@ -277,8 +278,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       mask.dimensions().size() != 3) {
     return ffi::Error::InvalidArgument("cache_attention: q, k, v must be rank 4, mask rank 3");
   }
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
   p.b = qd[0], p.t = qd[1], p.h = qd[2], p.d = qd[3];
   p.kv = kd[1], p.s = kd[2];
   if (kd[0] != p.b || kd[3] != p.d || p.kv == 0 || p.h % p.kv != 0) {
@@ -290,12 +290,171 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.mask = mask.typed_data();
   p.out = out->typed_data();
   p.scale = scale;
-  shared->items = p.b * p.kv;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
-  shared->work();
-  while (shared->done.load(std::memory_order_acquire) < shared->items) {
-    std::this_thread::yield();
+  parallel_for(pool, p.b * p.kv, [p](int64_t i) {
+    thread_local std::vector<float> logits;
+    thread_local std::vector<uint8_t> any;
+    switch (p.d) {
+      case 64:
+        attend_item<64>(p, i, logits, any);
+        break;
+      case 128:
+        attend_item<128>(p, i, logits, any);
+        break;
+      default:
+        attend_item<0>(p, i, logits, any);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+
+// -- rows_matmul ------------------------------------------------------------------------------
+
+constexpr int64_t kRowBlock = 8;     // rows of x per register tile
+constexpr int64_t kNNTileCols = 48;  // weight columns per register tile ("nn")
+constexpr int64_t kItemCols = 96;    // columns per parallel work item ("nn"; multiple of 16)
+constexpr int64_t kNTItemRows = 64;  // weight rows per parallel work item ("nt"; multiple of 16)
+
+#ifdef __AVX512F__
+// out[m, 0:16·kC] = Σ_k x[m, k] · w[k, 0:16·kC] for kM rows: the weight row is loaded once and
+// reused by every row of x, accumulators stay in registers, the weight is prefetched ahead.
+template <int kM, int kC>
+void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t depth, float* out,
+             int64_t ldo) {
+  __m512 acc[kM][kC];
+  for (int m = 0; m < kM; ++m)
+    for (int c = 0; c < kC; ++c) acc[m][c] = _mm512_setzero_ps();
+  constexpr int64_t kAhead = 16;
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* wk = w + k * ldw;
+    if (k + kAhead < depth) {
+      for (int c = 0; c < kC; ++c) _mm_prefetch(reinterpret_cast<const char*>(wk + kAhead * ldw + 16 * c), _MM_HINT_T0);
+    }
+    __m512 wv[kC];
+    for (int c = 0; c < kC; ++c) wv[c] = _mm512_loadu_ps(wk + 16 * c);
+    for (int m = 0; m < kM; ++m) {
+      const __m512 xb = _mm512_set1_ps(x[m * ldx + k]);
+      for (int c = 0; c < kC; ++c) acc[m][c] = _mm512_fmadd_ps(xb, wv[c], acc[m][c]);
+    }
+  }
+  for (int m = 0; m < kM; ++m)
+    for (int c = 0; c < kC; ++c) _mm512_storeu_ps(out + m * ldo + 16 * c, acc[m][c]);
+}
+
+template <int kC>
+void nn_rows(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw, int64_t depth,
+             float* out, int64_t ldo) {
+  for (int64_t m = 0; m < rows; m += kRowBlock) {
+    const float* xm = x + m * ldx;
+    float* om = out + m * ldo;
+    switch (std::min(kRowBlock, rows - m)) {
+      case 8: nn_tile<8, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
+      case 7: nn_tile<7, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
+      case 6: nn_tile<6, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
+      case 5: nn_tile<5, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
+      case 4: nn_tile<4, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
+      case 3: nn_tile<3, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
+      case 2: nn_tile<2, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
+      default: nn_tile<1, kC>(xm, ldx, w, ldw, depth, om, ldo);
+    }
+  }
+}
+
+// out[m, j] = x_m · w_j for 16 weight rows j and kM rows of x (depth a multiple of 16).
+template <int kM>
+void nt_block(const float* x, int64_t depth, const float* w, float* out, int64_t ldo) {
+  alignas(64) __m512 part[kM][16];
+  for (int j = 0; j < 16; ++j) {
+    const float* wj = w + j * depth;
+    __m512 acc[kM];
+    for (int m = 0; m < kM; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < depth; k += 16) {
+      const __m512 wv = _mm512_loadu_ps(wj + k);
+      for (int m = 0; m < kM; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * depth + k), wv, acc[m]);
+    }
+    for (int m = 0; m < kM; ++m) part[m][j] = acc[m];
+  }
+  for (int m = 0; m < kM; ++m) _mm512_storeu_ps(out + m * ldo, sum_lanes16(part[m]));
+}
+
+void nt_rows(const float* x, int64_t rows, const float* w, int64_t depth, float* out, int64_t ldo) {
+  for (int64_t m = 0; m < rows; m += kRowBlock) {
+    const float* xm = x + m * depth;
+    float* om = out + m * ldo;
+    switch (std::min(kRowBlock, rows - m)) {
+      case 8: nt_block<8>(xm, depth, w, om, ldo); break;
+      case 7: nt_block<7>(xm, depth, w, om, ldo); break;
+      case 6: nt_block<6>(xm, depth, w, om, ldo); break;
+      case 5: nt_block<5>(xm, depth, w, om, ldo); break;
+      case 4: nt_block<4>(xm, depth, w, om, ldo); break;
+      case 3: nt_block<3>(xm, depth, w, om, ldo); break;
+      case 2: nt_block<2>(xm, depth, w, om, ldo); break;
+      default: nt_block<1>(xm, depth, w, om, ldo);
+    }
+  }
+}
+#endif
+
+// Portable fallback (and the ragged edges): plain loops the compiler vectorises.
+void nn_generic(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw,
+                int64_t depth, int64_t cols, float* out, int64_t ldo) {
+  for (int64_t m = 0; m < rows; ++m) {
+    float* om = out + m * ldo;
+    std::fill(om, om + cols, 0.0f);
+    for (int64_t k = 0; k < depth; ++k) {
+      const float xv = x[m * ldx + k];
+      const float* wk = w + k * ldw;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) om[j] += xv * wk[j];
+    }
+  }
+}
+
+void nt_generic(const float* x, int64_t rows, const float* w, int64_t depth, int64_t cols,
+                float* out, int64_t ldo) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t j = 0; j < cols; ++j) out[m * ldo + j] = dot(x + m * depth, w + j * depth, depth);
+}
+
+// x [M, K] times w [K, N] (transposed=false) or w [N, K] (transposed=true) -> [M, N]
+ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::ResultBuffer<ffi::F32> out, bool transposed) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) {
+    return ffi::Error::InvalidArgument("rows_matmul: x and w must be rank 2");
+  }
+  const int64_t rows = xd[0], depth = xd[1];
+  const int64_t cols = transposed ? wd[0] : wd[1];
+  if ((transposed ? wd[1] : wd[0]) != depth) {
+    return ffi::Error::InvalidArgument("rows_matmul: contracting dimensions differ");
+  }
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* op = out->typed_data();
+  if (!transposed) {
+    const int64_t items = (cols + kItemCols - 1) / kItemCols;
+    parallel_for(pool, items, [=](int64_t i) {
+      const int64_t c0 = i * kItemCols, c1 = std::min(cols, c0 + kItemCols);
+      int64_t c = c0;
+#ifdef __AVX512F__
+      for (; c + kNNTileCols <= c1; c += kNNTileCols)
+        nn_rows<3>(xp, rows, depth, wp + c, cols, depth, op + c, cols);
+      for (; c + 16 <= c1; c += 16) nn_rows<1>(xp, rows, depth, wp + c, cols, depth, op + c, cols);
+#endif
+      if (c < c1) nn_generic(xp, rows, depth, wp + c, cols, depth, c1 - c, op + c, cols);
+    });
+  } else {
+    const int64_t items = (cols + kNTItemRows - 1) / kNTItemRows;
+    parallel_for(pool, items, [=](int64_t i) {
+      const int64_t c0 = i * kNTItemRows, c1 = std::min(cols, c0 + kNTItemRows);
+      int64_t c = c0;
+#ifdef __AVX512F__
+      if (depth % 16 == 0)
+        for (; c + 16 <= c1; c += 16) nt_rows(xp, rows, wp + c * depth, depth, op + c, cols);
+#endif
+      if (c < c1) nt_generic(xp, rows, wp + c * depth, depth, c1 - c, op + c, cols);
+    });
   }
   return ffi::Error::Success();
 }
@@ -311,3 +470,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmul, RowsMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));
