@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlab import native
 from jaxlab.attention import attention, attention_implementations
 from jaxlab.config import check, check_positive
 from jaxlab.models.layers import (
@@ -390,8 +391,10 @@ class Decoder(nnx.Module):
         x = self.norm(x)
         if return_hidden:
             out = x
-        elif self.config.tie_word_embeddings:
-            out = self.embed_tokens.attend(x).astype(jnp.float32)
+        elif self.config.tie_word_embeddings:  # x @ embedding.T, through the native few-row path
+            table = self.embed_tokens.embedding[...]
+            out = native.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+            out = out.astype(jnp.float32)
         else:
             out = self.lm_head(x).astype(jnp.float32)
         if cache is None:

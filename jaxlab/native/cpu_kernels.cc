@@ -312,26 +312,21 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 constexpr int64_t kRowBlock = 8;     // rows of x per register tile
 constexpr int64_t kNNTileCols = 48;  // weight columns per register tile ("nn")
-constexpr int64_t kItemCols = 96;    // columns per parallel work item ("nn"; multiple of 16)
-constexpr int64_t kNTItemRows = 64;  // weight rows per parallel work item ("nt"; multiple of 16)
+constexpr int64_t kNTItemRows = 64;
+constexpr int64_t kNNItemDepth = 64;  // fewest weight rows per parallel work item ("nn")  // weight rows per parallel work item ("nt"; multiple of 16)
 
 #ifdef __AVX512F__
-// out[m, 0:16·kC] = Σ_k x[m, k] · w[k, 0:16·kC] for kM rows: the weight row is loaded once and
-// reused by every row of x, accumulators stay in registers, the weight is prefetched ahead.
+// out[m, 0:16·kC] += Σ_k x[m, k] · w[k, 0:16·kC] over `depth` weight rows, for kM rows of x: each
+// weight vector is loaded once and used by every row of x, accumulators stay in registers.
 template <int kM, int kC>
 void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t depth, float* out,
              int64_t ldo) {
   __m512 acc[kM][kC];
   for (int m = 0; m < kM; ++m)
-    for (int c = 0; c < kC; ++c) acc[m][c] = _mm512_setzero_ps();
-  constexpr int64_t kAhead = 16;
+    for (int c = 0; c < kC; ++c) acc[m][c] = _mm512_loadu_ps(out + m * ldo + 16 * c);
   for (int64_t k = 0; k < depth; ++k) {
-    const float* wk = w + k * ldw;
-    if (k + kAhead < depth) {
-      for (int c = 0; c < kC; ++c) _mm_prefetch(reinterpret_cast<const char*>(wk + kAhead * ldw + 16 * c), _MM_HINT_T0);
-    }
     __m512 wv[kC];
-    for (int c = 0; c < kC; ++c) wv[c] = _mm512_loadu_ps(wk + 16 * c);
+    for (int c = 0; c < kC; ++c) wv[c] = _mm512_loadu_ps(w + k * ldw + 16 * c);
     for (int m = 0; m < kM; ++m) {
       const __m512 xb = _mm512_set1_ps(x[m * ldx + k]);
       for (int c = 0; c < kC; ++c) acc[m][c] = _mm512_fmadd_ps(xb, wv[c], acc[m][c]);
@@ -360,6 +355,34 @@ void nn_rows(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t 
   }
 }
 
+// out[:, 0:c1] += x[:, k0:k1] · w[k0:k1, 0:c1] with c1 a multiple of 16. The weight's rows are
+// read kDepthChunk at a time, each left to right: a few long sequential streams the prefetcher
+// follows (a column tile at a time down all rows would touch a new page per row).
+void nn_depth_range(const float* x, int64_t rows, const float* w, int64_t depth, int64_t cols,
+                    int64_t k0, int64_t k1, int64_t c1, float* out) {
+  constexpr int64_t kDepthChunk = 16;
+  const int64_t tiles = c1 / kNNTileCols + (c1 % kNNTileCols) / 16;
+  for (int64_t k = k0; k < k1; k += kDepthChunk) {
+    const int64_t kc = std::min(kDepthChunk, k1 - k);
+    const float* wk = w + k * cols;
+    // prefetch the next chunk (one contiguous block) in equal slices while this one is used
+    const char* ahead = reinterpret_cast<const char*>(wk + kc * cols);
+    const int64_t ahead_bytes = std::min(kDepthChunk, std::max<int64_t>(0, k1 - k - kc)) * cols * 4;
+    const int64_t slice = (ahead_bytes / 64 + tiles - 1) / std::max<int64_t>(tiles, 1) * 64;
+    int64_t c = 0, t = 0;
+    for (; c + kNNTileCols <= c1; c += kNNTileCols, ++t) {
+      for (int64_t b = t * slice; b < std::min(ahead_bytes, (t + 1) * slice); b += 64)
+        _mm_prefetch(ahead + b, _MM_HINT_T1);
+      nn_rows<3>(x + k, rows, depth, wk + c, cols, kc, out + c, cols);
+    }
+    for (; c + 16 <= c1; c += 16, ++t) {
+      for (int64_t b = t * slice; b < std::min(ahead_bytes, (t + 1) * slice); b += 64)
+        _mm_prefetch(ahead + b, _MM_HINT_T1);
+      nn_rows<1>(x + k, rows, depth, wk + c, cols, kc, out + c, cols);
+    }
+  }
+}
+
 // out[m, j] = x_m · w_j for 16 weight rows j and kM rows of x (depth a multiple of 16).
 template <int kM>
 void nt_block(const float* x, int64_t depth, const float* w, float* out, int64_t ldo) {
@@ -368,7 +391,8 @@ void nt_block(const float* x, int64_t depth, const float* w, float* out, int64_t
     const float* wj = w + j * depth;
     __m512 acc[kM];
     for (int m = 0; m < kM; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < depth; k += 16) {
+    for (int64_t k = 0; k < depth; k += 16) {  // one cache line per step; prefetch 4 rows ahead
+      _mm_prefetch(reinterpret_cast<const char*>(wj + 4 * depth + k), _MM_HINT_T0);
       const __m512 wv = _mm512_loadu_ps(wj + k);
       for (int m = 0; m < kM; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * depth + k), wv, acc[m]);
     }
@@ -433,17 +457,41 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* wp = w.typed_data();
   float* op = out->typed_data();
   if (!transposed) {
-    const int64_t items = (cols + kItemCols - 1) / kItemCols;
-    parallel_for(pool, items, [=](int64_t i) {
-      const int64_t c0 = i * kItemCols, c1 = std::min(cols, c0 + kItemCols);
-      int64_t c = c0;
+    // each work item takes a range of the weight's rows (one contiguous block of memory) and
+    // sums its share into its own buffer; the buffers are added at the end
+    const int64_t items =
+        std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), depth / kNNItemDepth));
+    const int64_t per = (depth + items - 1) / items;
+    std::vector<std::vector<float>> partial(items);
+    int64_t c1 = 0;
 #ifdef __AVX512F__
-      for (; c + kNNTileCols <= c1; c += kNNTileCols)
-        nn_rows<3>(xp, rows, depth, wp + c, cols, depth, op + c, cols);
-      for (; c + 16 <= c1; c += 16) nn_rows<1>(xp, rows, depth, wp + c, cols, depth, op + c, cols);
+    c1 = cols / 16 * 16;
 #endif
-      if (c < c1) nn_generic(xp, rows, depth, wp + c, cols, depth, c1 - c, op + c, cols);
+    parallel_for(pool, items, [&, c1](int64_t i) {
+      const int64_t k0 = i * per, k1 = std::min(depth, k0 + per);
+      float* dst = op;
+      if (i > 0) {
+        partial[i].assign(rows * cols, 0.0f);
+        dst = partial[i].data();
+      } else {
+        std::fill(op, op + rows * cols, 0.0f);
+      }
+#ifdef __AVX512F__
+      nn_depth_range(xp, rows, wp, depth, cols, k0, k1, c1, dst);
+#endif
+      if (c1 < cols) {  // ragged last columns
+        std::vector<float> tail(rows * (cols - c1));
+        nn_generic(xp + k0, rows, depth, wp + k0 * cols + c1, cols, k1 - k0, cols - c1,
+                   tail.data(), cols - c1);
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t j = c1; j < cols; ++j) dst[m * cols + j] += tail[m * (cols - c1) + j - c1];
+      }
     });
+    for (int64_t i = 1; i < items; ++i) {
+      const float* src = partial[i].data();
+#pragma omp simd
+      for (int64_t j = 0; j < rows * cols; ++j) op[j] += src[j];
+    }
   } else {
     const int64_t items = (cols + kNTItemRows - 1) / kNTItemRows;
     parallel_for(pool, items, [=](int64_t i) {
