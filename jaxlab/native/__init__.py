@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -164,9 +163,7 @@ def cache_attention(q, k, v, mask, *, scale: float) -> jax.Array:
 
 def use_cache_attention(q, k, v) -> bool:
     """The default choice: float32 on CPU, few new tokens, kernels built."""
-    return (
-        _on_cpu_float32(q, k, v) and q.shape[1] <= CACHE_ATTENTION_MAX_TOKENS and available()
-    )
+    return _on_cpu_float32(q, k, v) and q.shape[1] <= CACHE_ATTENTION_MAX_TOKENS and available()
 
 
 # -- few-row matmuls -------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""The native CPU kernels (jaxlab.native) against float64 numpy, and the dispatch around them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab import native
+from jaxlab.attention.dense import grouped_attention
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built")
+
+
+def _attention_f64(q, k, v, mask, scale):
+    """q [B, T, H, D], k/v [B, K, S, D], mask [B, T, S] -> [B, T, H, D]; all-hidden rows -> 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, h, d = q.shape
+    g = h // k.shape[1]
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for ti in range(t):
+            for hi in range(h):
+                visible = np.asarray(mask[bi, ti])
+                if not visible.any():
+                    continue
+                logits = k[bi, hi // g] @ q[bi, ti, hi] * scale
+                logits = np.where(visible, logits, -np.inf)
+                p = np.exp(logits - logits.max())
+                out[bi, ti, hi] = (p / p.sum()) @ v[bi, hi // g]
+    return out
+
+
+def _mask(rng, b, t, s):
+    """Left padding, a current length per row, and a few holes; row 0's last token sees nothing."""
+    start = rng.integers(0, s // 3, size=b)
+    length = rng.integers(s // 2, s - t + 1, size=b)
+    slots = np.arange(s)
+    mask = (slots[None, None] >= start[:, None, None]) & (
+        slots[None, None] < (length[:, None] + np.arange(t)[None] + 1)[..., None]
+    )
+    mask &= rng.random((b, 1, s)) > 0.1
+    mask[0, -1] = False
+    return mask
+
+
+@pytest.mark.parametrize(
+    "b, t, h, kv, s, d",
+    [
+        (1, 1, 9, 3, 256, 64),  # SmolLM2's decode shape (the AVX-512 path)
+        (3, 1, 4, 4, 37, 64),  # slots not a multiple of 16
+        (2, 3, 8, 2, 50, 128),  # several new tokens, head dim 128
+        (2, 2, 6, 3, 29, 24),  # a head dim with no specialised path
+    ],
+)
+def test_cache_attention_matches_float64(b, t, h, kv, s, d):
+    rng = np.random.default_rng(b * 100 + d)
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    k = rng.normal(size=(b, kv, s, d)).astype(np.float32)
+    v = rng.normal(size=(b, kv, s, d)).astype(np.float32)
+    mask = _mask(rng, b, t, s)
+    scale = d**-0.5
+    got = np.asarray(native.cache_attention(q, k, v, jnp.asarray(mask), scale=scale))
+    np.testing.assert_allclose(got, _attention_f64(q, k, v, mask, scale), atol=2e-6, rtol=1e-5)
+    assert not got[0, -1].any()  # a row with no visible slot gives zeros
+    # the XLA formulation agrees wherever a row sees something
+    xla = np.asarray(
+        grouped_attention(q, k, v, jnp.asarray(mask), scale=scale, kv_layout="bksd", native=False)
+    )
+    seen = mask.any(-1)
+    np.testing.assert_allclose(got[seen], xla[seen], atol=2e-6, rtol=1e-5)
+
+
+def test_cache_attention_is_the_default_for_decoding_on_cpu():
+    q = jnp.ones((2, 1, 4, 16))
+    k = jnp.ones((2, 2, 8, 16))
+    jaxpr = str(
+        jax.make_jaxpr(lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd"))(
+            q, k
+        )
+    )
+    assert "jaxlab_cache_attention" in jaxpr
+    long_q = jnp.ones((2, native.CACHE_ATTENTION_MAX_TOKENS + 1, 4, 16))
+    jaxpr = str(
+        jax.make_jaxpr(lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd"))(
+            long_q, k
+        )
+    )
+    assert "jaxlab_cache_attention" not in jaxpr  # prefill into the cache stays on XLA
+    jaxpr = str(
+        jax.make_jaxpr(lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd"))(
+            q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+        )
+    )
+    assert "jaxlab_cache_attention" not in jaxpr
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize(
+    "m, k, n",
+    [(1, 576, 1536), (8, 576, 192), (13, 100, 40), (32, 1536, 576), (5, 64, 16), (3, 48, 1000)],
+)
+def test_rows_matmul_matches_float64(m, k, n, transposed):
+    rng = np.random.default_rng(m * k + n)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = rng.normal(size=(n, k) if transposed else (k, n)).astype(np.float32)
+    want = x.astype(np.float64) @ (w.T if transposed else w).astype(np.float64)
+    got = np.asarray(native.rows_matmul(x, w, transposed=transposed))
+    assert got.shape == (m, n)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.sqrt(k), rtol=1e-5)
+
+
+def test_rows_matmul_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="rows_matmul"):
+        native.rows_matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
+
+
+def test_dot_general_sends_only_few_row_float32_matmuls_to_the_kernel():
+    dims = (((2,), (0,)), ((), ()))
+    w = jnp.ones((16, 32))
+
+    def uses_kernel(x, w=w, dims=dims):
+        jaxpr = str(jax.make_jaxpr(lambda x, w: native.dot_general(x, w, dims))(x, w))
+        return "jaxlab_rows_matmul" in jaxpr
+
+    assert uses_kernel(jnp.ones((4, 8, 16)))  # 32 rows
+    assert not uses_kernel(jnp.ones((4, 9, 16)))  # 36 rows: XLA
+    assert not uses_kernel(jnp.ones((4, 8, 16), jnp.bfloat16), w=w.astype(jnp.bfloat16))
+    batched = (((2,), (1,)), ((0,), (0,)))
+    assert not uses_kernel(jnp.ones((2, 3, 16)), w=jnp.ones((2, 16, 5)), dims=batched)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16))
+    np.testing.assert_allclose(
+        native.dot_general(x, w, dims), jax.lax.dot_general(x, w, dims), rtol=1e-6, atol=1e-5
+    )
+
+
+def test_gradients_and_vmap_go_through_the_xla_formulation():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 32)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(32, 48)), jnp.float32)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    got = jax.grad(loss(native.rows_matmul), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    xs = jnp.stack([x, 2 * x])
+    np.testing.assert_allclose(
+        jax.vmap(lambda x: native.rows_matmul(x, w))(xs), xs @ w, rtol=1e-5, atol=1e-4
+    )
+
+    q = jnp.asarray(rng.normal(size=(2, 1, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 2, 8, 16)), jnp.float32)
+    mask = jnp.asarray(_mask(rng, 2, 1, 8)).at[0].set(True)
+
+    def attn(native_kernel):
+        return lambda q, k: jnp.sum(
+            grouped_attention(q, k, k, mask, scale=0.25, kv_layout="bksd", native=native_kernel)
+            ** 2
+        )
+
+    got = jax.grad(attn(True), argnums=(0, 1))(q, k)
+    want = jax.grad(attn(False), argnums=(0, 1))(q, k)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_library_file_is_named_by_source_and_flags(tmp_path, monkeypatch):
+    name = native._library_name()
+    assert name.startswith("_cpu_kernels-") and name.endswith(".so")
+    monkeypatch.setattr(native, "_FLAGS", [*native._FLAGS, "-DJAXLAB_TEST_FLAG"])
+    assert native._library_name() != name  # other flags: another build, never a stale one
