@@ -360,14 +360,18 @@ void nn_rows(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t 
 // follows (a column tile at a time down all rows would touch a new page per row).
 void nn_depth_range(const float* x, int64_t rows, const float* w, int64_t depth, int64_t cols,
                     int64_t k0, int64_t k1, int64_t c1, float* out) {
-  constexpr int64_t kDepthChunk = 16;
+  // few rows: short chunks, the next one prefetched into L2; more rows are compute-bound and
+  // amortise their accumulator traffic over longer chunks, left to the hardware prefetcher
+  const bool prefetch = rows <= kRowBlock;
+  const int64_t kDepthChunk = prefetch ? 16 : 32;
   const int64_t tiles = c1 / kNNTileCols + (c1 % kNNTileCols) / 16;
   for (int64_t k = k0; k < k1; k += kDepthChunk) {
     const int64_t kc = std::min(kDepthChunk, k1 - k);
     const float* wk = w + k * cols;
     // prefetch the next chunk (one contiguous block) in equal slices while this one is used
     const char* ahead = reinterpret_cast<const char*>(wk + kc * cols);
-    const int64_t ahead_bytes = std::min(kDepthChunk, std::max<int64_t>(0, k1 - k - kc)) * cols * 4;
+    const int64_t ahead_bytes =
+        prefetch ? std::min(kDepthChunk, std::max<int64_t>(0, k1 - k - kc)) * cols * 4 : 0;
     const int64_t slice = (ahead_bytes / 64 + tiles - 1) / std::max<int64_t>(tiles, 1) * 64;
     int64_t c = 0, t = 0;
     for (; c + kNNTileCols <= c1; c += kNNTileCols, ++t) {
@@ -401,19 +405,25 @@ void nt_block(const float* x, int64_t depth, const float* w, float* out, int64_t
   for (int m = 0; m < kM; ++m) _mm512_storeu_ps(out + m * ldo, sum_lanes16(part[m]));
 }
 
-void nt_rows(const float* x, int64_t rows, const float* w, int64_t depth, float* out, int64_t ldo) {
+// out[:, 0:16·blocks] = x · w[0:16·blocks, :].T: each block of 8 rows of x (in L1) runs over all
+// the weight rows, which stay in L2 for the next block of x.
+void nt_rows(const float* x, int64_t rows, const float* w, int64_t depth, int64_t blocks,
+             float* out, int64_t ldo) {
   for (int64_t m = 0; m < rows; m += kRowBlock) {
     const float* xm = x + m * depth;
-    float* om = out + m * ldo;
-    switch (std::min(kRowBlock, rows - m)) {
-      case 8: nt_block<8>(xm, depth, w, om, ldo); break;
-      case 7: nt_block<7>(xm, depth, w, om, ldo); break;
-      case 6: nt_block<6>(xm, depth, w, om, ldo); break;
-      case 5: nt_block<5>(xm, depth, w, om, ldo); break;
-      case 4: nt_block<4>(xm, depth, w, om, ldo); break;
-      case 3: nt_block<3>(xm, depth, w, om, ldo); break;
-      case 2: nt_block<2>(xm, depth, w, om, ldo); break;
-      default: nt_block<1>(xm, depth, w, om, ldo);
+    for (int64_t j = 0; j < blocks; ++j) {
+      const float* wj = w + 16 * j * depth;
+      float* om = out + m * ldo + 16 * j;
+      switch (std::min(kRowBlock, rows - m)) {
+        case 8: nt_block<8>(xm, depth, wj, om, ldo); break;
+        case 7: nt_block<7>(xm, depth, wj, om, ldo); break;
+        case 6: nt_block<6>(xm, depth, wj, om, ldo); break;
+        case 5: nt_block<5>(xm, depth, wj, om, ldo); break;
+        case 4: nt_block<4>(xm, depth, wj, om, ldo); break;
+        case 3: nt_block<3>(xm, depth, wj, om, ldo); break;
+        case 2: nt_block<2>(xm, depth, wj, om, ldo); break;
+        default: nt_block<1>(xm, depth, wj, om, ldo);
+      }
     }
   }
 }
@@ -498,8 +508,11 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       const int64_t c0 = i * kNTItemRows, c1 = std::min(cols, c0 + kNTItemRows);
       int64_t c = c0;
 #ifdef __AVX512F__
-      if (depth % 16 == 0)
-        for (; c + 16 <= c1; c += 16) nt_rows(xp, rows, wp + c * depth, depth, op + c, cols);
+      if (depth % 16 == 0) {
+        const int64_t blocks = (c1 - c0) / 16;
+        nt_rows(xp, rows, wp + c0 * depth, depth, blocks, op + c0, cols);
+        c = c0 + 16 * blocks;
+      }
 #endif
       if (c < c1) nt_generic(xp, rows, wp + c * depth, depth, c1 - c, op + c, cols);
     });
