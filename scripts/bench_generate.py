@@ -5,7 +5,8 @@
 Greedy, prompt of `--prompt` random tokens, exactly `--new` new tokens (EOS ignored on both sides),
 time from prompt ids to generated ids (prefill included), best of `--repeats` after a warm-up.
 Also prints the memory-bandwidth floor: the time to stream every parameter once per decode step
-at the measured copy bandwidth, as tokens/s. With `--engine`, a second table compares the
+at the measured copy bandwidth (numpy, one thread), as tokens/s; and the same at the read
+bandwidth of an XLA reduction over both cores (what a decode step does: read each weight once). With `--engine`, a second table compares the
 continuous-batching Engine with static batching on requests of log-normal lengths.
 """
 
@@ -34,6 +35,19 @@ def copy_bandwidth_gbs(nbytes: int = 512 * 2**20) -> float:
     return 2 * nbytes / best / 1e9  # read + write
 
 
+def read_bandwidth_gbs(nbytes: int = 512 * 2**20) -> float:
+    """Read-only bandwidth of a jitted sum (XLA's threads), best of 5."""
+    x = jax.numpy.ones(nbytes // 4, np.float32)
+    total = jax.jit(lambda x: x.sum())
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -56,13 +70,15 @@ def main():
 
     model, tok = from_pretrained(SMOLLM2_GGUF)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    bw = copy_bandwidth_gbs()
+    bw, read_bw = copy_bandwidth_gbs(), read_bandwidth_gbs()
     floor_steps = bw * 1e9 / param_bytes
+    read_floor_steps = read_bw * 1e9 / param_bytes
     print(
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
     print(
-        f"parameters {param_bytes / 1e6:.0f} MB, copy bandwidth {bw:.1f} GB/s -> floor {floor_steps:.1f} decode steps/s"
+        f"parameters {param_bytes / 1e6:.0f} MB, copy bandwidth {bw:.1f} GB/s -> floor {floor_steps:.1f} decode steps/s; "
+        f"read bandwidth {read_bw:.1f} GB/s -> {read_floor_steps:.1f} steps/s"
     )
     hf = None
     if not args.skip_hf:
@@ -91,6 +107,7 @@ def main():
             "jaxlab_s": t_ours,
             "jaxlab_tok_s": b * args.new / t_ours,
             "floor_tok_s": b * floor_steps,
+            "read_floor_tok_s": b * read_floor_steps,
         }
         if hf is not None:
             tids = torch.tensor(ids, dtype=torch.long)
@@ -114,7 +131,7 @@ def main():
 
     print(f"\nprompt {args.prompt}, {args.new} new tokens, greedy, float32")
     print(
-        f"{'batch':>5s} {'jaxlab tok/s':>13s} {'HF tok/s':>9s} {'ratio':>6s} {'floor tok/s':>12s}"
+        f"{'batch':>5s} {'jaxlab tok/s':>13s} {'HF tok/s':>9s} {'ratio':>6s} {'floor tok/s':>12s} {'read floor':>11s}"
     )
     for r in rows:
         hf_s = (
@@ -122,8 +139,15 @@ def main():
             if "hf_tok_s" in r
             else f"{'-':>9s} {'-':>6s}"
         )
-        print(f"{r['batch']:5d} {r['jaxlab_tok_s']:13.1f} {hf_s} {r['floor_tok_s']:12.1f}")
-    result = {"generate": rows, "copy_bandwidth_gbs": bw, "param_bytes": param_bytes}
+        print(
+            f"{r['batch']:5d} {r['jaxlab_tok_s']:13.1f} {hf_s} {r['floor_tok_s']:12.1f} {r['read_floor_tok_s']:11.1f}"
+        )
+    result = {
+        "generate": rows,
+        "copy_bandwidth_gbs": bw,
+        "read_bandwidth_gbs": read_bw,
+        "param_bytes": param_bytes,
+    }
 
     if args.engine:
         from jaxlab.generation.engine import benchmark_engine_vs_static
