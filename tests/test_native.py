@@ -97,7 +97,15 @@ def test_cache_attention_is_the_default_for_decoding_on_cpu():
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize(
     "m, k, n",
-    [(1, 576, 1536), (8, 576, 192), (13, 100, 40), (32, 1536, 576), (5, 64, 16), (3, 48, 1000)],
+    [
+        (1, 576, 1536),
+        (8, 576, 192),
+        (13, 100, 40),  # depth not a multiple of 16, ragged columns
+        (32, 1536, 576),
+        (5, 64, 16),
+        (3, 48, 1000),  # a ragged last block of weight rows ("nt")
+        (6, 300, 72),  # depth split over threads, and ragged columns
+    ],
 )
 def test_rows_matmul_matches_float64(m, k, n, transposed):
     rng = np.random.default_rng(m * k + n)
