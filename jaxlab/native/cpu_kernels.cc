@@ -377,6 +377,11 @@ void nn_depth_range(const float* x, int64_t rows, const float* w, int64_t depth,
     for (; c + kNNTileCols <= c1; c += kNNTileCols, ++t) {
       for (int64_t b = t * slice; b < std::min(ahead_bytes, (t + 1) * slice); b += 64)
         _mm_prefetch(ahead + b, _MM_HINT_T1);
+      if (c + 2 * kNNTileCols <= c1) {  // the next tile, into L1
+        for (int64_t r = 0; r < kc; ++r)
+          for (int64_t l = 0; l < kNNTileCols; l += 16)
+            _mm_prefetch(reinterpret_cast<const char*>(wk + r * cols + c + kNNTileCols + l), _MM_HINT_T0);
+      }
       nn_rows<3>(x + k, rows, depth, wk + c, cols, kc, out + c, cols);
     }
     for (; c + 16 <= c1; c += 16, ++t) {
@@ -387,20 +392,39 @@ void nn_depth_range(const float* x, int64_t rows, const float* w, int64_t depth,
   }
 }
 
+// part[m][j .. j+3] = partial sums (16 lanes) of x_m · w_j for kMr <= 4 rows of x and 4 weight
+// rows: 8 loads per 16 FMAs, with 16 independent accumulators.
+template <int kMr>
+inline void nt_micro(const float* x, int64_t depth, const float* w, __m512 (*part)[16], int j) {
+  __m512 acc[kMr][4];
+  for (int m = 0; m < kMr; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < depth; k += 16) {
+    __m512 wv[4];
+    for (int r = 0; r < 4; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 8) * depth + k), _MM_HINT_T0);
+      wv[r] = _mm512_loadu_ps(w + r * depth + k);
+    }
+    for (int m = 0; m < kMr; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * depth + k);
+      for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < kMr; ++m)
+    for (int r = 0; r < 4; ++r) part[m][j + r] = acc[m][r];
+}
+
 // out[m, j] = x_m · w_j for 16 weight rows j and kM rows of x (depth a multiple of 16).
 template <int kM>
 void nt_block(const float* x, int64_t depth, const float* w, float* out, int64_t ldo) {
   alignas(64) __m512 part[kM][16];
-  for (int j = 0; j < 16; ++j) {
+  for (int j = 0; j < 16; j += 4) {
     const float* wj = w + j * depth;
-    __m512 acc[kM];
-    for (int m = 0; m < kM; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < depth; k += 16) {  // one cache line per step; prefetch 4 rows ahead
-      _mm_prefetch(reinterpret_cast<const char*>(wj + 4 * depth + k), _MM_HINT_T0);
-      const __m512 wv = _mm512_loadu_ps(wj + k);
-      for (int m = 0; m < kM; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * depth + k), wv, acc[m]);
-    }
-    for (int m = 0; m < kM; ++m) part[m][j] = acc[m];
+    int m = 0;
+    for (; m + 4 <= kM; m += 4) nt_micro<4>(x + m * depth, depth, wj, part + m, j);
+    if constexpr (kM % 4 == 3) nt_micro<3>(x + m * depth, depth, wj, part + m, j);
+    if constexpr (kM % 4 == 2) nt_micro<2>(x + m * depth, depth, wj, part + m, j);
+    if constexpr (kM % 4 == 1) nt_micro<1>(x + m * depth, depth, wj, part + m, j);
   }
   for (int m = 0; m < kM; ++m) _mm512_storeu_ps(out + m * ldo, sum_lanes16(part[m]));
 }
