@@ -50,4 +50,4 @@ format: $(VENV)/.dev
 	$(PY) -m ruff check --fix jaxlab pallas_kernels tests scripts
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info jaxlab/native/_cpu_kernels-*.so

@@ -1,6 +1,6 @@
 """Generation speed: jaxlab vs HF transformers on SmolLM2-135M-Instruct (float32, CPU), same run.
 
-    python scripts/bench_generate.py [--batches 1 8 32] [--prompt 128] [--new 128] [--out bench_generate.json]
+    python scripts/bench_generate.py [--batches 1 8 32] [--prompt 128] [--new 128] [--out runs/bench_generate.json]
 
 Greedy, prompt of `--prompt` random tokens, exactly `--new` new tokens (EOS ignored on both sides),
 time from prompt ids to generated ids (prefill included), best of `--repeats` after a warm-up.
@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -58,7 +59,7 @@ def main():
     p.add_argument(
         "--engine", action="store_true", help="also run the Engine vs static batching table"
     )
-    p.add_argument("--out", default="bench_generate.json")
+    p.add_argument("--out", default="runs/bench_generate.json")
     args = p.parse_args()
 
     import torch
@@ -153,6 +154,7 @@ def main():
         from jaxlab.generation.engine import benchmark_engine_vs_static
 
         result["engine"] = benchmark_engine_vs_static(model, tok)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

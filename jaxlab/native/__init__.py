@@ -1,9 +1,10 @@
 """Native CPU kernels, compiled from ``cpu_kernels.cc`` and called through XLA's FFI.
 
-``make demo`` / ``make test`` build the library (``python -m jaxlab.attention.native``); on first
+``make demo`` / ``make test`` build the library (``python -m jaxlab.native``); on first
 use a missing build is compiled once (~3 s, needs ``g++``) into the package directory, or into
 ``$JAXLAB_CACHE`` / ``~/.cache/jaxlab`` when that is read-only. The file name carries a hash of
-the source and flags, so an edited kernel is never run from a stale build. Without a compiler
+the source, flags and CPU features, so an edited kernel is never run from a stale build, nor a
+build from another CPU (a shared home directory or checkout). Without a compiler
 jaxlab falls back to the XLA path with one warning; ``JAXLAB_NATIVE=0`` turns the kernels off.
 
 :func:`cache_attention` is attention of a few new tokens over a ``bksd`` KV cache: XLA runs it
@@ -19,6 +20,7 @@ import hashlib
 import logging
 import math
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -52,9 +54,20 @@ ROWS_MATMUL_MAX_ROWS = 32
 ROWS_MATMUL_MAX_ROWS_TRANSPOSED = 24
 
 
+def _cpu_features() -> str:
+    """The CPU's feature flags: a ``-march=native`` build runs only where they match."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def _library_name() -> str:
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
-    return f"_cpu_kernels-{digest}.so"
+    """Named by source, flags and CPU, so a stale build or one for another CPU (a shared home or
+    checkout) is never loaded."""
+    key = _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_features().encode()
+    return f"_cpu_kernels-{hashlib.sha256(key).hexdigest()[:12]}.so"
 
 
 def _candidates() -> list[Path]:
@@ -87,9 +100,6 @@ def build(force: bool = False) -> Path:
             os.unlink(tmp)
             raise RuntimeError(f"building {_SOURCE.name} failed:\n{proc.stderr[-4000:]}")
         os.replace(tmp, path)  # atomic: concurrent builds never load a half-written file
-        for old in path.parent.glob("_cpu_kernels-*.so"):
-            if old != path:
-                old.unlink(missing_ok=True)
         return path
     raise RuntimeError("no writable directory for the kernels: " + "; ".join(errors))
 

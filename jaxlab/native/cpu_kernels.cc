@@ -184,25 +184,38 @@ void weighted_sum(const float* w, int64_t rows, int64_t s_len, int64_t d, const 
   }
 }
 
+// Per-thread buffers of attend_item, reused across items and calls.
+struct Scratch {
+  std::vector<float> logits, inv_sum, acc;
+  std::vector<uint8_t> any;
+  std::vector<const float*> q_rows;
+};
+
 // One (batch row, kv head): its T·G query rows against the head's S slots. kD > 0 fixes the head
 // dim at compile time (the common 64 and 128), so the per-slot work unrolls into registers.
 template <int64_t kD>
-void attend_item(const Problem& p, int64_t item, std::vector<float>& logits,
-                 std::vector<uint8_t>& any) {
+void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   const int64_t bi = item / p.kv, ki = item % p.kv;
   const int64_t g = p.h / p.kv, rows = p.t * g, s_len = p.s;
   const int64_t d = kD > 0 ? kD : p.d;
   const float* kb = p.k + (bi * p.kv + ki) * s_len * d;
   const float* vb = p.v + (bi * p.kv + ki) * s_len * d;
   const bool* mb = p.mask + bi * p.t * s_len;
+  std::vector<float>& logits = scratch.logits;
+  std::vector<uint8_t>& any = scratch.any;
+  std::vector<const float*>& q_rows = scratch.q_rows;  // row r = (token ti, group member gi)
+  std::vector<float>& inv_sum = scratch.inv_sum;
+  std::vector<float>& acc = scratch.acc;
   logits.resize(rows * s_len);
   any.resize(s_len);
+  q_rows.resize(rows);
+  inv_sum.resize(rows);
+  acc.resize(rows * d);
   for (int64_t s = 0; s < s_len; ++s) {
     uint8_t seen = 0;
     for (int64_t ti = 0; ti < p.t; ++ti) seen |= mb[ti * s_len + s];
     any[s] = seen;
   }
-  std::vector<const float*> q_rows(rows);  // row r = (token ti, group member gi)
   for (int64_t ti = 0; ti < p.t; ++ti)
     for (int64_t gi = 0; gi < g; ++gi)
       q_rows[ti * g + gi] = p.q + ((bi * p.t + ti) * p.h + ki * g + gi) * d;
@@ -210,7 +223,6 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& logits,
 
   // softmax numerators in place (hidden slots -> 0); a row with no visible slot gives zeros
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> inv_sum(rows);
   for (int64_t r = 0; r < rows; ++r) {
     float* lr = logits.data() + r * s_len;
     const uint8_t* mr = reinterpret_cast<const uint8_t*>(mb + (r / g) * s_len);
@@ -235,7 +247,6 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& logits,
     inv_sum[r] = 1.0f / sum;
   }
   // out_r = Σ_s p[r, s] · v_s / Σ_s p[r, s]
-  std::vector<float> acc(rows * d);
   weighted_sum<kD>(logits.data(), rows, s_len, d, vb, any.data(), acc.data());
   for (int64_t r = 0; r < rows; ++r) {
     float* o = p.out + (q_rows[r] - p.q);  // the output row at the query row's offset
@@ -291,17 +302,16 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.out = out->typed_data();
   p.scale = scale;
   parallel_for(pool, p.b * p.kv, [p](int64_t i) {
-    thread_local std::vector<float> logits;
-    thread_local std::vector<uint8_t> any;
+    thread_local Scratch scratch;
     switch (p.d) {
       case 64:
-        attend_item<64>(p, i, logits, any);
+        attend_item<64>(p, i, scratch);
         break;
       case 128:
-        attend_item<128>(p, i, logits, any);
+        attend_item<128>(p, i, scratch);
         break;
       default:
-        attend_item<0>(p, i, logits, any);
+        attend_item<0>(p, i, scratch);
     }
   });
   return ffi::Error::Success();
