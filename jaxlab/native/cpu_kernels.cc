@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +32,7 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
 
 // exp(x) for x <= 0 (a softmax's shifted logits), written so the compiler vectorises the loop
 // that calls it: Cody-Waite range reduction and a degree-6 polynomial, max rel. error ~2e-7.
@@ -254,9 +257,68 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   }
 }
 
-// Runs fn(i) for i in [0, items) on the calling thread and tasks on XLA's pool. Items are claimed
-// from an atomic counter, so a task the pool starts late (or never) leaves nothing undone: the
-// caller only waits for items already claimed.
+// -- threads ------------------------------------------------------------------------------------
+//
+// A decode step makes ~240 calls of 50-250 µs each. Waking a sleeping pool thread for each takes
+// 10-30 µs on a VM, during which one core streams alone, then the caller waits for the late
+// helper at the end. So a pool task that has finished its work lingers for kLinger, polling a
+// mailbox, and the next call hands its work there: a decode step keeps its helpers awake.
+
+using Task = std::function<void()>;
+
+struct Mailbox {
+  std::atomic<bool> open{false};  // a lingering pool thread polls `task`
+  std::atomic<Task*> task{nullptr};
+};
+
+constexpr int kMailboxes = 64;
+constexpr auto kLinger = std::chrono::microseconds(200);
+Mailbox g_mailboxes[kMailboxes];
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+void run_task(Task* task) {
+  (*task)();
+  delete task;
+}
+
+// Called by a pool task after its work: polls a mailbox for up to kLinger after each task found.
+void linger() {
+  Mailbox* box = nullptr;
+  for (auto& b : g_mailboxes) {
+    bool closed = false;
+    if (b.open.compare_exchange_strong(closed, true)) {
+      box = &b;
+      break;
+    }
+  }
+  if (box == nullptr) return;
+  auto deadline = std::chrono::steady_clock::now() + kLinger;
+  for (int polls = 0;; ++polls) {
+    if (Task* task = box->task.exchange(nullptr, std::memory_order_acq_rel)) {
+      run_task(task);
+      deadline = std::chrono::steady_clock::now() + kLinger;
+      continue;
+    }
+    if (polls % 16 == 15) {
+      if (std::chrono::steady_clock::now() > deadline) break;
+      std::this_thread::yield();
+    }
+    cpu_relax();
+  }
+  box->open.store(false);
+  // a task posted just before closing still runs (its caller may also have taken it back)
+  if (Task* task = box->task.exchange(nullptr, std::memory_order_acq_rel)) run_task(task);
+}
+
+// Runs fn(i, worker) for i in [0, items) on the calling thread (worker 0) and on helpers (workers
+// 1, 2, ... in the order they start): lingering pool threads first, then new pool tasks. Items are
+// claimed from an atomic counter, so a helper that starts late (or never) leaves nothing undone:
+// the caller only waits for items already claimed.
 template <typename Fn>
 void parallel_for(ffi::ThreadPool& pool, int64_t items, Fn fn) {
   struct Shared {
@@ -265,17 +327,43 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Fn fn) {
     int64_t items;
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
-    void work() {
+    std::atomic<int> workers{1};  // the caller is worker 0
+    void run(int worker) {
       for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-        fn(i);
+        fn(i, worker);
         done.fetch_add(1, std::memory_order_release);
       }
     }
+    void help() { run(workers.fetch_add(1)); }
   };
   auto shared = std::make_shared<Shared>(std::move(fn), items);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
-  shared->work();
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
+  Mailbox* posted[kMailboxes];
+  Task* tasks[kMailboxes];
+  int n_posted = 0;
+  for (auto& box : g_mailboxes) {
+    if (n_posted == helpers) break;
+    if (!box.open.load(std::memory_order_relaxed)) continue;
+    Task* task = new Task([shared] { shared->help(); });
+    Task* empty = nullptr;
+    if (box.task.compare_exchange_strong(empty, task, std::memory_order_acq_rel)) {
+      posted[n_posted] = &box;
+      tasks[n_posted++] = task;
+    } else {
+      delete task;
+    }
+  }
+  for (int64_t i = n_posted; i < helpers; ++i) {
+    pool.Schedule([shared] {
+      shared->help();
+      linger();
+    });
+  }
+  shared->run(0);
+  for (int i = 0; i < n_posted; ++i) {  // take back work no helper picked up
+    Task* task = tasks[i];
+    if (posted[i]->task.compare_exchange_strong(task, nullptr, std::memory_order_acq_rel)) delete task;
+  }
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
@@ -301,7 +389,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.mask = mask.typed_data();
   p.out = out->typed_data();
   p.scale = scale;
-  parallel_for(pool, p.b * p.kv, [p](int64_t i) {
+  parallel_for(pool, p.b * p.kv, [p](int64_t i, int) {
     thread_local Scratch scratch;
     switch (p.d) {
       case 64:
@@ -322,19 +410,28 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 constexpr int64_t kRowBlock = 8;     // rows of x per register tile
 constexpr int64_t kNNTileCols = 48;  // weight columns per register tile ("nn")
-constexpr int64_t kNTItemRows = 64;
-constexpr int64_t kNNItemDepth = 64;  // fewest weight rows per parallel work item ("nn")  // weight rows per parallel work item ("nt"; multiple of 16)
+constexpr int64_t kNTItemRows = 64;  // weight rows per parallel work item ("nt"; multiple of 16)
+constexpr int64_t kNNItemDepth = 64;  // fewest weight rows per parallel work item ("nn")
+// weight rows per chunk ("nn"): short for few rows of x (the prefetch distance), longer for more
+// rows (compute-bound; amortises the accumulators' loads and stores)
+constexpr int64_t kNNChunkFew = 16, kNNChunkMany = 32;
 
 #ifdef __AVX512F__
 // out[m, 0:16·kC] += Σ_k x[m, k] · w[k, 0:16·kC] over `depth` weight rows, for kM rows of x: each
-// weight vector is loaded once and used by every row of x, accumulators stay in registers.
+// weight vector is loaded once and used by every row of x, accumulators stay in registers. With
+// `pf` set, step k (every `every`-th from `phase`) also prefetches the lines at pf + k·ldpf: a
+// steady trickle that keeps the memory busy while the FMAs run.
 template <int kM, int kC>
 void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t depth, float* out,
-             int64_t ldo) {
+             int64_t ldo, const float* pf, int64_t ldpf, int every, int phase) {
   __m512 acc[kM][kC];
   for (int m = 0; m < kM; ++m)
     for (int c = 0; c < kC; ++c) acc[m][c] = _mm512_loadu_ps(out + m * ldo + 16 * c);
   for (int64_t k = 0; k < depth; ++k) {
+    if (pf != nullptr && k % every == phase) {
+      const char* a = reinterpret_cast<const char*>(pf + k * ldpf);
+      for (int c = 0; c < kC; ++c) _mm_prefetch(a + 64 * c, _MM_HINT_T0);
+    }
     __m512 wv[kC];
     for (int c = 0; c < kC; ++c) wv[c] = _mm512_loadu_ps(w + k * ldw + 16 * c);
     for (int m = 0; m < kM; ++m) {
@@ -346,62 +443,81 @@ void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t d
     for (int c = 0; c < kC; ++c) _mm512_storeu_ps(out + m * ldo + 16 * c, acc[m][c]);
 }
 
+// the tiles of all rows of x against one weight tile; the prefetches are spread over the blocks
 template <int kC>
 void nn_rows(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw, int64_t depth,
-             float* out, int64_t ldo) {
-  for (int64_t m = 0; m < rows; m += kRowBlock) {
+             float* out, int64_t ldo, const float* pf, int64_t ldpf) {
+  const int blocks = static_cast<int>((rows + kRowBlock - 1) / kRowBlock);
+  for (int64_t m = 0, b = 0; m < rows; m += kRowBlock, ++b) {
     const float* xm = x + m * ldx;
     float* om = out + m * ldo;
+    const int ph = static_cast<int>(b);
     switch (std::min(kRowBlock, rows - m)) {
-      case 8: nn_tile<8, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
-      case 7: nn_tile<7, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
-      case 6: nn_tile<6, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
-      case 5: nn_tile<5, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
-      case 4: nn_tile<4, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
-      case 3: nn_tile<3, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
-      case 2: nn_tile<2, kC>(xm, ldx, w, ldw, depth, om, ldo); break;
-      default: nn_tile<1, kC>(xm, ldx, w, ldw, depth, om, ldo);
+      case 8: nn_tile<8, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
+      case 7: nn_tile<7, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
+      case 6: nn_tile<6, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
+      case 5: nn_tile<5, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
+      case 4: nn_tile<4, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
+      case 3: nn_tile<3, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
+      case 2: nn_tile<2, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
+      default: nn_tile<1, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph);
+    }
+  }
+}
+#endif
+
+// A weight block read next (its first rows are prefetched while the current block's last rows
+// are used): `cols` columns from `w` with leading dimension `ld`.
+struct NextBlock {
+  const float* w = nullptr;
+  int64_t ld = 0, cols = 0;
+};
+
+// Portable fallback (and the ragged last columns): out[:, :cols] += x · w, loops the compiler
+// vectorises.
+void nn_generic(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw,
+                int64_t depth, int64_t cols, float* out, int64_t ldo) {
+  for (int64_t m = 0; m < rows; ++m) {
+    float* om = out + m * ldo;
+    for (int64_t k = 0; k < depth; ++k) {
+      const float xv = x[m * ldx + k];
+      const float* wk = w + k * ldw;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) om[j] += xv * wk[j];
     }
   }
 }
 
-// out[:, 0:c1] += x[:, k0:k1] · w[k0:k1, 0:c1] with c1 a multiple of 16. The weight's rows are
-// read kDepthChunk at a time, each left to right: a few long sequential streams the prefetcher
-// follows (a column tile at a time down all rows would touch a new page per row).
-void nn_depth_range(const float* x, int64_t rows, const float* w, int64_t depth, int64_t cols,
-                    int64_t k0, int64_t k1, int64_t c1, float* out) {
-  // few rows: short chunks, the next one prefetched into L2; more rows are compute-bound and
-  // amortise their accumulator traffic over longer chunks, left to the hardware prefetcher
-  const bool prefetch = rows <= kRowBlock;
-  const int64_t kDepthChunk = prefetch ? 16 : 32;
-  const int64_t tiles = c1 / kNNTileCols + (c1 % kNNTileCols) / 16;
-  for (int64_t k = k0; k < k1; k += kDepthChunk) {
-    const int64_t kc = std::min(kDepthChunk, k1 - k);
-    const float* wk = w + k * cols;
-    // prefetch the next chunk (one contiguous block) in equal slices while this one is used
-    const char* ahead = reinterpret_cast<const char*>(wk + kc * cols);
-    const int64_t ahead_bytes =
-        prefetch ? std::min(kDepthChunk, std::max<int64_t>(0, k1 - k - kc)) * cols * 4 : 0;
-    const int64_t slice = (ahead_bytes / 64 + tiles - 1) / std::max<int64_t>(tiles, 1) * 64;
-    int64_t c = 0, t = 0;
-    for (; c + kNNTileCols <= c1; c += kNNTileCols, ++t) {
-      for (int64_t b = t * slice; b < std::min(ahead_bytes, (t + 1) * slice); b += 64)
-        _mm_prefetch(ahead + b, _MM_HINT_T1);
-      if (c + 2 * kNNTileCols <= c1) {  // the next tile, into L1
-        for (int64_t r = 0; r < kc; ++r)
-          for (int64_t l = 0; l < kNNTileCols; l += 16)
-            _mm_prefetch(reinterpret_cast<const char*>(wk + r * cols + c + kNNTileCols + l), _MM_HINT_T0);
-      }
-      nn_rows<3>(x + k, rows, depth, wk + c, cols, kc, out + c, cols);
-    }
-    for (; c + 16 <= c1; c += 16, ++t) {
-      for (int64_t b = t * slice; b < std::min(ahead_bytes, (t + 1) * slice); b += 64)
-        _mm_prefetch(ahead + b, _MM_HINT_T1);
-      nn_rows<1>(x + k, rows, depth, wk + c, cols, kc, out + c, cols);
-    }
+// out[:, :cols] += x[:, :depth] · w[:depth, :cols] (leading dimensions ldx, ldw, ldo). The
+// weight's rows are read a chunk at a time, a column tile at a time; while one chunk is used, each
+// weight vector loaded prefetches its counterpart in the next chunk (or, in the last chunk, in
+// `next`), so the memory streams at a steady rate under the arithmetic (bursts of prefetches
+// would stall on the line fill buffers).
+void nn_accumulate(const float* x, int64_t ldx, int64_t rows, const float* w, int64_t ldw,
+                   int64_t depth, int64_t cols, float* out, int64_t ldo, NextBlock next = {}) {
+  int64_t c1 = 0;
+#ifdef __AVX512F__
+  c1 = cols / 16 * 16;
+  const int64_t chunk = rows <= kRowBlock ? kNNChunkFew : kNNChunkMany;
+  for (int64_t k = 0; k < depth; k += chunk) {
+    const int64_t kc = std::min(chunk, depth - k);
+    const float* wk = w + k * ldw;
+    const bool last = k + kc >= depth;
+    // prefetch the next chunk if it is as long, else the next block's first rows
+    const float* pf = k + 2 * kc <= depth ? wk + kc * ldw : (last ? next.w : nullptr);
+    const int64_t ldpf = pf == next.w ? next.ld : ldw;
+    const int64_t pf_cols = pf == next.w ? next.cols : cols;
+    auto at = [&](int64_t c) { return pf != nullptr && c < pf_cols ? pf + c : nullptr; };
+    int64_t c = 0;
+    for (; c + kNNTileCols <= c1; c += kNNTileCols)
+      nn_rows<3>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldpf);
+    for (; c + 16 <= c1; c += 16) nn_rows<1>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldpf);
   }
+#endif
+  if (c1 < cols) nn_generic(x, rows, ldx, w + c1, ldw, depth, cols - c1, out + c1, ldo);
 }
 
+#ifdef __AVX512F__
 // part[m][j .. j+3] = partial sums (16 lanes) of x_m · w_j for kMr <= 4 rows of x and 4 weight
 // rows: 8 loads per 16 FMAs, with 16 independent accumulators.
 template <int kMr>
@@ -463,26 +579,40 @@ void nt_rows(const float* x, int64_t rows, const float* w, int64_t depth, int64_
 }
 #endif
 
-// Portable fallback (and the ragged edges): plain loops the compiler vectorises.
-void nn_generic(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw,
-                int64_t depth, int64_t cols, float* out, int64_t ldo) {
-  for (int64_t m = 0; m < rows; ++m) {
-    float* om = out + m * ldo;
-    std::fill(om, om + cols, 0.0f);
-    for (int64_t k = 0; k < depth; ++k) {
-      const float xv = x[m * ldx + k];
-      const float* wk = w + k * ldw;
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) om[j] += xv * wk[j];
-    }
-  }
-}
-
 void nt_generic(const float* x, int64_t rows, const float* w, int64_t depth, int64_t cols,
                 float* out, int64_t ldo) {
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t j = 0; j < cols; ++j) out[m * ldo + j] = dot(x + m * depth, w + j * depth, depth);
 }
+
+// One accumulation buffer per worker: the output itself for the caller (worker 0), zeroed
+// buffers allocated on first use for the others; sum_into_output() adds them up.
+class WorkerBuffers {
+ public:
+  WorkerBuffers(int64_t threads, float* out, int64_t size)
+      : out_(out), size_(size), extra_(threads + 1) {
+    std::fill(out, out + size, 0.0f);
+  }
+  float* get(int worker) {
+    if (worker == 0) return out_;
+    auto& buffer = extra_[worker - 1];
+    if (buffer.empty()) buffer.assign(size_, 0.0f);
+    return buffer.data();
+  }
+  void sum_into_output() {
+    for (const auto& buffer : extra_) {
+      if (buffer.empty()) continue;
+      const float* src = buffer.data();
+#pragma omp simd
+      for (int64_t j = 0; j < size_; ++j) out_[j] += src[j];
+    }
+  }
+
+ private:
+  float* out_;
+  int64_t size_;
+  std::vector<std::vector<float>> extra_;
+};
 
 // x [M, K] times w [K, N] (transposed=false) or w [N, K] (transposed=true) -> [M, N]
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -501,44 +631,22 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* wp = w.typed_data();
   float* op = out->typed_data();
   if (!transposed) {
-    // each work item takes a range of the weight's rows (one contiguous block of memory) and
-    // sums its share into its own buffer; the buffers are added at the end
+    // Work items are ranges of the weight's rows (contiguous blocks of memory), one per thread.
+    // Each worker sums its items into its own buffer (the caller's is the output); the buffers
+    // are added at the end.
     const int64_t items =
         std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), depth / kNNItemDepth));
     const int64_t per = (depth + items - 1) / items;
-    std::vector<std::vector<float>> partial(items);
-    int64_t c1 = 0;
-#ifdef __AVX512F__
-    c1 = cols / 16 * 16;
-#endif
-    parallel_for(pool, items, [&, c1](int64_t i) {
-      const int64_t k0 = i * per, k1 = std::min(depth, k0 + per);
-      float* dst = op;
-      if (i > 0) {
-        partial[i].assign(rows * cols, 0.0f);
-        dst = partial[i].data();
-      } else {
-        std::fill(op, op + rows * cols, 0.0f);
-      }
-#ifdef __AVX512F__
-      nn_depth_range(xp, rows, wp, depth, cols, k0, k1, c1, dst);
-#endif
-      if (c1 < cols) {  // ragged last columns
-        std::vector<float> tail(rows * (cols - c1));
-        nn_generic(xp + k0, rows, depth, wp + k0 * cols + c1, cols, k1 - k0, cols - c1,
-                   tail.data(), cols - c1);
-        for (int64_t m = 0; m < rows; ++m)
-          for (int64_t j = c1; j < cols; ++j) dst[m * cols + j] += tail[m * (cols - c1) + j - c1];
-      }
+    WorkerBuffers partial(pool.num_threads(), op, rows * cols);
+    parallel_for(pool, items, [&](int64_t i, int worker) {
+      const int64_t k0 = std::min(depth, i * per), k1 = std::min(depth, k0 + per);
+      nn_accumulate(xp + k0, depth, rows, wp + k0 * cols, cols, k1 - k0, cols, partial.get(worker),
+                    cols);
     });
-    for (int64_t i = 1; i < items; ++i) {
-      const float* src = partial[i].data();
-#pragma omp simd
-      for (int64_t j = 0; j < rows * cols; ++j) op[j] += src[j];
-    }
+    partial.sum_into_output();
   } else {
     const int64_t items = (cols + kNTItemRows - 1) / kNTItemRows;
-    parallel_for(pool, items, [=](int64_t i) {
+    parallel_for(pool, items, [=](int64_t i, int) {
       const int64_t c0 = i * kNTItemRows, c1 = std::min(cols, c0 + kNTItemRows);
       int64_t c = c0;
 #ifdef __AVX512F__
