@@ -129,6 +129,63 @@ def test_rows_matmul_matches_float64(m, k, n, transposed):
     np.testing.assert_allclose(got, want, atol=1e-4 * np.sqrt(k), rtol=1e-5)
 
 
+@pytest.mark.parametrize("b, v", [(1, 49152), (8, 1000), (3, 63), (2, 1)])
+def test_greedy_tokens_match_float64(b, v):
+    rng = np.random.default_rng(b * v)
+    x = (rng.normal(size=(b, v)) * 4).astype(np.float32)
+    if v > 10:
+        x[0, 3] = x[0, v - 2] = 100.0  # a tie: the first index wins, as in jnp.argmax
+    tokens, logprobs = jax.jit(native.greedy_tokens)(x)
+    x64 = x.astype(np.float64)
+    want = np.argmax(x64, axis=-1)
+    lse = x64.max(-1) + np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1))
+    np.testing.assert_array_equal(np.asarray(tokens), want)
+    np.testing.assert_allclose(np.asarray(logprobs), x64[np.arange(b), want] - lse, atol=2e-6)
+
+
+def test_greedy_tokens_nan_and_infinite_rows_follow_jax():
+    x = np.zeros((3, 100), np.float32)
+    x[0, 40] = np.nan
+    x[0, 70] = 5.0
+    x[1] = -np.inf
+    x[2, 10] = np.inf
+    tokens, logprobs = native.greedy_tokens(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jnp.argmax(x, axis=-1)))
+    want = jnp.take_along_axis(jax.nn.log_softmax(x), jnp.argmax(x, axis=-1)[:, None], axis=-1)
+    np.testing.assert_array_equal(np.isnan(np.asarray(logprobs)), np.isnan(np.asarray(want[:, 0])))
+
+
+def test_greedy_sampling_uses_the_kernel_on_cpu_float32():
+    from jaxlab.generation.sampling import sample_tokens
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 500)).astype(np.float32))
+    fn = lambda x: sample_tokens(x, None, temperature=1.0, greedy=True)  # noqa: E731
+    assert "jaxlab_greedy_tokens" in str(jax.make_jaxpr(fn)(x))
+    assert "jaxlab_greedy_tokens" not in str(jax.make_jaxpr(fn)(x.astype(jnp.bfloat16)))
+    tokens, lp, raw = fn(x)
+    want = jax.nn.log_softmax(x)[jnp.arange(4), jnp.argmax(x, axis=-1)]
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jnp.argmax(x, axis=-1)))
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(want), atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(lp), np.asarray(raw))
+
+
+def test_concurrent_calls_from_several_threads_stay_correct():
+    """Calls from several host threads share the lingering pool helpers' mailboxes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 576)).astype(np.float32)
+    ws = [rng.normal(size=(576, 384)).astype(np.float32) for _ in range(4)]
+    fn = jax.jit(native.rows_matmul)
+    want = [np.asarray(fn(x, w)) for w in ws]
+
+    def hammer(i):
+        return all(np.array_equal(np.asarray(fn(x, ws[i])), want[i]) for _ in range(50))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(hammer, range(4)))
+
+
 def test_rows_matmul_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="rows_matmul"):
         native.rows_matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))

@@ -37,6 +37,8 @@ __all__ = [
     "use_cache_attention",
     "rows_matmul",
     "dot_general",
+    "greedy_tokens",
+    "use_greedy_tokens",
     "CACHE_ATTENTION_MAX_TOKENS",
     "ROWS_MATMUL_MAX_ROWS",
     "ROWS_MATMUL_MAX_ROWS_TRANSPOSED",
@@ -104,7 +106,11 @@ def build(force: bool = False) -> Path:
     raise RuntimeError("no writable directory for the kernels: " + "; ".join(errors))
 
 
-_TARGETS = {"jaxlab_cache_attention": "CacheAttention", "jaxlab_rows_matmul": "RowsMatmul"}
+_TARGETS = {
+    "jaxlab_cache_attention": "CacheAttention",
+    "jaxlab_rows_matmul": "RowsMatmul",
+    "jaxlab_greedy_tokens": "GreedyTokens",
+}
 
 
 @functools.cache
@@ -250,3 +256,30 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
         preferred_element_type=preferred_element_type,
         **kw,
     )
+
+
+# -- greedy sampling -------------------------------------------------------------------------------
+
+
+def greedy_tokens(logits) -> tuple[jax.Array, jax.Array]:
+    """``(argmax(logits), log_softmax(logits)[argmax])`` per row of float32 ``logits [B, V]``.
+
+    The first index of the largest value, as ``jnp.argmax`` (the first NaN if a row has one).
+    Forward only: the tokens are integers and generation does not differentiate the logprob.
+    """
+    _require()
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"greedy_tokens: logits must be [B, V], got {logits.shape}")
+    b = logits.shape[0]
+    call = jax.ffi.ffi_call(
+        "jaxlab_greedy_tokens",
+        (jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.float32)),
+        vmap_method="sequential",
+    )
+    tokens, logprobs = call(jax.lax.stop_gradient(logits))
+    return tokens, logprobs
+
+
+def use_greedy_tokens(logits) -> bool:
+    """The default choice for greedy decoding: float32 logits ``[B, V]`` on CPU, kernels built."""
+    return logits.ndim == 2 and logits.shape[1] > 0 and _on_cpu_float32(logits) and available()

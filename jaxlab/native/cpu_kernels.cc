@@ -112,9 +112,10 @@ inline void dots16(const float* __restrict q, const float* __restrict k, float* 
 
 // logits[r, s] = q_r · k_s for every slot in a 16-slot block with some visible slot (others are
 // left unset: the caller masks them).
+// The same block of the values (read after the softmax) is prefetched meanwhile.
 template <int64_t kD>
 void all_dots(const float* const* q_rows, int64_t rows, const float* kb, int64_t s_len, int64_t d,
-              const uint8_t* any, float* logits) {
+              const uint8_t* any, float* logits, const float* vb) {
   int64_t s0 = 0;
 #ifdef __AVX512F__
   if constexpr (kD > 0 && kD % 16 == 0) {
@@ -122,6 +123,8 @@ void all_dots(const float* const* q_rows, int64_t rows, const float* kb, int64_t
       uint8_t seen = 0;
       for (int i = 0; i < 16; ++i) seen |= any[s0 + i];
       if (!seen) continue;
+      const char* vblock = reinterpret_cast<const char*>(vb + s0 * kD);
+      for (int64_t b = 0; b < 16 * kD * 4; b += 64) _mm_prefetch(vblock + b, _MM_HINT_T0);
       for (int64_t r = 0; r < rows; ++r) dots16<kD>(q_rows[r], kb + s0 * kD, logits + r * s_len + s0);
     }
   }
@@ -222,7 +225,7 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   for (int64_t ti = 0; ti < p.t; ++ti)
     for (int64_t gi = 0; gi < g; ++gi)
       q_rows[ti * g + gi] = p.q + ((bi * p.t + ti) * p.h + ki * g + gi) * d;
-  all_dots<kD>(q_rows.data(), rows, kb, s_len, d, any.data(), logits.data());
+  all_dots<kD>(q_rows.data(), rows, kb, s_len, d, any.data(), logits.data(), vb);
 
   // softmax numerators in place (hidden slots -> 0); a row with no visible slot gives zeros
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -314,11 +317,14 @@ void linger() {
   // a task posted just before closing still runs (its caller may also have taken it back)
   if (Task* task = box->task.exchange(nullptr, std::memory_order_acq_rel)) run_task(task);
 }
+// (A caller's take-back compares task pointers only; if a lingering thread ran and freed its
+// task and another caller's new task reused the address, the first caller frees that one: the
+// second then runs all its items itself, and its own take-back finds nothing. Slower, never
+// wrong.)
 
-// Runs fn(i, worker) for i in [0, items) on the calling thread (worker 0) and on helpers (workers
-// 1, 2, ... in the order they start): lingering pool threads first, then new pool tasks. Items are
-// claimed from an atomic counter, so a helper that starts late (or never) leaves nothing undone:
-// the caller only waits for items already claimed.
+// Runs fn(i) for i in [0, items) on the calling thread and on helpers: lingering pool threads
+// first, then new pool tasks. Items are claimed from an atomic counter, so a helper that starts
+// late (or never) leaves nothing undone: the caller only waits for items already claimed.
 template <typename Fn>
 void parallel_for(ffi::ThreadPool& pool, int64_t items, Fn fn) {
   struct Shared {
@@ -327,14 +333,12 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Fn fn) {
     int64_t items;
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
-    std::atomic<int> workers{1};  // the caller is worker 0
-    void run(int worker) {
+    void run() {
       for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-        fn(i, worker);
+        fn(i);
         done.fetch_add(1, std::memory_order_release);
       }
     }
-    void help() { run(workers.fetch_add(1)); }
   };
   auto shared = std::make_shared<Shared>(std::move(fn), items);
   int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
@@ -344,7 +348,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Fn fn) {
   for (auto& box : g_mailboxes) {
     if (n_posted == helpers) break;
     if (!box.open.load(std::memory_order_relaxed)) continue;
-    Task* task = new Task([shared] { shared->help(); });
+    Task* task = new Task([shared] { shared->run(); });
     Task* empty = nullptr;
     if (box.task.compare_exchange_strong(empty, task, std::memory_order_acq_rel)) {
       posted[n_posted] = &box;
@@ -355,11 +359,11 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Fn fn) {
   }
   for (int64_t i = n_posted; i < helpers; ++i) {
     pool.Schedule([shared] {
-      shared->help();
+      shared->run();
       linger();
     });
   }
-  shared->run(0);
+  shared->run();
   for (int i = 0; i < n_posted; ++i) {  // take back work no helper picked up
     Task* task = tasks[i];
     if (posted[i]->task.compare_exchange_strong(task, nullptr, std::memory_order_acq_rel)) delete task;
@@ -389,7 +393,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.mask = mask.typed_data();
   p.out = out->typed_data();
   p.scale = scale;
-  parallel_for(pool, p.b * p.kv, [p](int64_t i, int) {
+  parallel_for(pool, p.b * p.kv, [p](int64_t i) {
     thread_local Scratch scratch;
     switch (p.d) {
       case 64:
@@ -585,18 +589,18 @@ void nt_generic(const float* x, int64_t rows, const float* w, int64_t depth, int
     for (int64_t j = 0; j < cols; ++j) out[m * ldo + j] = dot(x + m * depth, w + j * depth, depth);
 }
 
-// One accumulation buffer per worker: the output itself for the caller (worker 0), zeroed
-// buffers allocated on first use for the others; sum_into_output() adds them up.
-class WorkerBuffers {
+// One accumulation buffer per work item: the output itself for item 0, zeroed buffers for the
+// others, added in item order at the end, so the result does not depend on which thread ran
+// which item.
+class ItemBuffers {
  public:
-  WorkerBuffers(int64_t threads, float* out, int64_t size)
-      : out_(out), size_(size), extra_(threads + 1) {
+  ItemBuffers(int64_t items, float* out, int64_t size) : out_(out), size_(size), extra_(items - 1) {
     std::fill(out, out + size, 0.0f);
   }
-  float* get(int worker) {
-    if (worker == 0) return out_;
-    auto& buffer = extra_[worker - 1];
-    if (buffer.empty()) buffer.assign(size_, 0.0f);
+  float* get(int64_t item) {
+    if (item == 0) return out_;
+    auto& buffer = extra_[item - 1];
+    buffer.assign(size_, 0.0f);
     return buffer.data();
   }
   void sum_into_output() {
@@ -631,22 +635,20 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* wp = w.typed_data();
   float* op = out->typed_data();
   if (!transposed) {
-    // Work items are ranges of the weight's rows (contiguous blocks of memory), one per thread.
-    // Each worker sums its items into its own buffer (the caller's is the output); the buffers
-    // are added at the end.
+    // Work items are ranges of the weight's rows (contiguous blocks of memory), one per thread,
+    // each summed into its own buffer.
     const int64_t items =
         std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), depth / kNNItemDepth));
     const int64_t per = (depth + items - 1) / items;
-    WorkerBuffers partial(pool.num_threads(), op, rows * cols);
-    parallel_for(pool, items, [&](int64_t i, int worker) {
+    ItemBuffers partial(items, op, rows * cols);
+    parallel_for(pool, items, [&](int64_t i) {
       const int64_t k0 = std::min(depth, i * per), k1 = std::min(depth, k0 + per);
-      nn_accumulate(xp + k0, depth, rows, wp + k0 * cols, cols, k1 - k0, cols, partial.get(worker),
-                    cols);
+      nn_accumulate(xp + k0, depth, rows, wp + k0 * cols, cols, k1 - k0, cols, partial.get(i), cols);
     });
     partial.sum_into_output();
   } else {
     const int64_t items = (cols + kNTItemRows - 1) / kNTItemRows;
-    parallel_for(pool, items, [=](int64_t i, int) {
+    parallel_for(pool, items, [=](int64_t i) {
       const int64_t c0 = i * kNTItemRows, c1 = std::min(cols, c0 + kNTItemRows);
       int64_t c = c0;
 #ifdef __AVX512F__
@@ -659,6 +661,68 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       if (c < c1) nt_generic(xp, rows, wp + c * depth, depth, c1 - c, op + c, cols);
     });
   }
+  return ffi::Error::Success();
+}
+
+
+// -- greedy_tokens ---------------------------------------------------------------------------------
+
+// For each row of logits [B, V]: the first index of the largest value (of the first NaN, if
+// any) and its log-probability x[i] - logsumexp(x). XLA's argmax over a 49k vocabulary is a
+// scalar variadic reduction (~0.75 ms for 8 rows); these are three vectorised passes.
+ffi::Error GreedyTokensImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                            ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> logprobs) {
+  auto dims = logits.dimensions();
+  if (dims.size() != 2 || dims[1] == 0) {
+    return ffi::Error::InvalidArgument("greedy_tokens: logits must be [B, V] with V > 0");
+  }
+  const int64_t rows = dims[0], v = dims[1];
+  const float* xp = logits.typed_data();
+  int32_t* tp = tokens->typed_data();
+  float* lp = logprobs->typed_data();
+  parallel_for(pool, rows, [=](int64_t r) {
+    const float* x = xp + r * v;
+    float mx = -std::numeric_limits<float>::infinity();
+    bool nan = false;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    if (v >= 64) {  // four independent max chains; NaNs only flagged (max_ps would drop them)
+      __m512 m[4];
+      for (auto& mi : m) mi = _mm512_set1_ps(mx);
+      __mmask16 unordered = 0;
+      for (; j + 64 <= v; j += 64) {
+        __m512 a[4];
+        for (int i = 0; i < 4; ++i) a[i] = _mm512_loadu_ps(x + j + 16 * i);
+        unordered |= _mm512_cmp_ps_mask(a[0], a[1], _CMP_UNORD_Q) |
+                     _mm512_cmp_ps_mask(a[2], a[3], _CMP_UNORD_Q);
+        for (int i = 0; i < 4; ++i) m[i] = _mm512_max_ps(m[i], a[i]);
+      }
+      mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
+      nan = unordered != 0;
+    }
+#endif
+    for (; j < v; ++j) {
+      mx = std::max(mx, x[j]);
+      nan |= x[j] != x[j];
+    }
+    int64_t best = 0;
+    if (nan) {
+      while (x[best] == x[best]) ++best;
+      tp[r] = static_cast<int32_t>(best);
+      lp[r] = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+    while (x[best] != mx) ++best;
+    float sum = 0.0f;
+    if (std::isinf(mx)) {  // all -inf, or +inf: NaN, as log_softmax gives
+      lp[r] = std::numeric_limits<float>::quiet_NaN();
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < v; ++j) sum += exp_nonpositive(x[j] - mx);
+      lp[r] = -std::log(sum);  // x[best] - mx == 0
+    }
+    tp[r] = static_cast<int32_t>(best);
+  });
   return ffi::Error::Success();
 }
 
@@ -681,3 +745,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmul, RowsMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GreedyTokens, GreedyTokensImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
