@@ -325,16 +325,29 @@ void linger() {
 // Runs fn(i) for i in [0, items) on the calling thread and on helpers: lingering pool threads
 // first, then new pool tasks. Items are claimed from an atomic counter, so a helper that starts
 // late (or never) leaves nothing undone: the caller only waits for items already claimed.
+//
+// The caller claims items from the front and helpers from the back, so with two threads each
+// streams through adjacent items (the hardware prefetcher follows) until they meet.
 template <typename Fn>
 void parallel_for(ffi::ThreadPool& pool, int64_t items, Fn fn) {
   struct Shared {
     Shared(Fn f, int64_t n) : fn(std::move(f)), items(n) {}
     Fn fn;
     int64_t items;
-    std::atomic<int64_t> next{0};
+    std::atomic<uint64_t> claimed{0};  // items taken from the front (low half), from the back (high)
     std::atomic<int64_t> done{0};
-    void run() {
-      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+    int64_t claim(bool front) {
+      uint64_t c = claimed.load(std::memory_order_relaxed);
+      for (;;) {
+        const int64_t f = c & 0xffffffffu, b = c >> 32;
+        if (f + b >= items) return -1;
+        const uint64_t want = front ? c + 1 : c + (uint64_t{1} << 32);
+        if (claimed.compare_exchange_weak(c, want, std::memory_order_relaxed))
+          return front ? f : items - 1 - b;
+      }
+    }
+    void run(bool front = false) {
+      for (int64_t i = claim(front); i >= 0; i = claim(front)) {
         fn(i);
         done.fetch_add(1, std::memory_order_release);
       }
@@ -363,7 +376,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Fn fn) {
       linger();
     });
   }
-  shared->run();
+  shared->run(/*front=*/true);
   for (int i = 0; i < n_posted; ++i) {  // take back work no helper picked up
     Task* task = tasks[i];
     if (posted[i]->task.compare_exchange_strong(task, nullptr, std::memory_order_acq_rel)) delete task;
