@@ -9,6 +9,9 @@
 // ~10-25 µs each on CPU; here each (row, kv head) item reads its slots once, skips the slots
 // the mask hides, and the items are spread over XLA's intra-op thread pool.
 //
+// greedy_tokens: the argmax of each row of logits and its log-probability (XLA's argmax over a
+// vocabulary is a scalar variadic reduction).
+//
 // Letters: B batch, T query tokens, H query heads, K kv heads, G = H / K, S slots, D head dim.
 
 #include <algorithm>
