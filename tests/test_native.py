@@ -203,7 +203,7 @@ def test_dot_general_sends_only_few_row_float32_matmuls_to_the_kernel():
     assert not uses_kernel(jnp.ones((4, 9, 16)))  # 36 rows: XLA
     assert not uses_kernel(jnp.ones((4, 8, 16), jnp.bfloat16), w=w.astype(jnp.bfloat16))
     nt = (((1,), (1,)), ((), ()))
-    assert uses_kernel(jnp.ones((32, 32)), dims=nt)  # x @ w.T: up to 32 rows
+    assert uses_kernel(jnp.ones((32, 32)), dims=nt)  # x @ w.T: the same limit
     assert not uses_kernel(jnp.ones((33, 32)), dims=nt)
     batched = (((2,), (1,)), ((0,), (0,)))
     assert not uses_kernel(jnp.ones((2, 3, 16)), w=jnp.ones((2, 16, 5)), dims=batched)

@@ -41,7 +41,6 @@ __all__ = [
     "use_greedy_tokens",
     "CACHE_ATTENTION_MAX_TOKENS",
     "ROWS_MATMUL_MAX_ROWS",
-    "ROWS_MATMUL_MAX_ROWS_TRANSPOSED",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,10 +49,9 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17"]
 # more new tokens than this per row (prefill into the cache) stay on XLA's batched matmuls
 CACHE_ATTENTION_MAX_TOKENS = 8
-# matmuls with more rows than this (prefill, training) stay on XLA; the tied head x @ w.T has its
-# own limit (the kernel is 1.07-1.09x XLA at 32 rows, scripts/bench_native.py)
+# matmuls with more rows than this (prefill, training) stay on XLA; at 32 rows the kernel is
+# 1.7x XLA for the layers and 1.07-1.09x for the tied head x @ E.T (scripts/bench_native.py)
 ROWS_MATMUL_MAX_ROWS = 32
-ROWS_MATMUL_MAX_ROWS_TRANSPOSED = 32
 
 
 def _cpu_features() -> str:
@@ -228,25 +226,22 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
     Used by jaxlab's linear layers and tied LM heads. It takes ``lhs [..., K]`` against a 2-D
     weight (``[K, N]``, or ``[N, K]`` contracted on its last axis) when there are at most
-    ``ROWS_MATMUL_MAX_ROWS`` rows (``ROWS_MATMUL_MAX_ROWS_TRANSPOSED`` for ``[N, K]``), on CPU,
-    in float32; everything else goes to XLA unchanged.
+    ``ROWS_MATMUL_MAX_ROWS`` rows, on CPU, in float32; everything else goes to XLA unchanged.
     """
     (lc, rc), (lb, rb) = dimension_numbers
     rows = math.prod(lhs.shape[:-1])
-    transposed = tuple(rc) == (1,)
-    limit = ROWS_MATMUL_MAX_ROWS_TRANSPOSED if transposed else ROWS_MATMUL_MAX_ROWS
     if (
         not lb
         and not rb
         and tuple(lc) == (lhs.ndim - 1,)
         and rhs.ndim == 2
         and tuple(rc) in ((0,), (1,))
-        and 1 <= rows <= limit
+        and 1 <= rows <= ROWS_MATMUL_MAX_ROWS
         and preferred_element_type in (None, jnp.float32)
         and _on_cpu_float32(lhs, rhs)
         and available()
     ):
-        out = _rows_matmul(lhs.reshape(rows, lhs.shape[-1]), rhs, transposed)
+        out = _rows_matmul(lhs.reshape(rows, lhs.shape[-1]), rhs, tuple(rc) == (1,))
         return out.reshape(*lhs.shape[:-1], out.shape[-1])
     return jax.lax.dot_general(
         lhs,

@@ -36,7 +36,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-
 // exp(x) for x <= 0 (a softmax's shifted logits), written so the compiler vectorises the loop
 // that calls it: Cody-Waite range reduction and a degree-6 polynomial, max rel. error ~2e-7.
 // Below -87 (and for -inf, a hidden slot) it gives exactly 0.
@@ -486,13 +485,6 @@ void nn_rows(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t 
 }
 #endif
 
-// A weight block read next (its first rows are prefetched while the current block's last rows
-// are used): `cols` columns from `w` with leading dimension `ld`.
-struct NextBlock {
-  const float* w = nullptr;
-  int64_t ld = 0, cols = 0;
-};
-
 // Portable fallback (and the ragged last columns): out[:, :cols] += x · w, loops the compiler
 // vectorises.
 void nn_generic(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw,
@@ -510,11 +502,10 @@ void nn_generic(const float* x, int64_t rows, int64_t ldx, const float* w, int64
 
 // out[:, :cols] += x[:, :depth] · w[:depth, :cols] (leading dimensions ldx, ldw, ldo). The
 // weight's rows are read a chunk at a time, a column tile at a time; while one chunk is used, each
-// weight vector loaded prefetches its counterpart in the next chunk (or, in the last chunk, in
-// `next`), so the memory streams at a steady rate under the arithmetic (bursts of prefetches
-// would stall on the line fill buffers).
+// weight vector loaded prefetches its counterpart in the next chunk, so the memory streams at a
+// steady rate under the arithmetic (bursts of prefetches would stall on the line fill buffers).
 void nn_accumulate(const float* x, int64_t ldx, int64_t rows, const float* w, int64_t ldw,
-                   int64_t depth, int64_t cols, float* out, int64_t ldo, NextBlock next = {}) {
+                   int64_t depth, int64_t cols, float* out, int64_t ldo) {
   int64_t c1 = 0;
 #ifdef __AVX512F__
   c1 = cols / 16 * 16;
@@ -522,16 +513,12 @@ void nn_accumulate(const float* x, int64_t ldx, int64_t rows, const float* w, in
   for (int64_t k = 0; k < depth; k += chunk) {
     const int64_t kc = std::min(chunk, depth - k);
     const float* wk = w + k * ldw;
-    const bool last = k + kc >= depth;
-    // prefetch the next chunk if it is as long, else the next block's first rows
-    const float* pf = k + 2 * kc <= depth ? wk + kc * ldw : (last ? next.w : nullptr);
-    const int64_t ldpf = pf == next.w ? next.ld : ldw;
-    const int64_t pf_cols = pf == next.w ? next.cols : cols;
-    auto at = [&](int64_t c) { return pf != nullptr && c < pf_cols ? pf + c : nullptr; };
+    const float* pf = k + 2 * kc <= depth ? wk + kc * ldw : nullptr;  // the next chunk, if as long
+    auto at = [&](int64_t c) { return pf != nullptr ? pf + c : nullptr; };
     int64_t c = 0;
     for (; c + kNNTileCols <= c1; c += kNNTileCols)
-      nn_rows<3>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldpf);
-    for (; c + 16 <= c1; c += 16) nn_rows<1>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldpf);
+      nn_rows<3>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldw);
+    for (; c + 16 <= c1; c += 16) nn_rows<1>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldw);
   }
 #endif
   if (c1 < cols) nn_generic(x, rows, ldx, w + c1, ldw, depth, cols - c1, out + c1, ldo);
@@ -680,7 +667,6 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
-
 // -- greedy_tokens ---------------------------------------------------------------------------------
 
 // For each row of logits [B, V]: the first index of the largest value (of the first NaN, if
@@ -734,7 +720,7 @@ ffi::Error GreedyTokensImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
       lp[r] = std::numeric_limits<float>::quiet_NaN();
     } else {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < v; ++j) sum += exp_nonpositive(x[j] - mx);
+      for (int64_t i = 0; i < v; ++i) sum += exp_nonpositive(x[i] - mx);
       lp[r] = -std::log(sum);  // x[best] - mx == 0
     }
     tp[r] = static_cast<int32_t>(best);
