@@ -8,6 +8,12 @@ Also prints the memory-bandwidth floor: the time to stream every parameter once 
 at the measured copy bandwidth (numpy, one thread), as tokens/s; and the same at the read
 bandwidth of an XLA reduction over both cores (what a decode step does: read each weight once). With `--engine`, a second table compares the
 continuous-batching Engine with static batching on requests of log-normal lengths.
+
+With `--random-weights` both sides use the same randomly initialised model of SmolLM2-135M's
+architecture (an HF checkpoint written to a temporary folder and loaded by jaxlab), for machines
+without the weight package, such as a GPU pod. On a GPU, HF runs on `cuda` as well, and the
+first-divergence step of the two greedy continuations is printed (JAX's default float32 matmul
+precision on GPU is TF32; pass `--precision highest` for float32 dots).
 """
 
 from __future__ import annotations
@@ -49,6 +55,44 @@ def read_bandwidth_gbs(nbytes: int = 512 * 2**20) -> float:
     return nbytes / best / 1e9
 
 
+# SmolLM2-135M's architecture (the GGUF's metadata, as jaxlab reads it)
+SMOLLM2_135M_HF_CONFIG = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
+
+
+def random_smollm2(folder: Path):
+    """The HF model (float32, seed 0) and the same weights loaded by jaxlab."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jaxlab.models import from_pretrained
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_HF_CONFIG)).float().eval()
+    hf.save_pretrained(folder)
+    model, _ = from_pretrained(folder)
+    return model, hf
+
+
+def first_divergence(a: np.ndarray, b: np.ndarray) -> int:
+    """The first step where two token arrays [B, N] differ in any row (N if never)."""
+    differ = np.any(a != b, axis=0)
+    return int(np.argmax(differ)) if differ.any() else a.shape[1]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -60,7 +104,23 @@ def main():
         "--engine", action="store_true", help="also run the Engine vs static batching table"
     )
     p.add_argument("--out", default="runs/bench_generate.json")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="a random model of SmolLM2-135M's architecture on both sides (no weight package needed)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["default", "high", "highest"],
+        default="default",
+        help="jax_default_matmul_precision (matters on GPU, where 'default' float32 dots are TF32)",
+    )
     args = p.parse_args()
+    if args.engine and args.random_weights:
+        p.error("--engine needs the real model's tokenizer; drop --random-weights")
+    jax.config.update(
+        "jax_default_matmul_precision", None if args.precision == "default" else args.precision
+    )
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -69,26 +129,42 @@ def main():
     from jaxlab.models import from_pretrained
     from jaxlab.models.registry import SMOLLM2_GGUF, package_path
 
-    model, tok = from_pretrained(SMOLLM2_GGUF)
+    hf = None
+    if args.random_weights:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory()
+        model, hf = random_smollm2(Path(tmp.name))
+        pad_id = 0
+    else:
+        model, tok = from_pretrained(SMOLLM2_GGUF)
+        pad_id = tok.pad_token_id
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    torch_device = "cuda" if on_gpu else "cpu"
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     bw, read_bw = copy_bandwidth_gbs(), read_bandwidth_gbs()
     floor_steps = bw * 1e9 / param_bytes
     read_floor_steps = read_bw * 1e9 / param_bytes
     print(
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        f"jax {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].device_kind}), "
+        f"torch {torch.__version__} ({torch_device}, {torch.get_num_threads()} threads), "
+        f"precision {args.precision}, {'random' if args.random_weights else 'SmolLM2-135M-Instruct'} weights"
     )
     print(
         f"parameters {param_bytes / 1e6:.0f} MB, copy bandwidth {bw:.1f} GB/s -> floor {floor_steps:.1f} decode steps/s; "
         f"read bandwidth {read_bw:.1f} GB/s -> {read_floor_steps:.1f} steps/s"
     )
-    hf = None
-    if not args.skip_hf:
+    if args.skip_hf:
+        hf = None
+    elif hf is None:
         path = package_path(SMOLLM2_GGUF)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf = AutoModelForCausalLM.from_pretrained(
                 str(path.parent), gguf_file=path.name, dtype=torch.float32
             ).eval()
+    if hf is not None:
+        hf = hf.to(torch_device)
 
     rows = []
     rng = np.random.default_rng(0)
@@ -96,11 +172,14 @@ def main():
         ids = rng.integers(100, 40000, size=(b, args.prompt)).astype(np.int32)
         mask = np.ones_like(ids)
 
+        ours_tokens = []
+
         def ours(ids=ids, mask=mask, b=b):
             out = generate_tokens(
-                model, ids, mask, max_new_tokens=args.new, eos_ids=(), pad_id=tok.pad_token_id
+                model, ids, mask, max_new_tokens=args.new, eos_ids=(), pad_id=pad_id
             )
             assert out[0].shape == (b, args.new)
+            ours_tokens[:] = [out[0]]
 
         t_ours = time_call(ours, repeats=args.repeats)
         row = {
@@ -111,7 +190,8 @@ def main():
             "read_floor_tok_s": b * read_floor_steps,
         }
         if hf is not None:
-            tids = torch.tensor(ids, dtype=torch.long)
+            tids = torch.tensor(ids, dtype=torch.long, device=torch_device)
+            hf_tokens = []
 
             def theirs(tids=tids, b=b):
                 with torch.no_grad():
@@ -121,12 +201,16 @@ def main():
                         max_new_tokens=args.new,
                         min_new_tokens=args.new,
                         do_sample=False,
-                        pad_token_id=tok.pad_token_id,
+                        pad_token_id=pad_id,
                     )
+                if on_gpu:
+                    torch.cuda.synchronize()
                 assert out.shape == (b, args.prompt + args.new)
+                hf_tokens[:] = [out[:, args.prompt :].cpu().numpy()]
 
             t_hf = time_call(theirs, repeats=1)
             row.update(hf_s=t_hf, hf_tok_s=b * args.new / t_hf, speedup=t_hf / t_ours)
+            row["same_tokens_until"] = first_divergence(ours_tokens[0], hf_tokens[0])
         rows.append(row)
         print(json.dumps(row))
 
