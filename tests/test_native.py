@@ -252,3 +252,44 @@ def test_the_library_file_is_named_by_source_flags_and_cpu(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(native, "_cpu_features", lambda: "flags : fpu sse2")
         assert native._library_name() != name  # another CPU: another build
+
+
+def _huge_pages_supported() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def test_advise_huge_pages_keeps_contents_and_skips_what_it_cannot_advise(monkeypatch):
+    rng = np.random.default_rng(0)
+    big = jnp.asarray(rng.normal(size=(1536, 2048)).astype(np.float32))  # 12 MiB
+    small = jnp.ones((8,), jnp.float32)
+    before = np.asarray(big).copy()
+    advised = native.advise_huge_pages([big, small, "not an array", None])
+    np.testing.assert_array_equal(np.asarray(big), before)  # same memory, same values
+    if _huge_pages_supported():
+        # the 2 MiB-aligned cover of the array (rounded out, clipped to the process's mappings)
+        assert big.nbytes <= advised <= big.nbytes + 2 * (2 << 20)
+    assert native.advise_huge_pages([small]) == 0  # under min_bytes
+    monkeypatch.setenv("JAXLAB_HUGE_PAGES", "0")
+    assert native.advise_huge_pages([big]) == 0
+    # the weights are still used as before
+    x = jnp.asarray(rng.normal(size=(8, 1536)).astype(np.float32))
+    np.testing.assert_allclose(
+        native.rows_matmul(x, big), np.asarray(x, np.float64) @ before, rtol=2e-5, atol=2e-4
+    )
+
+
+def test_huge_page_ranges_are_clipped_to_mapped_memory():
+    from jaxlab.native import _clip_to_mappings
+
+    assert _clip_to_mappings([[0x1000, 0x3000]]) == []  # the zero page region is never mapped
+    a = np.ones(1 << 20, np.float32)
+    lo, hi = a.ctypes.data, a.ctypes.data + a.nbytes
+    pieces = _clip_to_mappings([[lo, hi]])  # one per mapping the array's memory lies in
+    assert pieces[0][0] == lo and pieces[-1][1] == hi
+    assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))
+    # rounded out past the end of its mapping, the range is cut at the mapping's end
+    assert _clip_to_mappings([[hi - 4096, hi + (64 << 40)]])[-1][1] < hi + (64 << 40)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab import native
 from jaxlab.generation.generate import decoding_model
 from jaxlab.generation.sampling import sample_tokens
 from jaxlab.models.decoder import Decoder, KVCache
@@ -159,6 +160,7 @@ class Engine:
             greedy=temperature == 0.0,
         )
         self._cache = decoding_model(model).init_cache(num_slots, max_len)
+        native.advise_huge_pages(jax.tree.leaves(self._cache))  # on CPU: each step reads it all
         self._key = jax.random.key(seed)
         self._queue: collections.deque[Request] = collections.deque()
         self._slots: list[_Slot | None] = [None] * num_slots
@@ -175,6 +177,7 @@ class Engine:
         graphdef, state = nnx.split(decoding_model(model))
         # the engine's own single-device copy (the trainer may keep the weights on a mesh)
         self._state = jax.device_put(state, self.device)
+        native.advise_huge_pages(jax.tree.leaves(self._state))
         if hasattr(self, "_graphdef") and graphdef != self._graphdef:
             raise ValueError("update_weights needs a model of the same architecture")
         self._graphdef = graphdef

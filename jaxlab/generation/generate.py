@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab import native
 from jaxlab.generation.sampling import sample_tokens
 from jaxlab.models.decoder import Decoder, with_layer_layout
 from jaxlab.tokenization import Tokenizer, bucket_length
@@ -46,16 +47,19 @@ _DECODING_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decoding_model(model: Decoder) -> Decoder:
-    """``model`` with one module per layer, converted once and reused until its weights change."""
-    if not model.config.scan_layers:
-        return model
+    """``model`` with one module per layer, converted once and reused until its weights change.
+
+    On CPU its weights are also moved to huge pages (:func:`jaxlab.native.advise_huge_pages`):
+    every decode step streams them all.
+    """
     fingerprint = tuple(id(x) for x in jax.tree.leaves(nnx.state(model)))
     hit = _DECODING_MODELS.get(model)
     if hit is not None and hit[0] == fingerprint:
-        return hit[1]
-    unrolled = with_layer_layout(model, scan_layers=False)
-    _DECODING_MODELS[model] = (fingerprint, unrolled)
-    return unrolled
+        return hit[1] or model
+    unrolled = with_layer_layout(model, scan_layers=False) if model.config.scan_layers else None
+    native.advise_huge_pages(jax.tree.leaves(nnx.state(unrolled or model)))
+    _DECODING_MODELS[model] = (fingerprint, unrolled)  # None: the model itself (no self-reference)
+    return unrolled or model
 
 
 # -- jitted pieces -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,7 @@ __all__ = [
     "dot_general",
     "greedy_tokens",
     "use_greedy_tokens",
+    "advise_huge_pages",
     "CACHE_ATTENTION_MAX_TOKENS",
     "ROWS_MATMUL_MAX_ROWS",
 ]
@@ -278,3 +280,77 @@ def greedy_tokens(logits) -> tuple[jax.Array, jax.Array]:
 def use_greedy_tokens(logits) -> bool:
     """The default choice for greedy decoding: float32 logits ``[B, V]`` on CPU, kernels built."""
     return logits.ndim == 2 and logits.shape[1] > 0 and _on_cpu_float32(logits) and available()
+
+
+# -- huge pages for the memory decoding streams -----------------------------------------------------
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # linux/mman.h; MADV_COLLAPSE needs Linux >= 6.1
+
+
+@functools.cache
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc.madvise
+
+
+def advise_huge_pages(arrays, *, min_bytes: int = 256 << 10) -> int:
+    """Backs the host memory of CPU ``arrays`` with 2 MiB pages; returns the bytes advised.
+
+    A decode step streams every weight and the KV cache once; on 4 KiB pages that is a TLB miss
+    and a restart of the hardware prefetcher every 4 KiB (a 540 MB read runs at ~30 GB/s on this
+    project's 2-core machine, ~35 GB/s on huge pages; SmolLM2 decoding at batch 8 ~4% faster).
+    The 2 MiB-aligned ranges covering the arrays are marked ``MADV_HUGEPAGE`` and collapsed now
+    (``MADV_COLLAPSE``). Neither changes the memory's contents, so it is safe for whatever else
+    shares those ranges. Best effort: a no-op off Linux, off CPU, for arrays under ``min_bytes``,
+    with ``JAXLAB_HUGE_PAGES=0``, and where the kernel refuses.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("JAXLAB_HUGE_PAGES", "1") == "0":
+        return 0
+    ranges = []
+    for a in arrays:
+        if not isinstance(a, jax.Array) or a.nbytes < min_bytes:
+            continue
+        try:
+            if any(d.platform != "cpu" for d in a.devices()) or a.is_deleted():
+                continue
+            for shard in a.addressable_shards:
+                start = shard.data.unsafe_buffer_pointer()
+                end = start + shard.data.nbytes
+                ranges.append((start // _HUGE_PAGE * _HUGE_PAGE, -(-end // _HUGE_PAGE) * _HUGE_PAGE))
+        except Exception:  # noqa: BLE001 - an array without a host buffer is simply skipped
+            continue
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    madvise, advised = _madvise(), 0
+    for lo, hi in _clip_to_mappings(merged):  # rounding out may reach past a mapping's end
+        if madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0:
+            madvise(lo, hi - lo, _MADV_COLLAPSE)  # else khugepaged collapses them later
+            advised += hi - lo
+    return advised
+
+
+def _clip_to_mappings(ranges: list[list[int]]) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` (sorted) inside this process's memory mappings."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = sorted(tuple(int(x, 16) for x in line.split(None, 1)[0].split("-")) for line in f)
+    except OSError:
+        return []
+    out, i = [], 0
+    for lo, hi in ranges:
+        while i < len(maps) and maps[i][1] <= lo:
+            i += 1
+        j = i
+        while j < len(maps) and maps[j][0] < hi:
+            a, b = max(lo, maps[j][0]), min(hi, maps[j][1])
+            if a < b:
+                out.append((a, b))
+            j += 1
+    return out

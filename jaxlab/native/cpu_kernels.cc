@@ -449,7 +449,11 @@ void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t d
   for (int64_t k = 0; k < depth; ++k) {
     if (pf != nullptr && k % every == phase) {
       const char* a = reinterpret_cast<const char*>(pf + k * ldpf);
-      for (int c = 0; c < kC; ++c) _mm_prefetch(a + 64 * c, _MM_HINT_T0);
+      for (int c = 0; c < kC; ++c) _mm_prefetch(a + 64 * c, _MM_HINT_T2);
+    }
+    if (phase == 0) {  // the next tile's lines of this weight row, from L2 (or beyond) to L1
+      const char* next = reinterpret_cast<const char*>(w + k * ldw + 16 * kC);
+      for (int c = 0; c < kC; ++c) _mm_prefetch(next + 64 * c, _MM_HINT_T0);
     }
     __m512 wv[kC];
     for (int c = 0; c < kC; ++c) wv[c] = _mm512_loadu_ps(w + k * ldw + 16 * c);
@@ -535,7 +539,7 @@ inline void nt_micro(const float* x, int64_t depth, const float* w, __m512 (*par
   for (int64_t k = 0; k < depth; k += 16) {
     __m512 wv[4];
     for (int r = 0; r < 4; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 8) * depth + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 8) * depth + k), _MM_HINT_T2);
       wv[r] = _mm512_loadu_ps(w + r * depth + k);
     }
     for (int m = 0; m < kMr; ++m) {
