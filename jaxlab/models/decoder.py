@@ -23,6 +23,7 @@ from jaxlab.models.layers import (
     dense,
     padding_positions,
     rope_inv_freq,
+    rope_tables,
     scan_layers,
     stack_layers,
 )
@@ -225,7 +226,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
         self.cfg = cfg
 
-    def __call__(self, x, positions, inv_freq, mask, kv=None, index=None):
+    def __call__(self, x, rope, mask, kv=None, index=None):
         cfg = self.cfg
         b, t, _ = x.shape
         d = cfg.dim_per_head
@@ -234,8 +235,8 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, d)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         layout = "bskd"
         if kv is not None:  # write the new keys/values into each row's slots, attend over the cache
             write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (0, i, 0)))
@@ -271,8 +272,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, mask, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, kv, index)
+    def __call__(self, x, rope, mask, kv=None, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, index)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -373,8 +374,10 @@ class Decoder(nnx.Module):
             rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling), jnp.float32
         )
 
+        rope = rope_tables(positions, inv_freq)  # once, for every layer
+
         def body(layer, h, layer_kv):
-            return layer(h, positions, inv_freq, mask, layer_kv, index)
+            return layer(h, rope, mask, layer_kv, index)
 
         if cfg.scan_layers:
             x, new_kv = scan_layers(self.layers, body, x, kv)
