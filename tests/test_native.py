@@ -1,5 +1,6 @@
 """The native CPU kernels (jaxlab.native) against float64 numpy, and the dispatch around them."""
 
+import dataclasses
 import os
 import shutil
 
@@ -293,3 +294,108 @@ def test_huge_page_ranges_are_clipped_to_mapped_memory():
     assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))
     # rounded out past the end of its mapping, the range is cut at the mapping's end
     assert _clip_to_mappings([[hi - 4096, hi + (64 << 40)]])[-1][1] < hi + (64 << 40)
+
+
+def _layer_reference(x, cos, sin, mask, index, k_cache, v_cache, weights, eps):
+    """One Llama decoder layer over a KV cache in float64 numpy (the cache is written first)."""
+    ln1, wq, wk, wv, wo, ln2, wg, wu, wd = (np.asarray(w, np.float64) for w in weights)
+    x = np.asarray(x, np.float64)
+    b, t, _ = x.shape
+    kv, s, d = k_cache.shape[1:]
+    h = wq.shape[1] // d
+    k_cache, v_cache = np.array(k_cache, np.float64), np.array(v_cache, np.float64)
+
+    def norm(y, w):
+        return w * y / np.sqrt(np.mean(y * y, -1, keepdims=True) + eps)
+
+    def rope(y):  # y [B, T, heads, D]
+        c = np.concatenate([cos, cos], -1)[:, :, None, :]
+        sn = np.concatenate([sin, sin], -1)[:, :, None, :]
+        rotated = np.concatenate([-y[..., d // 2 :], y[..., : d // 2]], -1)
+        return y * c + rotated * sn
+
+    n1 = norm(x, ln1)
+    q = rope((n1 @ wq).reshape(b, t, h, d))
+    k = rope((n1 @ wk).reshape(b, t, kv, d))
+    v = (n1 @ wv).reshape(b, t, kv, d)
+    attn = np.zeros((b, t, h, d))
+    for bi in range(b):
+        start = min(max(int(index[bi]), 0), s - t)
+        k_cache[bi, :, start : start + t] = k[bi].transpose(1, 0, 2)
+        v_cache[bi, :, start : start + t] = v[bi].transpose(1, 0, 2)
+        for ti in range(t):
+            for hi in range(h):
+                ki = hi // (h // kv)
+                logits = k_cache[bi, ki] @ q[bi, ti, hi] / np.sqrt(d)
+                logits = np.where(mask[bi, ti], logits, -np.inf)
+                if np.isfinite(logits).any():
+                    p = np.exp(logits - logits.max())
+                    attn[bi, ti, hi] = (p / p.sum()) @ v_cache[bi, ki]
+    x1 = x + attn.reshape(b, t, h * d) @ wo
+    n2 = norm(x1, ln2)
+    g = n2 @ wg
+    out = x1 + (g / (1 + np.exp(-g)) * (n2 @ wu)) @ wd
+    return out, k_cache, v_cache
+
+
+@pytest.mark.parametrize(
+    "b, t, h, kv, d, e, f, s",
+    [
+        (3, 1, 4, 2, 64, 96, 160, 40),  # decode step, grouped heads
+        (2, 3, 6, 3, 16, 48, 80, 24),  # several new tokens, a head dim the kernel does not unroll
+        (1, 1, 9, 3, 64, 576, 1536, 48),  # SmolLM2's layer shapes
+    ],
+)
+def test_decoder_layer_matches_float64(b, t, h, kv, d, e, f, s):
+    rng = np.random.default_rng(b * 100 + t * 10 + d)
+    normal = lambda *shape, scale=1.0: (rng.normal(size=shape) * scale).astype(np.float32)  # noqa: E731
+    weights = [
+        1 + normal(e, scale=0.1),
+        normal(e, h * d, scale=e**-0.5),
+        normal(e, kv * d, scale=e**-0.5),
+        normal(e, kv * d, scale=e**-0.5),
+        normal(h * d, e, scale=(h * d) ** -0.5),
+        1 + normal(e, scale=0.1),
+        normal(e, f, scale=e**-0.5),
+        normal(e, f, scale=e**-0.5),
+        normal(f, e, scale=f**-0.5),
+    ]
+    x = normal(b, t, e)
+    index = np.array([5, s - t, 0][:b], np.int32) if b > 1 else np.array([s // 2], np.int32)
+    positions = index[:, None] + np.arange(t)[None]
+    freqs = positions[..., None] * (1e4 ** -(np.arange(0, d, 2) / d))[None, None]
+    cos, sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    # each new token sees the slots before it and itself; row 0 also has a hidden (padding) slot
+    slots = np.arange(s)[None, None, :]
+    mask = slots <= positions[..., None]
+    mask[0, :, 1] = False
+    k_cache, v_cache = normal(b, kv, s, d), normal(b, kv, s, d)
+    want = _layer_reference(x, cos, sin, mask, index, k_cache, v_cache, weights, 1e-5)
+
+    step = jax.jit(
+        lambda x, kc, vc: native.decoder_layer(
+            x, cos, sin, mask, index, kc, vc, weights, eps=1e-5, scale=d**-0.5
+        ),
+        donate_argnums=(1, 2),
+    )
+    got = step(x, jnp.asarray(k_cache), jnp.asarray(v_cache))
+    for g, w, name in zip(got, want, ("out", "k_cache", "v_cache")):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=2e-4, err_msg=name)
+
+
+def test_decoding_runs_one_native_call_per_plain_llama_layer():
+    from flax import nnx
+
+    from jaxlab.models.decoder import Decoder, DecoderConfig
+
+    def kernels(cfg):
+        model = Decoder(dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(0))
+        cache = model.init_cache(2, 16)
+        ids = jnp.zeros((2, 1), jnp.int32)
+        return str(jax.make_jaxpr(lambda c: model(ids, cache=c))(cache))
+
+    llama = DecoderConfig(num_layers=3)
+    assert kernels(llama).count("jaxlab_decoder_layer") == 3
+    # biases (Qwen2) and q/k norms (Qwen3) keep the separate ops
+    assert "jaxlab_decoder_layer" not in kernels(dataclasses.replace(llama, attention_bias=True))
+    assert "jaxlab_decoder_layer" not in kernels(dataclasses.replace(llama, qk_norm=True))

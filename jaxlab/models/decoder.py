@@ -266,6 +266,24 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    def native_weights(self) -> tuple[jax.Array, ...]:
+        """The weights in :func:`jaxlab.native.decoder_layer`'s order."""
+        attn, mlp = self.self_attn, self.mlp
+        return tuple(
+            p[...]
+            for p in (
+                self.input_layernorm.weight,
+                attn.q_proj.kernel,
+                attn.k_proj.kernel,
+                attn.v_proj.kernel,
+                attn.o_proj.kernel,
+                self.post_attention_layernorm.weight,
+                mlp.gate_proj.kernel,
+                mlp.up_proj.kernel,
+                mlp.down_proj.kernel,
+            )
+        )
+
     def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
@@ -381,6 +399,24 @@ class Decoder(nnx.Module):
 
         if cfg.scan_layers:
             x, new_kv = scan_layers(self.layers, body, x, kv)
+        elif kv is not None and _native_layers(cfg, x, kv[0][0]):
+            # decoding on CPU: each layer is one native call that updates its cache in place
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                x, k_i, v_i = native.decoder_layer(
+                    x,
+                    *rope,
+                    mask,
+                    index,
+                    kv[0][i],
+                    kv[1][i],
+                    layer.native_weights(),
+                    eps=cfg.rms_norm_eps,
+                    scale=cfg.dim_per_head**-0.5,
+                )
+                ks.append(k_i)
+                vs.append(v_i)
+            new_kv = (tuple(ks), tuple(vs))
         else:  # one array per layer: decoding reads each layer's weights in place
             outs = []
             for i, layer in enumerate(self.layers):
@@ -403,6 +439,13 @@ class Decoder(nnx.Module):
         if cache is None:
             return out
         return out, KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + t, valid=valid)
+
+
+def _native_layers(cfg: DecoderConfig, x: jax.Array, k_cache: jax.Array) -> bool:
+    """Whether decoding runs each layer as one :func:`jaxlab.native.decoder_layer` call: a plain
+    Llama layer (no biases, no q/k norms, dense attention) in float32 on CPU."""
+    plain = not (cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm)
+    return plain and cfg.attention_implementation == "xla" and native.use_decoder_layer(x, k_cache)
 
 
 def with_layer_layout(model: Decoder, scan_layers: bool) -> Decoder:

@@ -41,6 +41,8 @@ __all__ = [
     "greedy_tokens",
     "use_greedy_tokens",
     "advise_huge_pages",
+    "decoder_layer",
+    "use_decoder_layer",
     "CACHE_ATTENTION_MAX_TOKENS",
     "ROWS_MATMUL_MAX_ROWS",
 ]
@@ -110,6 +112,7 @@ _TARGETS = {
     "jaxlab_cache_attention": "CacheAttention",
     "jaxlab_rows_matmul": "RowsMatmul",
     "jaxlab_greedy_tokens": "GreedyTokens",
+    "jaxlab_decoder_layer": "DecoderLayer",
 }
 
 
@@ -354,3 +357,61 @@ def _clip_to_mappings(ranges: list[list[int]]) -> list[tuple[int, int]]:
                 out.append((a, b))
             j += 1
     return out
+
+
+# -- a whole decoder layer of a decode step --------------------------------------------------------
+
+
+def decoder_layer(x, cos, sin, mask, index, k_cache, v_cache, weights, *, eps: float, scale: float):
+    """One Llama-family decoder layer for the few new tokens of a decode step, in one call.
+
+    ``h = x + o(attn(rope(q(n1(x))), cache)); out = h + down(silu(gate(n2(h))) · up(n2(h)))``,
+    where ``n1``, ``n2`` are RMSNorms and the new keys and values (after RoPE) are first written
+    into the cache at each row's ``index`` (as ``dynamic_update_slice`` does).
+
+    Args:
+      x: ``[B, T, E]`` float32; ``cos``, ``sin``: ``[B, T, D/2]`` of each token's position.
+      mask: ``[B, T, S]`` bool, the cache slots each new token sees (its own slot included).
+      index: ``[B]`` int32, the first slot the row's new tokens are written to.
+      k_cache, v_cache: ``[B, K, S, D]`` float32, updated in place (donate them in a jit).
+      weights: ``(ln1 [E], wq [E, H·D], wk [E, K·D], wv [E, K·D], wo [H·D, E], ln2 [E],
+        w_gate [E, F], w_up [E, F], w_down [F, E])``.
+
+    Returns ``(out [B, T, E], k_cache, v_cache)``. Forward only (decoding).
+    """
+    _require()
+    call = jax.ffi.ffi_call(
+        "jaxlab_decoder_layer",
+        (
+            jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct(k_cache.shape, jnp.float32),
+            jax.ShapeDtypeStruct(v_cache.shape, jnp.float32),
+        ),
+        input_output_aliases={5: 1, 6: 2},
+        vmap_method="sequential",
+    )
+    return call(
+        x,
+        cos,
+        sin,
+        mask.astype(bool),
+        index.astype(jnp.int32),
+        k_cache,
+        v_cache,
+        *weights,
+        eps=np.float32(eps),
+        scale=np.float32(scale),
+    )
+
+
+def use_decoder_layer(x, k_cache) -> bool:
+    """The default choice in decoding: float32 on CPU, few rows and new tokens, kernels built
+    (``JAXLAB_NATIVE_LAYER=0`` keeps the layer as separate ops)."""
+    b, t = x.shape[0], x.shape[1]
+    return (
+        os.environ.get("JAXLAB_NATIVE_LAYER", "1") != "0"
+        and _on_cpu_float32(x, k_cache)
+        and t <= CACHE_ATTENTION_MAX_TOKENS
+        and b * t <= ROWS_MATMUL_MAX_ROWS
+        and available()
+    )

@@ -98,11 +98,16 @@ inline __m512 sum_lanes16(const __m512* v) {
 
 // out[s] = q · k_s for 16 consecutive slots; kD a multiple of 16.
 template <int64_t kD>
-inline void dots16(const float* __restrict q, const float* __restrict k, float* out) {
+inline void dots16(const float* __restrict q, const float* __restrict k, float* out,
+                   const float* pf) {
   constexpr int kC = kD / 16;
   __m512 qv[kC], v[16];
   for (int c = 0; c < kC; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
   for (int i = 0; i < 16; ++i) {
+    if (pf != nullptr) {  // the same slot's value row, for the weighted sum after the softmax
+      const char* line = reinterpret_cast<const char*>(pf + i * kD);
+      for (int c = 0; c < kC; ++c) _mm_prefetch(line + 64 * c, _MM_HINT_T2);
+    }
     const float* ks = k + i * kD;
     __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
     for (int c = 1; c < kC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(ks + 16 * c), acc);
@@ -125,9 +130,9 @@ void all_dots(const float* const* q_rows, int64_t rows, const float* kb, int64_t
       uint8_t seen = 0;
       for (int i = 0; i < 16; ++i) seen |= any[s0 + i];
       if (!seen) continue;
-      const char* vblock = reinterpret_cast<const char*>(vb + s0 * kD);
-      for (int64_t b = 0; b < 16 * kD * 4; b += 64) _mm_prefetch(vblock + b, _MM_HINT_T0);
-      for (int64_t r = 0; r < rows; ++r) dots16<kD>(q_rows[r], kb + s0 * kD, logits + r * s_len + s0);
+      for (int64_t r = 0; r < rows; ++r) {
+        dots16<kD>(q_rows[r], kb + s0 * kD, logits + r * s_len + s0, r == 0 ? vb + s0 * kD : nullptr);
+      }
     }
   }
 #endif
@@ -140,10 +145,14 @@ void all_dots(const float* const* q_rows, int64_t rows, const float* kb, int64_t
 // acc[r, :] = Σ_s w[r, s] · v_s over visible slots, for a chunk of kR rows kept in registers.
 template <int64_t kD, int kR>
 void weighted_sum_chunk(const float* w, int64_t s_len, const float* vb, const uint8_t* any,
-                        float* acc) {
+                        float* acc, const float* pf) {
   float a[kR][kD] = {};
   for (int64_t s = 0; s < s_len; ++s) {
     if (!any[s]) continue;
+    if (pf != nullptr) {  // slot s of the next item's keys, to L2 while this one computes
+      const char* line = reinterpret_cast<const char*>(pf + s * kD);
+      for (int64_t b = 0; b < kD * 4; b += 64) __builtin_prefetch(line + b, 0, 1);  // T2
+    }
     const float* vs = vb + s * kD;
     for (int r = 0; r < kR; ++r) {
       const float wr = w[r * s_len + s];
@@ -157,7 +166,7 @@ void weighted_sum_chunk(const float* w, int64_t s_len, const float* vb, const ui
 
 template <int64_t kD>
 void weighted_sum(const float* w, int64_t rows, int64_t s_len, int64_t d, const float* vb,
-                  const uint8_t* any, float* acc) {
+                  const uint8_t* any, float* acc, const float* next_k) {
   if constexpr (kD > 0) {
     constexpr int64_t kR = kD <= 64 ? 4 : 2;  // rows whose accumulators fit in registers
     for (int64_t r = 0; r < rows; r += kR) {
@@ -165,16 +174,16 @@ void weighted_sum(const float* w, int64_t rows, int64_t s_len, int64_t d, const 
       float* ar = acc + r * kD;
       switch (std::min(kR, rows - r)) {
         case 4:
-          weighted_sum_chunk<kD, 4>(wr, s_len, vb, any, ar);
+          weighted_sum_chunk<kD, 4>(wr, s_len, vb, any, ar, r == 0 ? next_k : nullptr);
           break;
         case 3:
-          weighted_sum_chunk<kD, 3>(wr, s_len, vb, any, ar);
+          weighted_sum_chunk<kD, 3>(wr, s_len, vb, any, ar, r == 0 ? next_k : nullptr);
           break;
         case 2:
-          weighted_sum_chunk<kD, 2>(wr, s_len, vb, any, ar);
+          weighted_sum_chunk<kD, 2>(wr, s_len, vb, any, ar, r == 0 ? next_k : nullptr);
           break;
         default:
-          weighted_sum_chunk<kD, 1>(wr, s_len, vb, any, ar);
+          weighted_sum_chunk<kD, 1>(wr, s_len, vb, any, ar, r == 0 ? next_k : nullptr);
       }
     }
   } else {
@@ -255,7 +264,12 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
     inv_sum[r] = 1.0f / sum;
   }
   // out_r = Σ_s p[r, s] · v_s / Σ_s p[r, s]
-  weighted_sum<kD>(logits.data(), rows, s_len, d, vb, any.data(), acc.data());
+  // the item this thread likely takes next (it claims along one direction) loads its keys now
+  thread_local int64_t last_item = -1;
+  const int64_t next_item = item + (last_item == item + 1 ? -1 : 1);
+  last_item = item;
+  const float* next_k = next_item >= 0 && next_item < p.b * p.kv ? p.k + next_item * s_len * d : nullptr;
+  weighted_sum<kD>(logits.data(), rows, s_len, d, vb, any.data(), acc.data(), next_k);
   for (int64_t r = 0; r < rows; ++r) {
     float* o = p.out + (q_rows[r] - p.q);  // the output row at the query row's offset
     for (int64_t j = 0; j < d; ++j) o[j] = acc[r * d + j] * inv_sum[r];
@@ -436,16 +450,17 @@ constexpr int64_t kNNItemDepth = 64;  // fewest weight rows per parallel work it
 constexpr int64_t kNNChunkFew = 16, kNNChunkMany = 32;
 
 #ifdef __AVX512F__
-// out[m, 0:16·kC] += Σ_k x[m, k] · w[k, 0:16·kC] over `depth` weight rows, for kM rows of x: each
+// out[m, 0:16·kC] (= with `init`, else +=) Σ_k x[m, k] · w[k, 0:16·kC] over `depth` weight rows, for kM rows of x: each
 // weight vector is loaded once and used by every row of x, accumulators stay in registers. With
 // `pf` set, step k (every `every`-th from `phase`) also prefetches the lines at pf + k·ldpf: a
 // steady trickle that keeps the memory busy while the FMAs run.
 template <int kM, int kC>
 void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t depth, float* out,
-             int64_t ldo, const float* pf, int64_t ldpf, int every, int phase) {
+             int64_t ldo, const float* pf, int64_t ldpf, int every, int phase, bool init) {
   __m512 acc[kM][kC];
   for (int m = 0; m < kM; ++m)
-    for (int c = 0; c < kC; ++c) acc[m][c] = _mm512_loadu_ps(out + m * ldo + 16 * c);
+    for (int c = 0; c < kC; ++c)
+      acc[m][c] = init ? _mm512_setzero_ps() : _mm512_loadu_ps(out + m * ldo + 16 * c);
   for (int64_t k = 0; k < depth; ++k) {
     if (pf != nullptr && k % every == phase) {
       const char* a = reinterpret_cast<const char*>(pf + k * ldpf);
@@ -469,21 +484,21 @@ void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t d
 // the tiles of all rows of x against one weight tile; the prefetches are spread over the blocks
 template <int kC>
 void nn_rows(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw, int64_t depth,
-             float* out, int64_t ldo, const float* pf, int64_t ldpf) {
+             float* out, int64_t ldo, const float* pf, int64_t ldpf, bool init) {
   const int blocks = static_cast<int>((rows + kRowBlock - 1) / kRowBlock);
   for (int64_t m = 0, b = 0; m < rows; m += kRowBlock, ++b) {
     const float* xm = x + m * ldx;
     float* om = out + m * ldo;
     const int ph = static_cast<int>(b);
     switch (std::min(kRowBlock, rows - m)) {
-      case 8: nn_tile<8, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
-      case 7: nn_tile<7, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
-      case 6: nn_tile<6, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
-      case 5: nn_tile<5, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
-      case 4: nn_tile<4, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
-      case 3: nn_tile<3, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
-      case 2: nn_tile<2, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph); break;
-      default: nn_tile<1, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph);
+      case 8: nn_tile<8, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
+      case 7: nn_tile<7, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
+      case 6: nn_tile<6, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
+      case 5: nn_tile<5, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
+      case 4: nn_tile<4, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
+      case 3: nn_tile<3, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
+      case 2: nn_tile<2, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
+      default: nn_tile<1, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init);
     }
   }
 }
@@ -504,12 +519,13 @@ void nn_generic(const float* x, int64_t rows, int64_t ldx, const float* w, int64
   }
 }
 
-// out[:, :cols] += x[:, :depth] · w[:depth, :cols] (leading dimensions ldx, ldw, ldo). The
+// out[:, :cols] += x[:, :depth] · w[:depth, :cols] (leading dimensions ldx, ldw, ldo; `init`: =
+// instead of +=, without reading out). The
 // weight's rows are read a chunk at a time, a column tile at a time; while one chunk is used, each
 // weight vector loaded prefetches its counterpart in the next chunk, so the memory streams at a
 // steady rate under the arithmetic (bursts of prefetches would stall on the line fill buffers).
 void nn_accumulate(const float* x, int64_t ldx, int64_t rows, const float* w, int64_t ldw,
-                   int64_t depth, int64_t cols, float* out, int64_t ldo) {
+                   int64_t depth, int64_t cols, float* out, int64_t ldo, bool init = false) {
   int64_t c1 = 0;
 #ifdef __AVX512F__
   c1 = cols / 16 * 16;
@@ -521,10 +537,15 @@ void nn_accumulate(const float* x, int64_t ldx, int64_t rows, const float* w, in
     auto at = [&](int64_t c) { return pf != nullptr ? pf + c : nullptr; };
     int64_t c = 0;
     for (; c + kNNTileCols <= c1; c += kNNTileCols)
-      nn_rows<3>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldw);
-    for (; c + 16 <= c1; c += 16) nn_rows<1>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldw);
+      nn_rows<3>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldw, init && k == 0);
+    for (; c + 16 <= c1; c += 16)
+      nn_rows<1>(x + k, rows, ldx, wk + c, ldw, kc, out + c, ldo, at(c), ldw, init && k == 0);
   }
 #endif
+  if (init && (c1 < cols || depth == 0)) {  // the columns (or, with no depth, all) left to zero
+    const int64_t from = depth == 0 ? 0 : c1;
+    for (int64_t m = 0; m < rows; ++m) std::fill(out + m * ldo + from, out + m * ldo + cols, 0.0f);
+  }
   if (c1 < cols) nn_generic(x, rows, ldx, w + c1, ldw, depth, cols - c1, out + c1, ldo);
 }
 
@@ -671,6 +692,215 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+// -- decoder_layer -------------------------------------------------------------------------------
+//
+// One whole pre-norm decoder layer (Llama family: RMSNorm, grouped-query attention with rotary
+// embeddings over a KV cache, SwiGLU MLP) for the few rows of a decode step, in one call. As
+// separate XLA ops a SmolLM2 layer is ~8 kernel calls and ~10 small fusions: every boundary lets
+// the memory idle while the next op starts. Here the small steps run on the calling thread
+// between the parallel matmuls, whose helpers stay awake, and the new keys and values are written
+// into the cache in place (the cache buffers are aliased to the outputs).
+
+// The work items of a few-row matmul with `depth` weight rows: ranges of the weight's rows
+// (contiguous blocks of memory), as many as threads, at least kNNItemDepth rows each.
+int64_t depth_items(ffi::ThreadPool& pool, int64_t depth) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), depth / kNNItemDepth));
+}
+
+struct Weight {
+  const float* w;  // [depth, cols]
+  int64_t cols;
+};
+
+// parts[i] = x[:, k0:k1] · w_m[k0:k1, :] side by side for the matrices m (all [depth, cols_m]),
+// for each work item i (rows k0:k1 of the weights): a [rows, Σ cols_m] block per item at
+// parts + i · rows · Σ cols_m. A thread streams its slice of one matrix after the other. The
+// caller adds the items' blocks in item order, so results do not depend on which thread ran
+// which item. `prepare(k0, k1)`, if given, runs first in each item (it may fill x[:, k0:k1]).
+template <typename Prepare>
+void project(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t depth,
+             const std::vector<Weight>& mats, float* parts, int64_t items, Prepare prepare) {
+  int64_t total = 0;
+  for (const auto& m : mats) total += m.cols;
+  const int64_t per = (depth + items - 1) / items;
+  parallel_for(pool, items, [&](int64_t i) {
+    const int64_t k0 = std::min(depth, i * per), k1 = std::min(depth, k0 + per);
+    prepare(k0, k1);
+    float* block = parts + i * rows * total;
+    int64_t offset = 0;
+    for (const auto& [w, cols] : mats) {
+      nn_accumulate(x + k0, depth, rows, w + k0 * cols, cols, k1 - k0, cols, block + offset, total,
+                    /*init=*/true);
+      offset += cols;
+    }
+  });
+}
+
+// out[j] = base[j] + Σ_i parts[i · stride + j] (base may be null: 0), items added in order
+void add_parts(const float* base, const float* parts, int64_t stride, int64_t items, int64_t n,
+               float* out) {
+  if (base != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = base[j] + parts[j];
+  } else {
+    std::copy(parts, parts + n, out);
+  }
+  for (int64_t i = 1; i < items; ++i) {
+    const float* p = parts + i * stride;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += p[j];
+  }
+}
+
+// out[r] = weight · x[r] / sqrt(mean(x[r]²) + eps)
+void rms_norm(const float* x, int64_t rows, int64_t e, const float* weight, float eps, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * e;
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < e; ++j) ss += xr[j] * xr[j];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(e) + eps);
+    float* o = out + r * e;
+#pragma omp simd
+    for (int64_t j = 0; j < e; ++j) o[j] = weight[j] * (xr[j] * inv);
+  }
+}
+
+// HF's rotate-half rotary embedding of `heads` heads of size d at x (row stride ld), in place:
+// (x1, x2) -> (x1·cos - x2·sin, x2·cos + x1·sin) with cos, sin [d/2] for this row's position.
+void rope(float* x, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t hi = 0; hi < heads; ++hi) {
+    float* a = x + hi * d;
+    float* b = a + half;
+#pragma omp simd
+    for (int64_t j = 0; j < half; ++j) {
+      const float x1 = a[j], x2 = b[j];
+      a[j] = x1 * cos[j] - x2 * sin[j];
+      b[j] = x2 * cos[j] + x1 * sin[j];
+    }
+  }
+}
+
+// silu(g) · u = g · sigmoid(g) · u, with exp of a non-positive argument only (vectorised)
+void swiglu(const float* g, const float* u, int64_t n, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_nonpositive(-std::fabs(g[j]));  // exp(-|g|)
+    const float sig = g[j] >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+    out[j] = g[j] * sig * u[j];
+  }
+}
+
+ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> cos,
+                            ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::PRED> mask,
+                            ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> k_cache,
+                            ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::F32> ln1,
+                            ffi::Buffer<ffi::F32> wq, ffi::Buffer<ffi::F32> wk,
+                            ffi::Buffer<ffi::F32> wv, ffi::Buffer<ffi::F32> wo,
+                            ffi::Buffer<ffi::F32> ln2, ffi::Buffer<ffi::F32> wg,
+                            ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
+                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
+                            ffi::ResultBuffer<ffi::F32> v_out, float eps, float scale) {
+  auto xd = x.dimensions(), kd = k_cache.dimensions();
+  if (xd.size() != 3 || kd.size() != 4 || cos.dimensions().size() != 3 ||
+      mask.dimensions().size() != 3 || index.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument(
+        "decoder_layer: x [B, T, E], cos/sin [B, T, D/2], mask [B, T, S], index [B], cache "
+        "[B, K, S, D]");
+  }
+  const int64_t b = xd[0], t = xd[1], e = xd[2];
+  const int64_t kv = kd[1], s = kd[2], d = kd[3];
+  const int64_t hd = wq.dimensions()[1], f = wg.dimensions()[1], h = hd / d;
+  const int64_t kvd = kv * d, rows = b * t;
+  auto vd = v_cache.dimensions();
+  const bool ok = kd[0] == b && std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()) && cos.dimensions()[2] * 2 == d &&
+                  hd % d == 0 && h % kv == 0 && wq.dimensions()[0] == e &&
+                  wk.dimensions()[1] == kvd && wv.dimensions()[1] == kvd &&
+                  wo.dimensions()[0] == hd && wo.dimensions()[1] == e &&
+                  wd.dimensions()[0] == f && wd.dimensions()[1] == e && ln1.element_count() == e &&
+                  ln2.element_count() == e && mask.dimensions()[2] == s && t <= s;
+  if (!ok) return ffi::Error::InvalidArgument("decoder_layer: inconsistent shapes");
+  const float* xp = x.typed_data();
+  float* kc = k_out->typed_data();  // aliased with k_cache: read and written in place
+  float* vc = v_out->typed_data();
+  if (kc != k_cache.typed_data()) std::memcpy(kc, k_cache.typed_data(), k_cache.size_bytes());
+  if (vc != v_cache.typed_data()) std::memcpy(vc, v_cache.typed_data(), v_cache.size_bytes());
+
+  // the calling thread's buffers, reused across calls
+  thread_local std::vector<float> hbuf, parts, q, attn, x1, act;
+  const int64_t qkv_cols = hd + 2 * kvd;
+  const int64_t items_e = depth_items(pool, e), items_hd = depth_items(pool, hd);
+  const int64_t items_f = depth_items(pool, f);
+  hbuf.resize(rows * e), q.resize(rows * hd), attn.resize(rows * hd), x1.resize(rows * e);
+  act.resize(rows * f);
+  parts.resize(std::max({items_e * qkv_cols, items_hd * e, items_e * 2 * f}) * rows);
+  auto none = [](int64_t, int64_t) {};
+
+  // attention block: q, k, v projections of the normed rows (partial sums per item)
+  rms_norm(xp, rows, e, ln1.typed_data(), eps, hbuf.data());
+  project(pool, hbuf.data(), rows, e, {{wq.typed_data(), hd}, {wk.typed_data(), kvd}, {wv.typed_data(), kvd}},
+          parts.data(), items_e, none);
+  // each (row, kv head) item: its q heads and k head summed and rotated, the new k, v written to
+  // the cache, then attention over the cache
+  Problem p;
+  p.q = q.data(), p.k = kc, p.v = vc, p.mask = mask.typed_data(), p.out = attn.data();
+  p.b = b, p.t = t, p.h = h, p.kv = kv, p.s = s, p.d = d, p.scale = scale;
+  const float* qkv = parts.data();
+  const int64_t stride = rows * qkv_cols, g = h / kv;
+  const float *cp = cos.typed_data(), *sp = sin.typed_data();
+  const int32_t* ip = index.typed_data();
+  float* qp = q.data();
+  parallel_for(pool, b * kv, [=](int64_t item) {
+    const int64_t bi = item / kv, ki = item % kv;
+    const int64_t start = std::clamp<int64_t>(ip[bi], 0, s - t);  // as dynamic_update_slice
+    for (int64_t ti = 0; ti < t; ++ti) {
+      const int64_t r = bi * t + ti;
+      const float* row = qkv + r * qkv_cols;
+      const float *c = cp + r * (d / 2), *sn = sp + r * (d / 2);
+      float* qh = qp + r * hd + ki * g * d;  // this kv head's g query heads
+      add_parts(nullptr, row + ki * g * d, stride, items_e, g * d, qh);
+      rope(qh, g, d, c, sn);
+      const int64_t slot = ((bi * kv + ki) * s + start + ti) * d;
+      add_parts(nullptr, row + hd + ki * d, stride, items_e, d, kc + slot);
+      rope(kc + slot, 1, d, c, sn);
+      add_parts(nullptr, row + hd + kvd + ki * d, stride, items_e, d, vc + slot);
+    }
+    thread_local Scratch scratch;
+    switch (d) {
+      case 64: attend_item<64>(p, item, scratch); break;
+      case 128: attend_item<128>(p, item, scratch); break;
+      default: attend_item<0>(p, item, scratch);
+    }
+  });
+  project(pool, attn.data(), rows, hd, {{wo.typed_data(), e}}, parts.data(), items_hd, none);
+  add_parts(xp, parts.data(), rows * e, items_hd, rows * e, x1.data());  // x + o
+
+  // MLP block: gate and up projections; each down-projection item first forms its slice of
+  // silu(gate) · up
+  rms_norm(x1.data(), rows, e, ln2.typed_data(), eps, hbuf.data());
+  project(pool, hbuf.data(), rows, e, {{wg.typed_data(), f}, {wu.typed_data(), f}}, parts.data(),
+          items_e, none);
+  thread_local std::vector<float> down_parts;
+  down_parts.resize(items_f * rows * e);
+  float* ap = act.data();
+  const float* gu = parts.data();
+  const int64_t gu_stride = rows * 2 * f;
+  project(pool, ap, rows, f, {{wd.typed_data(), e}}, down_parts.data(), items_f,
+          [=](int64_t k0, int64_t k1) {
+            thread_local std::vector<float> gate, up;
+            gate.resize(k1 - k0), up.resize(k1 - k0);
+            for (int64_t r = 0; r < rows; ++r) {
+              const float* gr = gu + r * 2 * f;
+              add_parts(nullptr, gr + k0, gu_stride, items_e, k1 - k0, gate.data());
+              add_parts(nullptr, gr + f + k0, gu_stride, items_e, k1 - k0, up.data());
+              swiglu(gate.data(), up.data(), k1 - k0, ap + r * f + k0);
+            }
+          });
+  add_parts(x1.data(), down_parts.data(), rows * e, items_f, rows * e, out->typed_data());  // x1 + down
+  return ffi::Error::Success();
+}
+
 // -- greedy_tokens ---------------------------------------------------------------------------------
 
 // For each row of logits [B, V]: the first index of the largest value (of the first NaN, if
@@ -751,6 +981,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmul, RowsMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DecoderLayer, DecoderLayerImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // index
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k_cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v_cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ln1
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wq
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wk
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wv
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wo
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ln2
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wg
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wu
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wd
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // k_cache (aliased)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // v_cache (aliased)
+                                  .Attr<float>("eps")
+                                  .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GreedyTokens, GreedyTokensImpl,
                               ffi::Ffi::Bind()
