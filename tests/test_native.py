@@ -63,6 +63,8 @@ def _mask(rng, b, t, s):
         (3, 1, 4, 4, 37, 64),  # slots not a multiple of 16
         (2, 3, 8, 2, 50, 128),  # several new tokens, head dim 128
         (2, 2, 6, 3, 29, 24),  # a head dim with no specialised path
+        (2, 40, 6, 2, 100, 64),  # a prefill: three blocks of query tokens per (row, kv head)
+        (1, 17, 4, 1, 40, 128),  # one token past a block
     ],
 )
 def test_cache_attention_matches_float64(b, t, h, kv, s, d):
@@ -92,13 +94,13 @@ def test_cache_attention_is_the_default_for_decoding_on_cpu():
         )
     )
     assert "jaxlab_cache_attention" in jaxpr
-    long_q = jnp.ones((2, native.CACHE_ATTENTION_MAX_TOKENS + 1, 4, 16))
+    long_q = jnp.ones((2, 40, 4, 16))
     jaxpr = str(
         jax.make_jaxpr(lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd"))(
             long_q, k
         )
     )
-    assert "jaxlab_cache_attention" not in jaxpr  # prefill into the cache stays on XLA
+    assert "jaxlab_cache_attention" in jaxpr  # a prefill into the cache too
     jaxpr = str(
         jax.make_jaxpr(lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd"))(
             q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)

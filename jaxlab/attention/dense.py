@@ -59,9 +59,9 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=No
     the whole batch in one pass.
 
     ``native`` (``bksd`` only): run :func:`jaxlab.native.cache_attention`, a C++ kernel
-    for a few new tokens over a KV cache (~5x faster than XLA's batched matmuls at batch 32). By
-    default it is on for float32 on CPU with at most ``CACHE_ATTENTION_MAX_TOKENS`` new tokens,
-    when the kernel is built; rows whose mask is all False then give zeros.
+    for new tokens over a KV cache (~5x faster than XLA's batched matmuls at batch 32 in
+    decoding; in a prefill it skips the cache's empty slots). By default it is on for float32
+    on CPU when the kernel is built; rows whose mask is all False then give zeros.
     """
     b, t, h, d = q.shape
     if kv_layout == "bskd":

@@ -65,8 +65,13 @@ struct Problem {
   const bool* mask;   // [B, T, S]
   float* out;         // [B, T, H, D]
   int64_t b, t, h, kv, s, d;
+  int64_t tb;  // query tokens per work item (a long prefill is split into blocks of them)
   float scale;
+  int64_t blocks() const { return (t + tb - 1) / tb; }
 };
+
+// query tokens per attention work item when there are more
+constexpr int64_t kTokenBlock = 16;
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
   float acc = 0.0f;
@@ -212,12 +217,14 @@ struct Scratch {
 // dim at compile time (the common 64 and 128), so the per-slot work unrolls into registers.
 template <int64_t kD>
 void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
-  const int64_t bi = item / p.kv, ki = item % p.kv;
-  const int64_t g = p.h / p.kv, rows = p.t * g, s_len = p.s;
+  const int64_t nblk = p.blocks(), pair = item / nblk;  // pair: (batch row, kv head)
+  const int64_t bi = pair / p.kv, ki = pair % p.kv, t0 = (item % nblk) * p.tb;
+  const int64_t tn = std::min(p.tb, p.t - t0);  // this item's query tokens t0 .. t0 + tn
+  const int64_t g = p.h / p.kv, rows = tn * g, s_len = p.s;
   const int64_t d = kD > 0 ? kD : p.d;
   const float* kb = p.k + (bi * p.kv + ki) * s_len * d;
   const float* vb = p.v + (bi * p.kv + ki) * s_len * d;
-  const bool* mb = p.mask + bi * p.t * s_len;
+  const bool* mb = p.mask + (bi * p.t + t0) * s_len;
   std::vector<float>& logits = scratch.logits;
   std::vector<uint8_t>& any = scratch.any;
   std::vector<const float*>& q_rows = scratch.q_rows;  // row r = (token ti, group member gi)
@@ -230,12 +237,12 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   acc.resize(rows * d);
   for (int64_t s = 0; s < s_len; ++s) {
     uint8_t seen = 0;
-    for (int64_t ti = 0; ti < p.t; ++ti) seen |= mb[ti * s_len + s];
+    for (int64_t ti = 0; ti < tn; ++ti) seen |= mb[ti * s_len + s];
     any[s] = seen;
   }
-  for (int64_t ti = 0; ti < p.t; ++ti)
+  for (int64_t ti = 0; ti < tn; ++ti)
     for (int64_t gi = 0; gi < g; ++gi)
-      q_rows[ti * g + gi] = p.q + ((bi * p.t + ti) * p.h + ki * g + gi) * d;
+      q_rows[ti * g + gi] = p.q + ((bi * p.t + t0 + ti) * p.h + ki * g + gi) * d;
   all_dots<kD>(q_rows.data(), rows, kb, s_len, d, any.data(), logits.data(), vb);
 
   // softmax numerators in place (hidden slots -> 0); a row with no visible slot gives zeros
@@ -268,7 +275,10 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   thread_local int64_t last_item = -1;
   const int64_t next_item = item + (last_item == item + 1 ? -1 : 1);
   last_item = item;
-  const float* next_k = next_item >= 0 && next_item < p.b * p.kv ? p.k + next_item * s_len * d : nullptr;
+  const int64_t next_pair = next_item / nblk;  // another (row, head): its keys are not loaded yet
+  const float* next_k = next_item >= 0 && next_item < p.b * p.kv * nblk && next_pair != pair
+                            ? p.k + next_pair * s_len * d
+                            : nullptr;
   weighted_sum<kD>(logits.data(), rows, s_len, d, vb, any.data(), acc.data(), next_k);
   for (int64_t r = 0; r < rows; ++r) {
     float* o = p.out + (q_rows[r] - p.q);  // the output row at the query row's offset
@@ -422,7 +432,8 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.mask = mask.typed_data();
   p.out = out->typed_data();
   p.scale = scale;
-  parallel_for(pool, p.b * p.kv, [p](int64_t i) {
+  p.tb = p.t > kTokenBlock ? kTokenBlock : std::max<int64_t>(p.t, 1);
+  parallel_for(pool, p.b * p.kv * p.blocks(), [p](int64_t i) {
     thread_local Scratch scratch;
     switch (p.d) {
       case 64:
@@ -846,6 +857,7 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   Problem p;
   p.q = q.data(), p.k = kc, p.v = vc, p.mask = mask.typed_data(), p.out = attn.data();
   p.b = b, p.t = t, p.h = h, p.kv = kv, p.s = s, p.d = d, p.scale = scale;
+  p.tb = t;  // one item per (row, kv head): it also writes that head's new keys and values
   const float* qkv = parts.data();
   const int64_t stride = rows * qkv_cols, g = h / kv;
   const float *cp = cos.typed_data(), *sp = sin.typed_data();
