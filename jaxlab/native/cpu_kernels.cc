@@ -454,7 +454,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 constexpr int64_t kRowBlock = 8;     // rows of x per register tile
 constexpr int64_t kNNTileCols = 48;  // weight columns per register tile ("nn")
-constexpr int64_t kNTItemRows = 64;  // weight rows per parallel work item ("nt"; multiple of 16)
+constexpr int64_t kNTItemRows = 256;  // weight rows per parallel work item ("nt"; multiple of 16)
 constexpr int64_t kNNItemDepth = 64;  // fewest weight rows per parallel work item ("nn")
 // weight rows per chunk ("nn"): short for few rows of x (the prefetch distance), longer for more
 // rows (compute-bound; amortises the accumulators' loads and stores)
