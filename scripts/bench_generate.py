@@ -4,6 +4,9 @@
 
 Greedy, prompt of `--prompt` random tokens, exactly `--new` new tokens (EOS ignored on both sides),
 time from prompt ids to generated ids (prefill included), best of `--repeats` after a warm-up.
+`same_tokens_until` is the first step where the two greedy continuations differ in any row. HF
+gets exactly `--new` tokens through `min_new_tokens`, which also masks the EOS token; jaxlab
+runs with no EOS and may pick it, so a row that reaches EOS differs from there on.
 Also prints the memory-bandwidth floor: the time to stream every parameter once per decode step
 at the measured copy bandwidth (numpy, one thread), as tokens/s; and the same at the read
 bandwidth of an XLA reduction over both cores (what a decode step does: read each weight once). With `--engine`, a second table compares the

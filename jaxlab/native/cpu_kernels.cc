@@ -4,10 +4,14 @@
 // few rows of a decode step (M <= 32). XLA's kernels for this shape run at a fraction of memory
 // bandwidth; these stream the weight once per call (per 8 rows from cache), over XLA's threads.
 //
-// cache_attention: grouped-query attention of a few new query tokens over a KV cache in the
-// "bksd" layout (heads before slots). XLA runs this as batched matmuls of B·K tiny entries,
-// ~10-25 µs each on CPU; here each (row, kv head) item reads its slots once, skips the slots
-// the mask hides, and the items are spread over XLA's intra-op thread pool.
+// cache_attention: grouped-query attention of new query tokens over a KV cache in the "bksd"
+// layout (heads before slots). XLA runs a decode step's as batched matmuls of B·K tiny entries,
+// ~10-25 µs each on CPU, and a prefill's over every slot, the empty ones too; here each (row,
+// kv head, block of up to 16 tokens) item reads its visible slots once, and the items are
+// spread over XLA's intra-op thread pool.
+//
+// decoder_layer: a whole Llama decode layer (norms, q/k/v, RoPE, cache write, attention, o,
+// SwiGLU MLP) in one call, from the pieces above.
 //
 // greedy_tokens: the argmax of each row of logits and its log-probability (XLA's argmax over a
 // vocabulary is a scalar variadic reduction).
