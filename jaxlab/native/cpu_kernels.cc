@@ -290,6 +290,17 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   }
 }
 
+// attend_item with the head dim fixed at compile time where it is 64 or 128, on this thread's
+// scratch buffers
+void attend(const Problem& p, int64_t item) {
+  thread_local Scratch scratch;
+  switch (p.d) {
+    case 64: attend_item<64>(p, item, scratch); break;
+    case 128: attend_item<128>(p, item, scratch); break;
+    default: attend_item<0>(p, item, scratch);
+  }
+}
+
 // -- threads ------------------------------------------------------------------------------------
 //
 // A decode step makes ~240 calls of 50-250 µs each. Waking a sleeping pool thread for each takes
@@ -437,19 +448,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.out = out->typed_data();
   p.scale = scale;
   p.tb = p.t > kTokenBlock ? kTokenBlock : std::max<int64_t>(p.t, 1);
-  parallel_for(pool, p.b * p.kv * p.blocks(), [p](int64_t i) {
-    thread_local Scratch scratch;
-    switch (p.d) {
-      case 64:
-        attend_item<64>(p, i, scratch);
-        break;
-      case 128:
-        attend_item<128>(p, i, scratch);
-        break;
-      default:
-        attend_item<0>(p, i, scratch);
-    }
-  });
+  parallel_for(pool, p.b * p.kv * p.blocks(), [p](int64_t i) { attend(p, i); });
   return ffi::Error::Success();
 }
 
@@ -632,34 +631,58 @@ void nt_generic(const float* x, int64_t rows, const float* w, int64_t depth, int
     for (int64_t j = 0; j < cols; ++j) out[m * ldo + j] = dot(x + m * depth, w + j * depth, depth);
 }
 
-// One accumulation buffer per work item: the output itself for item 0, zeroed buffers for the
-// others, added in item order at the end, so the result does not depend on which thread ran
-// which item.
-class ItemBuffers {
- public:
-  ItemBuffers(int64_t items, float* out, int64_t size) : out_(out), size_(size), extra_(items - 1) {
-    std::fill(out, out + size, 0.0f);
-  }
-  float* get(int64_t item) {
-    if (item == 0) return out_;
-    auto& buffer = extra_[item - 1];
-    buffer.assign(size_, 0.0f);
-    return buffer.data();
-  }
-  void sum_into_output() {
-    for (const auto& buffer : extra_) {
-      if (buffer.empty()) continue;
-      const float* src = buffer.data();
-#pragma omp simd
-      for (int64_t j = 0; j < size_; ++j) out_[j] += src[j];
-    }
-  }
+// The work items of a few-row matmul with `depth` weight rows: ranges of the weight's rows
+// (contiguous blocks of memory), as many as threads, at least kNNItemDepth rows each.
+int64_t depth_items(ffi::ThreadPool& pool, int64_t depth) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), depth / kNNItemDepth));
+}
 
- private:
-  float* out_;
-  int64_t size_;
-  std::vector<std::vector<float>> extra_;
+struct Weight {
+  const float* w;  // [depth, cols]
+  int64_t cols;
 };
+
+// parts[i] = x[:, k0:k1] · w_m[k0:k1, :] side by side for the matrices m (all [depth, cols_m]),
+// for each work item i (rows k0:k1 of the weights): a [rows, Σ cols_m] block per item at
+// parts + i · rows · Σ cols_m. A thread streams its slice of one matrix after the other. The
+// caller adds the items' blocks in item order, so results do not depend on which thread ran
+// which item. `prepare(k0, k1)` runs first in each item (it may fill x[:, k0:k1]). With `first`,
+// item 0's block goes there instead (rows_matmul: the output itself).
+template <typename Prepare>
+void project(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t depth,
+             const std::vector<Weight>& mats, float* parts, int64_t items, Prepare prepare,
+             float* first = nullptr) {
+  int64_t total = 0;
+  for (const auto& m : mats) total += m.cols;
+  const int64_t per = (depth + items - 1) / items;
+  parallel_for(pool, items, [&](int64_t i) {
+    const int64_t k0 = std::min(depth, i * per), k1 = std::min(depth, k0 + per);
+    prepare(k0, k1);
+    float* block = i == 0 && first != nullptr ? first : parts + i * rows * total;
+    int64_t offset = 0;
+    for (const auto& [w, cols] : mats) {
+      nn_accumulate(x + k0, depth, rows, w + k0 * cols, cols, k1 - k0, cols, block + offset, total,
+                    /*init=*/true);
+      offset += cols;
+    }
+  });
+}
+
+// out[j] = base[j] + Σ_i parts[i · stride + j] (base may be null: 0), items added in order
+void add_parts(const float* base, const float* parts, int64_t stride, int64_t items, int64_t n,
+               float* out) {
+  if (base != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = base[j] + parts[j];
+  } else {
+    std::copy(parts, parts + n, out);
+  }
+  for (int64_t i = 1; i < items; ++i) {
+    const float* p = parts + i * stride;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += p[j];
+  }
+}
 
 // x [M, K] times w [K, N] (transposed=false) or w [N, K] (transposed=true) -> [M, N]
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -678,17 +701,11 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* wp = w.typed_data();
   float* op = out->typed_data();
   if (!transposed) {
-    // Work items are ranges of the weight's rows (contiguous blocks of memory), one per thread,
-    // each summed into its own buffer.
-    const int64_t items =
-        std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), depth / kNNItemDepth));
-    const int64_t per = (depth + items - 1) / items;
-    ItemBuffers partial(items, op, rows * cols);
-    parallel_for(pool, items, [&](int64_t i) {
-      const int64_t k0 = std::min(depth, i * per), k1 = std::min(depth, k0 + per);
-      nn_accumulate(xp + k0, depth, rows, wp + k0 * cols, cols, k1 - k0, cols, partial.get(i), cols);
-    });
-    partial.sum_into_output();
+    const int64_t items = depth_items(pool, depth), size = rows * cols;
+    thread_local std::vector<float> parts;  // items 1.. (the calling thread's, reused)
+    parts.resize(items * size);
+    project(pool, xp, rows, depth, {{wp, cols}}, parts.data(), items, [](int64_t, int64_t) {}, op);
+    if (items > 1) add_parts(op, parts.data() + size, size, items - 1, size, op);  // in item order
   } else {
     const int64_t items = (cols + kNTItemRows - 1) / kNTItemRows;
     parallel_for(pool, items, [=](int64_t i) {
@@ -716,57 +733,6 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // between the parallel matmuls, whose helpers stay awake, and the new keys and values are written
 // into the cache in place (the cache buffers are aliased to the outputs).
 
-// The work items of a few-row matmul with `depth` weight rows: ranges of the weight's rows
-// (contiguous blocks of memory), as many as threads, at least kNNItemDepth rows each.
-int64_t depth_items(ffi::ThreadPool& pool, int64_t depth) {
-  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), depth / kNNItemDepth));
-}
-
-struct Weight {
-  const float* w;  // [depth, cols]
-  int64_t cols;
-};
-
-// parts[i] = x[:, k0:k1] · w_m[k0:k1, :] side by side for the matrices m (all [depth, cols_m]),
-// for each work item i (rows k0:k1 of the weights): a [rows, Σ cols_m] block per item at
-// parts + i · rows · Σ cols_m. A thread streams its slice of one matrix after the other. The
-// caller adds the items' blocks in item order, so results do not depend on which thread ran
-// which item. `prepare(k0, k1)`, if given, runs first in each item (it may fill x[:, k0:k1]).
-template <typename Prepare>
-void project(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t depth,
-             const std::vector<Weight>& mats, float* parts, int64_t items, Prepare prepare) {
-  int64_t total = 0;
-  for (const auto& m : mats) total += m.cols;
-  const int64_t per = (depth + items - 1) / items;
-  parallel_for(pool, items, [&](int64_t i) {
-    const int64_t k0 = std::min(depth, i * per), k1 = std::min(depth, k0 + per);
-    prepare(k0, k1);
-    float* block = parts + i * rows * total;
-    int64_t offset = 0;
-    for (const auto& [w, cols] : mats) {
-      nn_accumulate(x + k0, depth, rows, w + k0 * cols, cols, k1 - k0, cols, block + offset, total,
-                    /*init=*/true);
-      offset += cols;
-    }
-  });
-}
-
-// out[j] = base[j] + Σ_i parts[i · stride + j] (base may be null: 0), items added in order
-void add_parts(const float* base, const float* parts, int64_t stride, int64_t items, int64_t n,
-               float* out) {
-  if (base != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = base[j] + parts[j];
-  } else {
-    std::copy(parts, parts + n, out);
-  }
-  for (int64_t i = 1; i < items; ++i) {
-    const float* p = parts + i * stride;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] += p[j];
-  }
-}
-
 // out[r] = weight · x[r] / sqrt(mean(x[r]²) + eps)
 void rms_norm(const float* x, int64_t rows, int64_t e, const float* weight, float eps, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -781,7 +747,7 @@ void rms_norm(const float* x, int64_t rows, int64_t e, const float* weight, floa
   }
 }
 
-// HF's rotate-half rotary embedding of `heads` heads of size d at x (row stride ld), in place:
+// HF's rotate-half rotary embedding of `heads` adjacent heads of size d at x, in place:
 // (x1, x2) -> (x1·cos - x2·sin, x2·cos + x1·sin) with cos, sin [d/2] for this row's position.
 void rope(float* x, int64_t heads, int64_t d, const float* cos, const float* sin) {
   const int64_t half = d / 2;
@@ -882,12 +848,7 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
       rope(kc + slot, 1, d, c, sn);
       add_parts(nullptr, row + hd + kvd + ki * d, stride, items_e, d, vc + slot);
     }
-    thread_local Scratch scratch;
-    switch (d) {
-      case 64: attend_item<64>(p, item, scratch); break;
-      case 128: attend_item<128>(p, item, scratch); break;
-      default: attend_item<0>(p, item, scratch);
-    }
+    attend(p, item);
   });
   project(pool, attn.data(), rows, hd, {{wo.typed_data(), e}}, parts.data(), items_hd, none);
   add_parts(xp, parts.data(), rows * e, items_hd, rows * e, x1.data());  // x + o
