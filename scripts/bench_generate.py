@@ -177,12 +177,12 @@ def main():
 
         ours_tokens = []
 
-        def ours(ids=ids, mask=mask, b=b):
+        def ours(ids=ids, mask=mask, b=b, keep=ours_tokens):
             out = generate_tokens(
                 model, ids, mask, max_new_tokens=args.new, eos_ids=(), pad_id=pad_id
             )
             assert out[0].shape == (b, args.new)
-            ours_tokens[:] = [out[0]]
+            keep[:] = [out[0]]
 
         t_ours = time_call(ours, repeats=args.repeats)
         row = {
@@ -196,7 +196,7 @@ def main():
             tids = torch.tensor(ids, dtype=torch.long, device=torch_device)
             hf_tokens = []
 
-            def theirs(tids=tids, b=b):
+            def theirs(tids=tids, b=b, keep=hf_tokens):
                 with torch.no_grad():
                     out = hf.generate(
                         tids,
@@ -209,7 +209,7 @@ def main():
                 if on_gpu:
                     torch.cuda.synchronize()
                 assert out.shape == (b, args.prompt + args.new)
-                hf_tokens[:] = [out[:, args.prompt :].cpu().numpy()]
+                keep[:] = [out[:, args.prompt :].cpu().numpy()]
 
             t_hf = time_call(theirs, repeats=1)
             row.update(hf_s=t_hf, hf_tok_s=b * args.new / t_hf, speedup=t_hf / t_ours)

@@ -55,11 +55,12 @@ def decoding_model(model: Decoder) -> Decoder:
     fingerprint = tuple(id(x) for x in jax.tree.leaves(nnx.state(model)))
     hit = _DECODING_MODELS.get(model)
     if hit is not None and hit[0] == fingerprint:
-        return hit[1] or model
+        return model if hit[1] is None else hit[1]
     unrolled = with_layer_layout(model, scan_layers=False) if model.config.scan_layers else None
-    native.advise_huge_pages(jax.tree.leaves(nnx.state(unrolled or model)))
+    decoding = model if unrolled is None else unrolled
+    native.advise_huge_pages(jax.tree.leaves(nnx.state(decoding)))
     _DECODING_MODELS[model] = (fingerprint, unrolled)  # None: the model itself (no self-reference)
-    return unrolled or model
+    return decoding
 
 
 # -- jitted pieces -----------------------------------------------------------------------------------

@@ -266,6 +266,17 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, rope, mask, kv=None, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
     def native_weights(self) -> tuple[jax.Array, ...]:
         """The weights in :func:`jaxlab.native.decoder_layer`'s order."""
         attn, mlp = self.self_attn, self.mlp
@@ -283,17 +294,6 @@ class DecoderLayer(nnx.Module):
                 mlp.down_proj.kernel,
             )
         )
-
-    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x, rope, mask, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, index)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Decoder(nnx.Module):

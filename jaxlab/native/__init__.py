@@ -325,7 +325,9 @@ def advise_huge_pages(arrays, *, min_bytes: int = 256 << 10) -> int:
             for shard in a.addressable_shards:
                 start = shard.data.unsafe_buffer_pointer()
                 end = start + shard.data.nbytes
-                ranges.append((start // _HUGE_PAGE * _HUGE_PAGE, -(-end // _HUGE_PAGE) * _HUGE_PAGE))
+                ranges.append(
+                    (start // _HUGE_PAGE * _HUGE_PAGE, -(-end // _HUGE_PAGE) * _HUGE_PAGE)
+                )
         except Exception:  # noqa: BLE001 - an array without a host buffer is simply skipped
             continue
     merged: list[list[int]] = []
@@ -346,7 +348,9 @@ def _clip_to_mappings(ranges: list[list[int]]) -> list[tuple[int, int]]:
     """The parts of ``ranges`` (sorted) inside this process's memory mappings."""
     try:
         with open("/proc/self/maps") as f:
-            maps = sorted(tuple(int(x, 16) for x in line.split(None, 1)[0].split("-")) for line in f)
+            maps = sorted(
+                tuple(int(x, 16) for x in line.split(None, 1)[0].split("-")) for line in f
+            )
     except OSError:
         return []
     out, i = [], 0
