@@ -340,15 +340,17 @@ def _layer_reference(x, cos, sin, mask, index, k_cache, v_cache, weights, eps):
     return out, k_cache, v_cache
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(
     "b, t, h, kv, d, e, f, s",
     [
         (3, 1, 4, 2, 64, 96, 160, 40),  # decode step, grouped heads
         (2, 3, 6, 3, 16, 48, 80, 24),  # several new tokens, a head dim the kernel does not unroll
         (1, 1, 9, 3, 64, 576, 1536, 48),  # SmolLM2's layer shapes
+        (2, 1, 2, 1, 8, 40, 70, 20),  # widths that are not multiples of 16 (ragged strips)
     ],
 )
-def test_decoder_layer_matches_float64(b, t, h, kv, d, e, f, s):
+def test_decoder_layer_matches_float64(b, t, h, kv, d, e, f, s, packed):
     rng = np.random.default_rng(b * 100 + t * 10 + d)
     normal = lambda *shape, scale=1.0: (rng.normal(size=shape) * scale).astype(np.float32)  # noqa: E731
     weights = [
@@ -374,9 +376,20 @@ def test_decoder_layer_matches_float64(b, t, h, kv, d, e, f, s):
     k_cache, v_cache = normal(b, kv, s, d), normal(b, kv, s, d)
     want = _layer_reference(x, cos, sin, mask, index, k_cache, v_cache, weights, 1e-5)
 
+    args = [native.pack_strips(jnp.asarray(w)) if w.ndim == 2 else w for w in weights]
     step = jax.jit(
         lambda x, kc, vc: native.decoder_layer(
-            x, cos, sin, mask, index, kc, vc, weights, eps=1e-5, scale=d**-0.5
+            x,
+            cos,
+            sin,
+            mask,
+            index,
+            kc,
+            vc,
+            args if packed else weights,
+            eps=1e-5,
+            scale=d**-0.5,
+            packed=packed,
         ),
         donate_argnums=(1, 2),
     )
@@ -401,3 +414,56 @@ def test_decoding_runs_one_native_call_per_plain_llama_layer():
     # biases (Qwen2) and q/k norms (Qwen3) keep the separate ops
     assert "jaxlab_decoder_layer" not in kernels(dataclasses.replace(llama, attention_bias=True))
     assert "jaxlab_decoder_layer" not in kernels(dataclasses.replace(llama, qk_norm=True))
+
+
+@pytest.mark.parametrize(
+    "m, k, n",
+    [(1, 64, 48), (5, 70, 37), (17, 96, 160), (32, 576, 200), (3, 40, 7), (9, 33, 96)],
+)
+def test_strips_matmul_matches_float64(m, k, n):
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    packed = native.pack_strips(jnp.asarray(w))
+    # the layout: strip j holds columns 48j .. 48j + width, row-major, one strip after another
+    flat, offset = np.asarray(packed).reshape(-1), 0
+    for c0 in range(0, n, native.STRIP):
+        strip = w[:, c0 : c0 + native.STRIP]
+        np.testing.assert_array_equal(flat[offset : offset + strip.size], strip.reshape(-1))
+        offset += strip.size
+    got = np.asarray(jax.jit(native.strips_matmul)(jnp.asarray(x), packed))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+def test_many_row_decoding_reads_packed_weights():
+    from flax import nnx
+
+    from jaxlab.generation import decoding_model
+    from jaxlab.models.decoder import Decoder, DecoderConfig
+
+    cfg = DecoderConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4,
+        num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    few, many = decoding_model(model, rows=8), decoding_model(model, rows=native.STRIPS_MIN_ROWS)
+    assert not hasattr(few.layers[0], "packed_weights")
+    assert decoding_model(model, rows=32) is many  # built once
+    packed_q = many.layers[0].packed_weights.get_value()[0]
+    np.testing.assert_array_equal(
+        packed_q, native.pack_strips(few.layers[0].self_attn.q_proj.kernel[...])
+    )
+
+    def step_jaxpr(dec, rows):
+        cache = dec.init_cache(rows, 16)
+        ids = jnp.zeros((rows, 1), jnp.int32)
+        return str(jax.make_jaxpr(lambda c: dec(ids, cache=c))(cache))
+
+    assert step_jaxpr(many, 32).count("('packed', True)") == cfg.num_layers + 1  # layers, head
+    assert "('packed', True)" not in step_jaxpr(many, 8)  # few rows: the usual layout
+    # the same logits either way
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (20, 5)), jnp.int32)
+    want, _ = few(ids[:, :1], cache=few.init_cache(20, 8))
+    got, _ = many(ids[:, :1], cache=many.init_cache(20, 8))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -277,22 +277,26 @@ class DecoderLayer(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
-    def native_weights(self) -> tuple[jax.Array, ...]:
-        """The weights in :func:`jaxlab.native.decoder_layer`'s order."""
+    def native_weights(self, packed: bool = False) -> tuple[jax.Array, ...]:
+        """The weights in :func:`jaxlab.native.decoder_layer`'s order; with ``packed``, its
+        matrices in column strips (the copy :func:`with_packed_weights` attached)."""
+        ln1, ln2 = self.input_layernorm.weight[...], self.post_attention_layernorm.weight[...]
+        if packed:
+            wq, wk, wv, wo, wg, wu, wd = self.packed_weights.get_value()
+        else:
+            wq, wk, wv, wo, wg, wu, wd = (p.kernel[...] for p in self._projections())
+        return ln1, wq, wk, wv, wo, ln2, wg, wu, wd
+
+    def _projections(self):
         attn, mlp = self.self_attn, self.mlp
-        return tuple(
-            p[...]
-            for p in (
-                self.input_layernorm.weight,
-                attn.q_proj.kernel,
-                attn.k_proj.kernel,
-                attn.v_proj.kernel,
-                attn.o_proj.kernel,
-                self.post_attention_layernorm.weight,
-                mlp.gate_proj.kernel,
-                mlp.up_proj.kernel,
-                mlp.down_proj.kernel,
-            )
+        return (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
         )
 
 
@@ -402,7 +406,9 @@ class Decoder(nnx.Module):
         elif kv is not None and _native_layers(cfg, x, kv[0][0]):
             # decoding on CPU: each layer is one native call that updates its cache in place
             ks, vs = [], []
+            packed = hasattr(self.layers[0], "packed_weights") and native.use_strips(x, b * t)
             for i, layer in enumerate(self.layers):
+                weights = layer.native_weights(packed)
                 x, k_i, v_i = native.decoder_layer(
                     x,
                     *rope,
@@ -410,9 +416,10 @@ class Decoder(nnx.Module):
                     index,
                     kv[0][i],
                     kv[1][i],
-                    layer.native_weights(),
+                    weights,
                     eps=cfg.rms_norm_eps,
                     scale=cfg.dim_per_head**-0.5,
+                    packed=packed,
                 )
                 ks.append(k_i)
                 vs.append(v_i)
@@ -432,7 +439,13 @@ class Decoder(nnx.Module):
             out = x
         elif self.config.tie_word_embeddings:  # x @ embedding.T, through the native few-row path
             table = self.embed_tokens.embedding[...]
-            out = native.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+            packed = getattr(self, "packed_head", None)
+            rows = x.shape[0] * x.shape[1]
+            if packed is not None and native.use_strips(x, rows):
+                out = native.strips_matmul(x.reshape(rows, -1), packed.get_value())
+                out = out.reshape(*x.shape[:2], -1)
+            else:
+                out = native.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
             out = out.astype(jnp.float32)
         else:
             out = self.lm_head(x).astype(jnp.float32)
@@ -446,6 +459,43 @@ def _native_layers(cfg: DecoderConfig, x: jax.Array, k_cache: jax.Array) -> bool
     Llama layer (no biases, no q/k norms, dense attention) in float32 on CPU."""
     plain = not (cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm)
     return plain and cfg.attention_implementation == "xla" and native.use_decoder_layer(x, k_cache)
+
+
+class PackedWeights(nnx.Variable):
+    """Matrices in the native kernels' column-strip layout (:func:`jaxlab.native.pack_strips`):
+    a decoding copy derived from the parameters, not a parameter itself."""
+
+
+def packs_weights(model: Decoder, rows: int) -> bool:
+    """Whether decoding ``rows`` rows reads :func:`with_packed_weights`: one module per layer,
+    plain Llama layers (the ones decoding runs as :func:`jaxlab.native.decoder_layer`), and
+    :func:`jaxlab.native.use_strips` (float32 on CPU, enough rows)."""
+    cfg = model.config
+    plain = not (cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm)
+    return (
+        plain
+        and not cfg.scan_layers
+        and cfg.attention_implementation == "xla"
+        and native.use_strips(model.embed_tokens.embedding[...], rows)
+    )
+
+
+def with_packed_weights(model: Decoder) -> Decoder:
+    """A module tree over ``model``'s arrays (no copies) whose layers also carry their seven
+    projection matrices packed in column strips, and the tied head ``embedding.T`` likewise.
+
+    Decoding on CPU reads these: many-row decode steps are compute-bound, and strips stream as
+    contiguous memory through register tiles that span the whole depth (see
+    :func:`jaxlab.native.strips_matmul`). It costs one more copy of those matrices in memory.
+    """
+    copy = nnx.merge(*nnx.split(model))
+    pack = jax.jit(lambda ws: tuple(native.pack_strips(w) for w in ws))
+    for layer in copy.layers:
+        layer.packed_weights = PackedWeights(pack([p.kernel[...] for p in layer._projections()]))
+    if model.config.tie_word_embeddings:
+        table = model.embed_tokens.embedding[...]
+        copy.packed_head = PackedWeights(jax.jit(lambda e: native.pack_strips(e.T))(table))
+    return copy
 
 
 def with_layer_layout(model: Decoder, scan_layers: bool) -> Decoder:

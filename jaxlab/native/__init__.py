@@ -38,6 +38,9 @@ __all__ = [
     "cache_attention",
     "use_cache_attention",
     "rows_matmul",
+    "pack_strips",
+    "strips_matmul",
+    "use_strips",
     "dot_general",
     "greedy_tokens",
     "use_greedy_tokens",
@@ -46,6 +49,7 @@ __all__ = [
     "use_decoder_layer",
     "DECODER_LAYER_MAX_TOKENS",
     "ROWS_MATMUL_MAX_ROWS",
+    "STRIPS_MIN_ROWS",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,9 @@ DECODER_LAYER_MAX_TOKENS = 8
 # matmuls with more rows than this (prefill, training) stay on XLA; at 32 rows the kernel is
 # 1.7x XLA for the layers and 1.07-1.09x for the tied head x @ E.T (scripts/bench_native.py)
 ROWS_MATMUL_MAX_ROWS = 32
+# decode steps with at least this many rows read weights packed in column strips: below it the
+# few-row matmul is bound by memory and the depth-split kernel is as fast (scripts/bench_native.py)
+STRIPS_MIN_ROWS = 17
 
 
 def _cpu_features() -> str:
@@ -206,7 +213,7 @@ def _rows_matmul(x, w, transposed):
         jax.ShapeDtypeStruct((x.shape[0], n), x.dtype),
         vmap_method="sequential",
     )
-    return call(x, w, transposed=transposed)
+    return call(x, w, transposed=transposed, packed=False)
 
 
 def _matmul_fwd(x, w, transposed):
@@ -227,6 +234,54 @@ def rows_matmul(x, w, *, transposed: bool = False) -> jax.Array:
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1 if transposed else 0]:
         raise ValueError(f"rows_matmul: x {x.shape} and w {w.shape} (transposed={transposed})")
     return _rows_matmul(x, w, transposed)
+
+
+STRIP = 48  # columns per strip of a packed weight (cpu_kernels.cc: kStrip)
+
+
+def pack_strips(w: jax.Array) -> jax.Array:
+    """``w [K, N]`` in column strips, the layout :func:`strips_matmul` reads.
+
+    The result has ``w``'s shape but not its element order: ``ceil(N / STRIP)`` strips of
+    ``[K, width <= STRIP]`` one after the other (strip ``j`` holds columns ``STRIP·j`` on). Only
+    the native kernels read it.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"pack_strips: w must be [K, N], got {w.shape}")
+    k, n = w.shape
+    full = n // STRIP * STRIP
+    main = w[:, :full].reshape(k, n // STRIP, STRIP).transpose(1, 0, 2).reshape(-1)
+    return jnp.concatenate([main, w[:, full:].reshape(-1)]).reshape(k, n)
+
+
+def strips_matmul(x, w_packed) -> jax.Array:
+    """``x [M, K] @ w [K, N]`` (float32, forward only) from ``w_packed = pack_strips(w)``.
+
+    Each work item streams whole strips (contiguous memory) through register tiles that span the
+    full depth: for more than a few rows, where the matmul is compute-bound, this is ~1.3x
+    :func:`rows_matmul` on a weight in its usual layout.
+    """
+    _require()
+    if x.ndim != 2 or w_packed.ndim != 2 or x.shape[1] != w_packed.shape[0]:
+        raise ValueError(f"strips_matmul: x {x.shape} and w {w_packed.shape}")
+    call = jax.ffi.ffi_call(
+        "jaxlab_rows_matmul",
+        jax.ShapeDtypeStruct((x.shape[0], w_packed.shape[1]), x.dtype),
+        vmap_method="sequential",
+    )
+    return call(jax.lax.stop_gradient(x), w_packed, transposed=False, packed=True)
+
+
+def use_strips(x, rows: int) -> bool:
+    """Whether a decode step of ``rows`` rows reads packed weights (:func:`strips_matmul`):
+    more than ``STRIPS_MIN_ROWS - 1`` and at most ``ROWS_MATMUL_MAX_ROWS`` rows, float32 on CPU,
+    kernels built (``JAXLAB_STRIPS=0`` keeps the usual layout)."""
+    return (
+        os.environ.get("JAXLAB_STRIPS", "1") != "0"
+        and STRIPS_MIN_ROWS <= rows <= ROWS_MATMUL_MAX_ROWS
+        and _on_cpu_float32(x)
+        and available()
+    )
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
@@ -369,7 +424,9 @@ def _clip_to_mappings(ranges: list[list[int]]) -> list[tuple[int, int]]:
 # -- a whole decoder layer of a decode step --------------------------------------------------------
 
 
-def decoder_layer(x, cos, sin, mask, index, k_cache, v_cache, weights, *, eps: float, scale: float):
+def decoder_layer(
+    x, cos, sin, mask, index, k_cache, v_cache, weights, *, eps: float, scale: float, packed=False
+):
     """One Llama-family decoder layer for the few new tokens of a decode step, in one call.
 
     ``h = x + o(attn(rope(q(n1(x))), cache)); out = h + down(silu(gate(n2(h))) · up(n2(h)))``,
@@ -408,6 +465,7 @@ def decoder_layer(x, cos, sin, mask, index, k_cache, v_cache, weights, *, eps: f
         *weights,
         eps=np.float32(eps),
         scale=np.float32(scale),
+        packed=bool(packed),
     )
 
 

@@ -470,7 +470,8 @@ constexpr int64_t kNNChunkFew = 16, kNNChunkMany = 32;
 // steady trickle that keeps the memory busy while the FMAs run.
 template <int kM, int kC>
 void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t depth, float* out,
-             int64_t ldo, const float* pf, int64_t ldpf, int every, int phase, bool init) {
+             int64_t ldo, const float* pf, int64_t ldpf, int every, int phase, bool init,
+             bool l1_next) {
   __m512 acc[kM][kC];
   for (int m = 0; m < kM; ++m)
     for (int c = 0; c < kC; ++c)
@@ -480,7 +481,7 @@ void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t d
       const char* a = reinterpret_cast<const char*>(pf + k * ldpf);
       for (int c = 0; c < kC; ++c) _mm_prefetch(a + 64 * c, _MM_HINT_T2);
     }
-    if (phase == 0) {  // the next tile's lines of this weight row, from L2 (or beyond) to L1
+    if (l1_next && phase == 0) {  // the next tile's lines of this weight row, from L2 (or beyond) to L1
       const char* next = reinterpret_cast<const char*>(w + k * ldw + 16 * kC);
       for (int c = 0; c < kC; ++c) _mm_prefetch(next + 64 * c, _MM_HINT_T0);
     }
@@ -496,23 +497,24 @@ void nn_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t d
 }
 
 // the tiles of all rows of x against one weight tile; the prefetches are spread over the blocks
+// (`l1_next`: also pull each weight row's next tile into L1, for row-major weights)
 template <int kC>
 void nn_rows(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw, int64_t depth,
-             float* out, int64_t ldo, const float* pf, int64_t ldpf, bool init) {
+             float* out, int64_t ldo, const float* pf, int64_t ldpf, bool init, bool l1_next = true) {
   const int blocks = static_cast<int>((rows + kRowBlock - 1) / kRowBlock);
   for (int64_t m = 0, b = 0; m < rows; m += kRowBlock, ++b) {
     const float* xm = x + m * ldx;
     float* om = out + m * ldo;
     const int ph = static_cast<int>(b);
     switch (std::min(kRowBlock, rows - m)) {
-      case 8: nn_tile<8, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
-      case 7: nn_tile<7, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
-      case 6: nn_tile<6, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
-      case 5: nn_tile<5, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
-      case 4: nn_tile<4, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
-      case 3: nn_tile<3, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
-      case 2: nn_tile<2, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init); break;
-      default: nn_tile<1, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init);
+      case 8: nn_tile<8, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init, l1_next); break;
+      case 7: nn_tile<7, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init, l1_next); break;
+      case 6: nn_tile<6, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init, l1_next); break;
+      case 5: nn_tile<5, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init, l1_next); break;
+      case 4: nn_tile<4, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init, l1_next); break;
+      case 3: nn_tile<3, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init, l1_next); break;
+      case 2: nn_tile<2, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init, l1_next); break;
+      default: nn_tile<1, kC>(xm, ldx, w, ldw, depth, om, ldo, pf, ldpf, blocks, ph, init, l1_next);
     }
   }
 }
@@ -684,9 +686,83 @@ void add_parts(const float* base, const float* parts, int64_t stride, int64_t it
   }
 }
 
+// -- column strips ("packed" weights) ----------------------------------------------------------
+//
+// With more rows of x the few-row matmul becomes compute-bound, and the depth-split items above
+// reload their accumulators every chunk, read the weight in short strided pieces and end with a
+// sum of partial blocks. A weight packed in column strips is read as contiguous streams instead:
+// [K, N] stored as ceil(N / kStrip) strips of [K, width <= kStrip], strip j at offset kStrip·j·K.
+// A work item is a range of strips; each strip's register tiles run the whole depth with their
+// accumulators in registers, the next strip streams into L2 meanwhile, and every item writes its
+// own output columns (no partial sums).
+
+constexpr int64_t kStrip = kNNTileCols;
+
+struct StripJob {
+  const float* w;  // the strip, [depth, width] contiguous
+  const float* x;  // rows of x at stride ldx
+  float* out;      // the strip's output columns, rows at stride ldo
+  int64_t depth, width, ldx, ldo;
+  bool init;  // out = x · w (else out += x · w)
+};
+
+// appends the strips of packed `w` ([depth, cols]) for out[:, :cols] (=, or += without init)
+void strip_jobs(std::vector<StripJob>& jobs, const float* w, int64_t depth, int64_t cols,
+                const float* x, int64_t ldx, float* out, int64_t ldo, bool init) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kStrip) {
+    jobs.push_back({w + c0 * depth, x, out + c0, depth, std::min(kStrip, cols - c0), ldx, ldo, init});
+  }
+}
+
+// one strip against `rows` rows of x; `next` (a strip, or null) is prefetched to L2 meanwhile
+void run_strip(const StripJob& j, int64_t rows, const float* next) {
+  int64_t c = 0;
+#ifdef __AVX512F__
+  switch (j.width / 16) {
+    case 3: nn_rows<3>(j.x, rows, j.ldx, j.w, j.width, j.depth, j.out, j.ldo, next, kStrip, j.init, false); c = 48; break;
+    case 2: nn_rows<2>(j.x, rows, j.ldx, j.w, j.width, j.depth, j.out, j.ldo, next, kStrip, j.init, false); c = 32; break;
+    case 1: nn_rows<1>(j.x, rows, j.ldx, j.w, j.width, j.depth, j.out, j.ldo, next, kStrip, j.init, false); c = 16; break;
+    default: break;
+  }
+#endif
+  if (c < j.width) {
+    if (j.init) {
+      for (int64_t m = 0; m < rows; ++m) std::fill(j.out + m * j.ldo + c, j.out + m * j.ldo + j.width, 0.0f);
+    }
+    nn_generic(j.x, rows, j.ldx, j.w + c, j.width, j.depth, j.width - c, j.out + c, j.ldo);
+  }
+}
+
+// Runs the jobs over the pool as one range of about equal work per thread (a range runs in
+// order, each strip prefetching the next); after(i) follows job i on the same thread. Ranges
+// start at multiples of `group`, so a group's jobs (and their after calls) share a thread.
+template <typename After>
+void run_strips(ffi::ThreadPool& pool, const std::vector<StripJob>& jobs, int64_t rows, After after,
+                int64_t group = 1) {
+  const int64_t n = static_cast<int64_t>(jobs.size());
+  if (n == 0) return;
+  const int64_t items = std::min<int64_t>(n / group, pool.num_threads());
+  int64_t total = 0;
+  for (const auto& j : jobs) total += j.depth * j.width;
+  std::vector<int64_t> bounds(items + 1, n);  // job ranges: item i runs [bounds[i], bounds[i+1])
+  bounds[0] = 0;
+  int64_t done = 0, item = 1;
+  for (int64_t i = 0; i < n && item < items; ++i) {
+    done += jobs[i].depth * jobs[i].width;
+    if ((i + 1) % group != 0) continue;
+    while (item < items && done * items >= total * item) bounds[item++] = i + 1;
+  }
+  parallel_for(pool, items, [&](int64_t item) {
+    for (int64_t i = bounds[item]; i < bounds[item + 1]; ++i) {
+      run_strip(jobs[i], rows, i + 1 < n ? jobs[i + 1].w : nullptr);
+      after(i);
+    }
+  });
+}
+
 // x [M, K] times w [K, N] (transposed=false) or w [N, K] (transposed=true) -> [M, N]
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                          ffi::ResultBuffer<ffi::F32> out, bool transposed) {
+                          ffi::ResultBuffer<ffi::F32> out, bool transposed, bool packed) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) {
@@ -700,7 +776,13 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* op = out->typed_data();
-  if (!transposed) {
+  if (packed) {  // w [K, N] in column strips
+    if (transposed) return ffi::Error::InvalidArgument("rows_matmul: packed weights are [K, N]");
+    thread_local std::vector<StripJob> jobs;
+    jobs.clear();
+    strip_jobs(jobs, wp, depth, cols, xp, depth, op, cols, /*init=*/true);
+    run_strips(pool, jobs, rows, [](int64_t) {});
+  } else if (!transposed) {
     const int64_t items = depth_items(pool, depth), size = rows * cols;
     thread_local std::vector<float> parts;  // items 1.. (the calling thread's, reused)
     parts.resize(items * size);
@@ -782,7 +864,8 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
                             ffi::Buffer<ffi::F32> ln2, ffi::Buffer<ffi::F32> wg,
                             ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
                             ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
-                            ffi::ResultBuffer<ffi::F32> v_out, float eps, float scale) {
+                            ffi::ResultBuffer<ffi::F32> v_out, float eps, float scale,
+                            bool packed) {
   auto xd = x.dimensions(), kd = k_cache.dimensions();
   if (xd.size() != 3 || kd.size() != 4 || cos.dimensions().size() != 3 ||
       mask.dimensions().size() != 3 || index.dimensions().size() != 1) {
@@ -811,8 +894,12 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   // the calling thread's buffers, reused across calls
   thread_local std::vector<float> hbuf, parts, q, attn, x1, act;
   const int64_t qkv_cols = hd + 2 * kvd;
-  const int64_t items_e = depth_items(pool, e), items_hd = depth_items(pool, hd);
-  const int64_t items_f = depth_items(pool, f);
+  // depth-split items leave partial sums to add; strips (packed weights) write whole columns
+  const int64_t items_e = packed ? 1 : depth_items(pool, e);
+  const int64_t items_hd = packed ? 1 : depth_items(pool, hd);
+  const int64_t items_f = packed ? 1 : depth_items(pool, f);
+  thread_local std::vector<StripJob> jobs;
+  auto no_after = [](int64_t) {};
   hbuf.resize(rows * e), q.resize(rows * hd), attn.resize(rows * hd), x1.resize(rows * e);
   act.resize(rows * f);
   parts.resize(std::max({items_e * qkv_cols, items_hd * e, items_e * 2 * f}) * rows);
@@ -820,8 +907,17 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 
   // attention block: q, k, v projections of the normed rows (partial sums per item)
   rms_norm(xp, rows, e, ln1.typed_data(), eps, hbuf.data());
-  project(pool, hbuf.data(), rows, e, {{wq.typed_data(), hd}, {wk.typed_data(), kvd}, {wv.typed_data(), kvd}},
-          parts.data(), items_e, none);
+  if (packed) {
+    jobs.clear();
+    strip_jobs(jobs, wq.typed_data(), e, hd, hbuf.data(), e, parts.data(), qkv_cols, true);
+    strip_jobs(jobs, wk.typed_data(), e, kvd, hbuf.data(), e, parts.data() + hd, qkv_cols, true);
+    strip_jobs(jobs, wv.typed_data(), e, kvd, hbuf.data(), e, parts.data() + hd + kvd, qkv_cols, true);
+    run_strips(pool, jobs, rows, no_after);
+  } else {
+    project(pool, hbuf.data(), rows, e,
+            {{wq.typed_data(), hd}, {wk.typed_data(), kvd}, {wv.typed_data(), kvd}}, parts.data(),
+            items_e, none);
+  }
   // each (row, kv head) item: its q heads and k head summed and rotated, the new k, v written to
   // the cache, then attention over the cache
   Problem p;
@@ -850,17 +946,42 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     }
     attend(p, item);
   });
-  project(pool, attn.data(), rows, hd, {{wo.typed_data(), e}}, parts.data(), items_hd, none);
+  if (packed) {
+    jobs.clear();
+    strip_jobs(jobs, wo.typed_data(), hd, e, attn.data(), hd, parts.data(), e, true);
+    run_strips(pool, jobs, rows, no_after);
+  } else {
+    project(pool, attn.data(), rows, hd, {{wo.typed_data(), e}}, parts.data(), items_hd, none);
+  }
   add_parts(xp, parts.data(), rows * e, items_hd, rows * e, x1.data());  // x + o
 
   // MLP block: gate and up projections; each down-projection item first forms its slice of
   // silu(gate) · up
   rms_norm(x1.data(), rows, e, ln2.typed_data(), eps, hbuf.data());
-  project(pool, hbuf.data(), rows, e, {{wg.typed_data(), f}, {wu.typed_data(), f}}, parts.data(),
-          items_e, none);
   thread_local std::vector<float> down_parts;
   down_parts.resize(items_f * rows * e);
   float* ap = act.data();
+  if (packed) {  // gate and up strips in pairs; each pair's silu(gate) · up right after it
+    jobs.clear();
+    for (int64_t c0 = 0; c0 < f; c0 += kStrip) {
+      const int64_t width = std::min(kStrip, f - c0);
+      jobs.push_back({wg.typed_data() + c0 * e, hbuf.data(), parts.data() + c0, e, width, e, 2 * f, true});
+      jobs.push_back({wu.typed_data() + c0 * e, hbuf.data(), parts.data() + f + c0, e, width, e, 2 * f, true});
+    }
+    const float* gu = parts.data();
+    run_strips(pool, jobs, rows, [&, gu, ap](int64_t i) {
+      if (i % 2 == 0) return;
+      const int64_t c0 = i / 2 * kStrip, width = std::min(kStrip, f - c0);
+      for (int64_t r = 0; r < rows; ++r) swiglu(gu + r * 2 * f + c0, gu + r * 2 * f + f + c0, width, ap + r * f + c0);
+    }, /*group=*/2);
+    jobs.clear();
+    strip_jobs(jobs, wd.typed_data(), f, e, ap, f, down_parts.data(), e, true);
+    run_strips(pool, jobs, rows, no_after);
+    add_parts(x1.data(), down_parts.data(), rows * e, 1, rows * e, out->typed_data());  // x1 + down
+    return ffi::Error::Success();
+  }
+  project(pool, hbuf.data(), rows, e, {{wg.typed_data(), f}, {wu.typed_data(), f}}, parts.data(),
+          items_e, none);
   const float* gu = parts.data();
   const int64_t gu_stride = rows * 2 * f;
   project(pool, ap, rows, f, {{wd.typed_data(), e}}, down_parts.data(), items_f,
@@ -957,7 +1078,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmul, RowsMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transposed"));
+                                  .Attr<bool>("transposed")
+                                  .Attr<bool>("packed"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DecoderLayer, DecoderLayerImpl,
                               ffi::Ffi::Bind()
@@ -982,7 +1104,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecoderLayer, DecoderLayerImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // k_cache (aliased)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // v_cache (aliased)
                                   .Attr<float>("eps")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("packed"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GreedyTokens, GreedyTokensImpl,
                               ffi::Ffi::Bind()
