@@ -348,6 +348,8 @@ def _layer_reference(x, cos, sin, mask, index, k_cache, v_cache, weights, eps):
         (2, 3, 6, 3, 16, 48, 80, 24),  # several new tokens, a head dim the kernel does not unroll
         (1, 1, 9, 3, 64, 576, 1536, 48),  # SmolLM2's layer shapes
         (2, 1, 2, 1, 8, 40, 70, 20),  # widths that are not multiples of 16 (ragged strips)
+        (2, 20, 4, 2, 64, 96, 160, 48),  # a prefill: attention in blocks of query tokens
+        (3, 100, 2, 1, 16, 48, 80, 128),  # 300 rows: blocks of rows, norms in parallel chunks
     ],
 )
 def test_decoder_layer_matches_float64(b, t, h, kv, d, e, f, s, packed):
@@ -366,6 +368,7 @@ def test_decoder_layer_matches_float64(b, t, h, kv, d, e, f, s, packed):
     ]
     x = normal(b, t, e)
     index = np.array([5, s - t, 0][:b], np.int32) if b > 1 else np.array([s // 2], np.int32)
+    index = np.minimum(index, s - t)
     positions = index[:, None] + np.arange(t)[None]
     freqs = positions[..., None] * (1e4 ** -(np.arange(0, d, 2) / d))[None, None]
     cos, sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
@@ -436,34 +439,41 @@ def test_strips_matmul_matches_float64(m, k, n):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
-def test_many_row_decoding_reads_packed_weights():
+def test_generation_reads_packed_weights_for_prefill_and_many_rows():
     from flax import nnx
 
     from jaxlab.generation import decoding_model
-    from jaxlab.models.decoder import Decoder, DecoderConfig
+    from jaxlab.models.decoder import Decoder, DecoderConfig, with_layer_layout
 
     cfg = DecoderConfig(
         vocab_size=100, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4,
         num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
     )  # fmt: skip
     model = Decoder(cfg, rngs=nnx.Rngs(0))
-    few, many = decoding_model(model, rows=8), decoding_model(model, rows=native.STRIPS_MIN_ROWS)
-    assert not hasattr(few.layers[0], "packed_weights")
-    assert decoding_model(model, rows=32) is many  # built once
-    packed_q = many.layers[0].packed_weights.get_value()[0]
+    plain = with_layer_layout(model, scan_layers=False)  # the usual layout only
+    dec = decoding_model(model)
+    assert decoding_model(model) is dec  # built once
     np.testing.assert_array_equal(
-        packed_q, native.pack_strips(few.layers[0].self_attn.q_proj.kernel[...])
+        dec.layers[0].packed_weights.get_value()[0],
+        native.pack_strips(plain.layers[0].self_attn.q_proj.kernel[...]),
     )
 
-    def step_jaxpr(dec, rows):
-        cache = dec.init_cache(rows, 16)
-        ids = jnp.zeros((rows, 1), jnp.int32)
-        return str(jax.make_jaxpr(lambda c: dec(ids, cache=c))(cache))
+    def jaxpr(m, rows, tokens):
+        cache, ids = m.init_cache(rows, 32), jnp.zeros((rows, tokens), jnp.int32)
+        return str(jax.make_jaxpr(lambda c: m(ids, cache=c))(cache))
 
-    assert step_jaxpr(many, 32).count("('packed', True)") == cfg.num_layers + 1  # layers, head
-    assert "('packed', True)" not in step_jaxpr(many, 8)  # few rows: the usual layout
-    # the same logits either way
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (20, 5)), jnp.int32)
-    want, _ = few(ids[:, :1], cache=few.init_cache(20, 8))
-    got, _ = many(ids[:, :1], cache=many.init_cache(20, 8))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    packed = "('packed', True)"
+    assert jaxpr(dec, 32, 1).count(packed) == cfg.num_layers + 1  # many rows: layers and head
+    few = jaxpr(dec, 8, 1)  # few rows: the native layer on the usual layout
+    assert packed not in few and few.count("jaxlab_decoder_layer") == cfg.num_layers
+    assert jaxpr(dec, 2, 20).count(packed) == cfg.num_layers + 1  # a prefill (all 40 rows)
+    assert "jaxlab_decoder_layer" not in jaxpr(plain, 2, 20)  # without packing: XLA
+    # the same logits either way, for a prefill and for a 20-row decode step after it
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (20, 13)), jnp.int32)
+    for m in (plain, dec):
+        logits, cache = m(ids[:, :12], cache=m.init_cache(20, 16))
+        step, _ = m(ids[:, 12:], cache=cache)
+        if m is plain:
+            want = (logits, step)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want[0]), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(step), np.asarray(want[1]), rtol=2e-5, atol=2e-5)

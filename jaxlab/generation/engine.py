@@ -174,7 +174,7 @@ class Engine:
 
     # -- weights ---------------------------------------------------------------------------------
     def _set_model(self, model: Decoder) -> None:
-        graphdef, state = nnx.split(decoding_model(model, rows=self.num_slots))
+        graphdef, state = nnx.split(decoding_model(model))
         # the engine's own single-device copy (the trainer may keep the weights on a mesh)
         self._state = jax.device_put(state, self.device)
         native.advise_huge_pages(jax.tree.leaves(self._state))

@@ -24,7 +24,6 @@ from jaxlab import native
 from jaxlab.generation.sampling import sample_tokens
 from jaxlab.models.decoder import (
     Decoder,
-    PackedWeights,
     packs_weights,
     with_layer_layout,
     with_packed_weights,
@@ -52,28 +51,26 @@ class GenerationResult:
 _DECODING_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def decoding_model(model: Decoder, rows: int = 1) -> Decoder:
-    """``model`` as decoding ``rows`` rows at a time reads it, built once and reused until its
-    weights change: one module per layer and, for many rows on CPU, also its matrices packed in
-    column strips (:func:`jaxlab.models.decoder.with_packed_weights`).
+def decoding_model(model: Decoder) -> Decoder:
+    """``model`` as generation reads it, built once and reused until its weights change: one
+    module per layer and, on CPU for plain Llama layers, also its matrices packed in column strips
+    for prefills and many-row decode steps (:func:`jaxlab.models.decoder.with_packed_weights`;
+    one more copy of them in memory, ``JAXLAB_STRIPS=0`` turns it off).
 
     On CPU the weights are also moved to huge pages (:func:`jaxlab.native.advise_huge_pages`):
     every decode step streams them all.
     """
     fingerprint = tuple(id(x) for x in jax.tree.leaves(nnx.state(model)))
     hit = _DECODING_MODELS.get(model)
-    if hit is None or hit[0] != fingerprint:
-        unrolled = with_layer_layout(model, scan_layers=False) if model.config.scan_layers else None
-        native.advise_huge_pages(jax.tree.leaves(nnx.state(unrolled or model)))
-        # [fingerprint, unrolled (None: the model itself, no self-reference), packed or None]
-        hit = _DECODING_MODELS[model] = [fingerprint, unrolled, None]
-    base = model if hit[1] is None else hit[1]
-    if not packs_weights(base, rows):
-        return base
-    if hit[2] is None:
-        hit[2] = with_packed_weights(base)
-        native.advise_huge_pages(jax.tree.leaves(nnx.state(hit[2], PackedWeights)))
-    return hit[2]
+    if hit is not None and hit[0] == fingerprint:
+        return model if hit[1] is None else hit[1]
+    derived = with_layer_layout(model, scan_layers=False) if model.config.scan_layers else None
+    if packs_weights(derived or model):
+        derived = with_packed_weights(derived or model)
+    decoding = model if derived is None else derived
+    native.advise_huge_pages(jax.tree.leaves(nnx.state(decoding)))
+    _DECODING_MODELS[model] = (fingerprint, derived)  # None: the model itself (no self-reference)
+    return decoding
 
 
 # -- jitted pieces -----------------------------------------------------------------------------------
@@ -214,7 +211,7 @@ def generate_tokens(
         input_ids, attention_mask = ids, msk
     n_bucket = bucket_length(max_new_tokens, max(max_new_tokens, 1) * 2, granularity=64)
     cache_len = bucket_length(width + n_bucket, width + n_bucket, granularity=64)
-    dec = decoding_model(model, rows=b_bucket)
+    dec = decoding_model(model)
     graphdef, state = nnx.split(dec)
     static = dict(
         graphdef=graphdef,

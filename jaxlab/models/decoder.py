@@ -331,6 +331,9 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(rngs, cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
+    def _has_packed_weights(self) -> bool:  # attached by with_packed_weights
+        return not self.config.scan_layers and hasattr(self.layers[0], "packed_weights")
+
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache of ``max_len`` slots per row."""
         cfg = self.config
@@ -403,10 +406,10 @@ class Decoder(nnx.Module):
 
         if cfg.scan_layers:
             x, new_kv = scan_layers(self.layers, body, x, kv)
-        elif kv is not None and _native_layers(cfg, x, kv[0][0]):
+        elif kv is not None and _native_layers(cfg, x, kv[0][0], self._has_packed_weights()):
             # decoding on CPU: each layer is one native call that updates its cache in place
             ks, vs = [], []
-            packed = hasattr(self.layers[0], "packed_weights") and native.use_strips(x, b * t)
+            packed = self._has_packed_weights() and native.use_strips(x, b * t)
             for i, layer in enumerate(self.layers):
                 weights = layer.native_weights(packed)
                 x, k_i, v_i = native.decoder_layer(
@@ -454,11 +457,15 @@ class Decoder(nnx.Module):
         return out, KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + t, valid=valid)
 
 
-def _native_layers(cfg: DecoderConfig, x: jax.Array, k_cache: jax.Array) -> bool:
+def _native_layers(cfg: DecoderConfig, x: jax.Array, k_cache: jax.Array, packed: bool) -> bool:
     """Whether decoding runs each layer as one :func:`jaxlab.native.decoder_layer` call: a plain
     Llama layer (no biases, no q/k norms, dense attention) in float32 on CPU."""
     plain = not (cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm)
-    return plain and cfg.attention_implementation == "xla" and native.use_decoder_layer(x, k_cache)
+    return (
+        plain
+        and cfg.attention_implementation == "xla"
+        and native.use_decoder_layer(x, k_cache, packed)
+    )
 
 
 class PackedWeights(nnx.Variable):
@@ -466,17 +473,17 @@ class PackedWeights(nnx.Variable):
     a decoding copy derived from the parameters, not a parameter itself."""
 
 
-def packs_weights(model: Decoder, rows: int) -> bool:
-    """Whether decoding ``rows`` rows reads :func:`with_packed_weights`: one module per layer,
-    plain Llama layers (the ones decoding runs as :func:`jaxlab.native.decoder_layer`), and
-    :func:`jaxlab.native.use_strips` (float32 on CPU, enough rows)."""
+def packs_weights(model: Decoder) -> bool:
+    """Whether generation reads :func:`with_packed_weights`: one module per layer, plain Llama
+    layers (the ones decoding runs as :func:`jaxlab.native.decoder_layer`), float32 on CPU with
+    the native kernels (:func:`jaxlab.native.use_strips`)."""
     cfg = model.config
     plain = not (cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm)
     return (
         plain
         and not cfg.scan_layers
         and cfg.attention_implementation == "xla"
-        and native.use_strips(model.embed_tokens.embedding[...], rows)
+        and native.use_strips(model.embed_tokens.embedding[...], native.STRIPS_MIN_ROWS)
     )
 
 

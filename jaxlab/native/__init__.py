@@ -56,13 +56,15 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17"]
-# more new tokens than this per row (prefill) run the decoder layer as separate ops
+# without packed weights, more new tokens than this per row (prefill) run the decoder layer as
+# separate ops
 DECODER_LAYER_MAX_TOKENS = 8
 # matmuls with more rows than this (prefill, training) stay on XLA; at 32 rows the kernel is
 # 1.7x XLA for the layers and 1.07-1.09x for the tied head x @ E.T (scripts/bench_native.py)
 ROWS_MATMUL_MAX_ROWS = 32
-# decode steps with at least this many rows read weights packed in column strips: below it the
-# few-row matmul is bound by memory and the depth-split kernel is as fast (scripts/bench_native.py)
+# calls with at least this many rows read weights packed in column strips where they have them
+# (many-row decode steps, prefills): below it the few-row matmul is bound by memory and the
+# depth-split kernel on the usual layout is as fast
 STRIPS_MIN_ROWS = 17
 
 
@@ -273,12 +275,12 @@ def strips_matmul(x, w_packed) -> jax.Array:
 
 
 def use_strips(x, rows: int) -> bool:
-    """Whether a decode step of ``rows`` rows reads packed weights (:func:`strips_matmul`):
-    more than ``STRIPS_MIN_ROWS - 1`` and at most ``ROWS_MATMUL_MAX_ROWS`` rows, float32 on CPU,
+    """Whether a call of ``rows`` rows reads packed weights (:func:`strips_matmul`) where it has
+    them: at least ``STRIPS_MIN_ROWS`` rows (a many-row decode step, a prefill), float32 on CPU,
     kernels built (``JAXLAB_STRIPS=0`` keeps the usual layout)."""
     return (
         os.environ.get("JAXLAB_STRIPS", "1") != "0"
-        and STRIPS_MIN_ROWS <= rows <= ROWS_MATMUL_MAX_ROWS
+        and rows >= STRIPS_MIN_ROWS
         and _on_cpu_float32(x)
         and available()
     )
@@ -469,14 +471,15 @@ def decoder_layer(
     )
 
 
-def use_decoder_layer(x, k_cache) -> bool:
-    """The default choice in decoding: float32 on CPU, few rows and new tokens, kernels built
-    (``JAXLAB_NATIVE_LAYER=0`` keeps the layer as separate ops)."""
+def use_decoder_layer(x, k_cache, packed: bool = False) -> bool:
+    """The default choice over a KV cache, float32 on CPU, kernels built: a decode step of few
+    rows and new tokens, or with ``packed`` weights (:func:`use_strips`) any number of them,
+    prefills included (``JAXLAB_NATIVE_LAYER=0`` keeps the layer as separate ops)."""
     b, t = x.shape[0], x.shape[1]
+    few = t <= DECODER_LAYER_MAX_TOKENS and b * t <= ROWS_MATMUL_MAX_ROWS
     return (
         os.environ.get("JAXLAB_NATIVE_LAYER", "1") != "0"
         and _on_cpu_float32(x, k_cache)
-        and t <= DECODER_LAYER_MAX_TOKENS
-        and b * t <= ROWS_MATMUL_MAX_ROWS
+        and (few or (packed and use_strips(x, b * t)))
         and available()
     )

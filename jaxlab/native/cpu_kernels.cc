@@ -224,36 +224,48 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   const int64_t nblk = p.blocks(), pair = item / nblk;  // pair: (batch row, kv head)
   const int64_t bi = pair / p.kv, ki = pair % p.kv, t0 = (item % nblk) * p.tb;
   const int64_t tn = std::min(p.tb, p.t - t0);  // this item's query tokens t0 .. t0 + tn
-  const int64_t g = p.h / p.kv, rows = tn * g, s_len = p.s;
+  const int64_t g = p.h / p.kv, rows = tn * g;
   const int64_t d = kD > 0 ? kD : p.d;
-  const float* kb = p.k + (bi * p.kv + ki) * s_len * d;
-  const float* vb = p.v + (bi * p.kv + ki) * s_len * d;
-  const bool* mb = p.mask + (bi * p.t + t0) * s_len;
+  const bool* mb = p.mask + (bi * p.t + t0) * p.s;
   std::vector<float>& logits = scratch.logits;
   std::vector<uint8_t>& any = scratch.any;
   std::vector<const float*>& q_rows = scratch.q_rows;  // row r = (token ti, group member gi)
   std::vector<float>& inv_sum = scratch.inv_sum;
   std::vector<float>& acc = scratch.acc;
-  logits.resize(rows * s_len);
-  any.resize(s_len);
+  any.resize(p.s);
   q_rows.resize(rows);
   inv_sum.resize(rows);
   acc.resize(rows * d);
-  for (int64_t s = 0; s < s_len; ++s) {
-    uint8_t seen = 0;
-    for (int64_t ti = 0; ti < tn; ++ti) seen |= mb[ti * s_len + s];
-    any[s] = seen;
+  std::fill(any.begin(), any.end(), 0);
+  for (int64_t ti = 0; ti < tn; ++ti) {
+    const uint8_t* mt = reinterpret_cast<const uint8_t*>(mb + ti * p.s);
+#pragma omp simd
+    for (int64_t s = 0; s < p.s; ++s) any[s] |= mt[s];
   }
   for (int64_t ti = 0; ti < tn; ++ti)
     for (int64_t gi = 0; gi < g; ++gi)
       q_rows[ti * g + gi] = p.q + ((bi * p.t + t0 + ti) * p.h + ki * g + gi) * d;
-  all_dots<kD>(q_rows.data(), rows, kb, s_len, d, any.data(), logits.data(), vb);
+  // the per-slot loops below run over the visible span [lo, hi) only: a decode step's cache is
+  // mostly empty slots at first
+  int64_t lo = 0, hi = p.s;
+  while (lo < hi && !any[lo]) ++lo;
+  while (hi > lo && !any[hi - 1]) --hi;
+  const int64_t s_len = hi - lo;
+  if (s_len == 0) {  // nothing visible: zeros, as the softmax of an all-hidden row gives
+    for (int64_t r = 0; r < rows; ++r) std::fill_n(p.out + (q_rows[r] - p.q), d, 0.0f);
+    return;
+  }
+  const float* kb = p.k + ((bi * p.kv + ki) * p.s + lo) * d;
+  const float* vb = p.v + ((bi * p.kv + ki) * p.s + lo) * d;
+  const uint8_t* vis = any.data() + lo;
+  logits.resize(rows * s_len);
+  all_dots<kD>(q_rows.data(), rows, kb, s_len, d, vis, logits.data(), vb);
 
   // softmax numerators in place (hidden slots -> 0); a row with no visible slot gives zeros
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     float* lr = logits.data() + r * s_len;
-    const uint8_t* mr = reinterpret_cast<const uint8_t*>(mb + (r / g) * s_len);
+    const uint8_t* mr = reinterpret_cast<const uint8_t*>(mb + (r / g) * p.s + lo);
     const float scale = p.scale;
 #pragma omp simd
     for (int64_t s = 0; s < s_len; ++s) lr[s] = mr[s] ? lr[s] * scale : neg_inf;
@@ -281,9 +293,9 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   last_item = item;
   const int64_t next_pair = next_item / nblk;  // another (row, head): its keys are not loaded yet
   const float* next_k = next_item >= 0 && next_item < p.b * p.kv * nblk && next_pair != pair
-                            ? p.k + next_pair * s_len * d
+                            ? p.k + (next_pair * p.s + lo) * d
                             : nullptr;
-  weighted_sum<kD>(logits.data(), rows, s_len, d, vb, any.data(), acc.data(), next_k);
+  weighted_sum<kD>(logits.data(), rows, s_len, d, vb, vis, acc.data(), next_k);
   for (int64_t r = 0; r < rows; ++r) {
     float* o = p.out + (q_rows[r] - p.q);  // the output row at the query row's offset
     for (int64_t j = 0; j < d; ++j) o[j] = acc[r * d + j] * inv_sum[r];
@@ -734,28 +746,41 @@ void run_strip(const StripJob& j, int64_t rows, const float* next) {
 }
 
 // Runs the jobs over the pool as one range of about equal work per thread (a range runs in
-// order, each strip prefetching the next); after(i) follows job i on the same thread. Ranges
-// start at multiples of `group`, so a group's jobs (and their after calls) share a thread.
+// order, each strip prefetching the next); after(i, m0, m1) follows job i for rows m0 .. m1 on
+// the same thread. Ranges start at multiples of `group`, so a group's jobs (and their after
+// calls) share a thread. More than kStripRowBlock rows (a prefill) are taken kStripRowBlock at a
+// time, each block against every range: the block of x stays in L2 while the strips stream.
+constexpr int64_t kStripRowBlock = 256;
+
 template <typename After>
 void run_strips(ffi::ThreadPool& pool, const std::vector<StripJob>& jobs, int64_t rows, After after,
                 int64_t group = 1) {
   const int64_t n = static_cast<int64_t>(jobs.size());
-  if (n == 0) return;
-  const int64_t items = std::min<int64_t>(n / group, pool.num_threads());
+  if (n == 0 || rows == 0) return;
+  const int64_t ranges = std::min<int64_t>(n / group, pool.num_threads());
   int64_t total = 0;
   for (const auto& j : jobs) total += j.depth * j.width;
-  std::vector<int64_t> bounds(items + 1, n);  // job ranges: item i runs [bounds[i], bounds[i+1])
+  std::vector<int64_t> bounds(ranges + 1, n);  // range r runs jobs [bounds[r], bounds[r+1])
   bounds[0] = 0;
-  int64_t done = 0, item = 1;
-  for (int64_t i = 0; i < n && item < items; ++i) {
+  int64_t done = 0, r = 1;
+  for (int64_t i = 0; i < n && r < ranges; ++i) {
     done += jobs[i].depth * jobs[i].width;
     if ((i + 1) % group != 0) continue;
-    while (item < items && done * items >= total * item) bounds[item++] = i + 1;
+    while (r < ranges && done * ranges >= total * r) bounds[r++] = i + 1;
   }
-  parallel_for(pool, items, [&](int64_t item) {
-    for (int64_t i = bounds[item]; i < bounds[item + 1]; ++i) {
-      run_strip(jobs[i], rows, i + 1 < n ? jobs[i + 1].w : nullptr);
-      after(i);
+  const int64_t row_blocks = (rows + kStripRowBlock - 1) / kStripRowBlock;
+  parallel_for(pool, row_blocks * ranges, [&](int64_t item) {
+    const int64_t range = item % ranges, m0 = item / ranges * kStripRowBlock;
+    const int64_t m1 = std::min(rows, m0 + kStripRowBlock);
+    for (int64_t i = bounds[range]; i < bounds[range + 1]; ++i) {
+      StripJob job = jobs[i];
+      job.x += m0 * job.ldx;
+      job.out += m0 * job.ldo;
+      // the strip this thread takes next: the range's next, or (claiming forward) the next
+      // range's or row block's first
+      const bool more = i + 1 < bounds[range + 1] || m1 < rows;
+      run_strip(job, m1 - m0, more ? jobs[(i + 1) % n].w : nullptr);
+      after(i, m0, m1);
     }
   });
 }
@@ -781,7 +806,7 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     thread_local std::vector<StripJob> jobs;
     jobs.clear();
     strip_jobs(jobs, wp, depth, cols, xp, depth, op, cols, /*init=*/true);
-    run_strips(pool, jobs, rows, [](int64_t) {});
+    run_strips(pool, jobs, rows, [](int64_t, int64_t, int64_t) {});
   } else if (!transposed) {
     const int64_t items = depth_items(pool, depth), size = rows * cols;
     thread_local std::vector<float> parts;  // items 1.. (the calling thread's, reused)
@@ -855,6 +880,16 @@ void swiglu(const float* g, const float* u, int64_t n, float* out) {
   }
 }
 
+// fn(r0, r1) over the rows in parallel chunks when there are many (a prefill), else inline
+template <typename Fn>
+void for_rows(ffi::ThreadPool& pool, int64_t rows, Fn fn) {
+  constexpr int64_t kChunk = 128;
+  if (rows < 2 * kChunk) return fn(int64_t{0}, rows);
+  parallel_for(pool, (rows + kChunk - 1) / kChunk, [&](int64_t i) {
+    fn(i * kChunk, std::min(rows, (i + 1) * kChunk));
+  });
+}
+
 ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> cos,
                             ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::PRED> mask,
                             ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> k_cache,
@@ -899,14 +934,18 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const int64_t items_hd = packed ? 1 : depth_items(pool, hd);
   const int64_t items_f = packed ? 1 : depth_items(pool, f);
   thread_local std::vector<StripJob> jobs;
-  auto no_after = [](int64_t) {};
+  auto no_after = [](int64_t, int64_t, int64_t) {};
   hbuf.resize(rows * e), q.resize(rows * hd), attn.resize(rows * hd), x1.resize(rows * e);
   act.resize(rows * f);
   parts.resize(std::max({items_e * qkv_cols, items_hd * e, items_e * 2 * f}) * rows);
   auto none = [](int64_t, int64_t) {};
 
   // attention block: q, k, v projections of the normed rows (partial sums per item)
-  rms_norm(xp, rows, e, ln1.typed_data(), eps, hbuf.data());
+  // (thread_local buffers are named by pointer in the lambdas: a helper thread has its own)
+  float *hb = hbuf.data(), *x1p = x1.data(), *partsp = parts.data();
+  for_rows(pool, rows, [&, hb](int64_t r0, int64_t r1) {
+    rms_norm(xp + r0 * e, r1 - r0, e, ln1.typed_data(), eps, hb + r0 * e);
+  });
   if (packed) {
     jobs.clear();
     strip_jobs(jobs, wq.typed_data(), e, hd, hbuf.data(), e, parts.data(), qkv_cols, true);
@@ -944,8 +983,12 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
       rope(kc + slot, 1, d, c, sn);
       add_parts(nullptr, row + hd + kvd + ki * d, stride, items_e, d, vc + slot);
     }
-    attend(p, item);
+    if (t <= kTokenBlock) attend(p, item);
   });
+  if (t > kTokenBlock) {  // many new tokens (a prefill): attention in blocks of query tokens
+    p.tb = kTokenBlock;
+    parallel_for(pool, b * kv * p.blocks(), [p](int64_t i) { attend(p, i); });
+  }
   if (packed) {
     jobs.clear();
     strip_jobs(jobs, wo.typed_data(), hd, e, attn.data(), hd, parts.data(), e, true);
@@ -953,11 +996,15 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   } else {
     project(pool, attn.data(), rows, hd, {{wo.typed_data(), e}}, parts.data(), items_hd, none);
   }
-  add_parts(xp, parts.data(), rows * e, items_hd, rows * e, x1.data());  // x + o
+  for_rows(pool, rows, [&, x1p, partsp](int64_t r0, int64_t r1) {  // x + o
+    add_parts(xp + r0 * e, partsp + r0 * e, rows * e, items_hd, (r1 - r0) * e, x1p + r0 * e);
+  });
 
   // MLP block: gate and up projections; each down-projection item first forms its slice of
   // silu(gate) · up
-  rms_norm(x1.data(), rows, e, ln2.typed_data(), eps, hbuf.data());
+  for_rows(pool, rows, [&, hb, x1p](int64_t r0, int64_t r1) {
+    rms_norm(x1p + r0 * e, r1 - r0, e, ln2.typed_data(), eps, hb + r0 * e);
+  });
   thread_local std::vector<float> down_parts;
   down_parts.resize(items_f * rows * e);
   float* ap = act.data();
@@ -969,15 +1016,19 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
       jobs.push_back({wu.typed_data() + c0 * e, hbuf.data(), parts.data() + f + c0, e, width, e, 2 * f, true});
     }
     const float* gu = parts.data();
-    run_strips(pool, jobs, rows, [&, gu, ap](int64_t i) {
+    run_strips(pool, jobs, rows, [&, gu, ap](int64_t i, int64_t m0, int64_t m1) {
       if (i % 2 == 0) return;
       const int64_t c0 = i / 2 * kStrip, width = std::min(kStrip, f - c0);
-      for (int64_t r = 0; r < rows; ++r) swiglu(gu + r * 2 * f + c0, gu + r * 2 * f + f + c0, width, ap + r * f + c0);
+      for (int64_t r = m0; r < m1; ++r) swiglu(gu + r * 2 * f + c0, gu + r * 2 * f + f + c0, width, ap + r * f + c0);
     }, /*group=*/2);
     jobs.clear();
     strip_jobs(jobs, wd.typed_data(), f, e, ap, f, down_parts.data(), e, true);
     run_strips(pool, jobs, rows, no_after);
-    add_parts(x1.data(), down_parts.data(), rows * e, 1, rows * e, out->typed_data());  // x1 + down
+    const float* dp = down_parts.data();
+    float* op = out->typed_data();
+    for_rows(pool, rows, [&, x1p, dp, op](int64_t r0, int64_t r1) {  // x1 + down
+      add_parts(x1p + r0 * e, dp + r0 * e, rows * e, 1, (r1 - r0) * e, op + r0 * e);
+    });
     return ffi::Error::Success();
   }
   project(pool, hbuf.data(), rows, e, {{wg.typed_data(), f}, {wu.typed_data(), f}}, parts.data(),
