@@ -406,10 +406,12 @@ class Decoder(nnx.Module):
 
         if cfg.scan_layers:
             x, new_kv = scan_layers(self.layers, body, x, kv)
-        elif kv is not None and _native_layers(cfg, x, kv[0][0], self._has_packed_weights()):
-            # decoding on CPU: each layer is one native call that updates its cache in place
+        elif kv is not None and _native_layers(
+            cfg, x, kv[0][0], has_packed := self._has_packed_weights()
+        ):
+            # over a cache on CPU: each layer is one native call that updates its cache in place
             ks, vs = [], []
-            packed = self._has_packed_weights() and native.use_strips(x, b * t)
+            packed = has_packed and native.use_strips(x, b * t)
             for i, layer in enumerate(self.layers):
                 weights = layer.native_weights(packed)
                 x, k_i, v_i = native.decoder_layer(
@@ -457,15 +459,17 @@ class Decoder(nnx.Module):
         return out, KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + t, valid=valid)
 
 
+def _plain_llama(cfg: DecoderConfig) -> bool:
+    """Layers :func:`jaxlab.native.decoder_layer` covers: no biases, no q/k norms, dense
+    attention."""
+    extras = cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm
+    return not extras and cfg.attention_implementation == "xla"
+
+
 def _native_layers(cfg: DecoderConfig, x: jax.Array, k_cache: jax.Array, packed: bool) -> bool:
-    """Whether decoding runs each layer as one :func:`jaxlab.native.decoder_layer` call: a plain
-    Llama layer (no biases, no q/k norms, dense attention) in float32 on CPU."""
-    plain = not (cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm)
-    return (
-        plain
-        and cfg.attention_implementation == "xla"
-        and native.use_decoder_layer(x, k_cache, packed)
-    )
+    """Whether each layer runs as one :func:`jaxlab.native.decoder_layer` call over the cache: a
+    plain Llama layer in float32 on CPU."""
+    return _plain_llama(cfg) and native.use_decoder_layer(x, k_cache, packed)
 
 
 class PackedWeights(nnx.Variable):
@@ -478,11 +482,9 @@ def packs_weights(model: Decoder) -> bool:
     layers (the ones decoding runs as :func:`jaxlab.native.decoder_layer`), float32 on CPU with
     the native kernels (:func:`jaxlab.native.use_strips`)."""
     cfg = model.config
-    plain = not (cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm)
     return (
-        plain
+        _plain_llama(cfg)
         and not cfg.scan_layers
-        and cfg.attention_implementation == "xla"
         and native.use_strips(model.embed_tokens.embedding[...], native.STRIPS_MIN_ROWS)
     )
 

@@ -429,7 +429,8 @@ def _clip_to_mappings(ranges: list[list[int]]) -> list[tuple[int, int]]:
 def decoder_layer(
     x, cos, sin, mask, index, k_cache, v_cache, weights, *, eps: float, scale: float, packed=False
 ):
-    """One Llama-family decoder layer for the few new tokens of a decode step, in one call.
+    """One Llama-family decoder layer over a KV cache in one call: a decode step's few new
+    tokens, or with ``packed`` weights any number (a prefill).
 
     ``h = x + o(attn(rope(q(n1(x))), cache)); out = h + down(silu(gate(n2(h))) · up(n2(h)))``,
     where ``n1``, ``n2`` are RMSNorms and the new keys and values (after RoPE) are first written
@@ -442,6 +443,8 @@ def decoder_layer(
       k_cache, v_cache: ``[B, K, S, D]`` float32, updated in place (donate them in a jit).
       weights: ``(ln1 [E], wq [E, H·D], wk [E, K·D], wv [E, K·D], wo [H·D, E], ln2 [E],
         w_gate [E, F], w_up [E, F], w_down [F, E])``.
+      packed: the seven matrices are :func:`pack_strips` of those (read as column strips;
+        faster from ``STRIPS_MIN_ROWS`` rows on).
 
     Returns ``(out [B, T, E], k_cache, v_cache)``. Forward only (decoding).
     """

@@ -3,6 +3,7 @@
 // rows_matmul: x [M, K] times a weight [K, N] ("nn") or [N, K] ("nt", a tied embedding) for the
 // few rows of a decode step (M <= 32). XLA's kernels for this shape run at a fraction of memory
 // bandwidth; these stream the weight once per call (per 8 rows from cache), over XLA's threads.
+// With `packed`, the weight is stored in column strips (any M: many-row decode steps, prefills).
 //
 // cache_attention: grouped-query attention of new query tokens over a KV cache in the "bksd"
 // layout (heads before slots). XLA runs a decode step's as batched matmuls of B·K tiny entries,
@@ -10,8 +11,9 @@
 // kv head, block of up to 16 tokens) item reads its visible slots once, and the items are
 // spread over XLA's intra-op thread pool.
 //
-// decoder_layer: a whole Llama decode layer (norms, q/k/v, RoPE, cache write, attention, o,
-// SwiGLU MLP) in one call, from the pieces above.
+// decoder_layer: a whole Llama layer over a KV cache (norms, q/k/v, RoPE, cache write,
+// attention, o, SwiGLU MLP) in one call, from the pieces above: a decode step, or with packed
+// weights also a prefill.
 //
 // greedy_tokens: the argmax of each row of logits and its log-probability (XLA's argmax over a
 // vocabulary is a scalar variadic reduction).
@@ -834,7 +836,8 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // -- decoder_layer -------------------------------------------------------------------------------
 //
 // One whole pre-norm decoder layer (Llama family: RMSNorm, grouped-query attention with rotary
-// embeddings over a KV cache, SwiGLU MLP) for the few rows of a decode step, in one call. As
+// embeddings over a KV cache, SwiGLU MLP) in one call: the few rows of a decode step, or with
+// weights packed in column strips any number of rows and new tokens (a prefill). As
 // separate XLA ops a SmolLM2 layer is ~8 kernel calls and ~10 small fusions: every boundary lets
 // the memory idle while the next op starts. Here the small steps run on the calling thread
 // between the parallel matmuls, whose helpers stay awake, and the new keys and values are written
@@ -1000,8 +1003,8 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     add_parts(xp + r0 * e, partsp + r0 * e, rows * e, items_hd, (r1 - r0) * e, x1p + r0 * e);
   });
 
-  // MLP block: gate and up projections; each down-projection item first forms its slice of
-  // silu(gate) · up
+  // MLP block: gate and up projections, silu(gate) · up (with strips: per strip pair; else in
+  // each down-projection item, for its slice), down
   for_rows(pool, rows, [&, hb, x1p](int64_t r0, int64_t r1) {
     rms_norm(x1p + r0 * e, r1 - r0, e, ln2.typed_data(), eps, hb + r0 * e);
   });
@@ -1024,29 +1027,28 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     jobs.clear();
     strip_jobs(jobs, wd.typed_data(), f, e, ap, f, down_parts.data(), e, true);
     run_strips(pool, jobs, rows, no_after);
-    const float* dp = down_parts.data();
-    float* op = out->typed_data();
-    for_rows(pool, rows, [&, x1p, dp, op](int64_t r0, int64_t r1) {  // x1 + down
-      add_parts(x1p + r0 * e, dp + r0 * e, rows * e, 1, (r1 - r0) * e, op + r0 * e);
-    });
-    return ffi::Error::Success();
+  } else {
+    project(pool, hbuf.data(), rows, e, {{wg.typed_data(), f}, {wu.typed_data(), f}},
+            parts.data(), items_e, none);
+    const float* gu = parts.data();
+    const int64_t gu_stride = rows * 2 * f;
+    project(pool, ap, rows, f, {{wd.typed_data(), e}}, down_parts.data(), items_f,
+            [=](int64_t k0, int64_t k1) {
+              thread_local std::vector<float> gate, up;
+              gate.resize(k1 - k0), up.resize(k1 - k0);
+              for (int64_t r = 0; r < rows; ++r) {
+                const float* gr = gu + r * 2 * f;
+                add_parts(nullptr, gr + k0, gu_stride, items_e, k1 - k0, gate.data());
+                add_parts(nullptr, gr + f + k0, gu_stride, items_e, k1 - k0, up.data());
+                swiglu(gate.data(), up.data(), k1 - k0, ap + r * f + k0);
+              }
+            });
   }
-  project(pool, hbuf.data(), rows, e, {{wg.typed_data(), f}, {wu.typed_data(), f}}, parts.data(),
-          items_e, none);
-  const float* gu = parts.data();
-  const int64_t gu_stride = rows * 2 * f;
-  project(pool, ap, rows, f, {{wd.typed_data(), e}}, down_parts.data(), items_f,
-          [=](int64_t k0, int64_t k1) {
-            thread_local std::vector<float> gate, up;
-            gate.resize(k1 - k0), up.resize(k1 - k0);
-            for (int64_t r = 0; r < rows; ++r) {
-              const float* gr = gu + r * 2 * f;
-              add_parts(nullptr, gr + k0, gu_stride, items_e, k1 - k0, gate.data());
-              add_parts(nullptr, gr + f + k0, gu_stride, items_e, k1 - k0, up.data());
-              swiglu(gate.data(), up.data(), k1 - k0, ap + r * f + k0);
-            }
-          });
-  add_parts(x1.data(), down_parts.data(), rows * e, items_f, rows * e, out->typed_data());  // x1 + down
+  const float* dp = down_parts.data();
+  float* op = out->typed_data();
+  for_rows(pool, rows, [&, x1p, dp, op](int64_t r0, int64_t r1) {  // x1 + down, items in order
+    add_parts(x1p + r0 * e, dp + r0 * e, rows * e, items_f, (r1 - r0) * e, op + r0 * e);
+  });
   return ffi::Error::Success();
 }
 
