@@ -238,11 +238,14 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   q_rows.resize(rows);
   inv_sum.resize(rows);
   acc.resize(rows * d);
-  std::fill(any.begin(), any.end(), 0);
+  // through a raw pointer: a byte store through any[s] may alias the vector's own pointer, which
+  // kept this loop scalar with a reload per byte (~40% of a prefill's attention)
+  uint8_t* __restrict ap = any.data();
+  std::fill(ap, ap + p.s, 0);
   for (int64_t ti = 0; ti < tn; ++ti) {
-    const uint8_t* mt = reinterpret_cast<const uint8_t*>(mb + ti * p.s);
+    const uint8_t* __restrict mt = reinterpret_cast<const uint8_t*>(mb + ti * p.s);
 #pragma omp simd
-    for (int64_t s = 0; s < p.s; ++s) any[s] |= mt[s];
+    for (int64_t s = 0; s < p.s; ++s) ap[s] |= mt[s];
   }
   for (int64_t ti = 0; ti < tn; ++ti)
     for (int64_t gi = 0; gi < g; ++gi)
@@ -250,8 +253,8 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
   // the per-slot loops below run over the visible span [lo, hi) only: a decode step's cache is
   // mostly empty slots at first
   int64_t lo = 0, hi = p.s;
-  while (lo < hi && !any[lo]) ++lo;
-  while (hi > lo && !any[hi - 1]) --hi;
+  while (lo < hi && !ap[lo]) ++lo;
+  while (hi > lo && !ap[hi - 1]) --hi;
   const int64_t s_len = hi - lo;
   if (s_len == 0) {  // nothing visible: zeros, as the softmax of an all-hidden row gives
     for (int64_t r = 0; r < rows; ++r) std::fill_n(p.out + (q_rows[r] - p.q), d, 0.0f);
