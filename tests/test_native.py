@@ -349,7 +349,8 @@ def _layer_reference(x, cos, sin, mask, index, k_cache, v_cache, weights, eps):
         (1, 1, 9, 3, 64, 576, 1536, 48),  # SmolLM2's layer shapes
         (2, 1, 2, 1, 8, 40, 70, 20),  # widths that are not multiples of 16 (ragged strips)
         (2, 20, 4, 2, 64, 96, 160, 48),  # a prefill: attention in blocks of query tokens
-        (3, 100, 2, 1, 16, 48, 80, 128),  # 300 rows: blocks of rows, norms in parallel chunks
+        (3, 100, 2, 1, 16, 48, 80, 128),  # 300 rows: blocks of rows (the MLP's too, the last
+        # partial), norms in parallel chunks
     ],
 )
 def test_decoder_layer_matches_float64(b, t, h, kv, d, e, f, s, packed):
