@@ -932,9 +932,7 @@ inline __m512 exp_nonpositive16(__m512 x) {
 #endif
 
 // silu(g) · u = g · sigmoid(g) · u, with exp of a non-positive argument only. Called per row of a
-// strip (48 values), so explicitly 16 lanes at a time with a masked tail: the compiler's
-// vectorised loop spent most of its time in its prologue and epilogue at that length (swiglu
-// was ~9% of a prefill's gate/up phase).
+// strip (48 values): 16 lanes at a time with a masked tail, no scalar prologue or epilogue.
 void swiglu(const float* g, const float* u, int64_t n, float* out) {
 #ifdef __AVX512F__
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
@@ -1013,9 +1011,11 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const int64_t items_f = packed ? 1 : depth_items(pool, f);
   thread_local std::vector<StripJob> jobs;
   auto no_after = [](int64_t, int64_t, int64_t) {};
+  // a prefill's MLP on packed weights goes by blocks of rows with their own buffers (below)
+  const bool mlp_blocks = packed && rows >= 2 * kMlpRowBlock;
   hbuf.resize(rows * e), q.resize(rows * hd), attn.resize(rows * hd), x1.resize(rows * e);
-  act.resize(rows * f);
-  parts.resize(std::max({items_e * qkv_cols, items_hd * e, items_e * 2 * f}) * rows);
+  act.resize(mlp_blocks ? 0 : rows * f);
+  parts.resize(std::max({items_e * qkv_cols, items_hd * e, mlp_blocks ? 0 : items_e * 2 * f}) * rows);
   auto none = [](int64_t, int64_t) {};
 
   // attention block: q, k, v projections of the normed rows (partial sums per item)
@@ -1086,7 +1086,7 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   thread_local std::vector<float> down_parts;
   down_parts.resize(items_f * rows * e);
   float* ap = act.data();
-  if (packed && rows >= 2 * kMlpRowBlock) {
+  if (mlp_blocks) {
     // many rows (a prefill): each work item a block of rows through the whole MLP on one
     // thread, gate/up strip pairs, silu(gate) · up, then down, with the block's intermediate
     // activations in this thread's cache (the full [rows, 2F] and [rows, F] buffers went to
@@ -1096,10 +1096,11 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     parallel_for(pool, (rows + kMlpRowBlock - 1) / kMlpRowBlock, [=](int64_t item) {
       const int64_t m0 = item * kMlpRowBlock, mr = std::min(rows, m0 + kMlpRowBlock) - m0;
       thread_local std::vector<float> gu_block, act_block;
+      thread_local std::vector<StripJob> mlp;  // gate, up of each strip pair, then the down strips
       gu_block.resize(kMlpRowBlock * 2 * kStrip);
       act_block.resize(kMlpRowBlock * f);
       float *gb = gu_block.data(), *ab = act_block.data();
-      std::vector<StripJob> mlp;  // gate, up of each strip pair, then the down strips
+      mlp.clear();
       for (int64_t c0 = 0; c0 < f; c0 += kStrip) {
         const int64_t width = std::min(kStrip, f - c0);
         mlp.push_back({wgp + c0 * e, hb + m0 * e, gb, e, width, e, 2 * kStrip, true});
