@@ -453,7 +453,17 @@ def test_strips_matmul_matches_float64(m, k, n):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
-def test_generation_reads_packed_weights_for_prefill_and_many_rows():
+def test_strips_min_rows_follows_the_vector_width(monkeypatch):
+    lanes = native.vector_lanes()
+    assert lanes in (1, 8, 16)
+    assert native.strips_min_rows() == (17 if lanes == 16 else 1)
+    monkeypatch.setattr(native, "STRIPS_MIN_ROWS", 5)
+    assert native.strips_min_rows() == 5
+    x = jnp.ones((4, 8))
+    assert native.use_strips(x, 5) and not native.use_strips(x, 4)
+
+
+def test_generation_reads_packed_weights_for_prefill_and_many_rows(monkeypatch):
     from flax import nnx
 
     from jaxlab.generation import decoding_model
@@ -477,6 +487,7 @@ def test_generation_reads_packed_weights_for_prefill_and_many_rows():
         return str(jax.make_jaxpr(lambda c: m(ids, cache=c))(cache))
 
     packed = "('packed', True)"
+    monkeypatch.setattr(native, "STRIPS_MIN_ROWS", 17)  # (AVX-512's; AVX2 reads strips from 1 row)
     assert jaxpr(dec, 32, 1).count(packed) == cfg.num_layers + 1  # many rows: layers and head
     few = jaxpr(dec, 8, 1)  # few rows: the native layer on the usual layout
     assert packed not in few and few.count("jaxlab_decoder_layer") == cfg.num_layers

@@ -485,7 +485,7 @@ def packs_weights(model: Decoder) -> bool:
     return (
         _plain_llama(cfg)
         and not cfg.scan_layers
-        and native.use_strips(model.embed_tokens.embedding[...], native.STRIPS_MIN_ROWS)
+        and native.use_strips(model.embed_tokens.embedding[...], native.strips_min_rows())
     )
 
 

@@ -50,6 +50,8 @@ __all__ = [
     "DECODER_LAYER_MAX_TOKENS",
     "ROWS_MATMUL_MAX_ROWS",
     "STRIPS_MIN_ROWS",
+    "strips_min_rows",
+    "vector_lanes",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,10 +64,9 @@ DECODER_LAYER_MAX_TOKENS = 8
 # matmuls with more rows than this (prefill, training) stay on XLA; at 32 rows the kernel is
 # 1.7x XLA for the layers and 1.07-1.09x for the tied head x @ E.T (scripts/bench_native.py)
 ROWS_MATMUL_MAX_ROWS = 32
-# calls with at least this many rows read weights packed in column strips where they have them
-# (many-row decode steps, prefills): below it the few-row matmul is bound by memory and the
-# depth-split kernel on the usual layout is as fast
-STRIPS_MIN_ROWS = 17
+# calls with at least this many rows read weights packed in column strips where they have them;
+# None: the built kernels' own choice (:func:`strips_min_rows`)
+STRIPS_MIN_ROWS: int | None = None
 
 
 def _cpu_features() -> str:
@@ -127,10 +128,10 @@ _TARGETS = {
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the native kernels are loaded (building them on first call if needed)."""
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernels with their FFI targets registered, or None (and one warning)."""
     if os.environ.get("JAXLAB_NATIVE", "1") == "0":
-        return False
+        return None
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         for target, symbol in _TARGETS.items():
@@ -139,8 +140,34 @@ def available() -> bool:
             )
     except (OSError, RuntimeError, AttributeError) as e:
         log.warning("jaxlab native CPU kernels unavailable, using XLA instead: %s", e)
-        return False
-    return True
+        return None
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are loaded (building them on first call if needed)."""
+    return _library() is not None
+
+
+def vector_lanes() -> int:
+    """float32 lanes of the vectors the built kernels use: 16 (AVX-512), 8 (AVX2 + FMA), 1
+    (plain loops); 0 without kernels."""
+    lib = _library()
+    return 0 if lib is None else int(lib.jaxlab_vector_lanes())
+
+
+def strips_min_rows() -> int:
+    """The fewest rows of a call that reads weights packed in column strips where it has them
+    (:data:`STRIPS_MIN_ROWS` when set).
+
+    With AVX-512 (measured on Sapphire/Emerald Rapids), 17: below that the few-row matmul is
+    bound by memory and the depth-split kernel on the usual layout is as fast. With AVX2
+    (measured on Zen 3), 1: the strips' contiguous streams read faster at every row count
+    (decode step of 1 and 8 rows, tied head; scripts/bench_native.py).
+    """
+    if STRIPS_MIN_ROWS is not None:
+        return STRIPS_MIN_ROWS
+    return 17 if vector_lanes() >= 16 else 1
 
 
 def _require():
@@ -276,13 +303,13 @@ def strips_matmul(x, w_packed) -> jax.Array:
 
 def use_strips(x, rows: int) -> bool:
     """Whether a call of ``rows`` rows reads packed weights (:func:`strips_matmul`) where it has
-    them: at least ``STRIPS_MIN_ROWS`` rows (a many-row decode step, a prefill), float32 on CPU,
-    kernels built (``JAXLAB_STRIPS=0`` keeps the usual layout)."""
+    them: at least :func:`strips_min_rows` rows (a many-row decode step, a prefill), float32 on
+    CPU, kernels built (``JAXLAB_STRIPS=0`` keeps the usual layout)."""
     return (
         os.environ.get("JAXLAB_STRIPS", "1") != "0"
-        and rows >= STRIPS_MIN_ROWS
         and _on_cpu_float32(x)
         and available()
+        and rows >= strips_min_rows()
     )
 
 
@@ -444,7 +471,7 @@ def decoder_layer(
       weights: ``(ln1 [E], wq [E, H·D], wk [E, K·D], wv [E, K·D], wo [H·D, E], ln2 [E],
         w_gate [E, F], w_up [E, F], w_down [F, E])``.
       packed: the seven matrices are :func:`pack_strips` of those (read as column strips;
-        faster from ``STRIPS_MIN_ROWS`` rows on).
+        faster from :func:`strips_min_rows` rows on).
 
     Returns ``(out [B, T, E], k_cache, v_cache)``. Forward only (decoding).
     """
