@@ -3,6 +3,8 @@
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -268,6 +270,30 @@ def test_the_library_file_is_named_by_source_flags_and_cpu(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(native, "_cpu_features", lambda: "flags : fpu sse2")
         assert native._library_name() != name  # another CPU: another build
+
+
+# builds for narrower vectors than this CPU's (AVX2 on an AVX-512 CPU; plain loops anywhere)
+NARROWER_BUILDS = {8: "-mno-avx512f", 1: "-mno-avx512f -mno-avx2 -mno-fma"}
+
+
+@pytest.mark.parametrize("lanes", sorted(NARROWER_BUILDS))
+def test_narrower_vector_builds_pass_the_numeric_kernel_tests(lanes):
+    """Each code path the kernels have is tested where the CPU can run it: this machine's own
+    build by the tests above, narrower ones here, in a subprocess with JAXLAB_NATIVE_FLAGS."""
+    if lanes >= native.vector_lanes():
+        pytest.skip(f"this CPU's own build has {native.vector_lanes()} lanes")
+    env = {**os.environ, "JAXLAB_NATIVE_FLAGS": NARROWER_BUILDS[lanes]}
+    probe = "import jaxlab.native as n; print(n.vector_lanes())"
+    got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert got.stdout.split()[-1:] == [str(lanes)], got.stderr[-2000:]
+    selection = "matches_float64 or match_float64 or long_tail or nan_and_infinite"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-4000:]
 
 
 def _huge_pages_supported() -> bool:

@@ -57,7 +57,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17"]
+# JAXLAB_NATIVE_FLAGS adds compiler flags: "-mno-avx512f" builds the AVX2 kernels on an AVX-512
+# CPU, "-mno-avx512f -mno-avx2 -mno-fma" the plain loops (the tests run every build a CPU can)
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-std=c++17",
+    *os.environ.get("JAXLAB_NATIVE_FLAGS", "").split(),
+]
 # without packed weights, more new tokens than this per row (prefill) run the decoder layer as
 # separate ops
 DECODER_LAYER_MAX_TOKENS = 8

@@ -31,6 +31,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <unistd.h>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -292,16 +293,70 @@ void weighted_sum_chunk(const float* w, int64_t s_len, const float* vb, const ui
     for (int64_t j = 0; j < kD; ++j) acc[r * kD + j] = a[r][j];
 }
 
+#ifdef JAXLAB_SIMD
+// acc[r, d0 : d0 + kV·L] = Σ_s w[r, s] · v_s[d0 : d0 + kV·L] over visible slots, for kR rows, with
+// the kR·kV accumulators in vector registers (L = kLanes).
+template <int64_t kD, int kR, int kV>
+void weighted_sum_tile(const float* w, int64_t s_len, const float* vb, const uint8_t* any,
+                       float* acc, int64_t d0, const float* pf) {
+  constexpr int kL = simd::kLanes;
+  simd::V a[kR][kV];
+  for (int r = 0; r < kR; ++r)
+    for (int c = 0; c < kV; ++c) a[r][c] = simd::zero();
+  for (int64_t s = 0; s < s_len; ++s) {
+    if (!any[s]) continue;
+    if (pf != nullptr) {  // slot s of the next item's keys, to L2 while this one computes
+      const char* line = reinterpret_cast<const char*>(pf + s * kD);
+      for (int64_t b = 0; b < kD * 4; b += 64) _mm_prefetch(line + b, _MM_HINT_T2);
+    }
+    const float* vs = vb + s * kD + d0;
+    simd::V vv[kV];
+    for (int c = 0; c < kV; ++c) vv[c] = simd::load(vs + kL * c);
+    for (int r = 0; r < kR; ++r) {
+      const simd::V wr = simd::set1(w[r * s_len + s]);
+      for (int c = 0; c < kV; ++c) a[r][c] = simd::fmadd(wr, vv[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < kR; ++r)
+    for (int c = 0; c < kV; ++c) simd::store(acc + r * kD + d0 + kL * c, a[r][c]);
+}
+
+// weighted_sum_tile over rows r .. r + kR (kR <= 4) and the head dim in slices of kV vectors:
+// with AVX-512, 4 rows by 4 vectors (a 64-wide head in one slice); with AVX2, 3 rows by 3.
+template <int64_t kD, int kR>
+void weighted_sum_rows(const float* w, int64_t s_len, const float* vb, const uint8_t* any,
+                       float* acc, const float* pf) {
+  constexpr int kVecs = kD / simd::kLanes, kBudget = simd::kRegisters == 32 ? 16 : 9;
+  constexpr int kV = std::max(1, std::min(kVecs, kBudget / kR));
+  int64_t d0 = 0;
+  for (; d0 + kV * simd::kLanes <= kD; d0 += kV * simd::kLanes) {
+    weighted_sum_tile<kD, kR, kV>(w, s_len, vb, any, acc, d0, d0 == 0 ? pf : nullptr);
+  }
+  for (; d0 < kD; d0 += simd::kLanes) weighted_sum_tile<kD, kR, 1>(w, s_len, vb, any, acc, d0, nullptr);
+}
+#endif
+
 template <int64_t kD>
 void weighted_sum(const float* w, int64_t rows, int64_t s_len, int64_t d, const float* vb,
                   const uint8_t* any, float* acc, const float* next_k) {
-  if constexpr (kD > 0) {
-    // rows whose accumulators (kD floats each) fit in half the vector registers
 #ifdef JAXLAB_SIMD
-    constexpr int64_t kR = std::max<int64_t>(1, simd::kRegisters / 2 * simd::kLanes / kD);
-#else
-    constexpr int64_t kR = kD <= 64 ? 4 : 2;
+  if constexpr (kD > 0 && kD % simd::kLanes == 0) {
+    constexpr int64_t kR = simd::kRegisters == 32 ? 4 : 3;
+    for (int64_t r = 0; r < rows; r += kR) {
+      const float *wr = w + r * s_len, *pf = r == 0 ? next_k : nullptr;
+      float* ar = acc + r * kD;
+      switch (std::min(kR, rows - r)) {
+        case 4: weighted_sum_rows<kD, std::min<int>(4, kR)>(wr, s_len, vb, any, ar, pf); break;
+        case 3: weighted_sum_rows<kD, 3>(wr, s_len, vb, any, ar, pf); break;
+        case 2: weighted_sum_rows<kD, 2>(wr, s_len, vb, any, ar, pf); break;
+        default: weighted_sum_rows<kD, 1>(wr, s_len, vb, any, ar, pf);
+      }
+    }
+    return;
+  }
 #endif
+  if constexpr (kD > 0) {
+    constexpr int64_t kR = kD <= 64 ? 4 : 2;  // rows whose accumulators fit in registers
     for (int64_t r = 0; r < rows; r += kR) {
       const float* wr = w + r * s_len;
       float* ar = acc + r * kD;
@@ -332,6 +387,31 @@ void weighted_sum(const float* w, int64_t rows, int64_t s_len, int64_t d, const 
       }
     }
   }
+}
+
+// l[s] = exp(l[s] - mx) for l[s] <= mx (-inf gives 0); returns their sum. In vectors where
+// built for them: GCC leaves the loop over the scalar exp_nonpositive unvectorised in some
+// instantiations, and a decode step's softmax then costs more than its dot products.
+inline float exp_in_place(float* l, int64_t n, float mx) {
+  int64_t s = 0;
+  float sum = 0.0f;
+#ifdef JAXLAB_SIMD
+  simd::V acc = simd::zero();
+  const simd::V m = simd::set1(mx);
+  for (; s + simd::kLanes <= n; s += simd::kLanes) {
+    const simd::V e = simd::exp_nonpositive(simd::sub(simd::load(l + s), m));
+    simd::store(l + s, e);
+    acc = simd::add(acc, e);
+  }
+  alignas(64) float lanes[simd::kLanes];
+  simd::store(lanes, acc);
+  for (float v : lanes) sum += v;
+#endif
+  for (; s < n; ++s) {
+    l[s] = exp_nonpositive(l[s] - mx);
+    sum += l[s];
+  }
+  return sum;
 }
 
 // Per-thread buffers of attend_item, reused across items and calls.
@@ -404,14 +484,7 @@ void attend_item(const Problem& p, int64_t item, Scratch& scratch) {
       inv_sum[r] = 0.0f;
       continue;
     }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t s = 0; s < s_len; ++s) {
-      const float e = exp_nonpositive(lr[s] - mx);
-      lr[s] = e;
-      sum += e;
-    }
-    inv_sum[r] = 1.0f / sum;
+    inv_sum[r] = 1.0f / exp_in_place(lr, s_len, mx);
   }
   // out_r = Σ_s p[r, s] · v_s / Σ_s p[r, s]
   // the item this thread likely takes next (it claims along one direction) loads its keys now
@@ -978,12 +1051,24 @@ void run_strip(const StripJob& j, int64_t rows, const StripJob* next) {
 // Runs the jobs over the pool as one range of about equal work per thread (a range runs in
 // order, each strip prefetching the next); after(i, m0, m1) follows job i for rows m0 .. m1 on
 // the same thread. Ranges start at multiples of `group`, so a group's jobs (and their after
-// calls) share a thread. More than kStripRowBlock rows (a prefill) are taken kStripRowBlock at a
+// calls) share a thread. More than strip_row_block() rows (a prefill) are taken that many at a
 // time, each block against every range: the block of x stays in L2 while the strips stream.
-constexpr int64_t kStripRowBlock = 256;
+//
+// The row blocks follow the size of a core's L2: 256 rows with 2 MB (Sapphire/Emerald Rapids),
+// 64 with 512 KB (Zen 3, where 64 made a 1024-row prefill layer ~20% faster than 256).
+int64_t strip_row_block() {
+  static const int64_t rows = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // 0 or -1 where unknown
+    const int64_t want = l2 > 0 ? l2 / 8192 : 128;    // 2 MB: 256
+    int64_t r = 32;
+    while (r < 256 && 2 * r <= want) r *= 2;
+    return r;
+  }();
+  return rows;
+}
 // rows per work item of a prefill's MLP (decoder_layer): the block's gate/up outputs and
-// activations ([128, F]) stay in the thread's L2 between the up and the down projections
-constexpr int64_t kMlpRowBlock = 128;
+// activations ([rows, F]) stay in the thread's L2 between the up and the down projections
+int64_t mlp_row_block() { return strip_row_block() / 2; }
 
 template <typename After>
 void run_strips(ffi::ThreadPool& pool, const std::vector<StripJob>& jobs, int64_t rows, After after,
@@ -1001,10 +1086,11 @@ void run_strips(ffi::ThreadPool& pool, const std::vector<StripJob>& jobs, int64_
     if ((i + 1) % group != 0) continue;
     while (r < ranges && done * ranges >= total * r) bounds[r++] = i + 1;
   }
-  const int64_t row_blocks = (rows + kStripRowBlock - 1) / kStripRowBlock;
+  const int64_t row_block = strip_row_block();
+  const int64_t row_blocks = (rows + row_block - 1) / row_block;
   parallel_for(pool, row_blocks * ranges, [&](int64_t item) {
-    const int64_t range = item % ranges, m0 = item / ranges * kStripRowBlock;
-    const int64_t m1 = std::min(rows, m0 + kStripRowBlock);
+    const int64_t range = item % ranges, m0 = item / ranges * row_block;
+    const int64_t m1 = std::min(rows, m0 + row_block);
     for (int64_t i = bounds[range]; i < bounds[range + 1]; ++i) {
       StripJob job = jobs[i];
       job.x += m0 * job.ldx;
@@ -1184,7 +1270,8 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   thread_local std::vector<StripJob> jobs;
   auto no_after = [](int64_t, int64_t, int64_t) {};
   // a prefill's MLP on packed weights goes by blocks of rows with their own buffers (below)
-  const bool mlp_blocks = packed && rows >= 2 * kMlpRowBlock;
+  const int64_t mlp_block = mlp_row_block();
+  const bool mlp_blocks = packed && rows >= 2 * mlp_block;
   hbuf.resize(rows * e), q.resize(rows * hd), attn.resize(rows * hd), x1.resize(rows * e);
   act.resize(mlp_blocks ? 0 : rows * f);
   parts.resize(std::max({items_e * qkv_cols, items_hd * e, mlp_blocks ? 0 : items_e * 2 * f}) * rows);
@@ -1265,12 +1352,12 @@ ffi::Error DecoderLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     // memory and back)
     const float *wgp = wg.typed_data(), *wup = wu.typed_data(), *wdp = wd.typed_data();
     float* dpp = down_parts.data();
-    parallel_for(pool, (rows + kMlpRowBlock - 1) / kMlpRowBlock, [=](int64_t item) {
-      const int64_t m0 = item * kMlpRowBlock, mr = std::min(rows, m0 + kMlpRowBlock) - m0;
+    parallel_for(pool, (rows + mlp_block - 1) / mlp_block, [=](int64_t item) {
+      const int64_t m0 = item * mlp_block, mr = std::min(rows, m0 + mlp_block) - m0;
       thread_local std::vector<float> gu_block, act_block;
       thread_local std::vector<StripJob> mlp;  // gate, up of each strip pair, then the down strips
-      gu_block.resize(kMlpRowBlock * 2 * kStrip);
-      act_block.resize(kMlpRowBlock * f);
+      gu_block.resize(mlp_block * 2 * kStrip);
+      act_block.resize(mlp_block * f);
       float *gb = gu_block.data(), *ab = act_block.data();
       mlp.clear();
       for (int64_t c0 = 0; c0 < f; c0 += kStrip) {
