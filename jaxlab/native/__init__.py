@@ -10,7 +10,8 @@ jaxlab falls back to the XLA path with one warning; ``JAXLAB_NATIVE=0`` turns th
 :func:`cache_attention` is attention of new tokens over a ``bksd`` KV cache: XLA runs it as B·K
 tiny batched matmuls (~60 ms per SmolLM2 decode step at batch 32), and a prefill over every
 slot of the cache, the empty ones too; the kernel reads each head's slots once and skips the
-16-slot blocks its tokens cannot see, spread over XLA's intra-op threads.
+blocks of 16 (AVX-512) or 8 (AVX2) slots its tokens cannot see, spread over XLA's intra-op
+threads.
 """
 
 from __future__ import annotations
