@@ -173,7 +173,7 @@ def strips_min_rows() -> int:
     With AVX-512 (measured on Sapphire/Emerald Rapids), 17: below that the few-row matmul is
     bound by memory and the depth-split kernel on the usual layout is as fast. With AVX2
     (measured on Zen 3), 1: the strips' contiguous streams read faster at every row count
-    (decode step of 1 and 8 rows, tied head; scripts/bench_native.py).
+    (decode steps of 1 and 8 rows, the tied head; ``docs/benchmarks.md``, session 10).
     """
     if STRIPS_MIN_ROWS is not None:
         return STRIPS_MIN_ROWS
