@@ -70,3 +70,37 @@ def test_quantised_gguf_is_close_to_the_float_model(tmp_path):
         ref = hf_model(torch.tensor(ids)).logits.numpy()
     err = _rel_err(np.asarray(model(jnp.asarray(ids))), ref)
     assert 1e-6 < err < 0.05  # quantisation error is there, and small
+
+
+def test_metadata_reader_parses_what_gguf_reader_parses(tmp_path):
+    """jaxlab's faster reader (plain-array slicing) sees the same fields and tensors as gguf's."""
+    import gguf
+
+    from jaxlab.models.gguf_loader import _open
+
+    path = tmp_path / "meta.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.name", "tiny é")
+    w.add_uint32("llama.block_count", 3)
+    w.add_float32("llama.rope.freq_base", 10000.5)
+    w.add_bool("flag", True)
+    w.add_array("tokenizer.ggml.tokens", ["<s>", "a", "ab", "∑", ""])
+    w.add_array("tokenizer.ggml.scores", [0.5, -1.0, 2.0])
+    w.add_array("ints", [1, -2, 3])
+    w.add_tensor("t", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    ours, ref = _open(path), gguf.GGUFReader(str(path))
+    assert list(ours.fields) == list(ref.fields)
+    for key, field in ref.fields.items():
+        mine = ours.fields[key]
+        assert mine.types == field.types and mine.data == field.data, key
+        assert mine.contents() == field.contents(), key
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "a", "ab", "∑", ""]
+    (t,) = ours.tensors
+    assert t.name == "t" and np.array_equal(
+        np.asarray(t.data).reshape(3, 4), np.arange(12).reshape(3, 4)
+    )

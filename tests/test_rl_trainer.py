@@ -42,7 +42,7 @@ def test_preempted_run_resumes_from_its_checkpoint(tmp_path):
     from jaxlab.rl.trainer import RLTrainer
 
     cfg = load_config(
-        "configs/rl/tiny_sorted.yaml", ["scheduler.num_prompts=24", "checkpoint.save_every=2"]
+        "configs/rl/tiny_sorted.yaml", ["scheduler.num_prompts=12", "checkpoint.save_every=2"]
     )
     first = RLTrainer(cfg, tmp_path)
     stopped = first.run_until(3, progress=False)  # as if preempted after 3 updates
@@ -56,10 +56,10 @@ def test_preempted_run_resumes_from_its_checkpoint(tmp_path):
     assert int(resumed.optimizer.step[...]) == version  # one optimizer step per update
     resumed.ctrl.check_invariants()
     summary = resumed.run(progress=False)
-    assert sorted(resumed.ctrl.trained) == list(range(24))  # every group trained once, none lost
+    assert sorted(resumed.ctrl.trained) == list(range(12))  # every group trained once, none lost
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["version"] for x in lines] == list(range(1, summary["updates"] + 1))
-    assert sum(x["groups"] for x in lines) == 24
+    assert sum(x["groups"] for x in lines) == 12
 
     # exact: the same run without the interruption gives the same updates and the same weights
     straight = RLTrainer(cfg, tmp_path / "straight")

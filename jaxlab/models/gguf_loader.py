@@ -6,6 +6,7 @@ the tokenizer and chat template come from the same file through transformers.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,13 +38,36 @@ _NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-def _open(path: Path):
+@functools.cache
+def _reader_class():
+    """``gguf.GGUFReader`` parsing the metadata from a plain ndarray view of its memmap.
+
+    The reader slices the file once per metadata value (twice per vocabulary entry); slicing an
+    ``np.memmap`` runs Python-level ``__getitem__`` / ``__array_finalize__`` each time, which made
+    opening SmolLM2's GGUF (~150k values) take ~4.3 s. A base-class view of the same buffer parses
+    the same fields in ~1.4 s; tensor data still comes from the memmap.
+    """
     import gguf
 
+    class Reader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            arr = plain[offset:end].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return arr.view(arr.dtype.newbyteorder(order))
+
+    return Reader
+
+
+def _open(path: Path):
     if not path.is_file():
         raise LoadError(f"{path}: GGUF file does not exist")
     try:
-        return gguf.GGUFReader(str(path))
+        return _reader_class()(str(path))
     except Exception as e:  # truncated or corrupt files fail in many ways inside the parser
         raise LoadError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
 

@@ -20,6 +20,7 @@ slots idle while the device trains).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -167,6 +168,7 @@ def _sequence_logprobs(model: Decoder, tokens, mask, temperature):
     return rl.token_logprobs(logits, tokens[:, 1:])
 
 
+@functools.lru_cache(maxsize=8)  # trainers of one config in a process share the compiled update
 def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float):
     @nnx.jit
     def update(model, optimizer, ref_model, tokens, mask, loss_mask, behaviour_logp, advantages):
@@ -298,8 +300,9 @@ class RLTrainer:
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec("data")
         )
-        if cfg.mesh.data > 1:
-            nnx.update(self.model, jax.device_put(nnx.state(self.model), self.replicated))
+        # Weights and optimizer state live on the mesh from the start, as the update's outputs do:
+        # inputs placed otherwise would compile the update a second time after the first step.
+        nnx.update(self.model, jax.device_put(nnx.state(self.model), self.replicated))
         self.ref_model = nnx.clone(self.model) if cfg.loss.kl_coef > 0 else None
         self.task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.kwargs)
         # prompts through grain: group g is record g of the (optionally shuffled) dataset; the
@@ -314,6 +317,7 @@ class RLTrainer:
             optax.adamw(cfg.optim.lr, weight_decay=cfg.optim.weight_decay),
         )
         self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+        nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), self.replicated))
         self.update_fn = _make_update_fn(cfg.loss, gen.temperature, self.max_len)
         longest_prompt = max(
             len(self.prompt_ids(g)) for g in range(min(cfg.scheduler.num_prompts, 64))

@@ -332,14 +332,14 @@ def simulate_plate(seed: int = 0, config: PlateSimConfig | None = None, **overri
     shift = rng.uniform(-1, 1) * config.spectrograph_shift + rng.normal(0, config.shift_sigma, f)
 
     # Sky of every fibre: components evaluated at lam - shift on the fine grid, then binned.
-    lam_f = 10**loglam_f
-    sky_fine = np.zeros((f, lam_f.size))
-    for name, w in weights.items():
-        comp = comps[name]
-        for i in range(f):
-            sky_fine[i] += w[i] * np.interp(np.log10(lam_f - shift[i]), loglam_f, comp)
+    # Interpolation is linear in the tabulated values, so each fibre's weighted sum of components
+    # is formed first ([F, C] @ [C, fine]) and interpolated once at that fibre's shifted grid.
     _, start = _fine_grid(config, oversample)
-    sky_fine = sky_fine[:, start : start + config.n_pix * oversample]
+    lam_f = 10 ** loglam_f[start : start + config.n_pix * oversample]
+    combined = np.stack(list(weights.values()), 1) @ np.stack([comps[n] for n in weights])
+    sky_fine = np.empty((f, lam_f.size))
+    for i in range(f):
+        sky_fine[i] = np.interp(np.log10(lam_f - shift[i]), loglam_f, combined[i])
     sky = sky_fine.reshape(f, config.n_pix, oversample).mean(-1)
 
     # Objects, in units of the dark continuum at 6200 A through a 3.3" fibre (sky ~ 18.7 mag).
