@@ -127,3 +127,36 @@ def test_cancel_frees_the_slot_and_drops_queued_requests():
     assert eng.free_slots == 0  # c is queued for the freed slot
     (done,) = eng.run()
     assert done.request_id == c and len(done.tokens) == 2
+
+
+def test_a_second_engine_reuses_the_compiled_steps_and_hashes_statics_once(monkeypatch):
+    """Engines of one architecture share the jitted prefill / decode (static arguments compare
+    equal), and a step does not re-hash the model's graphdef (that walks every node)."""
+    from jaxlab.generation import engine as engine_module
+    from jaxlab.testing.compile_count import count_compilations
+
+    def run(model):
+        eng = Engine(model, num_slots=2, max_len=32, eos_ids=(), pad_id=0)
+        eng.submit([1, 2, 3], 4)
+        eng.submit([4, 5], 6)
+        return eng, eng.run()
+
+    run(Decoder(CFG, rngs=nnx.Rngs(0)))
+    hashes = []
+    real = engine_module._Statics.__init__
+
+    def counting_init(self, graphdef, **kw):
+        real(self, graphdef, **kw)
+        hashes.append(self._hash)
+
+    monkeypatch.setattr(engine_module._Statics, "__init__", counting_init)
+    graphdef_type = type(nnx.graphdef(Decoder(CFG, rngs=nnx.Rngs(1))))
+    graphdef_hash, calls = graphdef_type.__hash__, []
+    monkeypatch.setattr(
+        graphdef_type, "__hash__", lambda self: calls.append(1) or graphdef_hash(self)
+    )
+    with count_compilations() as names:
+        eng, out = run(Decoder(CFG, rngs=nnx.Rngs(2)))  # other weights, same architecture
+    assert not [n for n in names if "_prefill" in n or "_decode" in n], names
+    assert sorted(len(c.tokens) for c in out) == [4, 6] and eng.step_count >= 5
+    assert len(hashes) == 1 and len(calls) <= 2  # hashed when the engine was built, not per step

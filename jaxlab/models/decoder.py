@@ -7,7 +7,6 @@ D head dim, E model width, V vocab.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, NamedTuple
 
 import jax
@@ -116,7 +115,7 @@ class DecoderConfig:
             check(False, "rope_scaling", str(e))
 
     def __hash__(self):  # rope_scaling is a dict; configs are static metadata of jitted modules
-        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+        return hash(tuple(_frozen(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     @property
     def dim_per_head(self) -> int:
@@ -132,6 +131,15 @@ RING_DEFAULTS: dict[str, Any] = {
     "sparse": None,  # None: dense; else vertical_slash_pattern options (vertical_size, slash_size, ...)
 }
 _SPARSE_KEYS = ("vertical_size", "slash_size", "last_q", "mode", "sink_tokens", "window", "top_p")
+
+
+def _frozen(value):
+    """A hashable value equal where ``value`` is equal: dicts as sorted items, lists as tuples."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def _check_ring_options(ring):
