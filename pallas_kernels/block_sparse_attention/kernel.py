@@ -1,7 +1,8 @@
 """Block-sparse + vertical-bar attention in Pallas: forward, dq and dk/dv kernels.
 
 One call computes the attention of a local query chunk against one key/value chunk (one ring step), over
-the work lists of a step plan (``jaxlab.attention.layouts.StepPlan`` or any object with its fields):
+the work lists of a step plan (:class:`~pallas_kernels.block_sparse_attention.plan.StepPlan`, or any object
+with its fields):
 
 * blocks: per query block of G rows, the active key blocks of G columns (processed in ``block_k`` tiles);
 * bars: per query block, gathered key columns (selected verticals outside the active blocks), processed in

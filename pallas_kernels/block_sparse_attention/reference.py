@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sparse_attention.plan import step_mask
+
 
 def _mask(plan, block_size, causal):
-    from jaxlab.attention.layouts import step_mask  # the plan's dense mask (one definition)
-
-    return step_mask(plan, block_size, causal)
+    return step_mask(plan, block_size, causal)  # the plan's dense mask (one definition)
 
 
 def _scores(q, k, scale):
