@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import string
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Tokenizer", "Batch", "bucket_length"]
+__all__ = ["Tokenizer", "Batch", "bucket_length", "char_tokenizer", "CHAR_SPECIALS", "CHARS"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
@@ -303,3 +304,29 @@ def bucket_length(n: int, limit: int, granularity: int = 32) -> int:
             b *= 2
         return min(b, limit)
     return min(-(-n // granularity) * granularity, limit)
+
+
+# -- a character-level tokenizer for tiny models ------------------------------------------------
+
+CHAR_SPECIALS = ["<pad>", "<eos>", "<unk>"]
+CHARS = list(string.digits + string.ascii_letters + " .,:;!?'\"+-*/=()<>[]_\n")
+
+
+def char_tokenizer() -> Tokenizer:
+    """A character-level tokenizer (a real HF fast tokenizer) for tiny models, such as the RL
+    trainer's ``model: tiny``: one token per character (digits, letters, punctuation, space,
+    newline); ids 0-2 are ``<pad>``, ``<eos>``, ``<unk>``. Vocabulary size:
+    ``len(CHAR_SPECIALS) + len(CHARS)``."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(CHAR_SPECIALS + CHARS)}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    hf.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    return Tokenizer(hf)

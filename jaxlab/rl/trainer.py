@@ -41,7 +41,7 @@ from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
 from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
 from jaxlab.rl.tasks import make_task, task_dataset
-from jaxlab.tokenization import bucket_length
+from jaxlab.tokenization import bucket_length, char_tokenizer
 
 __all__ = [
     "RLTaskConfig",
@@ -151,8 +151,6 @@ class RLTrainConfig:
 
 def _load_policy(cfg: RLTrainConfig):
     if cfg.model == "tiny":
-        from jaxlab.testing.char_tokenizer import char_tokenizer
-
         tokenizer = char_tokenizer()
         mcfg = dataclasses.replace(cfg.tiny_model, vocab_size=tokenizer.vocab_size)
         return Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed)), tokenizer
