@@ -25,12 +25,17 @@ from typing import Any, TypeVar
 
 import yaml
 
+from jaxlab.errors import ConfigError
+from jaxlab.registry import Registry
+
 T = TypeVar("T")
 
 __all__ = [
     "ConfigError",
+    "CONFIG_KINDS",
     "register_config",
     "config_kinds",
+    "config_kind_of",
     "from_dict",
     "to_dict",
     "apply_overrides",
@@ -40,28 +45,29 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config file, override or value is invalid. The message names the key."""
-
-
-_REGISTRY: dict[str, type] = {}
+# The top-level config classes by the ``kind`` a YAML file names. jaxlab's own are declared here
+# by module path, so a file of any kind loads without importing its module first.
+CONFIG_KINDS: Registry[type] = Registry("config kind")
+CONFIG_KINDS.register_lazy("lm_train", "jaxlab.train:LMTrainConfig")
+CONFIG_KINDS.register_lazy("rl_train", "jaxlab.rl.trainer:RLTrainConfig")
 
 
 def register_config(kind: str):
     """Class decorator: makes a top-level config class loadable from a YAML file with ``kind: NAME``."""
-
-    def wrap(cls):
-        if kind in _REGISTRY and _REGISTRY[kind] is not cls:
-            raise ValueError(f"config kind {kind!r} is registered twice")
-        _REGISTRY[kind] = cls
-        return cls
-
-    return wrap
+    return CONFIG_KINDS.register(kind)
 
 
 def config_kinds() -> dict[str, type]:
-    """The registered top-level config classes by kind name."""
-    return dict(_REGISTRY)
+    """The registered top-level config classes by kind name (imports the modules declaring them)."""
+    return dict(CONFIG_KINDS.items())
+
+
+def config_kind_of(config: Any) -> str:
+    """The registered kind name of a top-level config instance."""
+    for kind, cls in CONFIG_KINDS.items():
+        if isinstance(config, cls):
+            return kind
+    raise ConfigError(f"{type(config).__name__} is not a registered config kind")
 
 
 def check(condition: bool, field: str, message: str) -> None:
@@ -90,14 +96,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the nested key
+            return _convert(value, options[0], key)
+        for arg in options:
             try:
                 return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
@@ -170,9 +176,12 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Builds config ``cls`` from a nested mapping, validating keys, types and values."""
-    return _from_mapping(cls, data)
+def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
+    """Builds config ``cls`` from a nested mapping, validating keys, types and values.
+
+    ``prefix`` (e.g. ``"model.ring."``) starts the dotted keys that error messages name.
+    """
+    return _from_mapping(cls, data, prefix=prefix)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -253,17 +262,14 @@ def load_config(
             )
         data = loaded
     kind = data.pop("kind", None)
+    known = ", ".join(CONFIG_KINDS.names())
     if cls is None:
         if kind is None:
-            raise ConfigError(
-                f"{path}: missing 'kind'; known kinds: {', '.join(sorted(_REGISTRY))}"
-            )
-        if kind not in _REGISTRY:
-            raise ConfigError(
-                f"{path}: unknown kind {kind!r}; known kinds: {', '.join(sorted(_REGISTRY))}"
-            )
-        cls = _REGISTRY[kind]
-    elif kind is not None and _REGISTRY.get(kind) not in (None, cls):
+            raise ConfigError(f"{path}: missing 'kind'; known kinds: {known}")
+        if kind not in CONFIG_KINDS:
+            raise ConfigError(f"{path}: unknown kind {kind!r}; known kinds: {known}")
+        cls = CONFIG_KINDS.get(kind)
+    elif kind is not None and kind in CONFIG_KINDS and CONFIG_KINDS.get(kind) is not cls:
         raise ConfigError(f"{path}: holds kind {kind!r}, but a {cls.__name__} was asked for")
     apply_overrides(data, overrides)
     try:

@@ -22,4 +22,4 @@ from jaxlab.rl.losses import kl_penalty as kl_penalty
 from jaxlab.rl.losses import masked_mean as masked_mean
 from jaxlab.rl.losses import policy_loss as policy_loss
 from jaxlab.rl.losses import token_logprobs as token_logprobs
-from jaxlab.rl.registry import Registry as Registry
+from jaxlab.registry import Registry as Registry

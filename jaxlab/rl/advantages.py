@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxlab.rl.registry import Registry
+from jaxlab.registry import Registry
 from jaxlab.rl.validation import check_floating, check_rank
 
 __all__ = [

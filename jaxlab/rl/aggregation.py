@@ -31,7 +31,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxlab.rl.registry import Registry
+from jaxlab.registry import Registry
 from jaxlab.rl.validation import check_floating, check_same_shape
 
 __all__ = [

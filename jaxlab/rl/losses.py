@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.rl.aggregation import aggregate_loss
-from jaxlab.rl.registry import Registry
+from jaxlab.registry import Registry
 from jaxlab.rl.validation import check_floating, check_rank, check_same_shape
 
 __all__ = [

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlab.rl.registry import Registry
+from jaxlab.registry import Registry
 
 __all__ = [
     "Problem",
