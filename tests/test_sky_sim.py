@@ -617,3 +617,22 @@ def test_no_sky_estimate_raises(plate: Plate) -> None:
     # The plate's SKY layer is used when no estimate is passed.
     with_sky = plate.with_sky(plate.true_sky, "truth")
     assert metrics.evaluate_sky(with_sky)["sky_error_pct"]["all"] == 0.0
+
+
+def test_sky_lines_live_in_one_module() -> None:
+    """The simulator, baselines and metrics read one line list (jaxlab.sky.lines)."""
+    from jaxlab.sky import lines, smi
+
+    assert lines.ANCHOR_LINES == ANCHORS and lines.BLUE_RED_SPLIT == SPLIT
+    assert simulate.ANCHOR_LINES is lines.ANCHOR_LINES
+    assert baselines.ANCHOR_LINES is lines.ANCHOR_LINES and smi.ANCHOR_LINES is lines.ANCHOR_LINES
+    assert metrics.CONTINUUM_WINDOWS is lines.CONTINUUM_WINDOWS
+    grid = lamost_grid()
+    assert list(lines.ANCHOR_LINES) == sorted(lines.ANCHOR_LINES)
+    assert grid[0] < min(lines.ANCHOR_LINES) and max(lines.ANCHOR_LINES) < grid[-1]
+    # every anchor is a line the parametric simulator emits (night sky or light pollution)
+    emitted = set(lines.PARAMETRIC_SKY_LINES) | set(lines.POLLUTION_LINES)
+    assert set(lines.ANCHOR_LINES) <= emitted
+    for lo, hi in [r for ranges in lines.LINE_GROUPS.values() for r in ranges]:
+        assert lo < hi
+    assert all(lo < hi and hi - lo == 100.0 for lo, hi in lines.CONTINUUM_WINDOWS)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import interpolate, linalg, ndimage, sparse
 
+from jaxlab.sky.lines import ANCHOR_LINES
 from jaxlab.sky.plate import Plate
-from jaxlab.sky.simulate import ANCHOR_LINES
 
 
 def _sky_rows(plate: Plate) -> np.ndarray:

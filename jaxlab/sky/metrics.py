@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlab.sky.baselines import _line_windows, line_fluxes
+from jaxlab.sky.lines import BLUE_RED_SPLIT, CONTINUUM_WINDOWS
 from jaxlab.sky.plate import Plate
-from jaxlab.sky.simulate import BLUE_RED_SPLIT
 
 REGIONS = ("blue", "red", "all")
 
@@ -87,16 +87,6 @@ def _line_residual(resid: np.ndarray, reference: np.ndarray, wave: np.ndarray) -
         out[region] = float(100 * np.nanmedian(vals)) if np.isfinite(vals).any() else float("nan")
     out["all"] = float(100 * np.nanmedian(rel))
     return out
-
-
-CONTINUUM_WINDOWS = (
-    (4000.0, 4100.0),
-    (4400.0, 4500.0),
-    (5200.0, 5300.0),
-    (6000.0, 6100.0),
-    (6700.0, 6800.0),
-    (8100.0, 8200.0),
-)
 
 
 def _continuum_residual(resid: np.ndarray, reference: np.ndarray, wave: np.ndarray) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxlab.sky.lines import BLUE_RED_SPLIT
 from jaxlab.sky.plate import Plate
-from jaxlab.sky.simulate import BLUE_RED_SPLIT
 
 
 def plot_sky(plate: Plate, path: str, fiber: int | None = None, title: str | None = None) -> str:

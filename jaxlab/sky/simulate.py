@@ -26,76 +26,20 @@ import os
 import numpy as np
 from scipy import ndimage
 
+from jaxlab.sky.lines import ANCHOR_LINES as ANCHOR_LINES  # re-exported: older import path
+from jaxlab.sky.lines import BLUE_RED_SPLIT as BLUE_RED_SPLIT
+from jaxlab.sky.lines import (
+    GALAXY_EMISSION_LINES,
+    LINE_GROUPS,
+    PARAMETRIC_SKY_LINES,
+    POLLUTION_LINES,
+    STAR_ABSORPTION_LINES,
+)
 from jaxlab.sky.plate import SKY_OBJTYPE, Plate, log_wavelength
 
 LAMOST_COEFF0 = float(np.log10(3690.0))
 LAMOST_COEFF1 = 1e-4
 LAMOST_NPIX = 3909
-BLUE_RED_SPLIT = 4500.0  # Angstrom: the "blue end" of the metrics
-
-# Strong isolated sky lines (vacuum Angstrom) used as anchors for line scaling and shift estimates.
-ANCHOR_LINES = (
-    4047.7,
-    4359.6,
-    5462.3,
-    5578.9,
-    5891.6,
-    6302.0,
-    6365.5,
-    7915.9,
-    8346.9,
-    8401.5,
-    8829.5,
-    8888.2,
-)
-
-# Line groups that vary independently over the focal plane: name -> (lo, hi) Angstrom ranges.
-LINE_GROUPS: dict[str, tuple[tuple[float, float], ...]] = {
-    "oi5577": ((5570.0, 5588.0),),
-    "oi6300": ((6294.0, 6312.0), (6357.0, 6374.0)),
-    "nad": ((5884.0, 5905.0),),
-    "oh_red": ((7700.0, 9200.0),),
-    "oh_mid": ((6100.0, 6294.0), (6312.0, 6357.0), (6374.0, 7700.0)),
-}
-
-# Parametric sky (fallback): vacuum wavelength -> peak relative to the dark continuum at R ~ 1800.
-_PARAMETRIC_LINES = {
-    4359.6: 0.0,  # Hg I lines belong to the pollution component
-    5578.9: 9.0,
-    5891.6: 1.2,
-    5897.6: 1.0,
-    6302.0: 3.0,
-    6365.5: 1.0,
-    6865.8: 0.6,
-    6925.1: 0.5,
-    7276.4: 0.9,
-    7318.3: 0.8,
-    7342.9: 0.8,
-    7371.4: 0.7,
-    7715.0: 0.7,
-    7751.1: 0.8,
-    7794.1: 0.9,
-    7823.8: 0.8,
-    7853.2: 0.7,
-    7915.9: 1.2,
-    7967.3: 1.0,
-    7993.3: 1.3,
-    8290.2: 1.5,
-    8346.9: 1.8,
-    8401.5: 2.4,
-    8432.2: 1.5,
-    8467.6: 1.6,
-    8495.4: 1.7,
-    8760.6: 1.6,
-    8829.5: 2.3,
-    8888.2: 2.2,
-    8921.9: 1.8,
-    8958.1: 2.0,
-    8988.4: 1.5,
-    9003.0: 1.5,
-}
-# Light pollution (Xinglong): Hg I and Na I lines, peak relative to the dark continuum at R ~ 1800.
-_POLLUTION_LINES = {4047.7: 0.8, 4359.6: 1.6, 5462.3: 1.4, 5771.2: 0.3, 5792.3: 0.3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +147,7 @@ def sky_components(config: PlateSimConfig, oversample: int = 8) -> tuple[np.ndar
         used = "paranal"
     else:
         continuum = _dark_continuum_shape(lam)
-        lines = _gaussian_lines(loglam, _PARAMETRIC_LINES, sigma_dex)
+        lines = _gaussian_lines(loglam, PARAMETRIC_SKY_LINES, sigma_dex)
         used = "parametric"
     comps: dict[str, np.ndarray] = {"continuum": continuum}
     taken = np.zeros_like(lam, dtype=bool)
@@ -217,7 +161,7 @@ def sky_components(config: PlateSimConfig, oversample: int = 8) -> tuple[np.ndar
     comps["lines_other"] = np.where(taken, 0.0, lines)
     # Light pollution: Hg / Na lines plus the high-pressure sodium hump near 5700-6000 A.
     hump = 0.25 * np.exp(-0.5 * ((lam - 5850.0) / 120.0) ** 2)
-    comps["pollution"] = _gaussian_lines(loglam, _POLLUTION_LINES, sigma_dex) + hump
+    comps["pollution"] = _gaussian_lines(loglam, POLLUTION_LINES, sigma_dex) + hump
     # Moonlight: solar-like continuum (5800 K blackbody) made bluer by scattering, 1 at 5500 A.
     moon = _planck(lam, 5800.0) * (lam / 5500.0) ** -1.5
     comps["moon"] = moon / np.interp(5500.0, lam, moon)
@@ -244,23 +188,6 @@ def _field(rng: np.random.Generator, xy: np.ndarray, peak_to_peak: float) -> np.
     return 1.0 + grad * (xy @ u) + curv * (np.sum(xy**2, -1) - 0.5)
 
 
-_STAR_LINES = (  # vacuum Angstrom, depth (fraction of continuum), width (Angstrom)
-    (6564.6, 0.5, 4.0),
-    (4862.7, 0.5, 4.0),
-    (4341.7, 0.45, 3.5),
-    (4102.9, 0.4, 3.5),
-    (3934.8, 0.5, 3.0),
-    (3969.6, 0.45, 3.0),
-    (5185.0, 0.3, 3.0),
-    (5891.6, 0.3, 2.0),
-    (5897.6, 0.3, 2.0),
-    (8500.4, 0.3, 3.0),
-    (8544.4, 0.35, 3.0),
-    (8664.5, 0.35, 3.0),
-)
-_GALAXY_EMISSION = ((3728.5, 2.0), (4862.7, 1.0), (5008.2, 1.5), (6564.6, 3.0), (6585.3, 1.0))
-
-
 def _object_shape(rng: np.random.Generator, lam: np.ndarray, kind: str, lsf_sigma: np.ndarray):
     """Object spectrum shape normalised to 1 at 6200 A (observed frame)."""
     if kind == "STAR":
@@ -269,7 +196,7 @@ def _object_shape(rng: np.random.Generator, lam: np.ndarray, kind: str, lsf_sigm
         beta = 1.0 + rng.normal(0.0, 40.0) / 2.99792458e5
         shape = cont.copy()
         hot = np.clip((temp - 3500.0) / 6500.0, 0.0, 1.0)
-        for wave, depth, width in _STAR_LINES:
+        for wave, depth, width in STAR_ABSORPTION_LINES:
             balmer = wave in (6564.6, 4862.7, 4341.7, 4102.9)
             d = depth * (0.3 + 0.7 * hot if balmer else 1.0 - 0.6 * hot)
             sig = np.hypot(width / 2.355, lsf_sigma)
@@ -282,7 +209,7 @@ def _object_shape(rng: np.random.Generator, lam: np.ndarray, kind: str, lsf_sigm
         shape = cont.copy()
         ref = np.interp(6200.0 / (1 + z), rest, cont)
         strength = rng.uniform(0.0, 1.0)
-        for wave, ew in _GALAXY_EMISSION:
+        for wave, ew in GALAXY_EMISSION_LINES:
             sig = np.hypot(3.0 * (1 + z), lsf_sigma)
             amp = strength * ew * 5.0 * ref / (np.sqrt(2 * np.pi) * sig)
             shape += amp * np.exp(-0.5 * ((lam - wave * (1 + z)) / sig) ** 2)

@@ -45,8 +45,8 @@ from scipy import ndimage
 
 from jaxlab.sky import mi
 from jaxlab.sky.baselines import sky_line_pixels
+from jaxlab.sky.lines import ANCHOR_LINES
 from jaxlab.sky.plate import Plate
-from jaxlab.sky.simulate import ANCHOR_LINES
 
 
 @dataclasses.dataclass(frozen=True)
