@@ -1,5 +1,11 @@
 """Next-token LM training: a small, complete trainer (grain data, optax, Orbax, JSONL metrics).
 
+The optimizer comes from :mod:`jaxlab.optim` and the metrics go through
+:class:`jaxlab.metric_writer.MetricWriter` (``metrics.jsonl``, TensorBoard when installed), as in
+the RL trainer. Each metrics line holds ``step``, ``loss``, ``grad_norm`` (before clipping, of the
+last step), ``lr`` (the learning rate of the last step), ``steps_per_s`` and ``tokens_per_s``
+(batch tokens B·T per second since the previous line).
+
 It is the reference loop the RL trainer builds on and what ``python -m jaxlab train-lm`` runs.
 The built-in data is a synthetic "counting" language (each sequence counts up from a random start,
 modulo a random stride), learnable in a few hundred steps on a CPU.
@@ -23,7 +29,10 @@ from tqdm.auto import tqdm
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
 from jaxlab.mesh import MeshConfig, make_mesh
+from jaxlab.metric_writer import MetricWriter
 from jaxlab.models.decoder import Decoder, DecoderConfig
+from jaxlab.optim import check_optimizer_settings, learning_rate_schedule
+from jaxlab.optim import make_optimizer as _make_optimizer
 
 __all__ = [
     "DataConfig",
@@ -32,7 +41,9 @@ __all__ = [
     "LMTrainConfig",
     "counting_dataset",
     "make_optimizer",
+    "learning_rate",
     "train_step",
+    "train_step_with_metrics",
     "train_lm",
 ]
 
@@ -68,13 +79,20 @@ class OptimConfig:
     def __post_init__(self):
         check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
-        check(0 <= self.warmup_steps, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        check(
-            0 <= self.b1 < 1 and 0 <= self.b2 < 1,
-            "b1/b2",
-            f"must lie in [0, 1), got {self.b1}, {self.b2}",
+        check_optimizer_settings(**self.optimizer_settings())
+
+    def optimizer_settings(self) -> dict:
+        """Keyword arguments of :func:`jaxlab.optim.make_optimizer`: warmup, then cosine decay to 0
+        at ``steps``."""
+        return dict(
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            decay_steps=self.steps,
+            weight_decay=self.weight_decay,
+            b1=self.b1,
+            b2=self.b2,
+            grad_clip=self.grad_clip,
         )
-        check(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
 
 
 @register_config("lm_train")
@@ -86,6 +104,9 @@ class LMTrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     log_every: int = 10
+    tensorboard: bool = (
+        True  # also write metrics as TensorBoard events when tensorboardX is installed
+    )
 
     def __post_init__(self):
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
@@ -115,13 +136,16 @@ def counting_dataset(cfg: DataConfig, vocab_size: int) -> grain.IterDataset:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1)
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
-    )
+    """The optimizer of ``cfg`` (:func:`jaxlab.optim.make_optimizer`)."""
+    return _make_optimizer(**cfg.optimizer_settings())
+
+
+def learning_rate(cfg: OptimConfig, step: int) -> float:
+    """The learning rate of update ``step`` (0-based) under ``cfg``."""
+    s = cfg.optimizer_settings()
+    return learning_rate_schedule(
+        lr=s["lr"], warmup_steps=s["warmup_steps"], decay_steps=s["decay_steps"]
+    )(step)
 
 
 def next_token_loss(model: Decoder, tokens: jax.Array) -> jax.Array:
@@ -131,10 +155,19 @@ def next_token_loss(model: Decoder, tokens: jax.Array) -> jax.Array:
 
 
 @nnx.jit(donate_argnums=(0, 1))
-def train_step(model: Decoder, optimizer: nnx.Optimizer, tokens: jax.Array) -> jax.Array:
+def train_step_with_metrics(
+    model: Decoder, optimizer: nnx.Optimizer, tokens: jax.Array
+) -> dict[str, jax.Array]:
+    """One update on ``tokens`` ``[B, T]``; returns ``{"loss", "grad_norm"}`` (the norm before
+    clipping)."""
     loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens)
     optimizer.update(model, grads)
-    return loss
+    return {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def train_step(model: Decoder, optimizer: nnx.Optimizer, tokens: jax.Array) -> jax.Array:
+    """One update on ``tokens`` ``[B, T]``; returns the loss."""
+    return train_step_with_metrics(model, optimizer, tokens)["loss"]
 
 
 def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, float]:
@@ -164,7 +197,7 @@ def _train_lm(cfg, workdir, mesh, progress):
         (workdir / "config.json").write_text(
             json.dumps(dataclasses.asdict(cfg), indent=2)
         )  # after a good restore
-        log = (workdir / "metrics.jsonl").open("a")
+        log = MetricWriter(workdir, append=True, tensorboard=cfg.tensorboard, step_key="step")
         bar = tqdm(
             range(start, cfg.train.steps),
             initial=start,
@@ -172,19 +205,24 @@ def _train_lm(cfg, workdir, mesh, progress):
             desc="train-lm",
             disable=not progress,
         )
-        t0 = time.perf_counter()
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        t0, last = time.perf_counter(), start
         for step in bar:
             tokens = jax.device_put(next(data)["tokens"], batch_sharding)
-            loss = train_step(model, optimizer, tokens)
+            out = train_step_with_metrics(model, optimizer, tokens)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.train.steps:
+                loss, grad_norm = float(out["loss"]), float(out["grad_norm"])  # waits for the step
+                elapsed = max(time.perf_counter() - t0, 1e-9)
                 metrics = {
                     "step": step + 1,
-                    "loss": float(loss),
-                    "steps_per_s": cfg.log_every / max(time.perf_counter() - t0, 1e-9),
+                    "loss": loss,
+                    "grad_norm": grad_norm,
+                    "lr": learning_rate(cfg.train, step),
+                    "steps_per_s": (step + 1 - last) / elapsed,
+                    "tokens_per_s": (step + 1 - last) * tokens_per_step / elapsed,
                 }
-                t0 = time.perf_counter()
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
+                t0, last = time.perf_counter(), step + 1
+                log.write(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             ckpt.save(
                 step + 1,

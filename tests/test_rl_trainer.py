@@ -22,6 +22,11 @@ def test_tiny_rl_run_improves_reward(scheduler, tmp_path):
         and sum(x["groups"] for x in lines) == cfg.scheduler.num_prompts
     )
     assert all(x["max_token_staleness"] <= cfg.scheduler.max_staleness for x in lines)
+    # the shared metrics writer's keys: learning rate, gradient norm, throughput
+    assert all(x["lr"] == pytest.approx(cfg.optim.lr) and x["grad_norm"] > 0 for x in lines)
+    assert all(
+        x["tokens_per_s"] > 0 and x["samples_per_s"] > 0 and x["update_s"] > 0 for x in lines
+    )
     assert 0.0 <= summary["bubble_ratio"] <= 1.0
     assert (tmp_path / "timeline.png").stat().st_size > 0
 
@@ -42,11 +47,12 @@ def test_preempted_run_resumes_from_its_checkpoint(tmp_path):
     from jaxlab.rl.trainer import RLTrainer
 
     cfg = load_config(
-        "configs/rl/tiny_sorted.yaml", ["scheduler.num_prompts=12", "checkpoint.save_every=2"]
+        "configs/rl/tiny_sorted.yaml", ["scheduler.num_prompts=13", "checkpoint.save_every=2"]
     )
     first = RLTrainer(cfg, tmp_path)
-    stopped = first.run_until(3, progress=False)  # as if preempted after 3 updates
-    assert stopped["stopped_after_updates"] == 3
+    # an update trains at most rollout_groups (6) groups, so 13 prompts take at least 3 updates
+    stopped = first.run_until(2, progress=False)  # as if preempted after 2 updates
+    assert stopped["stopped_after_updates"] == 2
     version = stopped["version"]
     assert first.checkpointer.latest_step() == version
 
@@ -56,10 +62,10 @@ def test_preempted_run_resumes_from_its_checkpoint(tmp_path):
     assert int(resumed.optimizer.step[...]) == version  # one optimizer step per update
     resumed.ctrl.check_invariants()
     summary = resumed.run(progress=False)
-    assert sorted(resumed.ctrl.trained) == list(range(12))  # every group trained once, none lost
+    assert sorted(resumed.ctrl.trained) == list(range(13))  # every group trained once, none lost
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["version"] for x in lines] == list(range(1, summary["updates"] + 1))
-    assert sum(x["groups"] for x in lines) == 12
+    assert sum(x["groups"] for x in lines) == 13
 
     # exact: the same run without the interruption gives the same updates and the same weights
     straight = RLTrainer(cfg, tmp_path / "straight")

@@ -9,8 +9,13 @@ the task's verifiable reward, computes advantages and the policy loss (any aggre
 name), updates the policy with optax, and swaps the new weights into the Engine. Samples that the
 controller drops as too stale are cancelled in the Engine and regenerated.
 
-Writes ``metrics.jsonl`` (one line per update), ``timeline.json`` and ``timeline.png`` (slot
-occupancy and update intervals over wall-clock time) and ``summary.json``.
+Writes ``metrics.jsonl`` (one line per update, through :class:`jaxlab.metric_writer.MetricWriter`:
+TensorBoard events too when tensorboardX is installed), ``timeline.json`` and ``timeline.png`` (slot
+occupancy and update intervals over wall-clock time) and ``summary.json``. Besides the loss terms and
+rewards, each line holds ``lr`` and ``grad_norm`` (before clipping) of the update, ``update_s`` (its
+wall time) and ``samples_per_s`` / ``tokens_per_s``: trained samples and trained tokens (prompt +
+completion) per second of wall time since the previous line. The optimizer comes from
+:mod:`jaxlab.optim`, as in ``jaxlab.train``.
 
 Bubble ratio (measured): idle slot-time over total slot-time, where each Engine step contributes
 its duration times the fraction of idle slots, and each policy update its whole duration (all
@@ -36,9 +41,11 @@ from tqdm.auto import tqdm
 from jaxlab import rl
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
-from jaxlab.generation import Engine
+from jaxlab.generation import Engine, SamplingParams
 from jaxlab.mesh import MeshConfig, make_mesh
+from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
+from jaxlab.optim import check_optimizer_settings, learning_rate_schedule, make_optimizer
 from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
 from jaxlab.rl.tasks import make_task, task_dataset
 from jaxlab.tokenization import bucket_length, char_tokenizer
@@ -97,6 +104,8 @@ class RLLossConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLGenerationConfig:
+    """Rollout settings; the sampling ones are checked by :class:`SamplingParams`."""
+
     slots: int = 8
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -106,22 +115,45 @@ class RLGenerationConfig:
     def __post_init__(self):
         check(self.slots >= 1, "slots", f"must be >= 1, got {self.slots}")
         check(
-            self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
-        )
-        check(
             self.temperature > 0, "temperature", f"RL samples: must be > 0, got {self.temperature}"
+        )
+        try:
+            self.sampling_params()
+        except ValueError as e:
+            field = str(e).split(": ", 1)[-1].split(" ", 1)
+            check(False, field[0], field[1] if len(field) > 1 else str(e))
+
+    def sampling_params(self) -> SamplingParams:
+        """The :class:`SamplingParams` rollouts are drawn with."""
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
         )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLOptimConfig:
     lr: float = 1e-5
+    warmup_steps: int = 0  # policy updates of linear warmup; constant lr afterwards
     weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
     grad_clip: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
-        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check_optimizer_settings(**self.optimizer_settings())
+
+    def optimizer_settings(self) -> dict:
+        """Keyword arguments of :func:`jaxlab.optim.make_optimizer` (no decay: the number of
+        updates depends on the scheduler)."""
+        return dict(
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            b1=self.b1,
+            b2=self.b2,
+            grad_clip=self.grad_clip,
+        )
 
 
 @register_config("rl_train")
@@ -204,43 +236,6 @@ def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float):
     return update
 
 
-class _MetricsLog:
-    """Metrics to ``metrics.jsonl`` and, when tensorboardX is installed, TensorBoard event files
-    under ``workdir/tensorboard`` (scalars by their JSONL key, step = policy version)."""
-
-    def __init__(self, workdir: Path, *, append: bool, tensorboard: bool):
-        self.file = (workdir / "metrics.jsonl").open("a" if append else "w")
-        self.tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, metrics: dict[str, Any]) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            step = int(metrics.get("version", 0))
-            for key, value in metrics.items():
-                if isinstance(value, int | float) and key != "version":
-                    self.tb.add_scalar(key, value, step)
-            self.tb.flush()
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 class _Timeline:
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -310,11 +305,11 @@ class RLTrainer:
         )
         gen = cfg.generation
         self.max_len = cfg.loss.max_len or float(gen.max_new_tokens)
-        tx = optax.chain(
-            optax.clip_by_global_norm(cfg.optim.grad_clip),
-            optax.adamw(cfg.optim.lr, weight_decay=cfg.optim.weight_decay),
+        settings = cfg.optim.optimizer_settings()
+        self.lr_at = learning_rate_schedule(
+            lr=settings["lr"], warmup_steps=settings["warmup_steps"]
         )
-        self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+        self.optimizer = nnx.Optimizer(self.model, make_optimizer(**settings), wrt=nnx.Param)
         nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), self.replicated))
         self.update_fn = _make_update_fn(cfg.loss, gen.temperature, self.max_len)
         longest_prompt = max(
@@ -326,8 +321,7 @@ class RLTrainer:
             max_len=2 * longest_prompt + gen.max_new_tokens + 8,
             eos_ids=self.tokenizer.eos_token_ids,
             pad_id=self.tokenizer.pad_token_id,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
+            params=gen.sampling_params(),
             seed=cfg.optim.seed,
         )
         self.ctrl = Controller(cfg.scheduler)
@@ -337,6 +331,7 @@ class RLTrainer:
         self.timeline = _Timeline()
         self.rewards_seen: list[float] = []
         self.trained_samples = 0
+        self._last_update_end = 0.0  # timeline seconds
         self.checkpointer = Checkpointer(
             self.workdir / "checkpoints",
             save_every=cfg.checkpoint.save_every,
@@ -423,8 +418,11 @@ class RLTrainer:
             disable=not progress,
         )
         updates = 0
-        log = _MetricsLog(
-            self.workdir, append=self.resumed_from is not None, tensorboard=cfg.tensorboard
+        log = MetricWriter(
+            self.workdir,
+            append=self.resumed_from is not None,
+            tensorboard=cfg.tensorboard,
+            step_key="version",
         )
         with log, self.checkpointer:
             while not self.ctrl.done:
@@ -469,8 +467,10 @@ class RLTrainer:
         """Scores ``groups``, runs one policy update, swaps weights, cancels what became stale."""
         cfg, ctrl = self.cfg, self.ctrl
         t_start = self.timeline.now()
+        lr = self.lr_at(int(self.optimizer.step[...]))  # the rate this update applies
         metrics = self._policy_update(groups)
-        self.trained_samples += len(groups) * cfg.scheduler.group_size
+        samples = len(groups) * cfg.scheduler.group_size
+        self.trained_samples += samples
         for ref in ctrl.update(groups):
             self.finished.pop((ref.group, ref.index), None)
             rid = self.request_of.pop(ref, None)
@@ -478,13 +478,20 @@ class RLTrainer:
                 self.engine.cancel(rid)
                 self.by_request.pop(rid, None)
         self.engine.update_weights(self.model)
-        self.timeline.updates.append((t_start, self.timeline.now()))
+        now = self.timeline.now()
+        self.timeline.updates.append((t_start, now))
+        interval = max(now - self._last_update_end, 1e-9)  # since the previous metrics line
+        self._last_update_end = now
         metrics.update(
             version=ctrl.version,
-            time=self.timeline.now(),
+            lr=lr,
+            time=now,
             bubble_ratio=self.timeline.bubble_ratio(),
             trained_samples=self.trained_samples,
             dropped=ctrl.dropped,
+            update_s=now - t_start,
+            samples_per_s=samples / interval,
+            tokens_per_s=metrics["batch_tokens"] / interval,
         )
         return metrics
 
@@ -540,6 +547,7 @@ class RLTrainer:
             groups=len(groups),
             max_token_staleness=int(max(staleness)),
             mean_length=float(np.mean([len(c.tokens) for _, c in rows])),
+            batch_tokens=sum(len(p) + len(c.tokens) for p, c in rows),  # prompt + completion
         )
         return out
 
