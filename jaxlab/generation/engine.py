@@ -1,22 +1,27 @@
 """Continuous batching: a fixed number of decode slots, refilled the moment a sequence ends.
 
-Each :meth:`Engine.step` first prefills queued requests into free slots (one jitted call per
-newcomer, writing its KV cache rows in place), then decodes one token for every active slot in one
-jitted call. A sequence leaves its slot at its own EOS or token limit; nothing waits for the
-longest member of a batch. The engine records the occupied fraction of slots at every step (the
-basis of SortedRL's bubble ratio), can swap in new weights between steps, and tags each generated
-token with the policy version that produced it.
+Each :meth:`Engine.step` prefills the newcomers that fit into free slots in one jitted call (a
+request with ``n`` samples takes ``n`` slots and one prefill), then decodes one token for every
+active slot in one jitted call; both are the shared core of :mod:`jaxlab.generation.core`, so
+each request samples with its own :class:`SamplingParams` and one batch mixes them without
+recompiling. A sequence leaves its slot at its own end token, stop string or token limit; nothing
+waits for the longest member of a batch. The engine records the occupied fraction of slots at
+every step (the basis of SortedRL's bubble ratio), can swap in new weights between steps, and
+tags each generated token with the policy version that produced it.
 
-Letters: B slots, S cache slots per row, P prompt length.
+Threads: one thread drives :meth:`step` (or :meth:`step_deltas`, :meth:`stream`, :meth:`run`);
+:meth:`submit` and :meth:`cancel` may be called from any other thread meanwhile.
+
+Letters: B slots, S cache slots per row, P prompt width, V vocab.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -25,122 +30,154 @@ import numpy as np
 from flax import nnx
 
 from jaxlab import native
-from jaxlab.generation.generate import decoding_model
-from jaxlab.generation.sampling import sample_tokens
+from jaxlab.generation.core import (
+    DecodeState,
+    RowParams,
+    Statics,
+    clear_row,
+    decode_steps,
+    empty_outputs,
+    prefill_rows,
+    row_params,
+    set_row,
+)
+from jaxlab.generation.generate import cut_at_stop, decoding_model
+from jaxlab.generation.params import SamplingParams
 from jaxlab.models.decoder import Decoder, KVCache
-from jaxlab.tokenization import bucket_length
+from jaxlab.tokenization import Tokenizer, bucket_length
 
-__all__ = ["Request", "Completion", "Engine", "benchmark_engine_vs_static"]
+__all__ = ["Request", "Completion", "Delta", "Engine", "benchmark_engine_vs_static"]
+
+# the jitted steps' static argument (kept under this name for code that inspects it)
+_Statics = Statics
 
 
 @dataclasses.dataclass
 class Request:
     prompt_ids: list[int]
-    max_new_tokens: int
-    request_id: int
+    params: SamplingParams
+    request_id: Hashable
+    seed: int  # params.seed, or one drawn from the engine's generator
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
 
 
 @dataclasses.dataclass
 class Completion:
-    """A finished sequence. ``policy_versions[i]`` is the weights version that sampled token i."""
+    """A finished sequence. ``policy_versions[i]`` is the weights version that sampled token i.
 
-    request_id: int
+    ``finish_reason``: "eos" (a model end token), "stop" (a stop string or stop token id; which
+    one is ``stop_reason``) or "length". ``index`` is the sample's index among the request's
+    ``n``. ``text`` (with a tokenizer) ends before a stop string; ``tokens`` keep it.
+    """
+
+    request_id: Hashable
     prompt_ids: list[int]
     tokens: list[int]
     logprobs: list[float]  # under the sampling distribution (behaviour log-probs)
     raw_logprobs: list[float]  # under the untempered model
     policy_versions: list[int]
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str
     submitted_step: int
     finished_step: int
+    index: int = 0
+    text: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token (params.logprobs)
+    stop_reason: str | int | None = None
 
 
 @dataclasses.dataclass
-class _Slot:
-    request: Request
+class Delta:
+    """What one step added to one sequence: its new tokens and text (``None`` without a
+    tokenizer; text that could begin a stop string, or an incomplete UTF-8 character, is held
+    back until it is decided). The last delta of a sequence carries ``finish_reason`` and the
+    :class:`Completion`."""
+
+    request_id: Hashable
+    index: int
     tokens: list[int]
     logprobs: list[float]
-    raw_logprobs: list[float]
-    versions: list[int]
+    text: str | None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None
+    completion: Completion | None = None
+
+
+class _TextStream:
+    """Incremental detokenization of one sequence (prefix / read offsets, as TGI and vLLM do),
+    with stop-string detection and the hold-back that keeps a stop string out of the stream."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.prefix = self.read = 0
+        self.text = ""
+        self.sent = self.checked = 0
+
+    def update(self, tokens: Sequence[int]) -> str | None:
+        """Decodes what ``tokens`` added; returns the first stop string now in the text, if any."""
+        decode = self.tokenizer.decode
+        before = decode(tokens[self.prefix : self.read])
+        now = decode(tokens[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before) :]
+            self.prefix, self.read = self.read, len(tokens)
+        if not self.stop:
+            return None
+        window = self.text[max(0, self.checked - self.hold) :]
+        self.checked = len(self.text)
+        hits = [(window.find(s), s) for s in self.stop if s in window]
+        return min(hits)[1] if hits else None
+
+    def take(self) -> str:
+        """New text that can be sent now."""
+        end = max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent : end], end
+        return out
+
+
+@dataclasses.dataclass
+class _Seq:
+    """A sequence in a slot."""
+
+    request: Request
+    index: int
     submitted_step: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    raw_logprobs: list[float] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)
+    top: list[list[tuple[int, float]]] | None = None
+    text: _TextStream | None = None
 
 
-class _Statics:
-    """The jitted steps' static arguments, hashed once.
-
-    jit hashes its static arguments at every call; a graphdef's hash walks every node of the
-    model (~1,300 calls for SmolLM2), which cost ~7 ms of each ~40 ms batch-8 decode step.
-    """
-
-    __slots__ = ("graphdef", "top_k", "top_p", "greedy", "_key", "_hash")
-
-    def __init__(self, graphdef, *, top_k: int, top_p: float, greedy: bool):
-        self.graphdef, self.top_k, self.top_p, self.greedy = graphdef, top_k, top_p, greedy
-        self._key = (graphdef, top_k, top_p, greedy)
-        self._hash = hash(self._key)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return self is other or (
-            isinstance(other, _Statics) and self._hash == other._hash and self._key == other._key
-        )
-
-
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("cache",))
-def _prefill_slot(state, cache, slot, ids, mask, key, temperature, *, static: _Statics):
-    """Prefills one request (``ids [1, P]``) into row ``slot`` of the cache; samples its first token."""
-    top_k, top_p, greedy = static.top_k, static.top_p, static.greedy
-    model = nnx.merge(static.graphdef, state)
-    s = cache.valid.shape[1]
-    row = model.init_cache(1, s)
-    logits, row = model(ids, attention_mask=mask, cache=row, logits_to_keep=1)
-    tok, lp, raw = sample_tokens(
-        logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
-    )
-
-    def put(big, small):
-        start = (slot,) + (0,) * (big.ndim - 1)
-        return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
-
-    cache = KVCache(
-        k=tuple(put(b, r) for b, r in zip(cache.k, row.k)),
-        v=tuple(put(b, r) for b, r in zip(cache.v, row.v)),
-        index=put(cache.index, row.index),
-        valid=put(cache.valid, row.valid),
-    )
-    return tok[0], lp[0], raw[0], cache
-
-
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("cache",))
-def _decode_step(state, cache, prev, active, key, temperature, *, static: _Statics):
-    """One token for every slot; inactive slots neither write valid cache entries nor advance."""
-    top_k, top_p, greedy = static.top_k, static.top_p, static.greedy
-    model = nnx.merge(static.graphdef, state)
-    index = cache.index
-    logits, cache = model(prev[:, None], attention_mask=active[:, None], cache=cache)
-    cache = cache._replace(index=jnp.where(active, cache.index, index))
-    tok, lp, raw = sample_tokens(
-        logits[:, 0], key, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
-    )
-    return tok, lp, raw, cache
+def _params_to_json(p: SamplingParams) -> dict[str, Any]:
+    d = dataclasses.asdict(p)
+    d["stop"], d["stop_token_ids"] = list(p.stop), list(p.stop_token_ids)
+    d["logit_bias"] = [list(x) for x in p.logit_bias]
+    return d
 
 
 class Engine:
     """Continuous-batching generation over ``num_slots`` rows of a KV cache of ``max_len`` slots.
 
-        engine = Engine(model, num_slots=8, max_len=512, eos_ids=tok.eos_token_ids, pad_id=tok.pad_token_id)
-        for ids in prompts:
-            engine.submit(ids, max_new_tokens=128)
-        completions = engine.run()
+        engine = Engine(model, num_slots=8, max_len=512, tokenizer=tok)
+        engine.submit(ids, SamplingParams(max_new_tokens=128, temperature=0.7, stop=["\\n\\n"]))
+        completions = engine.run()           # or: for delta in engine.stream(): ...
 
     Args:
-      model: a :class:`Decoder` (converted once to one module per layer for decoding).
+      model: a :class:`Decoder` (converted once to its decoding form, see :func:`decoding_model`).
       num_slots: rows decoded together.
       max_len: cache slots per row: prompt + new tokens of any request must fit.
-      eos_ids, pad_id: end tokens and the id fed to idle slots.
-      temperature, top_k, top_p, seed: sampling, as in :func:`jaxlab.generation.generate`.
+      eos_ids, pad_id: end tokens and the id fed to idle slots (default: the tokenizer's).
+      tokenizer: needed for stop strings and for text in deltas and completions.
+      params: the :class:`SamplingParams` of a :meth:`submit` that gives none (its
+        ``max_new_tokens`` may be overridden per submit); ``temperature``, ``top_k``, ``top_p``
+        are shorthands for it.
+      seed: seeds the generator that draws the seeds of requests that bring none.
+      recompute_kv: see :meth:`update_weights`.
     """
 
     def __init__(
@@ -149,11 +186,13 @@ class Engine:
         *,
         num_slots: int = 8,
         max_len: int = 512,
-        eos_ids: Sequence[int] = (),
-        pad_id: int = 0,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        eos_ids: Sequence[int] | None = None,
+        pad_id: int | None = None,
+        tokenizer: Tokenizer | None = None,
+        params: SamplingParams | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int = 0,
         recompute_kv: bool = True,
     ):
@@ -161,46 +200,92 @@ class Engine:
             raise TypeError(f"Engine needs a decoder LM, got {type(model).__name__}")
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
-        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-            raise ValueError(
-                f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}"
-            )
+        shorthand = {
+            k: v
+            for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p).items()
+            if v is not None
+        }
+        self.default_params = (params or SamplingParams()).replace(**shorthand)
         self.num_slots, self.max_len = num_slots, max_len
+        self.tokenizer = tokenizer
+        if eos_ids is None:
+            eos_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
+        if pad_id is None:
+            pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
-        self._temperature = jnp.float32(max(temperature, 1e-6))
         self._config = model.config
         self.policy_version = 0
         self.device = jax.devices()[0]
         self._set_model(model)
-        self._static = _Statics(
-            self._graphdef,
-            top_k=min(int(top_k), model.config.vocab_size),
-            top_p=float(top_p),
-            greedy=temperature == 0.0,
-        )
-        self._cache = decoding_model(model).init_cache(num_slots, max_len)
-        native.advise_huge_pages(jax.tree.leaves(self._cache))  # on CPU: each step reads it all
-        self._key = jax.random.key(seed)
+        self._static = Statics(self._graphdef)
+        self._reset_state()
+        self._rng = np.random.default_rng(seed)
         self._queue: collections.deque[Request] = collections.deque()
-        self._slots: list[_Slot | None] = [None] * num_slots
-        self._prev = np.full((num_slots,), self.pad_id, np.int32)
+        self._slots: list[_Seq | None] = [None] * num_slots
         self._next_id = 0
         self.recompute_kv = recompute_kv
         self._stale: set[int] = set()
+        self._cancelled: set[Hashable] = set()
+        self._lock = threading.Lock()  # queue, ids, cancellations
+        self._work = threading.Condition(self._lock)
+        self._step_lock = threading.RLock()  # one step at a time; slots and device state
         self.step_count = 0
         self.occupancy: list[float] = []  # fraction of slots decoding, per step
         self.step_times: list[float] = []
 
+    # -- device state --------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        b, v = self.num_slots, self._config.vocab_size
+        cache = self._decoding.init_cache(b, self.max_len)
+        native.advise_huge_pages(jax.tree.leaves(cache))  # on CPU: each step reads it all
+        self._ds = DecodeState(
+            cache=cache,
+            prev=jnp.full((b,), self.pad_id, jnp.int32),
+            done=jnp.ones((b,), bool),
+            length=jnp.zeros((b,), jnp.int32),
+            counts=jnp.zeros((b, v), jnp.int32),
+            seen=jnp.zeros((b, v), bool),
+        )
+        self._out = empty_outputs(b, 1)
+        self._rp = row_params([(SamplingParams(max_new_tokens=1), 0, 0, ())] * b)
+        self._rp_dev: RowParams | None = None
+
+    def _rows_on_device(self) -> RowParams:
+        if self._rp_dev is None:
+            self._rp_dev = jax.tree.map(jnp.asarray, self._rp)
+        return self._rp_dev
+
+    def _ensure_capacity(self, stop_ids: int, bias: int) -> None:
+        """Widens the per-row stop-id / logit-bias arrays when a request needs more room."""
+        ns, nb = self._rp.stop_ids.shape[1], self._rp.bias_ids.shape[1]
+        if stop_ids <= ns and bias <= nb:
+            return
+        old = self._rp
+        new = row_params(
+            [(SamplingParams(max_new_tokens=1), 0, 0, ())] * self.num_slots,
+            stop_capacity=max(ns, stop_ids),
+            bias_capacity=max(nb, bias),
+        )
+        for name in RowParams._fields:
+            a, b = getattr(new, name), getattr(old, name)
+            if a.ndim == 2 and name != "seed":
+                a[:, : b.shape[1]] = b
+            else:
+                a[...] = b
+        self._rp, self._rp_dev = new, None
+
     # -- weights ---------------------------------------------------------------------------------
     def _set_model(self, model: Decoder) -> None:
-        graphdef, state = nnx.split(decoding_model(model))
+        dec = decoding_model(model)
+        graphdef, state = nnx.split(dec)
         # the engine's own single-device copy (the trainer may keep the weights on a mesh)
         self._state = jax.device_put(state, self.device)
         native.advise_huge_pages(jax.tree.leaves(self._state))
         if hasattr(self, "_graphdef") and graphdef != self._graphdef:
             raise ValueError("update_weights needs a model of the same architecture")
         self._graphdef = graphdef
+        self._decoding = dec
 
     def update_weights(self, model: Decoder) -> int:
         """Swaps in new weights between steps; returns the new policy version.
@@ -213,132 +298,219 @@ class Engine:
         """
         if model.config != self._config:
             raise ValueError("update_weights needs a model with the same config")
-        self._set_model(model)
-        self.policy_version += 1
-        if self.recompute_kv:
-            self._stale.update(i for i, s in enumerate(self._slots) if s is not None)
-        return self.policy_version
+        with self._step_lock:
+            self._set_model(model)
+            self.policy_version += 1
+            if self.recompute_kv:
+                self._stale.update(i for i, s in enumerate(self._slots) if s is not None)
+            return self.policy_version
 
     # -- snapshots -------------------------------------------------------------------------------
     def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The engine's state between steps: ``(arrays, meta)``, host copies of the KV caches and
-        the sampling key, and JSON data for queue, slots and counters. Restoring it continues every
-        in-flight sequence exactly as if nothing happened (:meth:`restore_snapshot`)."""
-        cache = self._cache
-        arrays = {
-            "k": [np.asarray(x) for x in cache.k],
-            "v": [np.asarray(x) for x in cache.v],
-            "index": np.asarray(cache.index),
-            "valid": np.asarray(cache.valid),
-            "key": np.asarray(jax.random.key_data(self._key)),
-        }
-
-        def req(r):
-            return {
-                "prompt_ids": r.prompt_ids,
-                "max_new_tokens": r.max_new_tokens,
-                "request_id": r.request_id,
+        per-row device state, and JSON data for queue, slots, counters and the seed generator.
+        Restoring it continues every in-flight sequence exactly as if nothing happened
+        (:meth:`restore_snapshot`)."""
+        with self._step_lock, self._lock:
+            ds = self._ds
+            arrays = {
+                "k": [np.asarray(x) for x in ds.cache.k],
+                "v": [np.asarray(x) for x in ds.cache.v],
+                "index": np.asarray(ds.cache.index),
+                "valid": np.asarray(ds.cache.valid),
+                "prev": np.asarray(ds.prev),
+                "done": np.asarray(ds.done),
+                "length": np.asarray(ds.length),
+                "counts": np.asarray(ds.counts),
+                "seen": np.asarray(ds.seen),
             }
 
-        meta = {
-            "queue": [req(r) for r in self._queue],
-            "slots": [
-                None
-                if s is None
-                else {
-                    "request": req(s.request),
-                    "tokens": s.tokens,
-                    "logprobs": s.logprobs,
-                    "raw_logprobs": s.raw_logprobs,
-                    "versions": s.versions,
-                    "submitted_step": s.submitted_step,
+            def req(r: Request):
+                return {
+                    "prompt_ids": r.prompt_ids,
+                    "params": _params_to_json(r.params),
+                    "request_id": r.request_id,
+                    "seed": r.seed,
                 }
-                for s in self._slots
-            ],
-            "prev": self._prev.tolist(),
-            "stale": sorted(self._stale),
-            "step_count": self.step_count,
-            "policy_version": self.policy_version,
-            "next_id": self._next_id,
-        }
-        return arrays, meta
+
+            meta = {
+                "queue": [req(r) for r in self._queue],
+                "slots": [
+                    None
+                    if s is None
+                    else {
+                        "request": req(s.request),
+                        "index": s.index,
+                        "tokens": s.tokens,
+                        "logprobs": s.logprobs,
+                        "raw_logprobs": s.raw_logprobs,
+                        "versions": s.versions,
+                        "top": s.top,
+                        "submitted_step": s.submitted_step,
+                    }
+                    for s in self._slots
+                ],
+                "stale": sorted(self._stale),
+                "cancelled": sorted(self._cancelled, key=repr),
+                "step_count": self.step_count,
+                "policy_version": self.policy_version,
+                "next_id": self._next_id,
+                "rng": self._rng.bit_generator.state,
+            }
+            return arrays, meta
 
     def restore_snapshot(self, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
         """Restores :meth:`snapshot` output into an engine built with the same settings."""
-        if len(meta["slots"]) != self.num_slots or len(arrays["k"]) != len(self._cache.k):
+        if len(meta["slots"]) != self.num_slots or len(arrays["k"]) != len(self._ds.cache.k):
             raise ValueError("restore_snapshot: the snapshot is of an engine with other settings")
-        self._cache = type(self._cache)(
-            k=tuple(jnp.asarray(x) for x in arrays["k"]),
-            v=tuple(jnp.asarray(x) for x in arrays["v"]),
-            index=jnp.asarray(arrays["index"]),
-            valid=jnp.asarray(arrays["valid"]),
-        )
-        self._key = jax.random.wrap_key_data(jnp.asarray(arrays["key"]))
-        self._queue = collections.deque(Request(**r) for r in meta["queue"])
-        self._slots = [
-            None
-            if s is None
-            else _Slot(
-                Request(**s["request"]),
-                list(s["tokens"]),
-                list(s["logprobs"]),
-                list(s["raw_logprobs"]),
-                list(s["versions"]),
-                int(s["submitted_step"]),
+
+        def req(r):
+            p = dict(r["params"])
+            p["logit_bias"] = [tuple(x) for x in p["logit_bias"]]
+            return Request(list(r["prompt_ids"]), SamplingParams(**p), r["request_id"], r["seed"])
+
+        with self._step_lock, self._lock:
+            self._ds = DecodeState(
+                cache=KVCache(
+                    k=tuple(jnp.asarray(x) for x in arrays["k"]),
+                    v=tuple(jnp.asarray(x) for x in arrays["v"]),
+                    index=jnp.asarray(arrays["index"]),
+                    valid=jnp.asarray(arrays["valid"]),
+                ),
+                prev=jnp.asarray(arrays["prev"]),
+                done=jnp.asarray(arrays["done"]),
+                length=jnp.asarray(arrays["length"]),
+                counts=jnp.asarray(arrays["counts"]),
+                seen=jnp.asarray(arrays["seen"]),
             )
-            for s in meta["slots"]
-        ]
-        self._prev = np.asarray(meta["prev"], np.int32)
-        self._stale = set(meta["stale"])
-        self.step_count = int(meta["step_count"])
-        self.policy_version = int(meta["policy_version"])
-        self._next_id = int(meta["next_id"])
+            self._queue = collections.deque(req(r) for r in meta["queue"])
+            self._slots = [None] * self.num_slots
+            for i, s in enumerate(meta["slots"]):
+                if s is None:
+                    clear_row(self._rp, i)
+                    continue
+                seq = _Seq(
+                    req(s["request"]),
+                    int(s["index"]),
+                    int(s["submitted_step"]),
+                    list(s["tokens"]),
+                    list(s["logprobs"]),
+                    list(s["raw_logprobs"]),
+                    list(s["versions"]),
+                    None if s["top"] is None else [[tuple(x) for x in t] for t in s["top"]],
+                )
+                if self.tokenizer is not None:
+                    seq.text = _TextStream(self.tokenizer, seq.request.params.stop)
+                    seq.text.update(seq.tokens)
+                    seq.text.take()
+                self._admit_row(i, seq)
+                self._slots[i] = seq
+            self._rp_dev = None
+            self._stale = set(meta["stale"])
+            self._cancelled = set(meta.get("cancelled", ()))
+            self.step_count = int(meta["step_count"])
+            self.policy_version = int(meta["policy_version"])
+            self._next_id = int(meta["next_id"])
+            self._rng.bit_generator.state = meta["rng"]
 
     # -- requests --------------------------------------------------------------------------------
     def submit(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, request_id: int | None = None
-    ) -> int:
-        """Queues a request; returns its id."""
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | int | None = None,
+        request_id: Hashable | None = None,
+        *,
+        max_new_tokens: int | None = None,
+    ) -> Hashable:
+        """Queues a request; returns its id. Safe to call from any thread.
+
+        ``params`` is a :class:`SamplingParams` (default: the engine's); an int is taken as
+        ``max_new_tokens`` (as is the keyword), which overrides the params' own.
+        """
+        if isinstance(params, int) and not isinstance(params, bool):
+            params, max_new_tokens = None, params
+        if params is None:
+            params = self.default_params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if max_new_tokens is not None:
+            if max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            params = params.replace(max_new_tokens=int(max_new_tokens))
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError("an empty prompt has nothing to condition on")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if len(prompt_ids) + max_new_tokens > self.max_len:
+        vocab = self._config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary of {vocab}")
+        params.check_vocab(vocab)
+        n_new = params.max_new_tokens
+        if len(prompt_ids) + n_new > self.max_len:
             raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({n_new}) exceeds the "
                 f"engine's max_len of {self.max_len}"
             )
-        if len(prompt_ids) + max_new_tokens > self._config.max_position_embeddings:
+        if len(prompt_ids) + n_new > self._config.max_position_embeddings:
             raise ValueError(
                 f"prompt + max_new_tokens exceeds the model's context of "
                 f"{self._config.max_position_embeddings} tokens"
             )
-        if request_id is None:
-            rid, self._next_id = self._next_id, self._next_id + 1
-        else:
-            rid = int(request_id)
-        self._queue.append(Request(prompt_ids, int(max_new_tokens), rid))
-        return rid
+        if params.n > self.num_slots:
+            raise ValueError(
+                f"n={params.n} samples need as many slots; the engine has {self.num_slots}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an Engine built with a tokenizer")
+        with self._lock:
+            if request_id is None:
+                request_id, self._next_id = self._next_id, self._next_id + 1
+            seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
+            self._queue.append(Request(prompt_ids, params, request_id, seed))
+            self._work.notify_all()
+        return request_id
 
-    def cancel(self, request_id: int) -> bool:
-        """Drops a queued or in-flight request (its slot frees at once); returns whether it was found."""
-        for k, req in enumerate(self._queue):
-            if req.request_id == request_id:
-                del self._queue[k]
-                return True
-        for i, slot in enumerate(self._slots):
-            if slot is not None and slot.request.request_id == request_id:
-                self._slots[i] = None
-                self._prev[i] = self.pad_id
-                self._stale.discard(i)
-                return True
-        return False
+    def cancel(self, request_id: Hashable) -> bool:
+        """Drops a queued or in-flight request (all its samples; no completion is reported);
+        returns whether it was found. Safe to call from any thread: a request in flight leaves its
+        slot at once when no step is running, else before the next step decodes."""
+        with self._lock:
+            for k, req in enumerate(self._queue):
+                if req.request_id == request_id:
+                    del self._queue[k]
+                    return True
+            found = any(s is not None and s.request.request_id == request_id for s in self._slots)
+            if found:
+                self._cancelled.add(request_id)
+        if found and self._step_lock.acquire(blocking=False):
+            try:
+                self._apply_cancellations()
+            finally:
+                self._step_lock.release()
+        return found
+
+    def _apply_cancellations(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        for i, seq in enumerate(self._slots):
+            if seq is not None and seq.request.request_id in cancelled:
+                self._free(i)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Blocks until a request is queued or in flight (or ``timeout`` seconds); returns whether
+        there is work. For a thread that drives the engine while others submit."""
+        with self._work:
+            return self._work.wait_for(lambda: self.has_work, timeout)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._queue) or self.num_active > 0
 
     @property
     def free_slots(self) -> int:
         """Slots that no running or queued request will take."""
-        return max(self.num_slots - self.num_active - len(self._queue), 0)
+        queued = sum(r.params.n for r in self._queue)
+        return max(self.num_slots - self.num_active - queued, 0)
 
     @property
     def num_active(self) -> int:
@@ -348,116 +520,234 @@ class Engine:
     def pending(self) -> int:
         return len(self._queue)
 
-    def _next_key(self):
-        self._key, sub = jax.random.split(self._key)
-        return sub
+    # -- slots -----------------------------------------------------------------------------------
+    def _stop_ids(self, p: SamplingParams) -> tuple[int, ...]:
+        return tuple(dict.fromkeys((() if p.ignore_eos else self.eos_ids) + p.stop_token_ids))
 
-    def _finish(self, i: int, reason: str) -> Completion:
-        slot = self._slots[i]
+    def _admit_row(self, i: int, seq: _Seq) -> None:
+        p = seq.request.params
+        stop = self._stop_ids(p)
+        self._ensure_capacity(len(stop), len(p.logit_bias))
+        set_row(self._rp, i, p, seq.request.seed, seq.index, stop)
+        self._rp_dev = None
+
+    def _free(self, i: int) -> None:
         self._slots[i] = None
-        self._prev[i] = self.pad_id
-        return Completion(
-            slot.request.request_id,
-            slot.request.prompt_ids,
-            slot.tokens,
-            slot.logprobs,
-            slot.raw_logprobs,
-            slot.versions,
+        self._stale.discard(i)
+        clear_row(self._rp, i)
+        self._rp_dev = None
+
+    def _finish(self, i: int, reason: str, stop_reason=None) -> Delta:
+        seq = self._slots[i]
+        text = None
+        if seq.text is not None:
+            text, cut, hit = cut_at_stop(
+                self.tokenizer, np.asarray(seq.tokens), len(seq.tokens), seq.request.params.stop
+            )
+            if hit:
+                del seq.tokens[cut:], seq.logprobs[cut:], seq.raw_logprobs[cut:]
+                del seq.versions[cut:]
+                if seq.top is not None:
+                    del seq.top[cut:]
+        completion = Completion(
+            seq.request.request_id,
+            seq.request.prompt_ids,
+            seq.tokens,
+            seq.logprobs,
+            seq.raw_logprobs,
+            seq.versions,
             reason,
-            slot.submitted_step,
+            seq.submitted_step,
             self.step_count,
+            index=seq.index,
+            text=text,
+            top_logprobs=seq.top,
+            stop_reason=stop_reason,
         )
+        rest = None
+        if seq.text is not None:
+            rest = text[seq.text.sent :] if len(text) >= seq.text.sent else ""
+        self._free(i)
+        return Delta(seq.request.request_id, seq.index, [], [], rest, None, reason, completion)
 
-    def _append(self, i: int, tok: int, lp: float, raw: float) -> Completion | None:
-        slot = self._slots[i]
-        slot.tokens.append(tok)
-        slot.logprobs.append(lp)
-        slot.raw_logprobs.append(raw)
-        slot.versions.append(self.policy_version)
-        self._prev[i] = tok
-        if tok in self.eos_ids:
-            return self._finish(i, "eos")
-        if len(slot.tokens) >= slot.request.max_new_tokens:
-            return self._finish(i, "length")
-        return None
-
-    def _prefill(self, i: int, ids_list: list[int], remaining: int):
-        """Writes the cache of ``ids_list`` into row ``i``; returns the sampled next token.
-
-        The prompt width is bucketed (left padding), leaving room for ``remaining`` more tokens.
-        """
-        n = len(ids_list)
-        width = max(bucket_length(n, max(self.max_len - remaining, n), granularity=64), n)
-        ids = np.full((1, width), self.pad_id, np.int32)
-        mask = np.zeros((1, width), np.int32)
-        ids[0, width - n :] = ids_list
-        mask[0, width - n :] = 1
-        tok, lp, raw, self._cache = _prefill_slot(
-            self._state,
-            self._cache,
-            jnp.int32(i),
-            jnp.asarray(ids),
-            jnp.asarray(mask, bool),
-            self._next_key(),
-            self._temperature,
-            static=self._static,
+    def _append(self, i: int, tok: int, lp: float, raw: float, top) -> list[Delta]:
+        """Adds a sampled token to slot ``i``; returns its delta (and the final one if it ended)."""
+        seq = self._slots[i]
+        p = seq.request.params
+        seq.tokens.append(tok)
+        seq.logprobs.append(lp)
+        seq.raw_logprobs.append(raw)
+        seq.versions.append(self.policy_version)
+        new_top = None
+        if seq.top is not None:
+            new_top = [list(zip(top[0][: p.logprobs], top[1][: p.logprobs]))]
+            seq.top.extend(new_top)
+        hit = seq.text.update(seq.tokens) if seq.text is not None else None
+        delta = Delta(
+            seq.request.request_id,
+            seq.index,
+            [tok],
+            [lp],
+            seq.text.take() if seq.text is not None else None,
+            new_top,
         )
-        return tok, lp, raw
+        out = [delta]
+        if tok in self.eos_ids and not p.ignore_eos:
+            out.append(self._finish(i, "eos"))
+        elif tok in p.stop_token_ids:
+            out.append(self._finish(i, "stop", tok))
+        elif hit is not None:
+            out.append(self._finish(i, "stop", hit))
+        elif len(seq.tokens) >= p.max_new_tokens:
+            out.append(self._finish(i, "length"))
+        return out
 
-    def step(self) -> list[Completion]:
-        """Fills free slots from the queue, then decodes one token for every active slot."""
-        t0 = time.perf_counter()
-        done: list[Completion] = []
-        for i in sorted(
-            self._stale
-        ):  # in-flight sequences after a weight swap: rebuild their caches
-            slot = self._slots[i]
-            if slot is not None:
-                self._prefill(
-                    i,
-                    slot.request.prompt_ids + slot.tokens[:-1],
-                    slot.request.max_new_tokens - len(slot.tokens) + 1,
+    # -- prefill ---------------------------------------------------------------------------------
+    def _admit(self) -> list[tuple[Request, list[int]]]:
+        """Takes queued requests (first come, first served) into free slots."""
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        taken = []
+        with self._lock:
+            while self._queue and self._queue[0].params.n <= len(free):
+                req = self._queue.popleft()
+                slots, free = free[: req.params.n], free[req.params.n :]
+                taken.append((req, slots))
+        return taken
+
+    def _prefill(self, admitted: list[tuple[Request, list[int]]]) -> list[Delta]:
+        """Prefills newcomers and stale in-flight rows, in as few calls as their widths allow."""
+        items = []  # (ids, tokens still to come, [(slot, sample index, fresh)])
+        for i in sorted(self._stale):  # in flight after a weight swap: rebuild their caches
+            seq = self._slots[i]
+            if seq is not None:
+                ids = seq.request.prompt_ids + seq.tokens[:-1]
+                items.append(
+                    (ids, seq.request.max_new_tokens - len(seq.tokens) + 1, [(i, 0, False)])
                 )
         self._stale.clear()
-        for i in range(self.num_slots):
-            while self._slots[i] is None and self._queue:
-                req = self._queue.popleft()
-                tok, lp, raw = self._prefill(i, req.prompt_ids, req.max_new_tokens)
-                self._slots[i] = _Slot(req, [], [], [], [], self.step_count)
-                finished = self._append(i, int(tok), float(lp), float(raw))
-                if finished is not None:
-                    done.append(finished)
-        active = np.array([s is not None for s in self._slots])
-        self.occupancy.append(float(active.mean()))
-        if active.any():
-            tok, lp, raw, self._cache = _decode_step(
-                self._state,
-                self._cache,
-                jnp.asarray(self._prev),
-                jnp.asarray(active),
-                self._next_key(),
-                self._temperature,
-                static=self._static,
+        for req, slots in admitted:
+            for j, i in enumerate(slots):
+                seq = _Seq(req, j, self.step_count)
+                if req.params.logprobs:
+                    seq.top = []
+                if self.tokenizer is not None:
+                    seq.text = _TextStream(self.tokenizer, req.params.stop)
+                self._slots[i] = seq
+                self._admit_row(i, seq)
+            items.append(
+                (req.prompt_ids, req.max_new_tokens, [(i, j, True) for j, i in enumerate(slots)])
             )
-            tok, lp, raw = np.asarray(tok), np.asarray(lp), np.asarray(raw)
-            for i in np.flatnonzero(active):
-                finished = self._append(int(i), int(tok[i]), float(lp[i]), float(raw[i]))
-                if finished is not None:
-                    done.append(finished)
-        self.step_count += 1
-        self.step_times.append(time.perf_counter() - t0)
-        return done
+        groups, group = [], []
+        for item in items:  # one call's prompts share a width P with P >= len and P + rest <= S
+            trial = [*group, item]
+            if group and max(len(x[0]) for x in trial) > min(self.max_len - x[1] for x in trial):
+                groups.append(group)
+                trial = [item]
+            group = trial
+        if group:
+            groups.append(group)
+        deltas = []
+        for group in groups:
+            deltas.extend(self._prefill_group(group))
+        return deltas
 
-    def run(self, max_steps: int | None = None) -> list[Completion]:
-        """Steps until every queued and active request has finished; completions in finishing order."""
-        out: list[Completion] = []
+    def _prefill_group(self, group) -> list[Delta]:
+        longest = max(len(ids) for ids, _, _ in group)
+        cap = min(self.max_len - rest for _, rest, _ in group)
+        width = max(bucket_length(longest, cap, granularity=64), longest)
+        r = bucket_length(len(group), 2 * len(group), granularity=64)
+        targets = [(k, t) for k, (_, _, ts) in enumerate(group) for t in ts]
+        m = bucket_length(len(targets), 2 * len(targets), granularity=64)
+        ids = np.full((r, width), self.pad_id, np.int32)
+        mask = np.zeros((r, width), bool)
+        for k, (row, _, _) in enumerate(group):
+            ids[k, width - len(row) :] = row
+            mask[k, width - len(row) :] = True
+        src = np.zeros((m,), np.int32)
+        dest = np.full((m,), self.num_slots, np.int32)
+        fresh = np.zeros((m,), bool)
+        slot_rows = np.zeros((m,), np.int32)
+        for t, (k, (i, _, is_fresh)) in enumerate(targets):
+            src[t], dest[t], fresh[t], slot_rows[t] = k, i, is_fresh, i
+        rp = jax.tree.map(lambda a: jnp.asarray(a[slot_rows]), self._rp)  # the targets' rows
+        self._ds, tok, lp, raw, top_ids, top_lps = prefill_rows(
+            self._state,
+            self._ds,
+            rp,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            jnp.asarray(src),
+            jnp.asarray(dest),
+            jnp.asarray(fresh),
+            static=self._static,
+        )
+        tok, lp, raw = np.asarray(tok), np.asarray(lp), np.asarray(raw)
+        want_top = any(self._slots[i].top is not None for _, (i, _, f) in targets if f)
+        top = (np.asarray(top_ids), np.asarray(top_lps)) if want_top else None
+        deltas = []
+        for t, (_, (i, _, is_fresh)) in enumerate(targets):
+            if is_fresh:
+                row_top = None if top is None else (top[0][t].tolist(), top[1][t].tolist())
+                deltas.extend(self._append(i, int(tok[t]), float(lp[t]), float(raw[t]), row_top))
+        return deltas
+
+    # -- stepping --------------------------------------------------------------------------------
+    def step_deltas(self) -> list[Delta]:
+        """One step: fills free slots from the queue (one prefill call), then decodes one token for
+        every active slot; returns what each sequence gained (final deltas carry completions)."""
+        with self._step_lock:
+            t0 = time.perf_counter()
+            self._apply_cancellations()
+            deltas = self._prefill(self._admit())
+            active = np.array([s is not None for s in self._slots])
+            self.occupancy.append(float(active.mean()))
+            if active.any():
+                self._ds, self._out, steps = decode_steps(
+                    self._state,
+                    self._ds,
+                    self._out,
+                    self._rows_on_device(),
+                    jnp.asarray(~active),
+                    jnp.int32(0),
+                    jnp.int32(1),
+                    jnp.int32(self.pad_id),
+                    static=self._static,
+                )
+                out = self._out
+                tok = np.asarray(out.tokens[:, 0])
+                lp, raw = np.asarray(out.logprobs[:, 0]), np.asarray(out.raw_logprobs[:, 0])
+                if int(steps) != 1:
+                    raise RuntimeError("engine state out of step: no slot was live on the device")
+                top = None
+                if any(s is not None and s.top is not None for s in self._slots):
+                    top = (np.asarray(out.top_ids[:, 0]), np.asarray(out.top_logprobs[:, 0]))
+                for i in np.flatnonzero(active):
+                    row_top = None if top is None else (top[0][i].tolist(), top[1][i].tolist())
+                    deltas.extend(
+                        self._append(int(i), int(tok[i]), float(lp[i]), float(raw[i]), row_top)
+                    )
+            self.step_count += 1
+            self.step_times.append(time.perf_counter() - t0)
+            return deltas
+
+    def step(self) -> list[Completion]:
+        """Fills free slots from the queue, then decodes one token for every active slot; returns
+        the sequences that finished."""
+        return [d.completion for d in self.step_deltas() if d.completion is not None]
+
+    def stream(self, max_steps: int | None = None) -> Iterator[Delta]:
+        """Steps until every queued and active request has finished, yielding each step's deltas
+        as they come."""
         steps = 0
-        while self._queue or self.num_active:
-            out.extend(self.step())
+        while self.has_work:
+            yield from self.step_deltas()
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 break
-        return out
+
+    def run(self, max_steps: int | None = None) -> list[Completion]:
+        """Steps until every queued and active request has finished; completions in finishing order."""
+        return [d.completion for d in self.stream(max_steps) if d.completion is not None]
 
 
 def benchmark_engine_vs_static(
