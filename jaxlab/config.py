@@ -12,6 +12,10 @@ fields. A YAML file maps onto it key by key:
 and ``--set train.lr=1e-5`` overrides one leaf, its value parsed as YAML (so ``1e-5``, ``true``,
 ``[1, 2]`` and ``null`` all work). An unknown key, a value of the wrong type or a value that fails
 validation raises :class:`ConfigError` naming the dotted key, what was given and what is allowed.
+
+The configs shipped with jaxlab (``jaxlab/configs/``, also ``configs/`` in a checkout) load by name
+from any directory: ``load_config("lm_tiny")``, ``load_config("rl/tiny_sorted")``, or by their
+checkout path ``load_config("configs/lm_tiny.yaml")``; a file that exists is always read as given.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, TypeVar
 import yaml
 
 from jaxlab.errors import ConfigError
+from jaxlab.paths import configs_dir
 from jaxlab.registry import Registry
 
 T = TypeVar("T")
@@ -40,6 +45,8 @@ __all__ = [
     "to_dict",
     "apply_overrides",
     "load_config",
+    "resolve_config_path",
+    "shipped_configs",
     "check",
     "check_positive",
 ]
@@ -232,6 +239,34 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with jaxlab, e.g. ``["lm_tiny", ..., "rl/tiny_sorted"]``."""
+    root = configs_dir()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """The config file ``path`` names: the file itself when it exists, else the shipped config of
+    that name (``"lm_tiny"``, ``"rl/tiny_sorted.yaml"`` or ``"configs/rl/tiny_sorted.yaml"``).
+    Raises ConfigError listing the shipped names when neither exists."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    if not given.is_absolute():
+        parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+        if parts:
+            name = Path(*parts)
+            candidate = configs_dir() / (
+                name if name.suffix == ".yaml" else name.parent / f"{name.name}.yaml"
+            )
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(
+        f"config file {path} does not exist (nor a shipped config of that name; shipped: "
+        f"{', '.join(shipped_configs())})"
+    )
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
@@ -241,15 +276,14 @@ def load_config(
     """Loads a config from a YAML file (or only from defaults) and applies dotted overrides.
 
     Args:
-      path: a YAML file; its ``kind`` key selects the registered class unless ``cls`` is given.
+      path: a YAML file, or the name of a shipped config (:func:`resolve_config_path`); its
+        ``kind`` key selects the registered class unless ``cls`` is given.
       overrides: ``key.path=value`` strings, applied in order.
       cls: the config class; required when ``path`` is None.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxlab.paths import cache_dir
+
 __all__ = ["Tokenizer", "Batch", "bucket_length", "char_tokenizer", "CHAR_SPECIALS", "CHARS"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
@@ -37,8 +39,7 @@ def _tokenizer_cache_dir(path: Path) -> Path | None:
     except OSError:
         return None
     key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    root = Path(os.environ.get("JAXLAB_CACHE_DIR", Path.home() / ".cache" / "jaxlab"))
-    return root / "tokenizers" / f"{path.stem}-{key}"
+    return cache_dir() / "tokenizers" / f"{path.stem}-{key}"
 
 
 # llama.cpp metadata keys -> transformers' names (as transformers' own GGUF tokenizer reader maps them)

@@ -2,10 +2,11 @@
 
 ``make demo`` / ``make test`` build the library (``python -m jaxlab.native``); on first
 use a missing build is compiled once (~3 s, needs ``g++``) into the package directory, or into
-``$JAXLAB_CACHE`` / ``~/.cache/jaxlab`` when that is read-only. The file name carries a hash of
-the source, flags and CPU features, so an edited kernel is never run from a stale build, nor a
-build from another CPU (a shared home directory or checkout). Without a compiler
-jaxlab falls back to the XLA path with one warning; ``JAXLAB_NATIVE=0`` turns the kernels off.
+``jaxlab.paths.cache_dir()`` (``$JAXLAB_CACHE_DIR``, default ``~/.cache/jaxlab``) when that is
+read-only. The file name carries a hash of the source, flags and CPU features, so an edited
+kernel is never run from a stale build, nor a build from another CPU (a shared home directory or
+checkout). Without a compiler jaxlab falls back to the XLA path with one warning;
+``JAXLAB_NATIVE=0`` turns the kernels off.
 
 :func:`cache_attention` is attention of new tokens over a ``bksd`` KV cache: XLA runs it as B·K
 tiny batched matmuls (~60 ms per SmolLM2 decode step at batch 32), and a prefill over every
@@ -32,6 +33,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlab.paths import cache_dir
 
 __all__ = [
     "available",
@@ -96,8 +99,7 @@ def _library_name() -> str:
 
 
 def _candidates() -> list[Path]:
-    cache = Path(os.environ.get("JAXLAB_CACHE", Path.home() / ".cache" / "jaxlab"))
-    return [_SOURCE.parent / _library_name(), cache / _library_name()]
+    return [_SOURCE.parent / _library_name(), cache_dir() / _library_name()]
 
 
 def build(force: bool = False) -> Path:
