@@ -588,7 +588,7 @@ class Engine:
             seq.index,
             [tok],
             [lp],
-            seq.text.take() if seq.text is not None else None,
+            None if seq.text is None else ("" if hit is not None else seq.text.take()),
             new_top,
         )
         out = [delta]

@@ -28,6 +28,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from jaxlab.errors import ConfigError
+
 __all__ = ["SamplingParams", "MAX_LOGPROBS"]
 
 MAX_LOGPROBS = 20  # the most top-n alternatives a request may ask for (OpenAI's limit)
@@ -35,7 +37,7 @@ _MAX_SEED = 2**63
 
 
 def _fail(field: str, message: str):
-    raise ValueError(f"SamplingParams: {field} {message}")
+    raise ConfigError(f"SamplingParams: {field} {message}")
 
 
 def _is_int(x: Any) -> bool:
