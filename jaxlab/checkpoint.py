@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxlab.config import check
+from jaxlab.errors import UserError
 
 __all__ = ["CheckpointConfig", "CheckpointError", "Checkpointer", "create_checkpoint_manager"]
 
@@ -47,7 +48,7 @@ class CheckpointConfig:
         check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, partial or corrupt. The message names the directory."""
 
 

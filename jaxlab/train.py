@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
@@ -33,6 +32,7 @@ from jaxlab.metric_writer import MetricWriter
 from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.optim import check_optimizer_settings, learning_rate_schedule
 from jaxlab.optim import make_optimizer as _make_optimizer
+from jaxlab.progress import progress as progress_bar
 
 __all__ = [
     "DataConfig",
@@ -198,12 +198,12 @@ def _train_lm(cfg, workdir, mesh, progress):
             json.dumps(dataclasses.asdict(cfg), indent=2)
         )  # after a good restore
         log = MetricWriter(workdir, append=True, tensorboard=cfg.tensorboard, step_key="step")
-        bar = tqdm(
+        bar = progress_bar(
             range(start, cfg.train.steps),
             initial=start,
             total=cfg.train.steps,
             desc="train-lm",
-            disable=not progress,
+            enabled=progress,
         )
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         t0, last = time.perf_counter(), start

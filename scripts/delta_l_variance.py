@@ -29,9 +29,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxlab import rl
+from jaxlab.progress import progress
 
 ESTIMATORS = {
     "GRPO": ("seq_mean_token_mean", {}),
@@ -149,7 +149,7 @@ def real_lm(n_sequences: int, group: int, trials: int, seed: int, proj_dim: int 
 
     grad_fn = jax.jit(jax.vmap(lambda t, m, a: jax.grad(seq_grad)(flat, t, m, a) @ proj))
     grads = []
-    for i in tqdm(range(0, n_sequences, 128), desc="per-response gradients"):
+    for i in progress(range(0, n_sequences, 128), desc="per-response gradients"):
         sl = slice(i, i + 128)
         grads.append(
             np.asarray(

@@ -8,6 +8,7 @@ Letters: B batch, T query length, S key length, H query heads, K key/value heads
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -16,28 +17,64 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab import native as kernels
+from jaxlab.errors import UserError
+from jaxlab.registry import Registry
 
-__all__ = ["attention", "register_attention", "attention_implementations", "grouped_attention"]
+__all__ = [
+    "attention",
+    "register_attention",
+    "attention_implementations",
+    "grouped_attention",
+    "AttentionImplementation",
+    "ATTENTION_IMPLEMENTATIONS",
+]
 
 AttentionFn = Callable[..., jax.Array]
-_IMPLEMENTATIONS: dict[str, AttentionFn] = {}
 
 
-def register_attention(name: str):
+@dataclasses.dataclass(frozen=True)
+class AttentionImplementation:
+    """A registered attention implementation.
+
+    ``fn(q, k, v, mask, *, scale, kv_layout)`` (and ``config=`` when ``config`` is set) returns
+    ``[B, T, H, D]``. ``config`` is the frozen options type it takes (None: no options).
+    ``sequence_parallel``: it runs over a mesh axis (``jax.set_mesh``) on unpadded causal
+    sequences, without a KV cache.
+    """
+
+    fn: AttentionFn
+    config: type | None = None
+    sequence_parallel: bool = False
+
+
+ATTENTION_IMPLEMENTATIONS: Registry[AttentionImplementation] = Registry("attention implementation")
+ATTENTION_IMPLEMENTATIONS.register_lazy("ring", "jaxlab.attention.ring:RING_ATTENTION")
+
+
+def register_attention(name: str, *, config: type | None = None, sequence_parallel: bool = False):
     """Decorator registering an attention implementation under ``name``.
 
-    An implementation has the signature of :func:`attention` without ``implementation``.
+    An implementation has the signature of :func:`attention` without ``implementation`` (and
+    takes ``config=``, an instance of ``config``, when ``config`` is given).
     """
 
     def wrap(fn):
-        _IMPLEMENTATIONS[name] = fn
+        ATTENTION_IMPLEMENTATIONS.register(
+            name, AttentionImplementation(fn, config, sequence_parallel)
+        )
         return fn
 
     return wrap
 
 
-def attention_implementations() -> list[str]:
-    return sorted(_IMPLEMENTATIONS)
+def attention_implementations(*, sequence_parallel: bool = False) -> list[str]:
+    """Names of the registered implementations that run anywhere (on a KV cache too); with
+    ``sequence_parallel`` also those that run over a mesh axis (``"ring"``)."""
+    return [
+        name
+        for name, impl in ATTENTION_IMPLEMENTATIONS.items()
+        if sequence_parallel or not impl.sequence_parallel
+    ]
 
 
 _CACHE_BYTES = 4 << 20  # float32 logits above this size are computed one sequence at a time on CPU
@@ -148,10 +185,13 @@ def attention(
     scale: float | None = None,
     implementation: str = "xla",
     kv_layout: str = "bskd",
+    config=None,
 ) -> jax.Array:  # [B, T, H, D]
     """Scaled dot-product attention with grouped-query heads and a boolean mask.
 
-    Rows whose mask is all False (left padding) give finite outputs, never NaN.
+    Rows whose mask is all False (left padding) give finite outputs, never NaN. ``config``: the
+    options of an implementation registered with an options type (``"ring"``:
+    :class:`jaxlab.attention.RingConfig`; None gives its defaults).
     """
     chex.assert_rank([q, k, v], 4)
     chex.assert_equal_shape([k, v])
@@ -167,12 +207,18 @@ def attention(
         raise ValueError(
             f"attention: mask {mask.shape} must be [B, T, S] = {(q.shape[0], q.shape[1], s_len)}"
         )
-    try:
-        fn = _IMPLEMENTATIONS[implementation]
-    except KeyError:
-        raise ValueError(
-            f"unknown attention implementation {implementation!r}; known: {attention_implementations()}"
-        ) from None
+    impl = ATTENTION_IMPLEMENTATIONS.get(implementation)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return fn(q, k, v, mask, scale=scale, kv_layout=kv_layout)
+    if impl.config is None:
+        if config is not None:
+            raise UserError(f"attention implementation {implementation!r} takes no config")
+        return impl.fn(q, k, v, mask, scale=scale, kv_layout=kv_layout)
+    if config is None:
+        config = impl.config()
+    if not isinstance(config, impl.config):
+        raise UserError(
+            f"attention implementation {implementation!r} takes a {impl.config.__name__} config, "
+            f"got {type(config).__name__}"
+        )
+    return impl.fn(q, k, v, mask, scale=scale, kv_layout=kv_layout, config=config)

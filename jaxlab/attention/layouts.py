@@ -20,15 +20,20 @@ Letters: B batch, H query heads, N blocks (global), n blocks per device, V verti
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlab.attention.sparse import VerticalSlashPattern, active_diagonals
+from jaxlab.registry import Registry
 from pallas_kernels.block_sparse_attention.plan import StepPlan, step_mask
 
 __all__ = [
     "LAYOUTS",
+    "Layout",
     "StepPlan",
     "layout_blocks",
     "token_permutation",
@@ -38,36 +43,56 @@ __all__ = [
     "check_layout",
 ]
 
-LAYOUTS = ("contiguous", "zigzag", "striped", "hierarchical")
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A sequence layout: ``blocks(num_blocks, world)`` gives the global block ids of each device
+    (``[W, N/W]``, ascending in each row); every device holds a multiple of ``granularity`` blocks;
+    ``mesh_axes`` is 2 for a ring over (outer, inner) mesh axes, else 1."""
+
+    blocks: Callable[[int, int], np.ndarray]
+    granularity: int = 1
+    mesh_axes: int = 1
+
+
+LAYOUTS: Registry[Layout] = Registry("ring layout")
+
+
+def _contiguous(num_blocks: int, world: int) -> np.ndarray:
+    n = num_blocks // world
+    return np.arange(world)[:, None] * n + np.arange(n)[None]
+
+
+def _zigzag(num_blocks: int, world: int) -> np.ndarray:
+    half = num_blocks // world // 2
+    r, c = np.arange(world)[:, None], np.arange(half)[None]
+    return np.concatenate([r * half + c, (2 * world - 1 - r) * half + c], axis=1)
+
+
+def _striped(num_blocks: int, world: int) -> np.ndarray:
+    return np.arange(num_blocks // world)[None] * world + np.arange(world)[:, None]
+
+
+LAYOUTS.register("contiguous", Layout(_contiguous))
+LAYOUTS.register("zigzag", Layout(_zigzag, granularity=2))
+LAYOUTS.register("striped", Layout(_striped))
+LAYOUTS.register("hierarchical", Layout(_striped, mesh_axes=2))
 
 
 def check_layout(layout: str, seq_len: int, world: int, block_size: int) -> None:
     """Raise a clear ValueError when ``seq_len`` does not split for this layout."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown ring layout {layout!r}; known: {LAYOUTS}")
-    unit = block_size * world * (2 if layout == "zigzag" else 1)
+    g = LAYOUTS.get(layout).granularity
+    unit = block_size * world * g
     if seq_len % unit:
         raise ValueError(
             f"ring attention ({layout}): sequence length {seq_len} must be a multiple of "
-            f"{'2 × ' if layout == 'zigzag' else ''}devices ({world}) × block_size ({block_size}) = {unit}"
+            f"{f'{g} × ' if g > 1 else ''}devices ({world}) × block_size ({block_size}) = {unit}"
         )
 
 
 def layout_blocks(layout: str, num_blocks: int, world: int) -> np.ndarray:
     """Global block ids held by each device, ``[W, N/W]`` int32, ascending in each row."""
-    n = num_blocks // world
-    r = np.arange(world)[:, None]
-    if layout == "contiguous":
-        out = r * n + np.arange(n)[None]
-    elif layout == "zigzag":
-        half = n // 2
-        c = np.arange(half)[None]
-        out = np.concatenate([r * half + c, (2 * world - 1 - r) * half + c], axis=1)
-    elif layout in ("striped", "hierarchical"):
-        out = np.arange(n)[None] * world + r
-    else:
-        raise ValueError(f"unknown ring layout {layout!r}; known: {LAYOUTS}")
-    return out.astype(np.int32)
+    return LAYOUTS.get(layout).blocks(num_blocks, world).astype(np.int32)
 
 
 def token_permutation(layout: str, seq_len: int, world: int, block_size: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import chex
 import jax
@@ -29,7 +30,16 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxlab.attention import layouts
-from jaxlab.attention.sparse import VerticalSlashPattern, active_diagonals
+from jaxlab.attention.dense import AttentionImplementation
+from jaxlab.attention.sparse import (
+    ESTIMATION_MODES,
+    VerticalSlashPattern,
+    active_diagonals,
+    vertical_slash_pattern,
+)
+from jaxlab.config import check, from_dict
+from jaxlab.errors import UserError
+from jaxlab.registry import Registry
 from pallas_kernels.block_sparse_attention import (
     block_sparse_attention_bwd,
     block_sparse_attention_bwd_reference,
@@ -38,10 +48,30 @@ from pallas_kernels.block_sparse_attention import (
     merge_partial,
 )
 
-__all__ = ["ring_attention", "RING_IMPLEMENTATIONS", "VERTICAL_MODES"]
+__all__ = [
+    "ring_attention",
+    "RingConfig",
+    "SparseConfig",
+    "RingKernel",
+    "RING_IMPLEMENTATIONS",
+    "VERTICAL_MODES",
+    "RING_ATTENTION",
+]
 
-RING_IMPLEMENTATIONS = ("pallas", "xla")
-VERTICAL_MODES = ("ring", "gathered")
+
+@dataclasses.dataclass(frozen=True)
+class RingKernel:
+    """The work of one ring step. ``fwd(ring, q, k, v, plan, o, lse) -> (o, lse)`` adds the chunk
+    in hand to the running float32 (out, lse); ``bwd(ring, q, k, v, lse, do, delta, plan) ->
+    (dq, dk, dv)`` is that step's gradient."""
+
+    fwd: Callable
+    bwd: Callable
+
+
+RING_IMPLEMENTATIONS: Registry[RingKernel] = Registry("ring attention implementation")
+# How the selected vertical columns are attended: fn(ring, q, k, v, pattern) -> (out, lse)
+VERTICAL_MODES: Registry[Callable] = Registry("vertical mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,43 +120,63 @@ class _Ring:
         return jax.lax.ppermute(x, axis, [(i, (i + 1) % size) for i in range(size)])
 
     def fwd_step(self, q, k, v, plan, o, lse):
-        if self.implementation == "pallas":
-            return block_sparse_attention_fwd(
-                q,
-                k,
-                v,
-                plan,
-                block_size=self.block_size,
-                scale=self.scale,
-                causal=self.causal,
-                o_prev=o,
-                lse_prev=lse,
-                block_k=self.block_k,
-                interpret=self.interpret,
-            )
-        o_s, lse_s = block_sparse_attention_fwd_reference(
-            q, k, v, plan, block_size=self.block_size, scale=self.scale, causal=self.causal
-        )
-        o, lse_t = merge_partial(o, jnp.swapaxes(lse, 1, 2), o_s, jnp.swapaxes(lse_s, 1, 2))
-        return o, jnp.swapaxes(lse_t, 1, 2)
+        return RING_IMPLEMENTATIONS.get(self.implementation).fwd(self, q, k, v, plan, o, lse)
 
     def bwd_step(self, q, k, v, lse, do, delta, plan):
-        kw = dict(block_size=self.block_size, scale=self.scale, causal=self.causal)
-        if self.implementation == "pallas":
-            return block_sparse_attention_bwd(
-                q,
-                k,
-                v,
-                lse,
-                do,
-                delta,
-                plan,
-                block_q=self.block_k,
-                block_k=self.block_k,
-                interpret=self.interpret,
-                **kw,
-            )
-        return block_sparse_attention_bwd_reference(q, k, v, lse, do, delta, plan, **kw)
+        return RING_IMPLEMENTATIONS.get(self.implementation).bwd(
+            self, q, k, v, lse, do, delta, plan
+        )
+
+
+def _pallas_fwd(ring: _Ring, q, k, v, plan, o, lse):
+    return block_sparse_attention_fwd(
+        q,
+        k,
+        v,
+        plan,
+        block_size=ring.block_size,
+        scale=ring.scale,
+        causal=ring.causal,
+        o_prev=o,
+        lse_prev=lse,
+        block_k=ring.block_k,
+        interpret=ring.interpret,
+    )
+
+
+def _pallas_bwd(ring: _Ring, q, k, v, lse, do, delta, plan):
+    return block_sparse_attention_bwd(
+        q,
+        k,
+        v,
+        lse,
+        do,
+        delta,
+        plan,
+        block_size=ring.block_size,
+        scale=ring.scale,
+        causal=ring.causal,
+        block_q=ring.block_k,
+        block_k=ring.block_k,
+        interpret=ring.interpret,
+    )
+
+
+def _xla_fwd(ring: _Ring, q, k, v, plan, o, lse):
+    o_s, lse_s = block_sparse_attention_fwd_reference(
+        q, k, v, plan, block_size=ring.block_size, scale=ring.scale, causal=ring.causal
+    )
+    o, lse_t = merge_partial(o, jnp.swapaxes(lse, 1, 2), o_s, jnp.swapaxes(lse_s, 1, 2))
+    return o, jnp.swapaxes(lse_t, 1, 2)
+
+
+def _xla_bwd(ring: _Ring, q, k, v, lse, do, delta, plan):
+    kw = dict(block_size=ring.block_size, scale=ring.scale, causal=ring.causal)
+    return block_sparse_attention_bwd_reference(q, k, v, lse, do, delta, plan, **kw)
+
+
+RING_IMPLEMENTATIONS.register("pallas", RingKernel(_pallas_fwd, _pallas_bwd))
+RING_IMPLEMENTATIONS.register("xla", RingKernel(_xla_fwd, _xla_bwd))
 
 
 def _ring_loop(ring: _Ring, kv, body):
@@ -259,6 +309,27 @@ def _gathered_verticals(ring, q, k, v, pattern):
     return out, lse
 
 
+@VERTICAL_MODES.register("ring")
+def _verticals_in_ring(ring, q, k, v, pattern):
+    """Vertical columns are attended inside each ring step, as bars of the chunk that holds them."""
+    o, lse = _ring_attention_local(ring, q, k, v, pattern)
+    return o.astype(q.dtype), lse
+
+
+@VERTICAL_MODES.register("gathered")
+def _verticals_gathered(ring, q, k, v, pattern):
+    """Vertical columns' K/V are gathered once before the ring; the ring does blocks only."""
+    if pattern is None:
+        return _verticals_in_ring(ring, q, k, v, None)
+    o0, lse0 = _gathered_verticals(ring, q, k, v, pattern)
+    blocks_only = VerticalSlashPattern(
+        jnp.full_like(pattern.vertical_idx[..., :1], -1), pattern.slash_idx
+    )
+    o1, lse1 = _ring_attention_local(ring, q, k, v, blocks_only)
+    o, lse_t = merge_partial(o0, jnp.swapaxes(lse0, 1, 2), o1, jnp.swapaxes(lse1, 1, 2))
+    return o.astype(q.dtype), jnp.swapaxes(lse_t, 1, 2)
+
+
 def ring_attention(
     q: jax.Array,  # [B, T, H, D], natural token order
     k: jax.Array,  # [B, T, K, D]
@@ -292,24 +363,18 @@ def ring_attention(
             f"ring_attention: q {q.shape} and k/v {k.shape} do not match (GQA needs "
             "query heads a multiple of kv heads)"
         )
-    if implementation not in RING_IMPLEMENTATIONS:
-        raise ValueError(
-            f"ring_attention: implementation must be one of {RING_IMPLEMENTATIONS}, "
-            f"got {implementation!r}"
-        )
-    if vertical_mode not in VERTICAL_MODES:
-        raise ValueError(
-            f"ring_attention: vertical_mode must be one of {VERTICAL_MODES}, got {vertical_mode!r}"
-        )
+    RING_IMPLEMENTATIONS.get(implementation)  # unknown names: an error listing the known ones
+    attend = VERTICAL_MODES.get(vertical_mode)
+    spec = layouts.LAYOUTS.get(layout)
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             raise ValueError("ring_attention: pass mesh= or run under `with jax.set_mesh(mesh):`")
     if pattern is not None and not causal:
         raise ValueError("ring_attention: vertical-slash patterns are causal; pass causal=True")
-    if layout == "hierarchical":
+    if spec.mesh_axes == 2:
         if isinstance(axis_name, str) or len(axis_name) != 2:
-            raise ValueError("ring_attention: layout='hierarchical' needs axis_name=(outer, inner)")
+            raise ValueError(f"ring_attention: layout={layout!r} needs axis_name=(outer, inner)")
         outer_axis, inner_axis = axis_name
         outer, inner = mesh.shape[outer_axis], mesh.shape[inner_axis]
         spec_axes = (outer_axis, inner_axis)
@@ -345,16 +410,7 @@ def ring_attention(
         q, k, v = (jnp.take(x, jnp.asarray(perm), axis=1) for x in (q, k, v))
 
     def local(q, k, v, pattern):
-        if pattern is not None and vertical_mode == "gathered":
-            o0, lse0 = _gathered_verticals(ring, q, k, v, pattern)
-            blocks_only = VerticalSlashPattern(
-                jnp.full_like(pattern.vertical_idx[..., :1], -1), pattern.slash_idx
-            )
-            o1, lse1 = _ring_attention_local(ring, q, k, v, blocks_only)
-            o, lse_t = merge_partial(o0, jnp.swapaxes(lse0, 1, 2), o1, jnp.swapaxes(lse1, 1, 2))
-            return o.astype(q.dtype), jnp.swapaxes(lse_t, 1, 2)
-        o, lse = _ring_attention_local(ring, q, k, v, pattern)
-        return o.astype(q.dtype), lse
+        return attend(ring, q, k, v, pattern)
 
     seq = P(None, spec_axes)
     # jit: outside a jit, shard_map would run op by op
@@ -372,3 +428,133 @@ def ring_attention(
         inv = jnp.asarray(np.argsort(perm))
         out, lse = jnp.take(out, inv, axis=1), jnp.take(lse, inv, axis=2)
     return (out, lse) if return_lse else out
+
+
+# -- ring attention as the registered attention implementation "ring" --------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseConfig:
+    """Options of :func:`jaxlab.attention.vertical_slash_pattern` for sparse ring attention: the
+    pattern is estimated per head from the last ``last_q`` queries in each forward pass."""
+
+    vertical_size: int
+    slash_size: int
+    last_q: int = 64
+    mode: str = "fixed"
+    sink_tokens: int = 30
+    window: int = 100
+    top_p: float = 0.9
+
+    def __post_init__(self):
+        for name in ("vertical_size", "slash_size", "last_q"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                name,
+                f"must be a positive int, got {value!r}",
+            )
+        for name in ("sink_tokens", "window"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                name,
+                f"must be an int >= 0, got {value!r}",
+            )
+        check(
+            self.mode in ESTIMATION_MODES,
+            "mode",
+            f"{self.mode!r} is not one of {list(ESTIMATION_MODES)}",
+        )
+        check(0.0 < self.top_p <= 1.0, "top_p", f"must lie in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RingConfig:
+    """Options of ``attention_implementation="ring"``: sequence-parallel attention over the mesh set
+    with ``jax.set_mesh``, for training and prefill of unpadded causal sequences.
+
+    axis_name: the mesh axis of the sequence; ``(outer, inner)`` for a two-axis layout
+      (``hierarchical``).
+    layout, kernel, vertical_mode: names from :data:`jaxlab.attention.LAYOUTS`,
+      :data:`RING_IMPLEMENTATIONS` and :data:`VERTICAL_MODES`.
+    block_size: tokens per block (G).
+    sparse: None for dense attention, else the vertical-slash pattern's options.
+    """
+
+    axis_name: str | tuple[str, ...] = "sp"
+    layout: str = "striped"
+    block_size: int = 128
+    kernel: str = "pallas"
+    vertical_mode: str = "ring"
+    sparse: SparseConfig | None = None
+
+    def __post_init__(self):
+        if isinstance(self.axis_name, list):
+            object.__setattr__(self, "axis_name", tuple(self.axis_name))
+        if isinstance(self.sparse, dict):
+            object.__setattr__(
+                self, "sparse", from_dict(SparseConfig, self.sparse, prefix="sparse.")
+            )
+        layouts.LAYOUTS.check(self.layout, "layout")
+        RING_IMPLEMENTATIONS.check(self.kernel, "kernel")
+        VERTICAL_MODES.check(self.vertical_mode, "vertical_mode")
+        check(
+            isinstance(self.block_size, int)
+            and not isinstance(self.block_size, bool)
+            and self.block_size > 0,
+            "block_size",
+            f"must be a positive int, got {self.block_size!r}",
+        )
+        axes = layouts.LAYOUTS.get(self.layout).mesh_axes
+        if axes == 1:
+            check(
+                isinstance(self.axis_name, str),
+                "axis_name",
+                f"layout {self.layout!r} takes one mesh axis name, got {self.axis_name!r}",
+            )
+        else:
+            check(
+                isinstance(self.axis_name, tuple)
+                and len(self.axis_name) == axes
+                and all(isinstance(a, str) for a in self.axis_name),
+                "axis_name",
+                f"layout {self.layout!r} takes {axes} mesh axis names (outer, inner), "
+                f"got {self.axis_name!r}",
+            )
+        check(
+            self.sparse is None or isinstance(self.sparse, SparseConfig),
+            "sparse",
+            f"must be a SparseConfig, a mapping or None, got {self.sparse!r}",
+        )
+
+
+def _ring(q, k, v, mask, *, scale, kv_layout, config: RingConfig):
+    """``attention(..., implementation="ring")``: the keys of every position up to the query's own
+    (``mask`` is not read: the sequences are causal and unpadded)."""
+    if kv_layout != "bskd":
+        raise UserError("ring attention runs without a KV cache (training and prefill)")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise UserError("attention_implementation='ring' needs a mesh: `with jax.set_mesh(mesh):`")
+    pattern = None
+    if config.sparse is not None:
+        options = dataclasses.asdict(config.sparse)
+        pattern = vertical_slash_pattern(q, k, mesh=mesh, axis_name=config.axis_name, **options)
+    return ring_attention(
+        q,
+        k,
+        v,
+        mesh=mesh,
+        axis_name=config.axis_name,
+        layout=config.layout,
+        pattern=pattern,
+        block_size=config.block_size,
+        implementation=config.kernel,
+        vertical_mode=config.vertical_mode,
+        scale=scale,
+    )
+
+
+# jaxlab.attention.dense declares it as ATTENTION_IMPLEMENTATIONS["ring"]
+RING_ATTENTION = AttentionImplementation(_ring, config=RingConfig, sequence_parallel=True)

@@ -27,9 +27,10 @@ __all__ = [
     "sparse_mask",
     "sparse_attention_reference",
     "pattern_from_budgets",
+    "ESTIMATION_MODES",
 ]
 
-_ESTIMATION_MODES = ("fixed", "flex")
+ESTIMATION_MODES = ("fixed", "flex")
 
 
 @functools.partial(
@@ -268,9 +269,9 @@ def vertical_slash_pattern(
     equals the single-device result.
     """
     _check_qk(q, k, "vertical_slash_pattern")
-    if mode not in _ESTIMATION_MODES:
+    if mode not in ESTIMATION_MODES:
         raise ValueError(
-            f"vertical_slash_pattern: mode must be one of {_ESTIMATION_MODES}, got {mode!r}"
+            f"vertical_slash_pattern: mode must be one of {ESTIMATION_MODES}, got {mode!r}"
         )
     for name, val in (
         ("vertical_size", vertical_size),

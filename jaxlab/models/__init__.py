@@ -1,6 +1,6 @@
 """Models: the decoder LM family and the BERT encoder, with loaders for pretrained weights."""
 
-from jaxlab.models import registry as _registry  # noqa: F401  (registers the offline names)
+from jaxlab.models.archs import DECODER_ARCHS as DECODER_ARCHS
 from jaxlab.models.bert import BertConfig as BertConfig
 from jaxlab.models.bert import BertEncoder as BertEncoder
 from jaxlab.models.bert import pool as pool
@@ -10,6 +10,7 @@ from jaxlab.models.decoder import KVCache as KVCache
 from jaxlab.models.encode import encode as encode
 from jaxlab.models.encode import encode_ids as encode_ids
 from jaxlab.models.loading import LoadError as LoadError
-from jaxlab.models.loading import from_pretrained as from_pretrained
-from jaxlab.models.loading import pretrained_names as pretrained_names
-from jaxlab.models.loading import register_pretrained as register_pretrained
+from jaxlab.models.registry import PRETRAINED as PRETRAINED
+from jaxlab.models.registry import from_pretrained as from_pretrained
+from jaxlab.models.registry import pretrained_names as pretrained_names
+from jaxlab.models.registry import register_pretrained as register_pretrained

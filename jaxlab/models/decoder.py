@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlab import native
-from jaxlab.attention import attention, attention_implementations
-from jaxlab.config import check, check_positive
+from jaxlab.attention import ATTENTION_IMPLEMENTATIONS, RingConfig, attention
+from jaxlab.config import check, check_positive, from_dict
+from jaxlab.models.archs import DECODER_ARCHS
 from jaxlab.models.layers import (
     RMSNorm,
     apply_rope,
@@ -28,8 +29,6 @@ from jaxlab.models.layers import (
 )
 
 __all__ = ["DecoderConfig", "Decoder", "KVCache", "with_layer_layout"]
-
-_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,16 +53,17 @@ class DecoderConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
-    attention_implementation: str = "xla"  # a registered name, or "ring" (sequence parallel)
-    # options of attention_implementation="ring" (RING_DEFAULTS); it runs over the mesh set with
-    # jax.set_mesh, for training / prefill of unpadded causal sequences
-    ring: dict[str, Any] | None = None
+    attention_implementation: str = "xla"  # a name in jaxlab.attention.ATTENTION_IMPLEMENTATIONS
+    # options of attention_implementation="ring" (None: RingConfig's defaults); ring attention runs
+    # over the mesh set with jax.set_mesh, for training / prefill of unpadded causal sequences.
+    # A mapping is converted (and validated) on construction.
+    ring: RingConfig | None = None
     # True: layers stacked on a leading axis and run with lax.scan (fast compiles, for training);
     # False: one module per layer, unrolled (fastest decoding: weights are read in place).
     scan_layers: bool = True
 
     def __post_init__(self):
-        check(self.arch in _ARCHS, "arch", f"{self.arch!r} is not one of {list(_ARCHS)}")
+        DECODER_ARCHS.check(self.arch, "arch")
         check_positive(
             self,
             "vocab_size",
@@ -101,14 +101,14 @@ class DecoderConfig:
             "hidden_act",
             f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}",
         )
-        known = [*attention_implementations(), "ring"]
+        ATTENTION_IMPLEMENTATIONS.check(self.attention_implementation, "attention_implementation")
+        if isinstance(self.ring, dict):
+            object.__setattr__(self, "ring", from_dict(RingConfig, self.ring, prefix="ring."))
         check(
-            self.attention_implementation in known,
-            "attention_implementation",
-            f"{self.attention_implementation!r} is not one of {known}",
+            self.ring is None or isinstance(self.ring, RingConfig),
+            "ring",
+            f"must be a RingConfig, a mapping or None, got {self.ring!r}",
         )
-        if self.ring is not None:
-            _check_ring_options(self.ring)
         try:
             rope_inv_freq(self.dim_per_head, self.rope_theta, self.rope_scaling)
         except (ValueError, KeyError) as e:
@@ -121,16 +121,11 @@ class DecoderConfig:
     def dim_per_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
-
-RING_DEFAULTS: dict[str, Any] = {
-    "axis_name": "sp",  # mesh axis of the sequence; [outer, inner] for layout "hierarchical"
-    "layout": "striped",
-    "block_size": 128,
-    "kernel": "pallas",  # per-step implementation: "pallas" or "xla"
-    "vertical_mode": "ring",
-    "sparse": None,  # None: dense; else vertical_slash_pattern options (vertical_size, slash_size, ...)
-}
-_SPARSE_KEYS = ("vertical_size", "slash_size", "last_q", "mode", "sink_tokens", "window", "top_p")
+    @property
+    def attention_config(self) -> RingConfig | None:
+        """The options the attention implementation takes (its registered config type), or None."""
+        wanted = ATTENTION_IMPLEMENTATIONS.get(self.attention_implementation).config
+        return self.ring if wanted is not None and isinstance(self.ring, wanted) else None
 
 
 def _frozen(value):
@@ -140,71 +135,6 @@ def _frozen(value):
     if isinstance(value, (list, tuple)):
         return tuple(_frozen(v) for v in value)
     return value
-
-
-def _check_ring_options(ring):
-    from jaxlab.attention.layouts import LAYOUTS
-    from jaxlab.attention.ring import RING_IMPLEMENTATIONS, VERTICAL_MODES
-
-    check(isinstance(ring, dict), "ring", f"must be a mapping, got {ring!r}")
-    for key in ring:
-        check(key in RING_DEFAULTS, f"ring.{key}", f"unknown option; known: {list(RING_DEFAULTS)}")
-    opts = {**RING_DEFAULTS, **ring}
-    check(opts["layout"] in LAYOUTS, "ring.layout", f"{opts['layout']!r} is not one of {LAYOUTS}")
-    check(
-        opts["kernel"] in RING_IMPLEMENTATIONS,
-        "ring.kernel",
-        f"{opts['kernel']!r} is not one of {RING_IMPLEMENTATIONS}",
-    )
-    check(
-        opts["vertical_mode"] in VERTICAL_MODES,
-        "ring.vertical_mode",
-        f"{opts['vertical_mode']!r} is not one of {VERTICAL_MODES}",
-    )
-    check(
-        isinstance(opts["block_size"], int) and opts["block_size"] > 0,
-        "ring.block_size",
-        f"must be a positive int, got {opts['block_size']!r}",
-    )
-    sparse = opts["sparse"]
-    if sparse is not None:
-        check(
-            isinstance(sparse, dict) and {"vertical_size", "slash_size"} <= set(sparse),
-            "ring.sparse",
-            "needs at least vertical_size and slash_size",
-        )
-        for key in sparse:
-            check(
-                key in _SPARSE_KEYS, f"ring.sparse.{key}", f"unknown option; known: {_SPARSE_KEYS}"
-            )
-
-
-def _ring_attention(q, k, v, cfg):
-    """Sequence-parallel (ring) attention over the current mesh; sparse when configured."""
-    from jaxlab.attention.ring import ring_attention
-    from jaxlab.attention.sparse import vertical_slash_pattern
-
-    opts = {**RING_DEFAULTS, **(cfg.ring or {})}
-    axis = opts["axis_name"]
-    axis = tuple(axis) if isinstance(axis, list | tuple) else axis
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        raise ValueError("attention_implementation='ring' needs a mesh: `with jax.set_mesh(mesh):`")
-    pattern = None
-    if opts["sparse"] is not None:
-        pattern = vertical_slash_pattern(q, k, mesh=mesh, axis_name=axis, **opts["sparse"])
-    return ring_attention(
-        q,
-        k,
-        v,
-        mesh=mesh,
-        axis_name=axis,
-        layout=opts["layout"],
-        pattern=pattern,
-        block_size=opts["block_size"],
-        implementation=opts["kernel"],
-        vertical_mode=opts["vertical_mode"],
-    )
 
 
 class KVCache(NamedTuple):
@@ -251,14 +181,15 @@ class Attention(nnx.Module):
             k = write(kv[0], jnp.swapaxes(k, 1, 2).astype(kv[0].dtype), index)
             v = write(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index)
             kv, layout = (k, v), "bksd"
-        if cfg.attention_implementation == "ring":
-            if kv is not None:
-                raise ValueError("ring attention runs without a KV cache (training and prefill)")
-            out = _ring_attention(q, k, v, cfg)
-        else:
-            out = attention(
-                q, k, v, mask, implementation=cfg.attention_implementation, kv_layout=layout
-            )
+        out = attention(
+            q,
+            k,
+            v,
+            mask,
+            implementation=cfg.attention_implementation,
+            kv_layout=layout,
+            config=cfg.attention_config,
+        )
         return self.o_proj(out.reshape(b, t, cfg.num_heads * d)), kv
 
 

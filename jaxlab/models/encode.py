@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from jaxlab.models.bert import BertEncoder
+from jaxlab.progress import progress as progress_bar
 from jaxlab.tokenization import Tokenizer, bucket_length
 
 __all__ = ["encode", "encode_ids", "encode_limit"]
@@ -110,7 +110,7 @@ def encode_ids(
     # rows per call: the batch size, or fewer for a short list (powers of two: few compiles)
     padded = _round_up(min(batch_size, 1 << (n - 1).bit_length()), MICRO_BATCH)
     starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc="encode", disable=not progress, total=len(starts)):
+    for start in progress_bar(starts, desc="encode", enabled=progress, total=len(starts)):
         idx = order[start : start + batch_size]
         chunk = [rows[i] for i in idx]
         width = bucket_length(max(len(r) for r in chunk), limit)

@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 
 from jaxlab.config import ConfigError
+from jaxlab.models.archs import gguf_architectures
 from jaxlab.models.decoder import DecoderConfig
 from jaxlab.models.loading import LoadError, build_model
 
-__all__ = ["read_gguf_config", "load_gguf", "SUPPORTED_ARCHS"]
-
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+__all__ = ["read_gguf_config", "load_gguf"]
 
 _NAMES = {
     "attn_norm": "input_layernorm",
@@ -82,10 +81,10 @@ def _field(reader, key: str, default: Any = None) -> Any:
 def read_gguf_config(reader, path: Path) -> DecoderConfig:
     """DecoderConfig from GGUF metadata (layers, heads, KV heads, rope theta, norm eps, vocab, context)."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
+    supported = gguf_architectures()
+    if arch not in supported:
         raise LoadError(
-            f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHS)}"
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(supported)}"
         )
 
     def get(key, default=None, required=True):

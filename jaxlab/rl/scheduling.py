@@ -21,13 +21,32 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from jaxlab.config import check
+from jaxlab.registry import Registry
 
-__all__ = ["SchedulerConfig", "SampleRef", "Controller", "SCHEDULERS"]
+__all__ = ["SchedulerConfig", "SampleRef", "Controller", "Scheduler", "SCHEDULERS"]
 
-SCHEDULERS = ("sync", "sorted")
+
+@dataclasses.dataclass(frozen=True)
+class Scheduler:
+    """A scheduling policy of the :class:`Controller`.
+
+    admits_while_open: new groups are admitted while earlier ones are still open (False: the
+      next rollout batch starts only after this one is trained).
+    ready: ``ready(controller) -> groups to train on now, or None``.
+    bounds_staleness: in-flight samples survive updates, and the controller guarantees that no
+      trained token is older than ``max_staleness`` policy versions.
+    """
+
+    admits_while_open: bool
+    ready: Callable[[Controller], list[int] | None]
+    bounds_staleness: bool
+
+
+SCHEDULERS: Registry[Scheduler] = Registry("scheduler")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,11 +59,7 @@ class SchedulerConfig:
     num_prompts: int = 64  # prompts in the run (each becomes one group)
 
     def __post_init__(self):
-        check(
-            self.scheduler in SCHEDULERS,
-            "scheduler",
-            f"{self.scheduler!r} is not one of {list(SCHEDULERS)}",
-        )
+        SCHEDULERS.check(self.scheduler, "scheduler")
         check(self.group_size >= 1, "group_size", f"must be >= 1, got {self.group_size}")
         check(self.update_groups >= 1, "update_groups", f"must be >= 1, got {self.update_groups}")
         check(
@@ -70,6 +85,7 @@ class Controller:
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
+        self.scheduler = SCHEDULERS.get(config.scheduler)
         self.version = 0
         self.next_prompt = 0
         # group -> per-sample records: {"status", "attempt", "started", "length"}
@@ -89,7 +105,7 @@ class Controller:
 
     def _admit(self) -> None:
         cfg = self.config
-        if cfg.scheduler == "sync" and self.groups:
+        if self.groups and not self.scheduler.admits_while_open:
             return  # the next batch starts only after this one is trained
         while self._open_groups() < cfg.rollout_groups and self.next_prompt < cfg.num_prompts:
             g = self.next_prompt
@@ -146,18 +162,7 @@ class Controller:
     # -- updates ---------------------------------------------------------------------------------
     def ready(self) -> list[int] | None:
         """Groups to train on now, or None."""
-        cfg = self.config
-        if cfg.scheduler == "sync":
-            if self.groups and len(self.buffer) == len(self.groups):
-                return list(self.buffer)
-            return None
-        if len(self.buffer) >= cfg.update_groups:  # every complete group: a flexible update batch
-            return list(self.buffer)
-        # the tail of the run: nothing more will complete, train on what is there
-        exhausted = self.next_prompt >= cfg.num_prompts
-        if self.buffer and exhausted and len(self.buffer) == len(self.groups):
-            return list(self.buffer)
-        return None
+        return self.scheduler.ready(self)
 
     def update(self, groups: list[int]) -> list[SampleRef]:
         """Records a policy update on ``groups``; returns the attempts dropped as stale.
@@ -168,7 +173,7 @@ class Controller:
         if missing:
             raise ValueError(f"groups {missing} are not complete in the rollout buffer")
         staleness = max(self.version - r["started"] for g in groups for r in self.groups[g])
-        if staleness > self.config.max_staleness and self.config.scheduler == "sorted":
+        if staleness > self.config.max_staleness and self.scheduler.bounds_staleness:
             raise AssertionError(
                 f"trained a token {staleness} versions old (max_staleness "
                 f"{self.config.max_staleness})"
@@ -263,3 +268,30 @@ class Controller:
                 )
         seen = set(self.trained) | set(self.groups)
         assert seen == set(range(self.next_prompt)), "a group was lost"
+
+
+def _sync_ready(ctrl: Controller) -> list[int] | None:
+    """The whole rollout batch, once its longest sample has finished."""
+    if ctrl.groups and len(ctrl.buffer) == len(ctrl.groups):
+        return list(ctrl.buffer)
+    return None
+
+
+def _sorted_ready(ctrl: Controller) -> list[int] | None:
+    """Every complete group once ``update_groups`` are there (a flexible update batch); at the tail
+    of the run, when nothing more will complete, what is there."""
+    cfg = ctrl.config
+    if len(ctrl.buffer) >= cfg.update_groups:
+        return list(ctrl.buffer)
+    exhausted = ctrl.next_prompt >= cfg.num_prompts
+    if ctrl.buffer and exhausted and len(ctrl.buffer) == len(ctrl.groups):
+        return list(ctrl.buffer)
+    return None
+
+
+SCHEDULERS.register(
+    "sync", Scheduler(admits_while_open=False, ready=_sync_ready, bounds_staleness=False)
+)
+SCHEDULERS.register(
+    "sorted", Scheduler(admits_while_open=True, ready=_sorted_ready, bounds_staleness=True)
+)

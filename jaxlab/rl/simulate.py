@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlab.errors import UserError
 from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
 
 __all__ = ["length_sampler", "simulate", "SimulationResult"]
@@ -54,7 +55,7 @@ def length_sampler(spec: str, *, max_len: int = 1_000_000) -> Callable[[np.rando
         else:
             raise ValueError(f"unknown kind {kind!r}")
     except ValueError as e:
-        raise ValueError(
+        raise UserError(
             f"bad length distribution {spec!r} ({e}); use lognormal:MU,SIGMA, bimodal:SHORT,LONG,P_LONG, "
             "fixed:N, uniform:LO,HI or file:PATH"
         ) from None
@@ -76,11 +77,22 @@ class SimulationResult:
     wasted_tokens: int  # generated for attempts that were dropped
     useful_ratio: float  # slot-time spent on tokens that were trained
     occupancy: list[float]  # per decode step
+    # (start, end, occupancy) of each decode step and (start, end) of each update, in decode steps
+    timeline: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)
+    update_intervals: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("occupancy")
+        for key in ("occupancy", "timeline", "update_intervals"):
+            d.pop(key)
         return d
+
+    def plot(self, path: str | Path, title: str | None = None) -> None:
+        """The slot-occupancy timeline as a PNG (the RL trainer's plot, in decode steps)."""
+        from jaxlab.rl.plots import plot_occupancy
+
+        title = title or f"{self.scheduler}: bubble ratio {self.bubble_ratio:.2f}"
+        plot_occupancy(self.timeline, self.update_intervals, path, title, xlabel="decode step")
 
 
 def simulate(
@@ -93,7 +105,7 @@ def simulate(
 ) -> SimulationResult:
     """Runs the controller against simulated generation; see the module docstring."""
     if slots < 1:
-        raise ValueError(f"slots must be >= 1, got {slots}")
+        raise UserError(f"slots must be >= 1, got {slots}")
     if isinstance(lengths, str):
         lengths = length_sampler(lengths)
     ctrl = Controller(config)
@@ -104,6 +116,8 @@ def simulate(
     generated = 0
     wasted = 0
     occupancy = []
+    timeline: list[tuple[float, float, float]] = []
+    update_intervals: list[tuple[float, float]] = []
     trained_tokens_of: dict[int, int] = {}
 
     def length_of(ref: SampleRef) -> int:
@@ -120,6 +134,7 @@ def simulate(
                     left, n = running.pop(ref)
                     wasted += n - left
             cost = update_cost * tokens
+            update_intervals.append((steps, steps + cost))
             steps += cost
             update_idle += slots * cost
             groups = ctrl.ready()
@@ -132,6 +147,7 @@ def simulate(
             raise RuntimeError(
                 "scheduler stalled: nothing running, nothing to train"
             )  # a controller bug
+        timeline.append((steps, steps + 1, len(running) / slots))
         steps += 1
         idle += slots - len(running)
         occupancy.append(len(running) / slots)
@@ -161,4 +177,6 @@ def simulate(
         wasted_tokens=wasted + ctrl.wasted_tokens,
         useful_ratio=(generated - wasted - ctrl.wasted_tokens) / total if total else 0.0,
         occupancy=occupancy,
+        timeline=timeline,
+        update_intervals=update_intervals,
     )

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from jaxlab import rl
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
@@ -46,6 +45,8 @@ from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
 from jaxlab.optim import check_optimizer_settings, learning_rate_schedule, make_optimizer
+from jaxlab.progress import progress as progress_bar
+from jaxlab.rl.plots import plot_occupancy
 from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
 from jaxlab.rl.tasks import make_task, task_dataset
 from jaxlab.tokenization import bucket_length, char_tokenizer
@@ -254,29 +255,7 @@ class _Timeline:
         return 1.0 - busy / total if total else 0.0
 
     def plot(self, path: Path, title: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(9, 3))
-        if self.steps:
-            ax.step(
-                [s for s, _, _ in self.steps],
-                [o for _, _, o in self.steps],
-                where="post",
-                lw=0.8,
-                label="slot occupancy",
-            )
-        for k, (s, e) in enumerate(self.updates):
-            ax.axvspan(s, e, color="tab:red", alpha=0.25, label="policy update" if k == 0 else None)
-        ax.set_xlabel("seconds")
-        ax.set_ylim(0, 1.05)
-        ax.set_title(title)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        plot_occupancy(self.steps, self.updates, path, title, xlabel="seconds")
 
 
 class RLTrainer:
@@ -411,11 +390,11 @@ class RLTrainer:
     def run_until(self, max_updates: int | None, *, progress: bool = True) -> dict[str, Any]:
         """Trains until done, or stops after ``max_updates`` more updates and saves (a preemption)."""
         cfg = self.cfg
-        bar = tqdm(
+        bar = progress_bar(
             total=cfg.scheduler.num_prompts,
             initial=len(self.ctrl.trained),
             desc=f"rl {cfg.scheduler.scheduler}",
-            disable=not progress,
+            enabled=progress,
         )
         updates = 0
         log = MetricWriter(
@@ -506,7 +485,7 @@ class RLTrainer:
                 rewards.append(self.task.reward(problem, tokenizer.decode(c.tokens)))
                 staleness.append(self.ctrl.version - min(c.policy_versions))
                 rows.append((self.prompt_ids(g), c))
-        if cfg.scheduler.scheduler == "sorted" and max(staleness) > cfg.scheduler.max_staleness:
+        if self.ctrl.scheduler.bounds_staleness and max(staleness) > cfg.scheduler.max_staleness:
             raise AssertionError(
                 f"a trained token is {max(staleness)} versions old (max_staleness "
                 f"{cfg.scheduler.max_staleness})"

@@ -9,6 +9,9 @@ from jaxlab.sky.baselines import bspline_master_sky as bspline_master_sky
 from jaxlab.sky.baselines import line_scales as line_scales
 from jaxlab.sky.baselines import pca_clean as pca_clean
 from jaxlab.sky.baselines import super_sky as super_sky
+from jaxlab.sky.methods import METHODS as METHODS
+from jaxlab.sky.methods import estimate_sky as estimate_sky
+from jaxlab.sky.methods import training_plates as training_plates
 from jaxlab.sky.metrics import evaluate_sky as evaluate_sky
 from jaxlab.sky.plate import Plate as Plate
 from jaxlab.sky.plate import SkyFormatError as SkyFormatError
@@ -26,5 +29,3 @@ from jaxlab.sky.smi import save_smi as save_smi
 from jaxlab.sky.smi import smi_shifts as smi_shifts
 from jaxlab.sky.smi import smi_sky as smi_sky
 from jaxlab.sky.smi import train_smi as train_smi
-
-METHODS = ("supersky", "pca", "smi")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import interpolate, linalg, ndimage, sparse
 
+from jaxlab.errors import UserError
 from jaxlab.sky.lines import ANCHOR_LINES
 from jaxlab.sky.plate import Plate
 
@@ -19,7 +20,7 @@ from jaxlab.sky.plate import Plate
 def _sky_rows(plate: Plate) -> np.ndarray:
     rows = np.nonzero(plate.is_sky)[0]
     if rows.size < 2:
-        raise ValueError(f"the plate has {rows.size} sky fibre(s) (OBJTYPE == 'SKY'); need >= 2")
+        raise UserError(f"the plate has {rows.size} sky fibre(s) (OBJTYPE == 'SKY'); need >= 2")
     return rows
 
 

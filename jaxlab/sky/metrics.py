@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxlab.errors import UserError
 from jaxlab.sky.baselines import _line_windows, line_fluxes
 from jaxlab.sky.lines import BLUE_RED_SPLIT, CONTINUUM_WINDOWS
 from jaxlab.sky.plate import Plate
@@ -34,7 +35,7 @@ def evaluate_sky(plate: Plate, sky: np.ndarray | None = None) -> dict:
     """All metrics for a sky estimate `sky` [F, W] (default: the plate's SKY layer)."""
     sky = plate.sky if sky is None else sky
     if sky is None:
-        raise ValueError("no sky estimate: pass `sky` or a plate written by `sky subtract`")
+        raise UserError("no sky estimate: pass `sky` or a plate written by `sky subtract`")
     sky = np.asarray(sky, np.float64)
     wave = plate.wavelength
     regions = _region_masks(wave)

@@ -20,10 +20,12 @@ from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 from astropy.table import Table
 
+from jaxlab.errors import OutputExistsError, UserError
+
 SKY_OBJTYPE = "SKY"
 
 
-class SkyFormatError(ValueError):
+class SkyFormatError(UserError):
     """A plate or spectrum file that does not follow the documented layout."""
 
 
@@ -309,12 +311,12 @@ def _image_hdu(name: str, data: np.ndarray, dtype: type, unit: str | None) -> fi
 def _atomic_write(hdul: fits.HDUList, path: str | os.PathLike, overwrite: bool) -> None:
     """Write `hdul` to a temporary file next to `path`, then os.replace it into place.
 
-    A path ending in ".gz" is written gzip-compressed. FileExistsError if `path` exists and not
-    `overwrite`.
+    A path ending in ".gz" is written gzip-compressed. OutputExistsError (a FileExistsError) if
+    `path` exists and not `overwrite`.
     """
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+        raise OutputExistsError(f"{path} exists (pass overwrite=True to replace it)")
     directory, name = os.path.split(os.path.abspath(path))
     gz = ".gz" if name.lower().endswith(".gz") else ""
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp{gz}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxlab.errors import UserError
 from jaxlab.sky.lines import BLUE_RED_SPLIT
 from jaxlab.sky.plate import Plate
 
@@ -19,7 +20,7 @@ def plot_sky(plate: Plate, path: str, fiber: int | None = None, title: str | Non
     from scipy import ndimage
 
     if plate.sky is None:
-        raise ValueError("the plate has no SKY layer: run `sky subtract` first")
+        raise UserError("the plate has no SKY layer: run `sky subtract` first")
     wave = plate.wavelength
     obj_rows = np.nonzero(~plate.is_sky)[0]
     if fiber is None:

@@ -26,6 +26,7 @@ import os
 import numpy as np
 from scipy import ndimage
 
+from jaxlab.errors import UserError
 from jaxlab.sky.lines import ANCHOR_LINES as ANCHOR_LINES  # re-exported: older import path
 from jaxlab.sky.lines import BLUE_RED_SPLIT as BLUE_RED_SPLIT
 from jaxlab.sky.lines import (
@@ -225,7 +226,7 @@ def simulate_plate(seed: int = 0, config: PlateSimConfig | None = None, **overri
     """
     config = dataclasses.replace(config or PlateSimConfig(), **overrides)
     if not 0 < config.n_sky < config.n_fibers:
-        raise ValueError(
+        raise UserError(
             f"need 0 < n_sky < n_fibers, got n_sky={config.n_sky}, n_fibers={config.n_fibers}"
         )
     rng = np.random.default_rng(seed)

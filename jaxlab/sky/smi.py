@@ -43,6 +43,8 @@ import optax
 from flax import nnx
 from scipy import ndimage
 
+from jaxlab.errors import OutputExistsError, UserError
+from jaxlab.progress import progress as progress_bar
 from jaxlab.sky import mi
 from jaxlab.sky.baselines import sky_line_pixels
 from jaxlab.sky.lines import ANCHOR_LINES
@@ -190,16 +192,16 @@ class _Prepared:
 def _prepare(plate: Plate, config: SMIConfig) -> _Prepared:
     is_sky = plate.is_sky
     if is_sky.sum() < 3:
-        raise ValueError(
+        raise UserError(
             f"SMI needs >= 3 sky fibres (OBJTYPE == 'SKY'), the plate has {is_sky.sum()}"
         )
     pos = plate.positions / config.focal_radius_mm
     if not np.isfinite(pos).all():
-        raise ValueError("SMI needs focal-plane positions (FIBERMAP X, Y) for every fibre")
+        raise UserError("SMI needs focal-plane positions (FIBERMAP X, Y) for every fibre")
     flux = plate.flux.astype(np.float64)
     scale = float(np.median(np.median(flux[is_sky], axis=1)))
     if not scale > 0:
-        raise ValueError("the sky fibres' median flux is not positive; cannot normalise the plate")
+        raise UserError("the sky fibres' median flux is not positive; cannot normalise the plate")
     ivar = np.where((plate.mask == 0) & np.isfinite(plate.ivar), plate.ivar, 0.0) * scale**2
     flux = np.where(ivar > 0, flux / scale, 0.0)
     d2 = np.sum((pos[:, None] - pos[None]) ** 2, -1)
@@ -348,11 +350,11 @@ def train_smi(
     config = config or SMIConfig()
     say = log or (lambda s: None)
     if not plates:
-        raise ValueError("train_smi needs at least one plate")
+        raise UserError("train_smi needs at least one plate")
     grid = (plates[0].coeff0, plates[0].coeff1, plates[0].n_pix)
     for p in plates:
         if (p.coeff0, p.coeff1, p.n_pix) != grid:
-            raise ValueError(
+            raise UserError(
                 "all training plates must share one wavelength grid (COEFF0, COEFF1, NPIX)"
             )
     rngs = nnx.Rngs(config.seed)
@@ -512,11 +514,9 @@ def _run_stage(
 ) -> dict:
     """Runs `step_fn(step) -> {name: scalar}` `steps` times with a progress bar, then says each
     quantity's first and last value; returns per-name histories and the stage's seconds."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     hist: dict = {}
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    bar = progress_bar(range(steps), desc=desc, enabled=progress)
     for step in bar:
         for k, v in step_fn(step).items():
             hist.setdefault(k, []).append(float(v))
@@ -552,7 +552,7 @@ def smi_sky(model: SMIModel, plate: Plate) -> np.ndarray:
     config = model.config
     prep = _prepare(plate, config)
     if plate.n_pix != model.basis.shape[1]:
-        raise ValueError(
+        raise UserError(
             f"the model was trained on {model.basis.shape[1]} pixels, the plate has {plate.n_pix}"
         )
     return np.asarray(_apply(model, prep)) * prep.scale
@@ -609,7 +609,7 @@ def save_smi(model: SMIModel, directory: str | Path, history: dict | None = None
     if directory.exists():  # a model directory holds one model: replace an earlier one
         entries = list(directory.iterdir()) if directory.is_dir() else [directory]
         if not all(e.is_dir() and e.name.isdigit() for e in entries):
-            raise FileExistsError(f"{directory}: exists and is not an SMI model directory")
+            raise OutputExistsError(f"{directory}: exists and is not an SMI model directory")
         shutil.rmtree(directory)
     with Checkpointer(directory, async_save=False, keep=1) as ckpt:
         ckpt.save(0, model=nnx.state(model), extra=extra, force=True)
