@@ -1,0 +1,121 @@
+"""What the command modules share: the command record, the help formatter, config and output
+arguments."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterator, Sequence
+
+from jaxlab.errors import UserError, check_output
+
+__all__ = [
+    "Command",
+    "HelpFormatter",
+    "RegistryChoices",
+    "add_parser",
+    "registry_option",
+    "add_config_args",
+    "add_overwrite_arg",
+    "check_outputs",
+    "require_decoder",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: ``add_arguments(parser)`` declares its arguments, ``run(args)`` runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+class RegistryChoices(Sequence[str]):
+    """An option's ``choices``: the names of a registry (``"package.module:REGISTRY"``), read the
+    first time argparse needs them (to check a given value or to show this command's help), so
+    building the parser imports no area and ``--help`` stays fast."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self._names: list[str] | None = None
+
+    def names(self) -> list[str]:
+        if self._names is None:
+            module, _, attr = self.target.partition(":")
+            self._names = getattr(importlib.import_module(module), attr).names()
+        return self._names
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __getitem__(self, i):
+        return self.names()[i]
+
+
+def registry_option(p: argparse.ArgumentParser, flag: str, target: str, **kwargs) -> None:
+    """An option whose value is a name in the registry ``target`` (``"module:REGISTRY"``)."""
+    kwargs.setdefault("metavar", "NAME")
+    p.add_argument(flag, choices=RegistryChoices(target), **kwargs)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default (not where it is None, False or empty) and the
+    names a registry option takes."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if isinstance(action.choices, RegistryChoices) and "%(choices)" not in text:
+            text += " (one of: %(choices)s)"
+        default = action.default
+        if default in (None, argparse.SUPPRESS) or default is False or default == [] or not text:
+            return text
+        if "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_parser(subparsers, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A sub-parser with jaxlab's help formatter (argparse does not pass it down)."""
+    kwargs.setdefault("description", help)
+    return subparsers.add_parser(name, help=help, formatter_class=HelpFormatter, **kwargs)
+
+
+def add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", default=default, help="YAML config file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set train.lr=1e-5 (repeatable)",
+    )
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+
+
+def check_outputs(args: argparse.Namespace, *paths) -> None:
+    """Before any work: an existing output is an error naming ``--overwrite`` unless it was given."""
+    for path in paths:
+        if path is not None:
+            check_output(path, args.overwrite, flag="--overwrite")
+
+
+def require_decoder(model, name: str) -> None:
+    from jaxlab.models import Decoder
+
+    if not isinstance(model, Decoder):
+        raise UserError(
+            f"{name} is a {type(model).__name__}, not a decoder LM; this command needs a decoder"
+        )

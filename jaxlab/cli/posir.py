@@ -1,0 +1,161 @@
+"""``posir build`` (a position-controlled dataset) and ``posir eval`` (an encoder on it)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from jaxlab.cli._common import (
+    Command,
+    add_overwrite_arg,
+    add_parser,
+    check_outputs,
+    registry_option,
+)
+from jaxlab.errors import UserError
+
+__all__ = ["COMMAND"]
+
+
+def _run_posir(args):
+    {"build": _build, "eval": _eval}[args.posir_command](args)
+
+
+def _build(args):
+    import numpy as np
+
+    from jaxlab.models import from_pretrained
+    from jaxlab.retrieval import (
+        DEFAULT_LENGTHS,
+        build_posir,
+        builtin_dataset,
+        read_filler,
+        read_items,
+        save_posir,
+    )
+
+    check_outputs(args, args.out)
+    if args.items and not args.documents:
+        raise UserError("posir build --items needs --documents (text files of filler)")
+    _, tokenizer = from_pretrained(args.tokenizer_model)
+    lengths = DEFAULT_LENGTHS[: args.buckets]
+    if args.items:  # a user's (query, evidence) pairs and filler documents
+        items, filler = read_items(args.items), read_filler(args.documents)
+        data = build_posir(items, filler, tokenizer, lengths=lengths, seed=args.seed)
+    else:
+        data = builtin_dataset(args.queries, tokenizer, seed=args.seed, lengths=lengths)
+    out = save_posir(data, args.out)
+    counts = np.bincount(np.searchsorted([512, 1024, 1536], data.doc_token_lengths), minlength=4)
+    print(
+        f"wrote {out}: {len(data)} queries, {len(data.corpus_ids)} documents; "
+        f"per bucket Q1..Q4: {counts.tolist()}"
+    )
+
+
+def _eval(args):
+    from jaxlab.models import from_pretrained
+    from jaxlab.retrieval import (
+        evaluate_posir,
+        find_datasets,
+        load_posir,
+        plot_report,
+        saliency_profile,
+    )
+
+    out = Path(args.out)
+    folders = find_datasets(args.data)
+    names = {f: "_".join(f.relative_to(Path(args.data)).parts) or "posir" for f in folders}
+    check_outputs(args, *(out / f"{n}{ext}" for n in names.values() for ext in (".json", ".png")))
+    model, tokenizer = from_pretrained(args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        data = load_posir(folder)
+        t0 = time.perf_counter()
+        report = evaluate_posir(
+            data,
+            model,
+            tokenizer,
+            strategy=args.strategy,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        report.update(model=args.model, data=str(folder), seconds=time.perf_counter() - t0)
+        sal = None
+        if args.saliency:
+            sal = saliency_profile(
+                data, model, tokenizer, max_examples=args.saliency, max_length=args.max_length
+            )
+            report["saliency"] = sal
+        name = names[folder]
+        (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+        plot_report(report, out / f"{name}.png", sal)
+        print(
+            f"{folder}: {len(data)} queries, nDCG@10 {report['ndcg@10']:.3f}, "
+            f"recall@10 {report['recall@10']:.3f}, PSI {report['psi']:.3f} "
+            f"({args.strategy}, {report['seconds']:.1f} s)"
+        )
+        for bucket, b in report["analysis"]["buckets"].items():
+            print(
+                f"  {bucket}: n={b['n']:4d} nDCG@10 {b['ndcg@10']:.3f} PSI {b['psi']:.3f} "
+                f"slope {b['slope']:+.3f} spearman {b['spearman']:+.2f}"
+            )
+        print(f"  wrote {out / (name + '.json')} and {out / (name + '.png')}")
+
+
+def _posir_args(p):
+    sub = p.add_subparsers(dest="posir_command", metavar="POSIR_COMMAND", required=True)
+    b = add_parser(sub, "build", "write a position-controlled dataset in PosIR's layout")
+    b.add_argument("--out", required=True, help="dataset folder to write")
+    b.add_argument("--queries", type=int, default=200, help="built-in corpus: number of queries")
+    b.add_argument(
+        "--buckets",
+        type=int,
+        default=4,
+        choices=(1, 2, 3, 4),
+        help="use the first N length buckets (Q1..Q4)",
+    )
+    b.add_argument("--seed", type=int, default=0, help="seed of lengths and positions")
+    b.add_argument(
+        "--items", help="JSONL of {query, evidence} pairs (instead of the built-in corpus)"
+    )
+    b.add_argument("--documents", nargs="*", help="text files whose sentences are the filler")
+    b.add_argument(
+        "--tokenizer-model",
+        default="all-minilm-l6-v2",
+        help="model whose tokenizer measures document lengths",
+    )
+    add_overwrite_arg(b)
+    e = add_parser(sub, "eval", "evaluate an encoder on PosIR dataset(s)")
+    e.add_argument("--model", default="all-minilm-l6-v2", help="registered name or HF dir")
+    e.add_argument("--data", required=True, help="a dataset folder or a collection of them")
+    e.add_argument("--out", required=True, help="folder for JSON reports and plots")
+    registry_option(
+        e,
+        "--strategy",
+        "jaxlab.retrieval.evaluate:STRATEGIES",
+        default="chunk_max",
+        help="how documents longer than the encoder's limit are embedded",
+    )
+    e.add_argument(
+        "--max-length", type=int, default=None, help="encoder window (default: the model's)"
+    )
+    e.add_argument("--batch-size", type=int, default=32, help="texts per encoder call")
+    e.add_argument(
+        "--saliency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compute the gradient saliency profile over N examples",
+    )
+    e.add_argument("--quiet", action="store_true", help="no progress report")
+    add_overwrite_arg(e)
+
+
+COMMAND = Command(
+    "posir",
+    "position-aware retrieval: `posir build` a dataset, `posir eval` an encoder on it",
+    _posir_args,
+    _run_posir,
+)

@@ -1,0 +1,36 @@
+"""``train-lm``: train (or resume) a small decoder LM with Orbax checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+from jaxlab.cli._common import Command, add_config_args
+
+__all__ = ["COMMAND"]
+
+
+def _run_train_lm(args):
+    from jaxlab.config import load_config
+    from jaxlab.train import LMTrainConfig, train_lm
+
+    cfg = load_config(args.config, args.overrides, cls=LMTrainConfig)
+    metrics = train_lm(cfg, args.workdir, progress=not args.quiet)
+    print(json.dumps(metrics))
+
+
+def _train_lm_args(p):
+    add_config_args(p, "configs/lm_tiny.yaml")
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="metrics.jsonl and checkpoints/ go here; resumes if present",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress report")
+
+
+COMMAND = Command(
+    "train-lm",
+    "train (or resume) a small decoder LM with Orbax checkpoints",
+    _train_lm_args,
+    _run_train_lm,
+)
