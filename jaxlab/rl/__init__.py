@@ -4,6 +4,7 @@ Pure functions, composable under ``jit`` / ``vmap`` / ``grad`` / ``shard_map``. 
 by name from the registries below.
 """
 
+from jaxlab.registry import Registry as Registry
 from jaxlab.rl.advantages import ADVANTAGE_ESTIMATORS as ADVANTAGE_ESTIMATORS
 from jaxlab.rl.advantages import batch_advantages as batch_advantages
 from jaxlab.rl.advantages import compute_advantages as compute_advantages
@@ -22,4 +23,3 @@ from jaxlab.rl.losses import kl_penalty as kl_penalty
 from jaxlab.rl.losses import masked_mean as masked_mean
 from jaxlab.rl.losses import policy_loss as policy_loss
 from jaxlab.rl.losses import token_logprobs as token_logprobs
-from jaxlab.registry import Registry as Registry

@@ -8,8 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlab.rl.aggregation import aggregate_loss
 from jaxlab.registry import Registry
+from jaxlab.rl.aggregation import aggregate_loss
 from jaxlab.rl.validation import check_floating, check_rank, check_same_shape
 
 __all__ = [
