@@ -1,6 +1,6 @@
 """The RL trainer: Engine rollouts driven by the scheduling controller, group advantages, policy updates.
 
-    cfg = load_config("configs/rl/sorted_tiny.yaml")
+    cfg = load_config("rl/tiny_sorted")  # a shipped config by name, or any YAML path
     summary = train_rl(cfg, "runs/rl")
 
 One loop serves both schedulers (``sync`` and SortedRL's ``sorted``): the controller decides which
