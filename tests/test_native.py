@@ -80,32 +80,31 @@ def test_cache_attention_matches_float64(b, t, h, kv, s, d):
     np.testing.assert_allclose(got, _attention_f64(q, k, v, mask, scale), atol=2e-6, rtol=1e-5)
     assert not got[0, -1].any()  # a row with no visible slot gives zeros
     # the XLA formulation agrees wherever a row sees something
-    xla = np.asarray(
-        grouped_attention(q, k, v, jnp.asarray(mask), scale=scale, kv_layout="bksd", native=False)
-    )
+    xla = np.asarray(grouped_attention(q, k, v, jnp.asarray(mask), scale=scale, kv_layout="bksd"))
     seen = mask.any(-1)
     np.testing.assert_allclose(got[seen], xla[seen], atol=2e-6, rtol=1e-5)
 
 
 def test_cache_attention_is_the_default_for_decoding_on_cpu():
+    from jaxlab.attention import attention
+    from jaxlab.native.decoding import ATTENTION  # the attention a decoding model's layers use
+
+    def decoding_attention(q, k):
+        return attention(q, k, k, None, scale=0.25, kv_layout="bksd", implementation=ATTENTION)
+
     q = jnp.ones((2, 1, 4, 16))
     k = jnp.ones((2, 2, 8, 16))
+    jaxpr = str(jax.make_jaxpr(decoding_attention)(q, k))
+    assert "jaxlab_cache_attention" in jaxpr
+    long_q = jnp.ones((2, 40, 4, 16))
+    jaxpr = str(jax.make_jaxpr(decoding_attention)(long_q, k))
+    assert "jaxlab_cache_attention" in jaxpr  # a prefill into the cache too
+    jaxpr = str(jax.make_jaxpr(decoding_attention)(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)))
+    assert "jaxlab_cache_attention" not in jaxpr
+    # the model's own attention never reaches the kernel
     jaxpr = str(
         jax.make_jaxpr(lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd"))(
             q, k
-        )
-    )
-    assert "jaxlab_cache_attention" in jaxpr
-    long_q = jnp.ones((2, 40, 4, 16))
-    jaxpr = str(
-        jax.make_jaxpr(lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd"))(
-            long_q, k
-        )
-    )
-    assert "jaxlab_cache_attention" in jaxpr  # a prefill into the cache too
-    jaxpr = str(
-        jax.make_jaxpr(lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd"))(
-            q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
         )
     )
     assert "jaxlab_cache_attention" not in jaxpr
@@ -174,12 +173,21 @@ def test_greedy_tokens_nan_and_infinite_rows_follow_jax():
 
 
 def test_greedy_sampling_uses_the_kernel_on_cpu_float32():
-    from jaxlab.generation.sampling import sample_tokens
+    from jaxlab.generation import SamplingParams
+    from jaxlab.generation.core import row_params, sample_rows
+    from jaxlab.native.decoding import NativeDecoder
 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 500)).astype(np.float32))
-    fn = lambda x: sample_tokens(x, None, temperature=1.0, greedy=True)  # noqa: E731
+    rp = jax.tree.map(jnp.asarray, row_params([(SamplingParams(), 0, 0, ())] * 4))
+    zeros, seen, index = jnp.zeros((4, 500), jnp.int32), jnp.zeros((4, 500), bool), jnp.zeros(4)
+
+    def fn(x):  # generation's greedy path on a decoding model
+        out = sample_rows(x, rp, zeros, seen, index, greedy_tokens=NativeDecoder.greedy_tokens)
+        return out[:3]
+
     assert "jaxlab_greedy_tokens" in str(jax.make_jaxpr(fn)(x))
-    assert "jaxlab_greedy_tokens" not in str(jax.make_jaxpr(fn)(x.astype(jnp.bfloat16)))
+    bf16 = x.astype(jnp.bfloat16)
+    assert "jaxlab_greedy_tokens" not in str(jax.make_jaxpr(NativeDecoder.greedy_tokens)(bf16))
     tokens, lp, raw = fn(x)
     want = jax.nn.log_softmax(x)[jnp.arange(4), jnp.argmax(x, axis=-1)]
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jnp.argmax(x, axis=-1)))
@@ -250,9 +258,10 @@ def test_gradients_and_vmap_go_through_the_xla_formulation():
     mask = jnp.asarray(_mask(rng, 2, 1, 8)).at[0].set(True)
 
     def attn(native_kernel):
+        if native_kernel:
+            return lambda q, k: jnp.sum(native.cache_attention(q, k, k, mask, scale=0.25) ** 2)
         return lambda q, k: jnp.sum(
-            grouped_attention(q, k, k, mask, scale=0.25, kv_layout="bksd", native=native_kernel)
-            ** 2
+            grouped_attention(q, k, k, mask, scale=0.25, kv_layout="bksd") ** 2
         )
 
     got = jax.grad(attn(True), argnums=(0, 1))(q, k)
@@ -445,9 +454,16 @@ def test_decoding_runs_one_native_call_per_plain_llama_layer():
     from flax import nnx
 
     from jaxlab.models.decoder import Decoder, DecoderConfig
+    from jaxlab.native.decoding import prepare_for_decoding
 
     def kernels(cfg):
         model = Decoder(dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(0))
+        assert "jaxlab_" not in str(  # the model itself knows no kernels
+            jax.make_jaxpr(lambda c: model(jnp.zeros((2, 1), jnp.int32), cache=c))(
+                model.init_cache(2, 16)
+            )
+        )
+        model = prepare_for_decoding(model)  # the seam generation calls
         cache = model.init_cache(2, 16)
         ids = jnp.zeros((2, 1), jnp.int32)
         return str(jax.make_jaxpr(lambda c: model(ids, cache=c))(cache))

@@ -16,7 +16,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxlab import native as kernels
 from jaxlab.errors import UserError
 from jaxlab.registry import Registry
 
@@ -81,7 +80,7 @@ _CACHE_BYTES = 4 << 20  # float32 logits above this size are computed one sequen
 
 
 @register_attention("xla")
-def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=None, native=None):
+def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=None):
     """Grouped-query attention as two einsums with a float32 softmax (the default).
 
     Query heads are grouped under their key/value head instead of repeating keys and values, and
@@ -90,15 +89,13 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=No
     contiguously).
 
     ``per_sequence`` (``bskd`` only) attends one sequence at a time in a ``lax.map``, so that a
-    sequence's ``[H, T, S]`` logits stay in cache between the two matmuls and the softmax: ~2.5x
-    faster on CPU than materialising ``[B, H, T, S]`` at once. By default it is on when the
-    backend is CPU and the batch's logits would outgrow the cache (> 4 MiB); accelerators keep
-    the whole batch in one pass.
+    sequence's ``[H, T, S]`` logits stay in cache between the two matmuls and the softmax (faster
+    on CPU than materialising ``[B, H, T, S]`` at once; ``docs/models.md``). By default it is on
+    when the backend is CPU and the batch's logits would outgrow the cache (> 4 MiB);
+    accelerators keep the whole batch in one pass.
 
-    ``native`` (``bksd`` only): run :func:`jaxlab.native.cache_attention`, a C++ kernel
-    for new tokens over a KV cache (~5x faster than XLA's batched matmuls at batch 32 in
-    decoding; in a prefill it skips the cache's empty slots). By default it is on for float32
-    on CPU when the kernel is built; rows whose mask is all False then give zeros.
+    Decoding on CPU replaces this over the KV cache with a native kernel
+    (:func:`jaxlab.native.decoding.prepare_for_decoding`); this function itself is plain XLA.
     """
     b, t, h, d = q.shape
     if kv_layout == "bskd":
@@ -115,10 +112,6 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=No
         if mask is None:
             return jax.lax.map(lambda a: one(*a, None), (q, k, v))
         return jax.lax.map(lambda a: one(*a), (q, k, v, mask))
-    if native is None:
-        native = kernels.use_cache_attention(q, k, v)
-    if native:
-        return kernels.cache_attention(q, k, v, mask, scale=scale)
     # bksd: fold (batch, kv head) into one batch axis and (query, group) into the rows, so that
     # XLA runs one batched matmul with few, larger batch entries (much faster on CPU).
     kv_heads, s_len = k.shape[1], k.shape[2]

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlab import native
 from jaxlab.generation.core import (
     DecodeState,
     RowParams,
@@ -238,7 +237,6 @@ class Engine:
     def _reset_state(self) -> None:
         b, v = self.num_slots, self._config.vocab_size
         cache = self._decoding.init_cache(b, self.max_len)
-        native.advise_huge_pages(jax.tree.leaves(cache))  # on CPU: each step reads it all
         self._ds = DecodeState(
             cache=cache,
             prev=jnp.full((b,), self.pad_id, jnp.int32),
@@ -281,7 +279,6 @@ class Engine:
         graphdef, state = nnx.split(dec)
         # the engine's own single-device copy (the trainer may keep the weights on a mesh)
         self._state = jax.device_put(state, self.device)
-        native.advise_huge_pages(jax.tree.leaves(self._state))
         if hasattr(self, "_graphdef") and graphdef != self._graphdef:
             raise ValueError("update_weights needs a model of the same architecture")
         self._graphdef = graphdef

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlab import native
 from jaxlab.generation.core import (
     Statics,
     decode_steps,
@@ -28,12 +27,8 @@ from jaxlab.generation.core import (
     row_params,
 )
 from jaxlab.generation.params import SamplingParams
-from jaxlab.models.decoder import (
-    Decoder,
-    packs_weights,
-    with_layer_layout,
-    with_packed_weights,
-)
+from jaxlab.models.decoder import Decoder, with_layer_layout
+from jaxlab.native.decoding import prepare_for_decoding
 from jaxlab.tokenization import Tokenizer, bucket_length
 
 __all__ = [
@@ -71,22 +66,17 @@ _DECODING_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def decoding_model(model: Decoder) -> Decoder:
     """``model`` as generation reads it, built once and reused until its weights change: one
-    module per layer and, on CPU for plain Llama layers, also its matrices packed in column strips
-    for prefills and many-row decode steps (:func:`jaxlab.models.decoder.with_packed_weights`;
-    one more copy of them in memory, ``JAXLAB_STRIPS=0`` turns it off).
-
-    On CPU the weights are also moved to huge pages (:func:`jaxlab.native.advise_huge_pages`):
-    every decode step streams them all.
+    module per layer (:func:`~jaxlab.models.decoder.with_layer_layout`), prepared for decoding
+    by :func:`jaxlab.native.decoding.prepare_for_decoding` (on CPU: the native kernels, packed weights
+    and huge pages; elsewhere the model as it is).
     """
     fingerprint = tuple(id(x) for x in jax.tree.leaves(nnx.state(model)))
     hit = _DECODING_MODELS.get(model)
     if hit is not None and hit[0] == fingerprint:
         return model if hit[1] is None else hit[1]
-    derived = with_layer_layout(model, scan_layers=False) if model.config.scan_layers else None
-    if packs_weights(derived or model):
-        derived = with_packed_weights(derived or model)
-    decoding = model if derived is None else derived
-    native.advise_huge_pages(jax.tree.leaves(nnx.state(decoding)))
+    unrolled = with_layer_layout(model, scan_layers=False)
+    decoding = prepare_for_decoding(unrolled)
+    derived = None if decoding is model else decoding
     _DECODING_MODELS[model] = (fingerprint, derived)  # None: the model itself (no self-reference)
     return decoding
 
@@ -461,3 +451,6 @@ def generate(
         prompt_index=np.repeat(np.arange(len(rows), dtype=np.int32), params.n),
         top_logprobs=top,
     )
+
+
+_cut_at_stop = cut_at_stop  # the name it had before it was shared with the Engine

@@ -8,8 +8,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlab import native
-
 __all__ = ["filter_logits", "sample_tokens"]
 
 _NEG_INF = -jnp.inf
@@ -54,9 +52,6 @@ def sample_tokens(
       under the distribution sampled from (after temperature / top-k / top-p), and under the
       untempered, unfiltered model. For greedy decoding both are the model's log-probability.
     """
-    if greedy and native.use_greedy_tokens(logits):  # CPU: XLA's argmax is a slow scalar loop
-        tokens, lp = native.greedy_tokens(logits)
-        return tokens, lp, lp
     raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     if greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlab import native
 from jaxlab.attention import ATTENTION_IMPLEMENTATIONS, RingConfig, attention
 from jaxlab.config import check, check_positive, from_dict
 from jaxlab.models.archs import DECODER_ARCHS
@@ -216,28 +215,6 @@ class DecoderLayer(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
-    def native_weights(self, packed: bool = False) -> tuple[jax.Array, ...]:
-        """The weights in :func:`jaxlab.native.decoder_layer`'s order; with ``packed``, its
-        matrices in column strips (the copy :func:`with_packed_weights` attached)."""
-        ln1, ln2 = self.input_layernorm.weight[...], self.post_attention_layernorm.weight[...]
-        if packed:
-            wq, wk, wv, wo, wg, wu, wd = self.packed_weights.get_value()
-        else:
-            wq, wk, wv, wo, wg, wu, wd = (p.kernel[...] for p in self._projections())
-        return ln1, wq, wk, wv, wo, ln2, wg, wu, wd
-
-    def _projections(self):
-        attn, mlp = self.self_attn, self.mlp
-        return (
-            attn.q_proj,
-            attn.k_proj,
-            attn.v_proj,
-            attn.o_proj,
-            mlp.gate_proj,
-            mlp.up_proj,
-            mlp.down_proj,
-        )
-
 
 class Decoder(nnx.Module):
     """Decoder-only transformer LM.
@@ -270,9 +247,6 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(rngs, cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
-    def _has_packed_weights(self) -> bool:  # attached by with_packed_weights
-        return not self.config.scan_layers and hasattr(self.layers[0], "packed_weights")
-
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache of ``max_len`` slots per row."""
         cfg = self.config
@@ -291,6 +265,24 @@ class Decoder(nnx.Module):
             valid=jnp.zeros((batch_size, max_len), bool),
         )
 
+    # -- overridable pieces (an accelerator seam such as jaxlab.native's decoding model
+    # replaces these on a decoding copy; the model itself knows no kernels) -------------------
+    def _unrolled_layers(self, x, rope, mask, index, kv):
+        """Runs the layers one module at a time (``scan_layers=False``): decoding then reads each
+        layer's weights in place. ``kv``: per-layer caches or None; returns ``(x, new kv)``."""
+        outs = []
+        for i, layer in enumerate(self.layers):
+            x, layer_kv = layer(x, rope, mask, None if kv is None else (kv[0][i], kv[1][i]), index)
+            outs.append(layer_kv)
+        if kv is None:
+            return x, None
+        return x, (tuple(o[0] for o in outs), tuple(o[1] for o in outs))
+
+    def _tied_logits(self, x):
+        """``x @ embedding.T``: the tied output projection."""
+        table = self.embed_tokens.embedding[...]
+        return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+
     def __call__(
         self,
         input_ids: jax.Array,  # [B, T] int
@@ -303,7 +295,7 @@ class Decoder(nnx.Module):
     ):
         """Logits ``[B, T, V]`` (or hidden states with ``return_hidden``); with ``cache`` also the
         updated cache. ``logits_to_keep=n`` computes them for the last ``n`` positions only
-        (prefill needs one: the vocabulary projection is ~20% of SmolLM2's prefill FLOPs)."""
+        (prefill needs one: the vocabulary projection is a large share of a small model's prefill)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
         b, t = input_ids.shape
@@ -340,40 +332,12 @@ class Decoder(nnx.Module):
 
         rope = rope_tables(positions, inv_freq)  # once, for every layer
 
-        def body(layer, h, layer_kv):
-            return layer(h, rope, mask, layer_kv, index)
-
         if cfg.scan_layers:
-            x, new_kv = scan_layers(self.layers, body, x, kv)
-        elif kv is not None and _native_layers(
-            cfg, x, kv[0][0], has_packed := self._has_packed_weights()
-        ):
-            # over a cache on CPU: each layer is one native call that updates its cache in place
-            ks, vs = [], []
-            packed = has_packed and native.use_strips(x, b * t)
-            for i, layer in enumerate(self.layers):
-                weights = layer.native_weights(packed)
-                x, k_i, v_i = native.decoder_layer(
-                    x,
-                    *rope,
-                    mask,
-                    index,
-                    kv[0][i],
-                    kv[1][i],
-                    weights,
-                    eps=cfg.rms_norm_eps,
-                    scale=cfg.dim_per_head**-0.5,
-                    packed=packed,
-                )
-                ks.append(k_i)
-                vs.append(v_i)
-            new_kv = (tuple(ks), tuple(vs))
-        else:  # one array per layer: decoding reads each layer's weights in place
-            outs = []
-            for i, layer in enumerate(self.layers):
-                x, layer_kv = body(layer, x, None if kv is None else (kv[0][i], kv[1][i]))
-                outs.append(layer_kv)
-            new_kv = None if kv is None else (tuple(o[0] for o in outs), tuple(o[1] for o in outs))
+            x, new_kv = scan_layers(
+                self.layers, lambda layer, h, kv_l: layer(h, rope, mask, kv_l, index), x, kv
+            )
+        else:
+            x, new_kv = self._unrolled_layers(x, rope, mask, index, kv)
         if logits_to_keep is not None:
             if not 1 <= logits_to_keep <= t:
                 raise ValueError(f"logits_to_keep must lie in [1, {t}], got {logits_to_keep}")
@@ -381,69 +345,13 @@ class Decoder(nnx.Module):
         x = self.norm(x)
         if return_hidden:
             out = x
-        elif self.config.tie_word_embeddings:  # x @ embedding.T, through the native few-row path
-            table = self.embed_tokens.embedding[...]
-            packed = getattr(self, "packed_head", None)
-            rows = x.shape[0] * x.shape[1]
-            if packed is not None and native.use_strips(x, rows):
-                out = native.strips_matmul(x.reshape(rows, -1), packed.get_value())
-                out = out.reshape(*x.shape[:2], -1)
-            else:
-                out = native.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
-            out = out.astype(jnp.float32)
+        elif self.config.tie_word_embeddings:
+            out = self._tied_logits(x).astype(jnp.float32)
         else:
             out = self.lm_head(x).astype(jnp.float32)
         if cache is None:
             return out
         return out, KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + t, valid=valid)
-
-
-def _plain_llama(cfg: DecoderConfig) -> bool:
-    """Layers :func:`jaxlab.native.decoder_layer` covers: no biases, no q/k norms, dense
-    attention."""
-    extras = cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm
-    return not extras and cfg.attention_implementation == "xla"
-
-
-def _native_layers(cfg: DecoderConfig, x: jax.Array, k_cache: jax.Array, packed: bool) -> bool:
-    """Whether each layer runs as one :func:`jaxlab.native.decoder_layer` call over the cache: a
-    plain Llama layer in float32 on CPU."""
-    return _plain_llama(cfg) and native.use_decoder_layer(x, k_cache, packed)
-
-
-class PackedWeights(nnx.Variable):
-    """Matrices in the native kernels' column-strip layout (:func:`jaxlab.native.pack_strips`):
-    a decoding copy derived from the parameters, not a parameter itself."""
-
-
-def packs_weights(model: Decoder) -> bool:
-    """Whether generation reads :func:`with_packed_weights`: one module per layer, plain Llama
-    layers (the ones decoding runs as :func:`jaxlab.native.decoder_layer`), float32 on CPU with
-    the native kernels (:func:`jaxlab.native.use_strips`)."""
-    cfg = model.config
-    return (
-        _plain_llama(cfg)
-        and not cfg.scan_layers
-        and native.use_strips(model.embed_tokens.embedding[...], native.strips_min_rows())
-    )
-
-
-def with_packed_weights(model: Decoder) -> Decoder:
-    """A module tree over ``model``'s arrays (no copies) whose layers also carry their seven
-    projection matrices packed in column strips, and the tied head ``embedding.T`` likewise.
-
-    Decoding on CPU reads these: many-row decode steps are compute-bound, and strips stream as
-    contiguous memory through register tiles that span the whole depth (see
-    :func:`jaxlab.native.strips_matmul`). It costs one more copy of those matrices in memory.
-    """
-    copy = nnx.merge(*nnx.split(model))
-    pack = jax.jit(lambda ws: tuple(native.pack_strips(w) for w in ws))
-    for layer in copy.layers:
-        layer.packed_weights = PackedWeights(pack([p.kernel[...] for p in layer._projections()]))
-    if model.config.tie_word_embeddings:
-        table = model.embed_tokens.embedding[...]
-        copy.packed_head = PackedWeights(jax.jit(lambda e: native.pack_strips(e.T))(table))
-    return copy
 
 
 def with_layer_layout(model: Decoder, scan_layers: bool) -> Decoder:

@@ -10,8 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlab import native
-
 __all__ = [
     "RMSNorm",
     "dense",
@@ -61,11 +59,7 @@ class LayerNorm(nnx.Module):
 def dense(
     rngs: nnx.Rngs, din: int, dout: int, *, bias: bool = True, dtype=jnp.float32
 ) -> nnx.Linear:
-    """A linear layer with the models' conventions: N(0, 0.02) init, params and compute in ``dtype``.
-
-    Its matmul is :func:`jaxlab.native.dot_general`: XLA's, except that the few-row float32
-    products of decoding on CPU run a native kernel (~1.7x faster at 8 rows).
-    """
+    """A linear layer with the models' conventions: N(0, 0.02) init, params and compute in ``dtype``."""
     return nnx.Linear(
         din,
         dout,
@@ -73,7 +67,6 @@ def dense(
         dtype=dtype,
         param_dtype=dtype,
         kernel_init=nnx.initializers.normal(0.02),
-        dot_general=native.dot_general,
         rngs=rngs,
     )
 

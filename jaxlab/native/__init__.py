@@ -1,18 +1,24 @@
 """Native CPU kernels, compiled from ``cpu_kernels.cc`` and called through XLA's FFI.
 
 ``make demo`` / ``make test`` build the library (``python -m jaxlab.native``); on first
-use a missing build is compiled once (~3 s, needs ``g++``) into the package directory, or into
+use a missing build is compiled once (a few seconds, needs ``g++``) into the package directory, or into
 ``jaxlab.paths.cache_dir()`` (``$JAXLAB_CACHE_DIR``, default ``~/.cache/jaxlab``) when that is
 read-only. The file name carries a hash of the source, flags and CPU features, so an edited
 kernel is never run from a stale build, nor a build from another CPU (a shared home directory or
 checkout). Without a compiler jaxlab falls back to the XLA path with one warning;
 ``JAXLAB_NATIVE=0`` turns the kernels off.
 
+Models know nothing of these kernels: generation reaches them through one seam,
+:func:`jaxlab.native.decoding.prepare_for_decoding`, which returns a decoding copy of a model with
+the CPU fast paths attached. The environment switches (``JAXLAB_NATIVE``,
+``JAXLAB_NATIVE_LAYER``, ``JAXLAB_STRIPS``, ``JAXLAB_HUGE_PAGES``, ``JAXLAB_NATIVE_FLAGS``,
+``CXX``) are documented in one place, ``docs/models.md`` ("Environment variables"); measured
+speed-ups are in ``docs/benchmarks.md`` and ``docs/models.md`` ("Running on CPU").
+
 :func:`cache_attention` is attention of new tokens over a ``bksd`` KV cache: XLA runs it as B·K
-tiny batched matmuls (~60 ms per SmolLM2 decode step at batch 32), and a prefill over every
-slot of the cache, the empty ones too; the kernel reads each head's slots once and skips the
-blocks of 16 (AVX-512) or 8 (AVX2) slots its tokens cannot see, spread over XLA's intra-op
-threads.
+tiny batched matmuls, and a prefill over every slot of the cache, the empty ones too; the kernel
+reads each head's slots once and skips the blocks of 16 (AVX-512) or 8 (AVX2) slots its tokens
+cannot see, spread over XLA's intra-op threads.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab.native import reference
 from jaxlab.paths import cache_dir
 
 __all__ = [
@@ -74,8 +81,8 @@ _FLAGS = [
 # without packed weights, more new tokens than this per row (prefill) run the decoder layer as
 # separate ops
 DECODER_LAYER_MAX_TOKENS = 8
-# matmuls with more rows than this (prefill, training) stay on XLA; at 32 rows the kernel is
-# 1.7x XLA for the layers and 1.07-1.09x for the tied head x @ E.T (scripts/bench_native.py)
+# matmuls with more rows than this (prefill, training) stay on XLA (the crossover measured by
+# scripts/bench_native.py; docs/models.md)
 ROWS_MATMUL_MAX_ROWS = 32
 # calls with at least this many rows read weights packed in column strips where they have them;
 # None: the built kernels' own choice (:func:`strips_min_rows`)
@@ -172,10 +179,9 @@ def strips_min_rows() -> int:
     """The fewest rows of a call that reads weights packed in column strips where it has them
     (:data:`STRIPS_MIN_ROWS` when set).
 
-    With AVX-512 (measured on Sapphire/Emerald Rapids), 17: below that the few-row matmul is
-    bound by memory and the depth-split kernel on the usual layout is as fast. With AVX2
-    (measured on Zen 3), 1: the strips' contiguous streams read faster at every row count
-    (decode steps of 1 and 8 rows, the tied head; ``docs/benchmarks.md``, session 10).
+    With AVX-512, 17: below that the few-row matmul is bound by memory and the depth-split kernel
+    on the usual layout is as fast. With AVX2, 1: the strips' contiguous streams read faster at
+    every row count (measurements in ``docs/models.md``, "Running on CPU").
     """
     if STRIPS_MIN_ROWS is not None:
         return STRIPS_MIN_ROWS
@@ -194,12 +200,6 @@ def _on_cpu_float32(*xs) -> bool:
 # -- attention over a KV cache ---------------------------------------------------------------------
 
 
-def _attention_reference(q, k, v, mask, scale):
-    from jaxlab.attention.dense import grouped_attention
-
-    return grouped_attention(q, k, v, mask, scale=scale, kv_layout="bksd", native=False)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _cache_attention(q, k, v, mask, scale):
     call = jax.ffi.ffi_call(
@@ -212,9 +212,9 @@ def _attention_fwd(q, k, v, mask, scale):
     return _cache_attention(q, k, v, mask, scale), (q, k, v, mask)
 
 
-def _attention_bwd(scale, res, g):  # differentiate the XLA formulation (the kernel is forward-only)
+def _attention_bwd(scale, res, g):  # differentiate the jnp formulation (the kernel is forward-only)
     q, k, v, mask = res
-    _, vjp = jax.vjp(lambda q, k, v: _attention_reference(q, k, v, mask, scale), q, k, v)
+    _, vjp = jax.vjp(lambda q, k, v: reference.cache_attention(q, k, v, mask, scale), q, k, v)
     return (*vjp(g), None)
 
 
@@ -233,17 +233,12 @@ def cache_attention(q, k, v, mask, *, scale: float) -> jax.Array:
 
 
 def use_cache_attention(q, k, v) -> bool:
-    """The default choice: float32 on CPU, kernels built. Also for a prefill into the cache: it
-    skips the cache's empty slots and each token block's future (SmolLM2 prefill of 8 x 128
-    tokens -15%; of 2048 tokens -31%)."""
+    """The default choice over a cache: float32 on CPU, kernels built. Also for a prefill into
+    the cache: it skips the cache's empty slots and each token block's future."""
     return _on_cpu_float32(q, k, v) and available()
 
 
 # -- few-row matmuls -------------------------------------------------------------------------------
-
-
-def _matmul_reference(x, w, transposed):
-    return x @ (w.T if transposed else w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -262,7 +257,7 @@ def _matmul_fwd(x, w, transposed):
 
 
 def _matmul_bwd(transposed, res, g):
-    _, vjp = jax.vjp(lambda x, w: _matmul_reference(x, w, transposed), *res)
+    _, vjp = jax.vjp(lambda x, w: reference.matmul(x, w, transposed), *res)
     return vjp(g)
 
 
@@ -299,8 +294,8 @@ def strips_matmul(x, w_packed) -> jax.Array:
     """``x [M, K] @ w [K, N]`` (float32, forward only) from ``w_packed = pack_strips(w)``.
 
     Each work item streams whole strips (contiguous memory) through register tiles that span the
-    full depth: for more than a few rows, where the matmul is compute-bound, this is ~1.3x
-    :func:`rows_matmul` on a weight in its usual layout.
+    full depth: for more than a few rows, where the matmul is compute-bound, this is faster than
+    :func:`rows_matmul` on a weight in its usual layout (``docs/models.md``).
     """
     _require()
     if x.ndim != 2 or w_packed.ndim != 2 or x.shape[1] != w_packed.shape[0]:
@@ -402,8 +397,7 @@ def advise_huge_pages(arrays, *, min_bytes: int = 256 << 10) -> int:
     """Backs the host memory of CPU ``arrays`` with 2 MiB pages; returns the bytes advised.
 
     A decode step streams every weight and the KV cache once; on 4 KiB pages that is a TLB miss
-    and a restart of the hardware prefetcher every 4 KiB (a 540 MB read runs at ~30 GB/s on this
-    project's 2-core machine, ~35 GB/s on huge pages; SmolLM2 decoding at batch 8 ~4% faster).
+    and a restart of the hardware prefetcher every 4 KiB (measured in ``docs/models.md``).
     The 2 MiB-aligned ranges covering the arrays are marked ``MADV_HUGEPAGE`` and collapsed now
     (``MADV_COLLAPSE``). Neither changes the memory's contents, so it is safe for whatever else
     shares those ranges. Best effort: a no-op off Linux, off CPU, for arrays under ``min_bytes``,
