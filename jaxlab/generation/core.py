@@ -18,6 +18,7 @@ S cache length, C output columns, V vocab, L top-n logprobs (``MAX_LOGPROBS``).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -278,17 +279,30 @@ class Outputs(NamedTuple):
 
 
 class Statics:
-    """The jitted steps' static argument (the model's graphdef), hashed once.
+    """The jitted steps' static argument (the model's graphdef), hashed once and interned.
 
-    jit hashes its static arguments at every call; a graphdef's hash walks every node of the
-    model (~1,300 calls for SmolLM2), several milliseconds of every decode step.
+    jit hashes its static arguments at every call and compares them with its cached key; a
+    graphdef's hash and equality walk every node of the model (~1,300 for SmolLM2). One instance
+    per distinct graphdef (:meth:`of`) makes the comparison an identity check, also across
+    engines and ``generate`` calls.
     """
 
-    __slots__ = ("graphdef", "_hash")
+    __slots__ = ("graphdef", "_hash", "__weakref__")
+    _interned: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     def __init__(self, graphdef):
         self.graphdef = graphdef
         self._hash = hash(graphdef)
+
+    @classmethod
+    def of(cls, graphdef) -> Statics:
+        """The one instance for graphdefs equal to ``graphdef``."""
+        made = cls(graphdef)  # hashes it once
+        hit = cls._interned.get(made._hash)
+        if hit is not None and hit.graphdef == graphdef:
+            return hit
+        cls._interned[made._hash] = made
+        return made
 
     def __hash__(self) -> int:
         return self._hash

@@ -217,7 +217,7 @@ class Engine:
         self.policy_version = 0
         self.device = jax.devices()[0]
         self._set_model(model)
-        self._static = Statics(self._graphdef)
+        self._static = Statics.of(self._graphdef)
         self._reset_state()
         self._rng = np.random.default_rng(seed)
         self._queue: collections.deque[Request] = collections.deque()
@@ -711,13 +711,13 @@ class Engine:
                     static=self._static,
                 )
                 out = self._out
-                tok = np.asarray(out.tokens[:, 0])
-                lp, raw = np.asarray(out.logprobs[:, 0]), np.asarray(out.raw_logprobs[:, 0])
                 if int(steps) != 1:
                     raise RuntimeError("engine state out of step: no slot was live on the device")
+                tok = np.asarray(out.tokens)[:, 0]
+                lp, raw = np.asarray(out.logprobs)[:, 0], np.asarray(out.raw_logprobs)[:, 0]
                 top = None
                 if any(s is not None and s.top is not None for s in self._slots):
-                    top = (np.asarray(out.top_ids[:, 0]), np.asarray(out.top_logprobs[:, 0]))
+                    top = (np.asarray(out.top_ids)[:, 0], np.asarray(out.top_logprobs)[:, 0])
                 for i in np.flatnonzero(active):
                     row_top = None if top is None else (top[0][i].tolist(), top[1][i].tolist())
                     deltas.extend(

@@ -196,7 +196,7 @@ def generate_rows(
     src = np.minimum(np.arange(b_bucket) // n, r_bucket - 1).astype(np.int32)
 
     graphdef, state = nnx.split(decoding_model(model))
-    static = Statics(graphdef)
+    static = Statics.of(graphdef)
     ds, out = init_state(state, static=static, rows=b_bucket, cache_len=cache_len, columns=n_bucket)
     rp_dev = jax.tree.map(jnp.asarray, rp)
     ds, tok0, lp0, raw0, top_ids0, top_lps0 = prefill_rows(
