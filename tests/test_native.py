@@ -86,28 +86,30 @@ def test_cache_attention_matches_float64(b, t, h, kv, s, d):
 
 
 def test_cache_attention_is_the_default_for_decoding_on_cpu():
-    from jaxlab.attention import attention
-    from jaxlab.native.decoding import ATTENTION  # the attention a decoding model's layers use
+    from flax import nnx
 
-    def decoding_attention(q, k):
-        return attention(q, k, k, None, scale=0.25, kv_layout="bksd", implementation=ATTENTION)
+    from jaxlab.models.decoder import Decoder, DecoderConfig
+    from jaxlab.native.decoding import prepare_for_decoding
 
-    q = jnp.ones((2, 1, 4, 16))
-    k = jnp.ones((2, 2, 8, 16))
-    jaxpr = str(jax.make_jaxpr(decoding_attention)(q, k))
-    assert "jaxlab_cache_attention" in jaxpr
-    long_q = jnp.ones((2, 40, 4, 16))
-    jaxpr = str(jax.make_jaxpr(decoding_attention)(long_q, k))
-    assert "jaxlab_cache_attention" in jaxpr  # a prefill into the cache too
-    jaxpr = str(jax.make_jaxpr(decoding_attention)(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)))
-    assert "jaxlab_cache_attention" not in jaxpr
-    # the model's own attention never reaches the kernel
-    jaxpr = str(
-        jax.make_jaxpr(lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd"))(
-            q, k
-        )
-    )
-    assert "jaxlab_cache_attention" not in jaxpr
+    # q/k norms (Qwen3) keep the layer as separate ops, so attention is its own call
+    cfg = DecoderConfig(num_layers=2, qk_norm=True, scan_layers=False)
+
+    def jaxpr(m, tokens):
+        ids, cache = jnp.zeros((2, tokens), jnp.int32), m.init_cache(2, 48)
+        return str(jax.make_jaxpr(lambda c: m(ids, cache=c))(cache))
+
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    decoding = prepare_for_decoding(model)
+    assert jaxpr(decoding, 1).count("jaxlab_cache_attention") == 2  # a decode step
+    assert jaxpr(decoding, 40).count("jaxlab_cache_attention") == 2  # a prefill into the cache
+    assert "jaxlab_cache_attention" not in jaxpr(model, 1)  # the model itself: XLA
+    bf16 = Decoder(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert prepare_for_decoding(bf16) is bf16  # the kernels are float32 on CPU
+    q, k = jnp.ones((2, 1, 4, 16)), jnp.ones((2, 2, 8, 16))
+    plain = jax.make_jaxpr(
+        lambda q, k: grouped_attention(q, k, k, None, scale=0.25, kv_layout="bksd")
+    )(q, k)
+    assert "jaxlab_cache_attention" not in str(plain)
 
 
 @pytest.mark.parametrize("transposed", [False, True])

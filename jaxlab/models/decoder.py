@@ -180,16 +180,21 @@ class Attention(nnx.Module):
             k = write(kv[0], jnp.swapaxes(k, 1, 2).astype(kv[0].dtype), index)
             v = write(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index)
             kv, layout = (k, v), "bksd"
-        out = attention(
+        out = self._attend(q, k, v, mask, layout)
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * d)), kv
+
+    def _attend(self, q, k, v, mask, kv_layout):
+        """The attention itself, by the configured implementation (a subclass may replace it)."""
+        cfg = self.cfg
+        return attention(
             q,
             k,
             v,
             mask,
             implementation=cfg.attention_implementation,
-            kv_layout=layout,
+            kv_layout=kv_layout,
             config=cfg.attention_config,
         )
-        return self.o_proj(out.reshape(b, t, cfg.num_heads * d)), kv
 
 
 class MLP(nnx.Module):
@@ -204,9 +209,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    attention_cls = Attention  # subclasses may use their own attention module
+
     def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = self.attention_cls(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
@@ -224,6 +231,8 @@ class Decoder(nnx.Module):
     With ``cache=`` the call also returns the updated :class:`KVCache`.
     """
 
+    layer_cls = DecoderLayer  # subclasses may use their own layer module
+
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = dtype
@@ -237,11 +246,11 @@ class Decoder(nnx.Module):
         )
         if not cfg.scan_layers:
             self.layers = nnx.List(
-                [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+                [self.layer_cls(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
             )
         else:
             self.layers = stack_layers(
-                cfg.num_layers, lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), rngs
+                cfg.num_layers, lambda r: self.layer_cls(cfg, dtype=dtype, rngs=r), rngs
             )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:

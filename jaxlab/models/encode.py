@@ -19,7 +19,8 @@ __all__ = ["encode", "encode_ids", "encode_limit"]
 
 
 # Texts per step of the loop inside the jitted batch on CPU: a micro-batch's activations (~1K
-# tokens) stay in cache through each layer, ~1.2x faster than one [B, T] pass. Accelerators run
+# tokens) stay in cache through each layer, faster than one [B, T] pass (docs/benchmarks.md,
+# MiniLM encoding). Accelerators run
 # the whole batch at once.
 MICRO_BATCH = 4
 

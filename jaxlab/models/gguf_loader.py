@@ -43,8 +43,8 @@ def _reader_class():
 
     The reader slices the file once per metadata value (twice per vocabulary entry); slicing an
     ``np.memmap`` runs Python-level ``__getitem__`` / ``__array_finalize__`` each time, which made
-    opening SmolLM2's GGUF (~150k values) take ~4.3 s. A base-class view of the same buffer parses
-    the same fields in ~1.4 s; tensor data still comes from the memmap.
+    opening SmolLM2's GGUF (~150k values) take seconds. A base-class view of the same buffer parses
+    the same fields about three times as fast; tensor data still comes from the memmap.
     """
     import gguf
 

@@ -99,7 +99,7 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
     """``(cos, sin)`` of each position's rotary angles, ``[B, T, D/2]`` float32 each.
 
     Computed once per forward and shared by every layer: XLA on CPU otherwise fuses the cosines
-    into each layer's rotation and evaluates them per head (~1 ms of a SmolLM2 decode step).
+    into each layer's rotation and evaluates them per head (a measurable share of a decode step; ``docs/models.md``).
     """
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
     return jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))

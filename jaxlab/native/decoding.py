@@ -12,7 +12,6 @@ training and encoders never reach the kernels, and never trigger a compiler buil
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -20,21 +19,34 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlab import native
-from jaxlab.attention import grouped_attention, register_attention
-from jaxlab.models.decoder import Decoder, DecoderConfig, KVCache
+from jaxlab.models.decoder import Attention, Decoder, DecoderConfig, DecoderLayer, KVCache
 
-__all__ = ["prepare_for_decoding", "NativeDecoder", "PackedWeights", "native_weights"]
+__all__ = [
+    "prepare_for_decoding",
+    "NativeDecoder",
+    "NativeAttention",
+    "PackedWeights",
+    "native_weights",
+]
 
-ATTENTION = "native_cpu"  # the attention implementation a NativeDecoder's layers use
+
+class NativeAttention(Attention):
+    """Attention over the KV cache (``bksd``) by :func:`jaxlab.native.cache_attention` where it
+    applies (the default dense attention, float32 on CPU, kernels built); otherwise as
+    :class:`~jaxlab.models.decoder.Attention`."""
+
+    def _attend(self, q, k, v, mask, kv_layout):
+        if (
+            kv_layout == "bksd"
+            and self.cfg.attention_implementation == "xla"
+            and native.use_cache_attention(q, k, v)
+        ):
+            return native.cache_attention(q, k, v, mask, scale=q.shape[-1] ** -0.5)
+        return super()._attend(q, k, v, mask, kv_layout)
 
 
-@register_attention(ATTENTION)
-def _native_attention(q, k, v, mask, *, scale, kv_layout="bskd"):
-    """Attention over a KV cache (``bksd``) by :func:`jaxlab.native.cache_attention` where it
-    applies (float32 on CPU, kernels built); everything else as the default ``"xla"``."""
-    if kv_layout == "bksd" and native.use_cache_attention(q, k, v):
-        return native.cache_attention(q, k, v, mask, scale=scale)
-    return grouped_attention(q, k, v, mask, scale=scale, kv_layout=kv_layout)
+class NativeDecoderLayer(DecoderLayer):
+    attention_cls = NativeAttention
 
 
 class PackedWeights(nnx.Variable):
@@ -46,7 +58,7 @@ def _plain_llama(cfg: DecoderConfig) -> bool:
     """Layers :func:`jaxlab.native.decoder_layer` covers: no biases, no q/k norms, the default
     dense attention."""
     extras = cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias or cfg.qk_norm
-    return not extras and cfg.attention_implementation in ("xla", ATTENTION)
+    return not extras and cfg.attention_implementation == "xla"
 
 
 def _projections(layer):
@@ -79,6 +91,8 @@ class NativeDecoder(Decoder):
     Built by :func:`prepare_for_decoding`, never directly: its linear layers send few-row matmuls
     to :func:`jaxlab.native.dot_general`, and it may carry packed copies of its matrices.
     """
+
+    layer_cls = NativeDecoderLayer
 
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
@@ -160,8 +174,6 @@ def prepare_for_decoding(model: Decoder) -> Decoder:
     if not isinstance(model, Decoder) or isinstance(model, NativeDecoder) or not _applies(model):
         return model
     cfg = model.config
-    if cfg.attention_implementation == "xla":
-        cfg = dataclasses.replace(cfg, attention_implementation=ATTENTION)
     abstract = nnx.eval_shape(lambda: NativeDecoder(cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract)
     prepared = nnx.merge(graphdef, nnx.state(model))
