@@ -239,3 +239,24 @@ def test_generate_json_stop_and_prompt_echo(tiny_lm, capsys):
     assert main([*base, "--json", "--stop", stop, "--stop", "never-generated"]) == 0
     first = json.loads(capsys.readouterr().out.splitlines()[0])
     assert first["text"] == text[: text.index(stop)] and first["finish_reason"] == "stop"
+
+
+def test_generate_samples_n_per_prompt_and_rejects_bad_settings(tiny_lm, capsys):
+    from jaxlab.cli import main
+
+    base = ["generate", "--model", tiny_lm, "--max-new-tokens", "6", "--prompt", "ab"]
+    args = [*base, "--prompt", "cd", "-n", "2", "--temperature", "1.0", "--min-p", "0.05"]
+    assert main([*args, "--repetition-penalty", "1.3", "--seed", "4", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [
+        ("ab", 0),
+        ("ab", 1),
+        ("cd", 0),
+        ("cd", 1),
+    ]
+    assert main(args) == 0
+    assert "[2/2, sample 2/2] prompt: " in capsys.readouterr().out
+    # a bad setting is one error line naming the field, before the model loads
+    assert main([*base, "--top-p", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "top_p" in err and "Traceback" not in err

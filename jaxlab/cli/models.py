@@ -148,38 +148,51 @@ def _demo_args(p):
 
 
 def _run_generate(args):
-    from jaxlab.generation import generate
+    from jaxlab.generation import SamplingParams, generate
     from jaxlab.models import from_pretrained
 
+    try:  # bad settings fail before the model loads
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            n=args.n,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
     model, tokenizer = from_pretrained(args.model)
     require_decoder(model, args.model)
     if tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to generate with")
-    out = generate(
-        model,
-        tokenizer,
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop=args.stop or None,
-        chat=args.chat,
-    )
-    several = len(args.prompt) > 1
-    for i, (prompt, text) in enumerate(zip(args.prompt, out.texts)):
+    out = generate(model, tokenizer, args.prompt, params, chat=args.chat)
+    several = len(args.prompt) > 1 or params.n > 1
+    for row, text in enumerate(out.texts):
+        i = int(out.prompt_index[row])
+        prompt = args.prompt[i]
         if args.json:
-            row = {
+            record = {
                 "prompt": prompt,
                 "text": text,
-                "finish_reason": out.finish_reasons[i],
-                "tokens": int(out.lengths[i]),
+                "finish_reason": out.finish_reasons[row],
+                "tokens": int(out.lengths[row]),
             }
-            print(json.dumps(row, ensure_ascii=False))
+            if params.n > 1:
+                record["sample"] = row % params.n
+            print(json.dumps(record, ensure_ascii=False))
             continue
         if several:
-            print(f"[{i + 1}/{len(args.prompt)}] prompt: {json.dumps(prompt, ensure_ascii=False)}")
+            sample = f", sample {row % params.n + 1}/{params.n}" if params.n > 1 else ""
+            print(
+                f"[{i + 1}/{len(args.prompt)}{sample}] prompt: "
+                f"{json.dumps(prompt, ensure_ascii=False)}"
+            )
         print(text)
 
 
@@ -197,6 +210,18 @@ def _generate_args(p):
     )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: all")
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens below min-p x the top one's probability",
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="penalty on tokens seen (1: off)"
+    )
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty")
+    p.add_argument("-n", type=int, default=1, help="samples per prompt (they share one prefill)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument(
         "--stop",
