@@ -1,4 +1,5 @@
-"""Test set-up: 8 virtual CPU devices, set once before jax is imported anywhere."""
+"""Test set-up: 8 virtual CPU devices, set once before jax is imported anywhere; no persistent
+compilation cache in the test process."""
 
 import os
 
@@ -8,6 +9,10 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests call the CLI's main() in this process, which would turn on JAX's persistent compilation
+# cache for every later test (and write the whole suite's executables to ~/.cache). Off here; the
+# cache's own tests run the CLI in subprocesses with the switch as they need it.
+os.environ["JAXLAB_COMPILATION_CACHE"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
