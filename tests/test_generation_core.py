@@ -420,3 +420,44 @@ def test_penalties_and_bias_in_generation_match_a_step_by_step_reference(model):
         assert res.tokens[0, t] == nxt, t
         counts[nxt] += 1
         seq.append(nxt)
+
+
+# -- prefix cache ------------------------------------------------------------------------------
+
+
+def _conversation(model, engine, turns=4, params=None):
+    """A growing conversation: each turn's prompt is the last prompt, its reply and new text."""
+    params = params or SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompt, replies = _ids("sys: hi. user: yo"), []
+    for t in range(turns):
+        engine.submit(prompt, params)
+        (c,) = engine.run()
+        replies.append((c.tokens, c.cached_tokens))
+        prompt = prompt + c.tokens + _ids(f" u: t{t}")
+    return replies
+
+
+def test_prefix_cache_gives_the_same_tokens_and_prefills_less(model):
+    off = _engine(model)
+    on = _engine(model, prefix_cache=2)
+    want = _conversation(model, off)
+    got = _conversation(model, on)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [c for _, c in want] == [0, 0, 0, 0] and got[0][1] == 0
+    assert all(c > 0 for _, c in got[1:])  # later turns reuse the history
+    stats_on, stats_off = on.stats(), off.stats()
+    assert stats_on["prefix_cache_hits"] == 3 and stats_on["cached_tokens"] == sum(
+        c for _, c in got
+    )
+    assert stats_on["prefill_tokens"] + stats_on["cached_tokens"] == stats_off["prefill_tokens"]
+    # with a repetition penalty the cached prompt tokens still count as seen
+    penalised = SamplingParams(max_new_tokens=6, ignore_eos=True, repetition_penalty=1.5)
+    assert [t for t, _ in _conversation(model, _engine(model, prefix_cache=2), 3, penalised)] == [
+        t for t, _ in _conversation(model, _engine(model), 3, penalised)
+    ]
+    # new weights: nothing cached is reused
+    on.update_weights(Decoder(CFG, rngs=nnx.Rngs(8)))
+    before = on.stats()["prefix_cache_hits"]
+    on.submit(_ids("sys: hi. user: yo"), SamplingParams(max_new_tokens=2))
+    (c,) = on.run()
+    assert c.cached_tokens == 0 and on.stats()["prefix_cache_hits"] == before

@@ -38,6 +38,9 @@ __all__ = [
     "row_params",
     "sample_rows",
     "init_state",
+    "PrefixStore",
+    "empty_store",
+    "store_row",
     "prefill_rows",
     "decode_steps",
 ]
@@ -349,32 +352,112 @@ def init_state(state, *, static: Statics, rows: int, cache_len: int, columns: in
     return _init_state(model, rows, cache_len), empty_outputs(rows, columns)
 
 
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("ds",))
-def _prefill_rows(state, ds: DecodeState, rp: RowParams, ids, mask, src, dest, fresh, *, static):
+class PrefixStore(NamedTuple):
+    """Cached keys and values of finished sequences (the Engine's prefix cache), ``C`` entries
+    of ``S`` slots laid out as the cache rows they were copied from."""
+
+    k: tuple[jax.Array, ...]  # L arrays [C, K, S, D]
+    v: tuple[jax.Array, ...]
+    valid: jax.Array  # [C, S] bool
+    tokens: jax.Array  # [C, S] int32: the token in each valid slot (-1 elsewhere)
+
+
+def empty_store(cache: KVCache, entries: int) -> PrefixStore:
+    """A store of ``entries`` rows shaped like ``cache``'s rows."""
+    s = cache.valid.shape[1]
+    return PrefixStore(
+        k=tuple(jnp.zeros((entries, *x.shape[1:]), x.dtype) for x in cache.k),
+        v=tuple(jnp.zeros((entries, *x.shape[1:]), x.dtype) for x in cache.v),
+        valid=jnp.zeros((entries, s), bool),
+        tokens=jnp.full((entries, s), -1, jnp.int32),
+    )
+
+
+@functools.partial(jax.jit, donate_argnames=("store",))
+def store_row(store: PrefixStore, cache: KVCache, row, entry, tokens, keep) -> PrefixStore:
+    """Copies cache row ``row`` into store entry ``entry``: its first ``keep`` slots (the rest
+    invalid), with ``tokens [S]`` the token of each slot."""
+    s = cache.valid.shape[1]
+    upto = jnp.arange(s) < keep
+
+    def put(big, rows):
+        return big.at[entry].set(rows[row])
+
+    return PrefixStore(
+        k=jax.tree.map(put, store.k, cache.k),
+        v=jax.tree.map(put, store.v, cache.v),
+        valid=store.valid.at[entry].set(cache.valid[row] & upto),
+        tokens=store.tokens.at[entry].set(jnp.where(upto, tokens, -1)),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("static", "row_len"), donate_argnames=("ds",))
+def _prefill_rows(
+    state,
+    ds: DecodeState,
+    rp: RowParams,
+    ids,
+    mask,
+    src,
+    dest,
+    fresh,
+    start=None,
+    entry=None,
+    gather=None,
+    store: PrefixStore | None = None,
+    *,
+    static,
+    row_len: int | None = None,
+):
     """Prefills ``R`` prompts and writes them into cache rows; samples each target's first token.
 
     Args:
       ds: the decode state (donated).
       rp: the targets' settings, ``[M]`` rows.
-      ids, mask: ``[R, P]`` left-padded prompts (all-padding rows are allowed).
+      ids, mask: ``[R, P]`` left-padded prompts, or the part of them after a cached prefix
+        (all-padding rows are allowed).
       src: ``[M]`` int32, the prompt each target copies; dest: ``[M]`` int32, its cache row
         (``B`` or more: dropped, for padding).
       fresh: ``[M]`` bool. False: only rebuild the row's cache (a sequence in flight after a
         weight swap, whose ids are its prompt and tokens but the last); its token, length and
         counts stay, and nothing it samples here is used.
+      start, entry, gather, store: a prompt's cached prefix of ``start[r]`` tokens (0: none):
+        slots ``gather[r, :start[r]]`` of store entry ``entry[r]`` are copied to the row's first
+        slots, and ``ids`` continue after them.
+      row_len: static; the rows' width (at least ``max(start) + P``) when a store is given.
 
     Returns ``(ds, tokens [M], logprobs [M], raw_logprobs [M], top_ids [M, L], top_lps [M, L])``.
-    Each row's cache then holds the ``P`` prompt slots (padding invalid) and writes from slot P.
+    Each row's cache then holds its prompt's slots (padding invalid) and writes from slot
+    ``start + P``.
     """
     model = nnx.merge(static.graphdef, state)
     r, p = ids.shape
     b, v = ds.counts.shape
     m = src.shape[0]
-    row = model.init_cache(r, p)
-    logits, row = model(ids, attention_mask=mask, cache=row, logits_to_keep=1)
-    logits = logits[:, -1][src]
+    width = p if store is None else row_len
+    row = model.init_cache(r, width)
     prompt_ids = jnp.where(mask, ids, v)  # padding: out of range, dropped
     seen = jnp.zeros((r, v), bool).at[jnp.arange(r)[:, None], prompt_ids].set(True, mode="drop")
+    if store is None:
+        begin = jnp.zeros((r,), jnp.int32)
+    else:  # the cached prefix first: its keys, values and tokens (for the repetition penalty)
+        begin = start
+        cached = jnp.arange(width)[None, :] < start[:, None]  # [R, width]
+
+        def take(pool):  # the prefix's slots gathered to the front: padding never accumulates
+            got = jnp.take_along_axis(pool[entry], gather[:, None, :, None], axis=2)
+            return jnp.where(cached[:, None, :, None], got, 0).astype(got.dtype)
+
+        row = KVCache(
+            k=jax.tree.map(take, store.k),
+            v=jax.tree.map(take, store.v),
+            index=start,
+            valid=cached,
+        )
+        old = jnp.where(cached, jnp.take_along_axis(store.tokens[entry], gather, axis=1), v)
+        seen = seen.at[jnp.arange(r)[:, None], old].set(True, mode="drop")
+    logits, row = model(ids, attention_mask=mask, cache=row, logits_to_keep=1)
+    logits = logits[:, -1][src]
     seen = seen[src]
     counts = jnp.zeros((m, v), jnp.int32)
     zero = jnp.zeros((m,), jnp.int32)
@@ -384,8 +467,8 @@ def _prefill_rows(state, ds: DecodeState, rp: RowParams, ids, mask, src, dest, f
     counts = counts.at[jnp.arange(m), tok].add(1)
     stop = jnp.any(tok[:, None] == rp.stop_ids, axis=-1) | (rp.max_new <= 1)
 
-    def put(big, small):  # big [B, K, S, D] <- small [R, K, P, D] at rows dest, slots [0, P)
-        return big.at[dest, :, :p].set(small[src].astype(big.dtype), mode="drop")
+    def put(big, small):  # big [B, K, S, D] <- small [R, K, width, D] at rows dest
+        return big.at[dest, :, :width].set(small[src].astype(big.dtype), mode="drop")
 
     def keep_or(old, new):  # fresh targets take the new value; the others keep theirs
         cond = fresh.reshape(fresh.shape + (1,) * (new.ndim - 1))
@@ -395,9 +478,9 @@ def _prefill_rows(state, ds: DecodeState, rp: RowParams, ids, mask, src, dest, f
     cache = KVCache(
         k=jax.tree.map(put, ds.cache.k, row.k),
         v=jax.tree.map(put, ds.cache.v, row.v),
-        index=ds.cache.index.at[dest].set(p, mode="drop"),
+        index=ds.cache.index.at[dest].set((begin + p)[src], mode="drop"),
         valid=ds.cache.valid.at[dest].set(
-            jnp.pad(row.valid, ((0, 0), (0, s - p)))[src], mode="drop"
+            jnp.pad(row.valid, ((0, 0), (0, s - width)))[src], mode="drop"
         ),
     )
     ds = DecodeState(

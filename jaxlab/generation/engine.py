@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Hashable, Iterator, Sequence
@@ -36,9 +37,11 @@ from jaxlab.generation.core import (
     clear_row,
     decode_steps,
     empty_outputs,
+    empty_store,
     prefill_rows,
     row_params,
     set_row,
+    store_row,
 )
 from jaxlab.generation.generate import cut_at_stop, decoding_model
 from jaxlab.generation.params import SamplingParams
@@ -85,6 +88,7 @@ class Completion:
     text: str | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token (params.logprobs)
     stop_reason: str | int | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclasses.dataclass
@@ -150,6 +154,49 @@ class _Seq:
     versions: list[int] = dataclasses.field(default_factory=list)
     top: list[list[tuple[int, float]]] | None = None
     text: _TextStream | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # where the sequence's tokens lie in its cache row: the prompt and the generated tokens fed
+    # at its (re)prefill, the slot the next fed token goes to, and how many generated tokens
+    # the prefill fed (those after are fed one per step from next_slot on)
+    fed_slots: np.ndarray | None = None
+    next_slot: int = 0
+    fed_generated: int = 0
+
+
+@dataclasses.dataclass
+class _Item:
+    """One prompt row of a prefill: its ids, the tokens still to come and its targets
+    ``(slot, sample index, fresh)``; with a cached prefix, the store entry, how many tokens
+    come from it, their slots and the slot the rest starts at."""
+
+    ids: list[int]
+    rest: int
+    targets: list[tuple[int, int, bool]]
+    entry: int = 0
+    cached: int = 0
+    start: int = 0
+    prefix_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    gather: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+
+    @property
+    def new_ids(self) -> list[int]:
+        return self.ids[self.cached :]
+
+    def cap(self, max_len: int) -> int:
+        """The widest new part this row allows: ``start + width + rest <= max_len``."""
+        return max_len - self.rest - self.start
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A prefix-cache entry: its tokens, the store slots they lie in, when it was last used."""
+
+    tokens: np.ndarray
+    slots: np.ndarray
+    used: int
+
+
+MIN_PREFIX = 8  # fewer cached tokens than this are not worth a copy
 
 
 def _params_to_json(p: SamplingParams) -> dict[str, Any]:
@@ -177,6 +224,11 @@ class Engine:
         are shorthands for it.
       seed: seeds the generator that draws the seeds of requests that bring none.
       recompute_kv: see :meth:`update_weights`.
+      prefix_cache: how many finished sequences to keep the keys and values of (0: none). A new
+        request whose prompt starts with one of them (at least :data:`MIN_PREFIX` tokens) copies
+        that prefix into its slot and prefills only the rest: multi-turn chats and agent loops
+        resend their whole history every turn. Least recently used entries go first; each
+        entry holds one cache row (``max_len`` slots of every layer). New weights clear it.
     """
 
     def __init__(
@@ -194,6 +246,7 @@ class Engine:
         top_p: float | None = None,
         seed: int = 0,
         recompute_kv: bool = True,
+        prefix_cache: int = 0,
     ):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine needs a decoder LM, got {type(model).__name__}")
@@ -214,6 +267,11 @@ class Engine:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
         self._config = model.config
+        self._prefix_meta: list[_Entry | None] = [None] * max(int(prefix_cache), 0)
+        self._prefix_clock = itertools.count()
+        self._stats = dict.fromkeys(
+            ("prefill_tokens", "prefix_cache_queries", "prefix_cache_hits", "cached_tokens"), 0
+        )
         self.policy_version = 0
         self.device = jax.devices()[0]
         self._set_model(model)
@@ -246,6 +304,7 @@ class Engine:
             seen=jnp.zeros((b, v), bool),
         )
         self._out = empty_outputs(b, 1)
+        self._store = empty_store(cache, len(self._prefix_meta)) if self._prefix_meta else None
         self._rp = row_params([(SamplingParams(max_new_tokens=1), 0, 0, ())] * b)
         self._rp_dev: RowParams | None = None
 
@@ -283,6 +342,7 @@ class Engine:
             raise ValueError("update_weights needs a model of the same architecture")
         self._graphdef = graphdef
         self._decoding = dec
+        self._prefix_meta = [None] * len(self._prefix_meta)  # keys and values of other weights
 
     def update_weights(self, model: Decoder) -> int:
         """Swaps in new weights between steps; returns the new policy version.
@@ -546,6 +606,7 @@ class Engine:
                 del seq.versions[cut:]
                 if seq.top is not None:
                     del seq.top[cut:]
+        self._remember(i)
         completion = Completion(
             seq.request.request_id,
             seq.request.prompt_ids,
@@ -560,6 +621,7 @@ class Engine:
             text=text,
             top_logprobs=seq.top,
             stop_reason=stop_reason,
+            cached_tokens=seq.cached_tokens,
         )
         rest = None
         if seq.text is not None:
@@ -613,31 +675,42 @@ class Engine:
 
     def _prefill(self, admitted: list[tuple[Request, list[int]]]) -> list[Delta]:
         """Prefills newcomers and stale in-flight rows, in as few calls as their widths allow."""
-        items = []  # (ids, tokens still to come, [(slot, sample index, fresh)])
+        items = []  # _Item per prompt
         for i in sorted(self._stale):  # in flight after a weight swap: rebuild their caches
             seq = self._slots[i]
             if seq is not None:
                 ids = seq.request.prompt_ids + seq.tokens[:-1]
-                items.append(
-                    (ids, seq.request.max_new_tokens - len(seq.tokens) + 1, [(i, 0, False)])
-                )
+                rest = seq.request.max_new_tokens - len(seq.tokens) + 1
+                items.append(_Item(ids, rest, [(i, 0, False)]))
         self._stale.clear()
         for req, slots in admitted:
+            entry, cached = self._lookup_prefix(req.prompt_ids)
             for j, i in enumerate(slots):
-                seq = _Seq(req, j, self.step_count)
+                seq = _Seq(req, j, self.step_count, cached_tokens=cached)
                 if req.params.logprobs:
                     seq.top = []
                 if self.tokenizer is not None:
                     seq.text = _TextStream(self.tokenizer, req.params.stop)
                 self._slots[i] = seq
                 self._admit_row(i, seq)
-            items.append(
-                (req.prompt_ids, req.max_new_tokens, [(i, j, True) for j, i in enumerate(slots)])
+            item = _Item(
+                req.prompt_ids, req.max_new_tokens, [(i, j, True) for j, i in enumerate(slots)]
             )
+            if cached:  # the prefix is gathered to the row's first slots
+                meta = self._prefix_meta[entry]
+                meta.used = next(self._prefix_clock)
+                item.entry, item.cached, item.start = entry, cached, cached
+                item.prefix_slots = np.arange(cached, dtype=np.int32)
+                item.gather = meta.slots[:cached]
+            items.append(item)
         groups, group = [], []
-        for item in items:  # one call's prompts share a width P with P >= len and P + rest <= S
+        for (
+            item
+        ) in items:  # one call's rows share a width P: P >= each new part, start + P + rest <= S
             trial = [*group, item]
-            if group and max(len(x[0]) for x in trial) > min(self.max_len - x[1] for x in trial):
+            if group and max(len(x.new_ids) for x in trial) > min(
+                x.cap(self.max_len) for x in trial
+            ):
                 groups.append(group)
                 trial = [item]
             group = trial
@@ -648,18 +721,22 @@ class Engine:
             deltas.extend(self._prefill_group(group))
         return deltas
 
-    def _prefill_group(self, group) -> list[Delta]:
-        longest = max(len(ids) for ids, _, _ in group)
-        cap = min(self.max_len - rest for _, rest, _ in group)
+    def _prefill_group(self, group: list[_Item]) -> list[Delta]:
+        longest = max(len(x.new_ids) for x in group)
+        cap = min(x.cap(self.max_len) for x in group)
         width = max(bucket_length(longest, cap, granularity=64), longest)
         r = bucket_length(len(group), 2 * len(group), granularity=64)
-        targets = [(k, t) for k, (_, _, ts) in enumerate(group) for t in ts]
+        targets = [(k, t) for k, x in enumerate(group) for t in x.targets]
         m = bucket_length(len(targets), 2 * len(targets), granularity=64)
         ids = np.full((r, width), self.pad_id, np.int32)
         mask = np.zeros((r, width), bool)
-        for k, (row, _, _) in enumerate(group):
-            ids[k, width - len(row) :] = row
-            mask[k, width - len(row) :] = True
+        start = np.zeros((r,), np.int32)
+        entry = np.zeros((r,), np.int32)
+        for k, x in enumerate(group):
+            new = x.new_ids
+            ids[k, width - len(new) :] = new
+            mask[k, width - len(new) :] = True
+            start[k], entry[k] = x.start, x.entry
         src = np.zeros((m,), np.int32)
         dest = np.full((m,), self.num_slots, np.int32)
         fresh = np.zeros((m,), bool)
@@ -667,6 +744,20 @@ class Engine:
         for t, (k, (i, _, is_fresh)) in enumerate(targets):
             src[t], dest[t], fresh[t], slot_rows[t] = k, i, is_fresh, i
         rp = jax.tree.map(lambda a: jnp.asarray(a[slot_rows]), self._rp)  # the targets' rows
+        prefix = {}
+        if any(x.cached for x in group):
+            longest_row = int(start.max()) + width
+            row_len = max(bucket_length(longest_row, self.max_len, granularity=64), longest_row)
+            gather = np.zeros((r, row_len), np.int32)
+            for k, x in enumerate(group):
+                gather[k, : len(x.gather)] = x.gather
+            prefix = dict(
+                start=jnp.asarray(start),
+                entry=jnp.asarray(entry),
+                gather=jnp.asarray(gather),
+                store=self._store,
+                row_len=row_len,
+            )
         self._ds, tok, lp, raw, top_ids, top_lps = prefill_rows(
             self._state,
             self._ds,
@@ -677,7 +768,17 @@ class Engine:
             jnp.asarray(dest),
             jnp.asarray(fresh),
             static=self._static,
+            **prefix,
         )
+        for x in group:  # where each row's tokens now lie in its cache row
+            for i, _, _ in x.targets:
+                seq = self._slots[i]
+                seq.fed_slots = np.concatenate(
+                    [x.prefix_slots, x.start + width - len(x.new_ids) + np.arange(len(x.new_ids))]
+                ).astype(np.int32)
+                seq.next_slot = x.start + width
+                seq.fed_generated = len(x.ids) - len(seq.request.prompt_ids)
+            self._stats["prefill_tokens"] += len(x.new_ids)
         tok, lp, raw = np.asarray(tok), np.asarray(lp), np.asarray(raw)
         want_top = any(self._slots[i].top is not None for _, (i, _, f) in targets if f)
         top = (np.asarray(top_ids), np.asarray(top_lps)) if want_top else None
@@ -687,6 +788,82 @@ class Engine:
                 row_top = None if top is None else (top[0][t].tolist(), top[1][t].tolist())
                 deltas.extend(self._append(i, int(tok[t]), float(lp[t]), float(raw[t]), row_top))
         return deltas
+
+    # -- prefix cache ----------------------------------------------------------------------------
+    def _lookup_prefix(self, prompt: list[int]) -> tuple[int, int]:
+        """``(entry, tokens)``: the cached sequence sharing the longest prefix with ``prompt``
+        (at most all of it but its last token, which must be run for its logits); ``(0, 0)``
+        below :data:`MIN_PREFIX` tokens or with the cache off."""
+        if self._store is None:
+            return 0, 0
+        self._stats["prefix_cache_queries"] += 1
+        ids = np.asarray(prompt, np.int32)
+        best, best_len = 0, 0
+        for e, meta in enumerate(self._prefix_meta):
+            if meta is None:
+                continue
+            n = min(len(ids) - 1, len(meta.tokens))
+            diff = np.flatnonzero(ids[:n] != meta.tokens[:n])
+            common = int(diff[0]) if len(diff) else n
+            if common > best_len:
+                best, best_len = e, common
+        if best_len < MIN_PREFIX:
+            return 0, 0
+        self._stats["prefix_cache_hits"] += 1
+        self._stats["cached_tokens"] += best_len
+        return best, best_len
+
+    def _remember(self, i: int) -> None:
+        """Keeps the keys and values slot ``i``'s sequence has in the cache (its prompt and the
+        tokens fed so far) as a prefix-cache entry, replacing an entry it extends or the least
+        recently used one."""
+        seq = self._slots[i]
+        if self._store is None or seq is None or seq.fed_slots is None:
+            return
+        fed = seq.request.prompt_ids + seq.tokens[: max(len(seq.tokens) - 1, 0)]
+        extra = len(fed) - len(seq.request.prompt_ids) - seq.fed_generated
+        slots = np.concatenate([seq.fed_slots, seq.next_slot + np.arange(max(extra, 0))])
+        tokens = np.asarray(fed, np.int32)[: len(slots)]
+        slots = slots[: len(tokens)].astype(np.int32)
+        if len(tokens) < MIN_PREFIX:
+            return
+        victim = None
+        for e, meta in enumerate(self._prefix_meta):
+            if meta is None:
+                victim = e if victim is None else victim
+                continue
+            n = min(len(tokens), len(meta.tokens))
+            if np.array_equal(tokens[:n], meta.tokens[:n]):
+                if len(meta.tokens) >= len(tokens):  # already covered
+                    meta.used = next(self._prefix_clock)
+                    return
+                victim = e  # the new sequence extends it
+                break
+        if victim is None:
+            victim = min(range(len(self._prefix_meta)), key=lambda e: self._prefix_meta[e].used)
+        row_tokens = np.full((self.max_len,), -1, np.int32)
+        row_tokens[slots] = tokens
+        self._store = store_row(
+            self._store,
+            self._ds.cache,
+            jnp.int32(i),
+            jnp.int32(victim),
+            jnp.asarray(row_tokens),
+            jnp.int32(int(slots[-1]) + 1),
+        )
+        self._prefix_meta[victim] = _Entry(tokens, slots, next(self._prefix_clock))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the engine was built: prefill and prefix-cache work, and the current
+        queue, active slots and cached entries."""
+        return {
+            **self._stats,
+            "prefix_cache_entries": sum(m is not None for m in self._prefix_meta),
+            "queue": len(self._queue),
+            "active": self.num_active,
+            "slots": self.num_slots,
+            "steps": self.step_count,
+        }
 
     # -- stepping --------------------------------------------------------------------------------
     def step_deltas(self) -> list[Delta]:
