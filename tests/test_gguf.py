@@ -10,10 +10,8 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
+import torch  # (the parity extra: `make test` installs it; missing is a failure)
+import transformers
 from test_model_parity import _hf_decoder, _rel_err  # noqa: E402
 
 from jaxlab.models import from_pretrained  # noqa: E402

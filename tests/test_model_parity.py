@@ -8,9 +8,8 @@ Error measure: max |ours - ref| / max |ref| over real tokens, at most 1e-4.
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # (the parity extra: `make test` installs it; missing is a failure)
+import transformers
 
 from jaxlab.models import BertEncoder, Decoder, from_pretrained  # noqa: E402
 

@@ -9,12 +9,11 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # (the parity extra: `make test` installs it; missing is a failure)
 
 from jaxlab.generation import generate
 from jaxlab.models import Decoder, LoadError, encode, from_pretrained
 from jaxlab.models.registry import MINILM_DIR, SMOLLM2_GGUF, package_path
-
-torch = pytest.importorskip("torch")
 
 PROMPTS = [
     "The capital of France is",

@@ -246,7 +246,7 @@ CASES = {
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "delta_l"])
 def test_policy_loss_matches_numpy(case, mode):
     spec = dict(CASES[case])
-    rng = np.random.default_rng(hash(case) % 2**32)
+    rng = np.random.default_rng(list(CASES).index(case))  # fixed per case (str hashes are salted)
     b, t = 6, 9
     _, mask = _batch(4, b, t, empty_rows=(3,))
     logp = rng.normal(size=(b, t)) * 0.5 - 2.0
