@@ -461,3 +461,34 @@ def test_prefix_cache_gives_the_same_tokens_and_prefills_less(model):
     on.submit(_ids("sys: hi. user: yo"), SamplingParams(max_new_tokens=2))
     (c,) = on.run()
     assert c.cached_tokens == 0 and on.stats()["prefix_cache_hits"] == before
+
+
+def test_sampling_logprobs_match_numpy_and_the_sampler():
+    """What a trainer scores rollouts with: log-probs under temperature and top-k / top-p
+    filtering (float64 numpy), equal to the sampler's own behaviour log-probs."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(2, 3, 30)).astype(np.float32) * 2
+    tokens = rng.integers(0, 30, size=(2, 3))
+    for temperature, top_k, top_p in [(0.7, 0, 1.0), (1.3, 0, 0.8), (0.9, 6, 0.95)]:
+        got = np.asarray(
+            core.sampling_logprobs(
+                jnp.asarray(logits), jnp.asarray(tokens), temperature=temperature, top_k=top_k,
+                top_p=top_p,
+            )
+        )  # fmt: skip
+        for b in range(2):
+            for t in range(3):
+                x = logits[b, t].astype(np.float64) / temperature
+                keep = sorted(_np_filtered(x, top_k, top_p, 0.0))
+                lse = np.log(np.exp(x[keep] - x[keep].max()).sum()) + x[keep].max()
+                want = x[tokens[b, t]] - lse if tokens[b, t] in keep else -np.inf
+                np.testing.assert_allclose(got[b, t], want, rtol=1e-5, atol=1e-5)
+        # the sampler's behaviour log-prob of what it drew is the same function's value
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        rp = jax.tree.map(jnp.asarray, core.row_params([(params, 3, 0, ())] * 3))
+        flat = jnp.asarray(logits[0])
+        tok, lp, *_ = core.sample_rows(
+            flat, rp, jnp.zeros((3, 30), jnp.int32), jnp.zeros((3, 30), bool), jnp.arange(3)
+        )
+        again = core.sampling_logprobs(flat, tok, temperature=temperature, top_k=top_k, top_p=top_p)
+        np.testing.assert_allclose(np.asarray(lp), np.asarray(again), atol=1e-5)

@@ -31,10 +31,19 @@ def test_tiny_rl_run_improves_reward(scheduler, tmp_path):
     assert (tmp_path / "timeline.png").stat().st_size > 0
 
 
-def test_max_staleness_zero_trains_only_on_policy_tokens(tmp_path):
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_max_staleness_zero_trains_only_on_policy_tokens(tmp_path, temperature, top_p):
+    """The trainer scores tokens under the distribution the Engine sampled them from: at any
+    temperature and with top-p, the first update's ratio is exactly 1 on-policy."""
     cfg = load_config(
         "configs/rl/tiny_sorted.yaml",
-        ["scheduler.max_staleness=0", "scheduler.num_prompts=16", "optim.lr=1e-3"],
+        [
+            "scheduler.max_staleness=0",
+            "scheduler.num_prompts=16",
+            "optim.lr=1e-3",
+            f"generation.temperature={temperature}",
+            f"generation.top_p={top_p}",
+        ],
     )
     summary = train_rl(cfg, tmp_path, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -37,6 +37,7 @@ __all__ = [
     "Statics",
     "row_params",
     "sample_rows",
+    "sampling_logprobs",
     "init_state",
     "PrefixStore",
     "empty_store",
@@ -174,6 +175,27 @@ def _filter_rows(y, top_k, top_p, min_p):
     keep = keep.at[:, 0].set(True)  # the most likely token always stays
     threshold = jnp.min(jnp.where(keep, s, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(y < threshold, _NEG_INF, y)
+
+
+def sampling_logprobs(logits, tokens, *, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """log-probabilities ``[...]`` of ``tokens`` under the distribution generation samples from
+    with these settings (temperature, then the top-k / top-p / min-p filters), from ``logits
+    [..., V]``: the behaviour distribution that a trainer must score its rollouts with. Which
+    tokens the filters keep is held fixed under differentiation."""
+    v = logits.shape[-1]
+    flat = logits.reshape(-1, v).astype(jnp.float32) / temperature
+    n = flat.shape[0]
+    if top_k or top_p < 1.0 or min_p > 0.0:
+        kept = _filter_rows(
+            jax.lax.stop_gradient(flat),
+            jnp.full((n,), top_k, jnp.int32),
+            jnp.full((n,), top_p, jnp.float32),
+            jnp.full((n,), min_p, jnp.float32),
+        )
+        flat = jnp.where(jnp.isfinite(kept), flat, _NEG_INF)
+    lp = jax.nn.log_softmax(flat, axis=-1)
+    picked = jnp.take_along_axis(lp, tokens.reshape(-1, 1).astype(jnp.int32), axis=-1)
+    return picked.reshape(tokens.shape)
 
 
 def _penalized(logits, rp: RowParams, counts, seen):

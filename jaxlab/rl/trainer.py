@@ -41,6 +41,7 @@ from jaxlab import rl
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
 from jaxlab.generation import Engine, SamplingParams
+from jaxlab.generation.core import sampling_logprobs
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
@@ -193,18 +194,19 @@ def _load_policy(cfg: RLTrainConfig):
     return model, tokenizer
 
 
-def _sequence_logprobs(model: Decoder, tokens, mask, temperature):
-    """log π(token t | tokens < t) ``[B, T-1]`` under logits / temperature (the sampled distribution)."""
-    logits = model(tokens[:, :-1], attention_mask=mask[:, :-1]) / temperature
-    return rl.token_logprobs(logits, tokens[:, 1:])
+def _sequence_logprobs(model: Decoder, tokens, mask, temperature, top_p=1.0):
+    """log π(token t | tokens < t) ``[B, T-1]`` under the distribution rollouts sample from
+    (logits / temperature, then top-p: the generation core's own definition)."""
+    logits = model(tokens[:, :-1], attention_mask=mask[:, :-1])
+    return sampling_logprobs(logits, tokens[:, 1:], temperature=temperature, top_p=top_p)
 
 
 @functools.lru_cache(maxsize=8)  # trainers of one config in a process share the compiled update
-def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float):
+def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float, top_p: float = 1.0):
     @nnx.jit
     def update(model, optimizer, ref_model, tokens, mask, loss_mask, behaviour_logp, advantages):
         def loss_fn(m):
-            logp = _sequence_logprobs(m, tokens, mask, temperature)
+            logp = _sequence_logprobs(m, tokens, mask, temperature, top_p)
             loss, metrics = rl.policy_loss(
                 logp,
                 behaviour_logp,
@@ -218,7 +220,7 @@ def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float):
             )
             if loss_cfg.kl_coef > 0:
                 ref_logp = jax.lax.stop_gradient(
-                    _sequence_logprobs(ref_model, tokens, mask, temperature)
+                    _sequence_logprobs(ref_model, tokens, mask, temperature, top_p)
                 )
                 kl = rl.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
                 kl_loss = rl.aggregate_loss(
@@ -290,7 +292,7 @@ class RLTrainer:
         )
         self.optimizer = nnx.Optimizer(self.model, make_optimizer(**settings), wrt=nnx.Param)
         nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), self.replicated))
-        self.update_fn = _make_update_fn(cfg.loss, gen.temperature, self.max_len)
+        self.update_fn = _make_update_fn(cfg.loss, gen.temperature, self.max_len, gen.top_p)
         longest_prompt = max(
             len(self.prompt_ids(g)) for g in range(min(cfg.scheduler.num_prompts, 64))
         )
