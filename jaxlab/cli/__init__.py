@@ -1,7 +1,7 @@
 """``python -m jaxlab <command>``: one CLI, a subcommand per area, ``--help`` everywhere.
 
 Each area's subcommands live in their own module here (``models``: demo / generate / chat /
-embed, ``train``, ``rl``, ``sky``, ``posir``, ``config``); the work itself stays in the areas.
+embed, ``train``, ``rl``, ``serve``, ``sky``, ``posir``, ``config``); the work itself stays in the areas.
 Commands import their area lazily, so ``--help`` is fast and a command only pays for what it uses.
 
 Errors a user can cause (:class:`jaxlab.errors.UserError`: a bad path, a corrupt file, an unknown
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlab.cli import config, models, posir, rl, sky, train
+from jaxlab.cli import config, models, posir, rl, serve, sky, train
 from jaxlab.cli._common import Command, HelpFormatter
 from jaxlab.compilation_cache import enable_compilation_cache
 from jaxlab.errors import UserError
@@ -25,6 +25,7 @@ COMMANDS: list[Command] = [
     *models.COMMANDS,
     posir.COMMAND,
     rl.COMMAND,
+    serve.COMMAND,
     sky.COMMAND,
     train.COMMAND,
     config.COMMAND,
