@@ -1,4 +1,7 @@
-"""Decoder/encoder behaviour that needs no reference library: KV cache, masks, attention registry."""
+"""Decoder/encoder behaviour that needs no reference library: KV cache, masks, attention registry,
+gradients against finite differences."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -150,17 +153,72 @@ def test_attention_errors():
         attention(q, q, q, jnp.ones((1, 3), bool))
 
 
-def test_decoder_under_jit_and_grad():
-    model = Decoder(CFG, rngs=nnx.Rngs(0))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 6)), jnp.int32)
+def _next_token_loss(model, ids, mask):
+    """Mean next-token cross-entropy over real tokens of a left-padded batch."""
+    logits = model(ids, attention_mask=mask)[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    weight = (mask[:, :-1] * mask[:, 1:]).astype(logits.dtype)
+    return -jnp.sum(picked * weight) / jnp.sum(weight)
 
-    @nnx.jit
-    def loss(m):
-        return jnp.mean(m(ids) ** 2)
 
-    grads = nnx.grad(loss)(model)
-    leaves = jax.tree.leaves(grads)
-    assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CFG,  # stacked layers (training's layout), q/k norms, q/k/v biases
+        dataclasses.replace(
+            CFG,
+            scan_layers=False,
+            tie_word_embeddings=True,
+            qk_norm=False,
+            attention_out_bias=True,
+            mlp_bias=True,
+        ),
+    ],
+    ids=["scan", "unrolled-tied"],
+)
+def test_decoder_gradients_equal_finite_differences(cfg):
+    """The gradient under nnx.jit / nnx.grad, checked per parameter array against float64
+    central differences along a random direction; the float32 model's gradient equals the float64
+    model's to float32 precision."""
+    ids, mask = _left_padded(np.random.default_rng(0), [7, 4], 7, cfg.vocab_size)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    model32 = Decoder(cfg, rngs=nnx.Rngs(0))
+    with jax.enable_x64(True):  # the same values in a float64 model (float64 throughout)
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=jnp.float64, rngs=nnx.Rngs(0)))
+        values = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), nnx.state(model32))
+        model = nnx.merge(nnx.graphdef(abstract), values)
+        assert model(ids, attention_mask=mask).dtype == jnp.float64
+        grads = nnx.jit(nnx.grad(_next_token_loss))(model, ids, mask)
+        graphdef, state = nnx.split(model)
+        flat = nnx.to_flat_state(state)
+        loss = jax.jit(lambda s: _next_token_loss(nnx.merge(graphdef, s), ids, mask))
+        grad_leaves = dict(nnx.to_flat_state(grads))
+        rng = np.random.default_rng(1)
+        eps = 1e-6  # in float64 the truncation (~eps²) and rounding (~1e-16 / eps) errors are tiny
+        checked = 0
+        for path, var in flat:
+            direction = rng.normal(size=var[...].shape)
+
+            def shifted(step, path=path, direction=direction):
+                leaves = [
+                    (p, v.replace(v[...] + step * direction) if p == path else v) for p, v in flat
+                ]
+                return float(loss(nnx.from_flat_state(leaves)))
+
+            numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
+            analytic = float(np.sum(np.asarray(grad_leaves[path][...]) * direction))
+            assert grad_leaves[path][...].dtype == jnp.float64
+            assert abs(numeric - analytic) <= 1e-5 * abs(analytic), (path, numeric, analytic)
+            checked += 1
+        assert checked == len(jax.tree.leaves(state))
+        grads64 = {p: np.asarray(v[...]) for p, v in grad_leaves.items()}
+
+    grads32 = nnx.jit(nnx.grad(_next_token_loss))(model32, ids, mask)
+    for path, var in nnx.to_flat_state(grads32):
+        g32, g64 = np.asarray(var[...]), grads64[path]
+        assert g32.dtype == np.float32
+        np.testing.assert_allclose(g32, g64, rtol=0, atol=1e-4 * np.abs(g64).max(), err_msg=path)
 
 
 def test_bert_pooling_and_normalisation():

@@ -119,12 +119,13 @@ def grouped_attention(q, k, v, mask, *, scale, kv_layout="bskd", per_sequence=No
     x = b * kv_heads
     qx = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(x, t * g, d)
     kx, vx = k.reshape(x, s_len, d), v.reshape(x, s_len, d)
-    logits = jnp.einsum("xqd,xsd->xqs", qx, kx, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax (float64 for float64 inputs)
+    logits = jnp.einsum("xqd,xsd->xqs", qx, kx, preferred_element_type=acc) * scale
     if mask is not None:
         mx = jnp.broadcast_to(mask[:, None, :, None, :], (b, kv_heads, t, g, s_len)).reshape(
             x, t * g, s_len
         )
-        logits = jnp.where(mx, logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mx, logits, jnp.finfo(acc).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("xqs,xsd->xqd", probs, vx).reshape(b, kv_heads, t, g, d)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
@@ -142,12 +143,13 @@ def _attend_sequence(q, k, v, mask, *, scale):
     qx = (q * jnp.asarray(scale, q.dtype)).reshape(t, kv_heads, g, d).transpose(1, 2, 0, 3)
     qx = qx.reshape(kv_heads, g * t, d)
     kx, vx = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [K, S, D]
-    logits = jnp.einsum("xqd,xsd->xqs", qx, kx, preferred_element_type=jnp.float32)
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 (float64 for float64 inputs)
+    logits = jnp.einsum("xqd,xsd->xqs", qx, kx, preferred_element_type=acc)
     if mask is not None:
         m = jnp.broadcast_to(mask[None], (g, t, s_len)).reshape(1, g * t, s_len)
-        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(m, logits, jnp.finfo(acc).min)
     p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    out = jnp.einsum("xqs,xsd->xqd", p.astype(v.dtype), vx, preferred_element_type=jnp.float32)
+    out = jnp.einsum("xqs,xsd->xqd", p.astype(v.dtype), vx, preferred_element_type=acc)
     out = out / jnp.sum(p, axis=-1, keepdims=True)
     return out.reshape(kv_heads, g, t, d).transpose(2, 0, 1, 3).reshape(t, h, d).astype(q.dtype)
 

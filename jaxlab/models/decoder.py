@@ -226,8 +226,10 @@ class DecoderLayer(nnx.Module):
 class Decoder(nnx.Module):
     """Decoder-only transformer LM.
 
-    ``model(input_ids)`` gives float32 logits ``[B, T, V]``. Left-padded batches are exact when
-    ``attention_mask`` is given: positions then start at 0 on each row's first real token.
+    ``model(input_ids)`` gives float32 logits ``[B, T, V]`` (float64 for a float64 model, which
+    computes in float64 throughout: the tests' finite-difference reference). Left-padded batches
+    are exact when ``attention_mask`` is given: positions then start at 0 on each row's first real
+    token.
     With ``cache=`` the call also returns the updated :class:`KVCache`.
     """
 
@@ -336,7 +338,8 @@ class Decoder(nnx.Module):
         x = self.embed_tokens(input_ids)
         cfg = self.config
         inv_freq = jnp.asarray(
-            rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling), jnp.float32
+            rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling),
+            jnp.promote_types(self.dtype, jnp.float32),
         )
 
         rope = rope_tables(positions, inv_freq)  # once, for every layer
@@ -355,9 +358,9 @@ class Decoder(nnx.Module):
         if return_hidden:
             out = x
         elif self.config.tie_word_embeddings:
-            out = self._tied_logits(x).astype(jnp.float32)
+            out = self._tied_logits(x).astype(jnp.promote_types(self.dtype, jnp.float32))
         else:
-            out = self.lm_head(x).astype(jnp.float32)
+            out = self.lm_head(x).astype(jnp.promote_types(self.dtype, jnp.float32))
         if cache is None:
             return out
         return out, KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + t, valid=valid)

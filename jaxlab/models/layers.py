@@ -24,7 +24,8 @@ __all__ = [
 
 
 class RMSNorm(nnx.Module):
-    """RMS normalisation as in Llama/Qwen: ``w * (x / sqrt(mean(x²) + eps))``, statistics in float32."""
+    """RMS normalisation as in Llama/Qwen: ``w * (x / sqrt(mean(x²) + eps))``, statistics in float32
+    (float64 for float64 inputs)."""
 
     def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         del rngs
@@ -32,7 +33,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.weight[...] * x32.astype(x.dtype)
 
@@ -96,12 +97,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(cos, sin)`` of each position's rotary angles, ``[B, T, D/2]`` float32 each.
+    """``(cos, sin)`` of each position's rotary angles, ``[B, T, D/2]`` float32 each (float64 when
+    ``inv_freq`` is).
 
     Computed once per forward and shared by every layer: XLA on CPU otherwise fuses the cosines
     into each layer's rotation and evaluates them per head (a measurable share of a decode step; ``docs/models.md``).
     """
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+    inv_freq = jnp.asarray(inv_freq)
+    dtype = jnp.promote_types(inv_freq.dtype, jnp.float32)  # float64 in a float64 model
+    freqs = positions.astype(dtype)[..., None] * inv_freq.astype(dtype)
     return jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))
 
 
@@ -113,7 +117,7 @@ def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
       tables: :func:`rope_tables` of the tokens' positions, ``[B, T, D/2]`` each.
     """
     cos, sin = (jnp.concatenate([t, t], axis=-1)[:, :, None, :] for t in tables)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
