@@ -216,36 +216,137 @@ def test_evaluate_report_matches_direct_ranking(small, minilm):
     assert 0 <= rep["recall@10"] <= rep["recall@100"] <= 1
 
 
-def test_token_saliency_equals_finite_differences():
-    cfg = BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
+TINY_BERT = BertConfig(
+    vocab_size=40,
+    hidden_size=16,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=32,
+)
+
+
+def _float64_copy(model):
+    """The same BERT in float64 (float64 throughout); call under ``jax.enable_x64(True)``."""
+    abstract = nnx.eval_shape(
+        lambda: BertEncoder(model.config, dtype=jnp.float64, rngs=nnx.Rngs(0))
     )
-    model = BertEncoder(cfg, rngs=nnx.Rngs(0))
+    values = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), nnx.state(model))
+    return nnx.merge(nnx.graphdef(abstract), values)
+
+
+def test_token_saliency_equals_float64_differences():
+    """Every token's saliency against the full gradient [T, E] by float64 central differences of
+    cos(query, mean-pooled document) (all T·E coordinates in one jitted batch)."""
+    model = BertEncoder(TINY_BERT, rngs=nnx.Rngs(0))
     ids = jnp.asarray([1, 5, 9, 3, 7, 2])
     q = jax.random.normal(jax.random.key(1), (16,))
     got = token_saliency(model, ids, q)
+    with jax.enable_x64(True):
+        model64 = _float64_copy(model)
+        q64 = np.asarray(q, np.float64)
+        q64 = q64 / np.linalg.norm(q64)
+        e0 = np.asarray(model64.word_embeddings(ids[None])[0])  # [T, E] float64
 
-    def cos(e):
-        h = model.from_word_embeddings(e[None])[0].mean(0)
-        return float(jnp.dot(h / jnp.linalg.norm(h), q / jnp.linalg.norm(q)))
+        def cos(e):  # written from the definition: mean over the row, L2-normalised, · q/|q|
+            h = model64.from_word_embeddings(e[None])[0].mean(0)
+            return jnp.dot(h / jnp.linalg.norm(h), q64)
 
-    e0 = np.asarray(model.word_embeddings(ids[None])[0], np.float64)
-    eps = 1e-3
-    for t in (0, 3):
-        g = np.zeros(16)
-        for j in range(16):
-            hi, lo = e0.copy(), e0.copy()
-            hi[t, j] += eps
-            lo[t, j] -= eps
-            g[j] = (cos(jnp.asarray(hi, jnp.float32)) - cos(jnp.asarray(lo, jnp.float32))) / (
-                2 * eps
-            )
-        assert got[t] == pytest.approx(np.linalg.norm(g), rel=2e-2)
+        t, e = e0.shape
+        eps = 1e-6  # float64: truncation ~eps², rounding ~1e-16/eps
+        basis = np.eye(t * e).reshape(t * e, t, e)
+        values = np.asarray(
+            jax.jit(jax.vmap(cos))(np.concatenate([e0 + eps * basis, e0 - eps * basis]))
+        )
+        grad = ((values[: t * e] - values[t * e :]) / (2 * eps)).reshape(t, e)
+        want = np.linalg.norm(grad, axis=-1)
+        got64 = token_saliency(model64, ids, q64)
+    assert got64.dtype == np.float64 and got.dtype == np.float32
+    np.testing.assert_allclose(got64, want, rtol=1e-8)
+    np.testing.assert_allclose(got, want, rtol=1e-5)  # the float32 model, to float32 precision
+
+
+def _percentile_by_hand(values, q):
+    """Linear interpolation between order statistics (numpy's default definition)."""
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    lo = math.floor(rank)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (rank - lo) * (ordered[hi] - ordered[lo])
+
+
+def _resample_by_hand(values, points):
+    """``values`` spread evenly over [0, 1], read at ``points`` evenly spaced positions."""
+    out = []
+    for j in range(points):
+        x = j / (points - 1) * (len(values) - 1)
+        k = min(math.floor(x), len(values) - 2)
+        out.append(values[k] + (x - k) * (values[k + 1] - values[k]))
+    return out
+
+
+def test_saliency_profile_equals_a_separately_written_profile(small, minilm):
+    """saliency_profile against its docstring, written out in Python: the queries picked by a loop,
+    the document truncated by hand around [CLS]/[SEP], the gradient of cos by jax.grad, the 99th
+    percentile, resampling and mean / population SD by hand."""
+    import statistics
+
+    from jaxlab.retrieval import saliency_profile
+
+    model, tok = minilm
+    lo, hi, min_tokens, limit, points = 0.2, 0.8, 300, 48, 25
+    got = saliency_profile(
+        small,
+        model,
+        tok,
+        max_examples=3,
+        relpos_range=(lo, hi),
+        min_tokens=min_tokens,
+        max_length=limit,
+        points=points,
+    )
+
+    picked = []
+    for i in range(len(small)):
+        (start, end), n_chars = small.spans[i], small.doc_char_lengths[i]
+        relpos = min(max((start + end) / 2 / max(n_chars, 1), 0.0), 1.0)
+        if lo <= relpos <= hi and small.doc_token_lengths[i] >= min_tokens and len(picked) < 3:
+            picked.append(i)
+    assert len(picked) >= 2  # the SD is over several examples
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def gradient(state, ids, q):
+        m = nnx.merge(graphdef, state)
+
+        def cos(e):
+            h = m.from_word_embeddings(e[None])[0].mean(0)
+            return jnp.dot(h / jnp.linalg.norm(h), q / jnp.linalg.norm(q))
+
+        return jax.grad(cos)(m.word_embeddings(ids[None])[0])
+
+    curves = []
+    for i in picked:
+        rel = small.qrels[small.query_ids[i]]
+        doc_id = max(rel, key=lambda d: rel[d])
+        doc = small.corpus_texts[small.corpus_ids.index(doc_id)]
+        ids = tok.hf(doc, verbose=False)["input_ids"]
+        ids = ids[: limit - 1] + ids[-1:]  # [CLS] and the first tokens, then [SEP]
+        q_ids = tok.hf(small.query_texts[i])["input_ids"]
+        q = np.asarray(model.embed(jnp.asarray([q_ids])))[0]
+        g = np.asarray(gradient(state, jnp.asarray(ids), jnp.asarray(q)), np.float64)
+        sal = [math.sqrt(sum(x * x for x in row)) for row in g[1:-1]]
+        top = _percentile_by_hand(sal, 99)
+        clipped = [min(x, top) / top for x in sal]
+        curves.append(_resample_by_hand(clipped, points))
+    mean = [statistics.fmean(c[j] for c in curves) for j in range(points)]
+    sd = [statistics.pstdev(c[j] for c in curves) for j in range(points)]
+
+    assert got["num_examples"] == len(picked)
+    np.testing.assert_allclose(got["positions"], [j / (points - 1) for j in range(points)])
+    np.testing.assert_allclose(got["mean"], mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["std"], sd, rtol=1e-4, atol=1e-6)
 
 
 def test_posir_cli_build_and_eval(tmp_path, capsys):

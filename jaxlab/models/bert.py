@@ -188,9 +188,10 @@ class BertEncoder(nnx.Module):
 
 
 def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str = "mean", normalize: bool = False):
-    """Pools hidden states ``[B, T, E]`` over real tokens into ``[B, E]`` float32."""
-    h = hidden.astype(jnp.float32)
-    m = attention_mask.astype(jnp.float32)[..., None]
+    """Pools hidden states ``[B, T, E]`` over real tokens into ``[B, E]`` float32 (float64 for
+    float64 states)."""
+    h = hidden.astype(jnp.promote_types(hidden.dtype, jnp.float32))
+    m = attention_mask.astype(h.dtype)[..., None]
     if mode == "mean":
         out = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
     elif mode == "cls":

@@ -39,7 +39,8 @@ class RMSNorm(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm with HF parameter names (``weight``, ``bias``), statistics in float32."""
+    """LayerNorm with HF parameter names (``weight``, ``bias``), statistics in float32 (float64 for
+    float64 inputs)."""
 
     def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         del rngs
@@ -48,13 +49,12 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        x32 = x.astype(dtype)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (
-            y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        ).astype(x.dtype)
+        return (y * self.weight[...].astype(dtype) + self.bias[...].astype(dtype)).astype(x.dtype)
 
 
 def dense(
