@@ -238,6 +238,9 @@ def test_models_and_health(main):
     models = main.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].model_extra["max_model_len"] == 512
+    assert main.client().models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        main.client().models.retrieve("other")
     health = get_json(main, "/health")
     assert health["status"] == "ok" and health["slots"] == 4
 
@@ -320,6 +323,22 @@ def test_chat_stream_equals_unstreamed(main):
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream) == content
 
+    # a stop string cuts both at its first occurrence; the stream never shows any of it
+    middle = len(content) // 2
+    stop = content[middle : middle + 3]
+    assert stop.strip(), content
+    cut = chat(main.client(), max_tokens=16, stop=[stop, "never-seen-stop"])
+    assert cut.choices[0].message.content == content[: content.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    stream = main.client().chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=16, temperature=0, stream=True, stop=stop
+    )
+    chunks = list(stream)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks) == content[: content.index(stop)]
+    )
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
 
 def test_completion_stream_equals_unstreamed(main):
     client = main.client()
@@ -378,6 +397,18 @@ def test_logprobs(main):
     ]
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
         (e.token, round(e.logprob, 4)) for e in lp
+    ]
+    # sampled: the same numbers streamed and unstreamed, for the same seed
+    kw = dict(max_tokens=6, logprobs=True, top_logprobs=2, temperature=0.8, seed=5)
+    plain = chat(client, **kw).choices[0].logprobs.content
+    streamed = [
+        e
+        for c in chat(client, stream=True, **kw)
+        if c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+        (e.token, round(e.logprob, 4)) for e in plain
     ]
     no_top = chat(client, max_tokens=3, logprobs=True)
     assert all(e.top_logprobs == [] for e in no_top.choices[0].logprobs.content)
@@ -611,6 +642,28 @@ def test_disconnect_frees_the_slot(main):
     assert m["jaxlab_requests_cancelled_total"] == before + 1
     health = get_json(main, "/health")
     assert health["slots_active"] == 0 and health["queue_depth"] == 0
+
+    # an unstreamed request whose client leaves is cancelled too
+    conn, prefix = _conn(main)
+    conn.request(
+        "POST",
+        prefix + "/chat/completions",
+        json.dumps({**body, "stream": False}),
+        {"Content-Type": "application/json"},
+    )
+    deadline = time.time() + 10
+    while get_json(main, "/health")["slots_active"] == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    assert get_json(main, "/health")["slots_active"] == 1
+    conn.sock.close()
+    conn.close()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = metrics(main)
+        if m["jaxlab_slots_active"] == 0 and m["jaxlab_requests_cancelled_total"] > before + 1:
+            break
+        time.sleep(0.02)
+    assert m["jaxlab_slots_active"] == 0 and m["jaxlab_requests_cancelled_total"] == before + 2
 
 
 # -- concurrency, the prefix cache, metrics -----------------------------------------------------

@@ -3,8 +3,9 @@ tool calls). :mod:`jaxlab.serving.tools` holds the tool-call prompt format and i
 
 Layout (one module per concern, in the manner of vLLM's entrypoints):
 
-- :mod:`~jaxlab.serving.server`: :func:`serve` (what ``python -m jaxlab serve`` runs) and
-  :func:`create_state` (model, Engine, engine loop, metrics);
+- :mod:`~jaxlab.serving.server`: :func:`serve` (what ``python -m jaxlab serve`` runs),
+  :class:`BackgroundServer` (a server in a thread) and :func:`create_state` (model, Engine,
+  engine loop, metrics);
 - :mod:`~jaxlab.serving.app`: :func:`build_app`, the FastAPI routes, API key and lifespan;
 - :mod:`~jaxlab.serving.serving_chat` / :mod:`~jaxlab.serving.serving_completions`: the two
   generation endpoints; :mod:`~jaxlab.serving.base` what they share;
@@ -21,11 +22,20 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["serve", "create_state", "build_app", "ServerState", "EngineLoop", "OpenAIError"]
+__all__ = [
+    "serve",
+    "BackgroundServer",
+    "create_state",
+    "build_app",
+    "ServerState",
+    "EngineLoop",
+    "OpenAIError",
+]
 
 _LAZY = {
     "serve": "jaxlab.serving.server",
     "create_state": "jaxlab.serving.server",
+    "BackgroundServer": "jaxlab.serving.server",
     "build_app": "jaxlab.serving.app",
     "ServerState": "jaxlab.serving.base",
     "EngineLoop": "jaxlab.serving.engine_loop",

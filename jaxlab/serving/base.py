@@ -20,8 +20,6 @@ from jaxlab.tokenization import Tokenizer
 
 __all__ = ["ServerState", "Merged", "ClientGone", "request_id"]
 
-_DISCONNECT_POLL_S = 0.25
-
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
@@ -160,16 +158,18 @@ class ServerState:
 
 class Merged:
     """The step deltas of several requests as they come: ``async for k, deltas in merged``
-    (``k`` the request's position). With ``request``, the HTTP client is watched meanwhile and
-    :class:`ClientGone` raised when it leaves. :meth:`close` (synchronous, so that it also runs
-    in a generator being cancelled) stops waiting and aborts the requests still in flight."""
+    (``k`` the request's position). With ``request``, the HTTP client is watched meanwhile (for
+    unstreamed answers; Starlette watches streamed ones itself) and :class:`ClientGone` raised as
+    soon as it disconnects. :meth:`close` (synchronous, so that it also runs in a generator being
+    cancelled) stops waiting and aborts the requests still in flight."""
 
     def __init__(
         self, loop: EngineLoop, streams: Sequence[RequestStream], request: Request | None = None
     ):
-        self.loop, self.streams, self.request = loop, list(streams), request
+        self.loop, self.streams = loop, list(streams)
         self._tasks: dict[asyncio.Future, int] = {}
         self._ready: list[tuple[int, list[Delta]]] = []
+        self._watch = asyncio.ensure_future(_disconnected(request)) if request else None
         for k, s in enumerate(self.streams):
             if not s.complete:
                 self._arm(k)
@@ -184,13 +184,12 @@ class Merged:
         while not self._ready:
             if not self._tasks:
                 raise StopAsyncIteration
-            done, _ = await asyncio.wait(
-                self._tasks, timeout=_DISCONNECT_POLL_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                if self.request is not None and await self.request.is_disconnected():
-                    raise ClientGone()
-                continue
+            waiting = set(self._tasks)
+            if self._watch is not None:
+                waiting.add(self._watch)
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if self._watch is not None and self._watch in done:
+                raise ClientGone()
             for task in done:
                 k = self._tasks.pop(task)
                 ds = task.result()  # EngineFailed propagates
@@ -200,9 +199,17 @@ class Merged:
         return self._ready.pop(0)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
         for s in self.streams:
             if not s.complete:
                 self.loop.abort(s.request_id)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has disconnected (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

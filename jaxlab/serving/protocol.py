@@ -10,6 +10,7 @@ vLLM also accepts (``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_id
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -17,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from jaxlab.generation import SamplingParams
+from jaxlab.generation import Completion, Delta, SamplingParams
 from jaxlab.serving.errors import OpenAIError
 from jaxlab.tokenization import Tokenizer
 
@@ -30,6 +31,8 @@ __all__ = [
     "finish_reason",
     "usage",
     "TokenStrings",
+    "delta_logprobs",
+    "completion_token_logprobs",
     "chat_logprobs",
     "completion_logprobs",
     "sse",
@@ -164,6 +167,22 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None 
 
 
 # -- log-probabilities ---------------------------------------------------------------------------
+
+# The sampled token's log-probability is reported under the model's own distribution (as OpenAI
+# and vLLM do, and as ``top_logprobs`` are) where the Engine's streamed deltas carry it; else under
+# the distribution it was sampled from (the same for greedy requests), in streamed and unstreamed
+# answers alike, so that both agree.
+_RAW_IN_DELTAS = "raw_logprobs" in {f.name for f in dataclasses.fields(Delta)}
+
+
+def delta_logprobs(d: Delta) -> list[float]:
+    """The reported log-probabilities of a delta's tokens (see ``_RAW_IN_DELTAS``)."""
+    return list(d.raw_logprobs if _RAW_IN_DELTAS else d.logprobs)
+
+
+def completion_token_logprobs(c: Completion) -> list[float]:
+    """The reported log-probabilities of a completion's tokens (as :func:`delta_logprobs`)."""
+    return list(c.raw_logprobs if _RAW_IN_DELTAS else c.logprobs)
 
 
 @functools.lru_cache(maxsize=1)

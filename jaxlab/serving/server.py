@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -22,7 +23,13 @@ from jaxlab.serving.base import ServerState
 from jaxlab.serving.engine_loop import EngineLoop
 from jaxlab.serving.metrics import ServerMetrics
 
-__all__ = ["DEFAULT_MAX_LEN", "create_state", "serve", "engine_has_prefix_cache"]
+__all__ = [
+    "DEFAULT_MAX_LEN",
+    "create_state",
+    "serve",
+    "BackgroundServer",
+    "engine_has_prefix_cache",
+]
 
 DEFAULT_MAX_LEN = 2048  # the default context, capped by the model's own
 
@@ -185,3 +192,46 @@ def serve(
         signal.signal(signal.SIGTERM, previous)
         sock.close()
     say("server stopped")
+
+
+class BackgroundServer:
+    """A server in a thread of this process, for notebooks, examples and tests::
+
+        with BackgroundServer("smollm2-135m-instruct", slots=4) as server:
+            client = openai.OpenAI(base_url=server.url, api_key="none")
+
+    ``model`` is a model source as :func:`serve` takes (or a built :class:`ServerState`);
+    ``port=0`` picks a free port; the other keywords go to :func:`create_state`. :meth:`stop`
+    (or leaving the ``with`` block) finishes the requests in flight and stops the engine thread.
+    """
+
+    def __init__(self, model, *, host: str = "127.0.0.1", port: int = 0, **kwargs):
+        import uvicorn
+
+        from jaxlab.serving.app import build_app
+
+        self.state = model if isinstance(model, ServerState) else create_state(model, **kwargs)
+        sock = _bind(host, port)
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.url = f"http://{shown}:{bound_port}/v1"
+        config = uvicorn.Config(build_app(self.state), log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="jaxlab-http", daemon=True
+        )
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server failed to start; see the log")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

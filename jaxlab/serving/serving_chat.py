@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from jaxlab.generation import Completion, Delta
+from jaxlab.generation import Completion
 from jaxlab.serving.base import Merged, ServerState, request_id
 from jaxlab.serving.engine_loop import EngineFailed
 from jaxlab.serving.errors import OpenAIError, error_body
@@ -20,6 +20,8 @@ from jaxlab.serving.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
     chat_logprobs,
+    completion_token_logprobs,
+    delta_logprobs,
     finish_reason,
     sampling_params,
     sse,
@@ -71,13 +73,6 @@ def _plan(state: ServerState, req: ChatCompletionRequest) -> _Plan:
         ) from None
     top_n = (req.top_logprobs or 0) if req.logprobs else 0
     return _Plan(ids, forced, parse_tools, top_n, bool(req.logprobs))
-
-
-def _chosen_logprobs(d: Delta) -> list[float]:
-    """The sampled tokens' log-probabilities under the model (before temperature and filters)
-    where the Engine reports them, else under the sampling distribution."""
-    raw = getattr(d, "raw_logprobs", None)
-    return list(raw) if raw is not None else list(d.logprobs)
 
 
 def _trim_eos(state: ServerState, c: Completion) -> int:
@@ -141,7 +136,11 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
             k = _trim_eos(state, c)
             choice["logprobs"] = {
                 "content": chat_logprobs(
-                    state.strings, c.tokens[:k], c.raw_logprobs[:k], c.top_logprobs, plan.top_n
+                    state.strings,
+                    c.tokens[:k],
+                    completion_token_logprobs(c)[:k],
+                    c.top_logprobs,
+                    plan.top_n,
                 ),
                 "refusal": None,
             }
@@ -225,7 +224,7 @@ async def _stream(
                     completion_tokens += len(d.tokens)
                     if plan.want_logprobs:
                         tops = d.top_logprobs or [None] * len(d.tokens)
-                        ch.pending.extend(zip(d.tokens, _chosen_logprobs(d), tops))
+                        ch.pending.extend(zip(d.tokens, delta_logprobs(d), tops))
                 text = d.text or ""
                 if ch.parser is not None:
                     pieces = ch.parser.feed(text) if text else []

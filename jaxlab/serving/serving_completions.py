@@ -17,6 +17,8 @@ from jaxlab.serving.protocol import (
     SSE_DONE,
     CompletionRequest,
     completion_logprobs,
+    completion_token_logprobs,
+    delta_logprobs,
     finish_reason,
     sampling_params,
     sse,
@@ -64,7 +66,7 @@ def _logprobs(state: ServerState, c: Completion, top_n: int) -> dict:
     if c.finish_reason == "eos" and n and c.tokens[-1] in state.loop.engine.eos_ids:
         n -= 1
     return completion_logprobs(
-        state.strings, c.tokens[:n], c.raw_logprobs[:n], c.top_logprobs, top_n
+        state.strings, c.tokens[:n], completion_token_logprobs(c)[:n], c.top_logprobs, top_n
     )
 
 
@@ -187,8 +189,7 @@ async def _stream(
                 index = k * n + d.index
                 if d.tokens:
                     completion_tokens += len(d.tokens)
-                    raw = getattr(d, "raw_logprobs", None)
-                    lps = list(raw) if raw is not None else list(d.logprobs)
+                    lps = delta_logprobs(d)
                     tops = d.top_logprobs or [None] * len(d.tokens)
                     pending.setdefault(index, []).extend(zip(d.tokens, lps, tops))
                 if d.finish_reason is not None:
