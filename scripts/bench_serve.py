@@ -6,7 +6,8 @@ llama-cpp-python's OpenAI server on the same GGUF file with the same clients.
         [--min-tokens 128] [--max-tokens 256] [--level-time 240] [--turns 10]
         [--slots 16] [--max-len 2048] [--anchor auto|off] [--out runs/bench_serve.json]
 
-Concurrency levels: ``c`` clients each stream chat replies (the official ``openai`` async client,
+Concurrency levels (each after an untimed warm-up of ``c`` short requests at once, which
+compiles the level's prompt shapes): ``c`` clients each stream chat replies (the official ``openai`` async client,
 ``stream_options.include_usage``) until ``c x --requests-per-client`` requests (at most
 ``--max-requests``) have been sent or ``--level-time`` seconds have passed; replies have a length
 drawn from [--min-tokens, --max-tokens], the end tokens blocked with ``logit_bias`` so that each
@@ -203,12 +204,16 @@ async def stream_one(client, model: str, messages, max_tokens: int, bias: dict) 
         }
 
 
-async def warm_up(server: Server, model: str, bias: dict) -> None:
-    """One short request: what the first level would otherwise time (loading, compiling)."""
+async def warm_up(server: Server, model: str, bias: dict, c: int) -> None:
+    """``c`` short requests at once, untimed: the prompt shapes of a level compile here (a
+    server that compiles a new shape would otherwise charge it to that level's first tokens)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=3600)
-    await stream_one(client, model, [{"role": "user", "content": "Hi"}], 4, bias)
+    msgs = [[{"role": "user", "content": f"{q} (warm-up)"}] for q in QUESTIONS]
+    await asyncio.gather(
+        *(stream_one(client, model, msgs[k % len(msgs)], 4, bias) for k in range(c))
+    )
     await client.close()
 
 
@@ -369,8 +374,11 @@ def main():
 
     def run(server: Server, concurrency: list[int]) -> list[dict]:
         model = server.wait()
-        asyncio.run(warm_up(server, model, bias))
-        return [asyncio.run(run_level(server, model, c, args, bias, seed=c)) for c in concurrency]
+        levels = []
+        for c in concurrency:
+            asyncio.run(warm_up(server, model, bias, c))
+            levels.append(asyncio.run(run_level(server, model, c, args, bias, seed=c)))
+        return levels
 
     server = jaxlab_server(args, prefix_cache=0)
     try:

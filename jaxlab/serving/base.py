@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Hashable, Sequence
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from jaxlab.generation import Delta, SamplingParams
 from jaxlab.serving.engine_loop import EngineLoop, QueueFull, RequestStream
@@ -18,7 +19,9 @@ from jaxlab.serving.metrics import ServerMetrics
 from jaxlab.serving.protocol import TokenStrings, param_error
 from jaxlab.tokenization import Tokenizer
 
-__all__ = ["ServerState", "Merged", "ClientGone", "request_id"]
+__all__ = ["ServerState", "Merged", "SSEResponse", "ClientGone", "request_id"]
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class ClientGone(Exception):
@@ -213,3 +216,19 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client has disconnected (the request body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class SSEResponse(StreamingResponse):
+    """A server-sent-event stream of ``merged``'s requests: however the response ends (finished,
+    the client gone, the server stopping), the requests still in flight are aborted, even when
+    the client left before the first event was produced."""
+
+    def __init__(self, content, merged: Merged):
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.merged = merged
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.merged.close()

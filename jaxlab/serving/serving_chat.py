@@ -10,10 +10,10 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from jaxlab.generation import Completion
-from jaxlab.serving.base import Merged, ServerState, request_id
+from jaxlab.serving.base import Merged, ServerState, SSEResponse, request_id
 from jaxlab.serving.engine_loop import EngineFailed
 from jaxlab.serving.errors import OpenAIError, error_body
 from jaxlab.serving.protocol import (
@@ -36,9 +36,7 @@ from jaxlab.serving.tools import (
     resolve_tool_choice,
 )
 
-__all__ = ["create_chat_completion", "SSE_HEADERS"]
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+__all__ = ["create_chat_completion"]
 
 
 @dataclasses.dataclass
@@ -106,11 +104,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     stream = state.submit(plan.prompt_ids, params, rid, arrival)
     if req.stream:
         merged = Merged(state.loop, [stream])
-        return StreamingResponse(
-            _stream(state, req, plan, rid, merged, params.n),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
+        return SSEResponse(_stream(state, req, plan, rid, merged, params.n), merged)
     try:
         (deltas,) = await state.collect(request, [stream])
     except EngineFailed as e:

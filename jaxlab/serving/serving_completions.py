@@ -7,10 +7,10 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from jaxlab.generation import Completion
-from jaxlab.serving.base import Merged, ServerState, request_id
+from jaxlab.serving.base import Merged, ServerState, SSEResponse, request_id
 from jaxlab.serving.engine_loop import EngineFailed, RequestStream
 from jaxlab.serving.errors import OpenAIError, error_body
 from jaxlab.serving.protocol import (
@@ -24,7 +24,6 @@ from jaxlab.serving.protocol import (
     sse,
     usage,
 )
-from jaxlab.serving.serving_chat import SSE_HEADERS
 
 __all__ = ["create_completion"]
 
@@ -102,11 +101,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, request:
     prompt_tokens = sum(len(ids) for ids, _ in plans)
     if req.stream:
         merged = Merged(state.loop, streams)
-        return StreamingResponse(
-            _stream(state, req, base, merged, n, prompt_tokens, top_n),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
+        return SSEResponse(_stream(state, req, base, merged, n, prompt_tokens, top_n), merged)
     try:
         per_prompt = await state.collect(request, streams)
     except EngineFailed as e:
