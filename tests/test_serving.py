@@ -740,7 +740,7 @@ def test_smollm2_answers(servers):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
-# -- shutdown (last: it stops the aux server) ---------------------------------------------------
+# -- shutdown (last: these stop the servers) ---------------------------------------------------
 
 
 def test_sigterm_drains_in_flight_requests(aux):
@@ -774,3 +774,9 @@ def test_sigterm_drains_in_flight_requests(aux):
     assert sum(bool(c["choices"][0]["delta"].get("content")) for c in chunks) > 10
     assert aux.proc.wait(60) == 0
     assert "server stopped" in aux.output and "Traceback" not in aux.output
+
+
+def test_ctrl_c_stops_cleanly(main):
+    main.proc.send_signal(signal.SIGINT)
+    assert main.proc.wait(60) == 0
+    assert "server stopped" in main.output and "Traceback" not in main.output

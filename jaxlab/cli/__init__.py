@@ -1,8 +1,8 @@
 """``python -m jaxlab <command>``: one CLI, a subcommand per area, ``--help`` everywhere.
 
 Each area's subcommands live in their own module here (``models``: demo / generate / chat /
-embed, ``train``, ``rl``, ``serve``, ``sky``, ``posir``, ``config``); the work itself stays in the areas.
-Commands import their area lazily, so ``--help`` is fast and a command only pays for what it uses.
+embed, ``train``, ``rl``, ``serve``, ``sky``, ``posir``, ``config``); the work itself stays in the
+areas. Commands import their area lazily, so ``--help`` is fast and a command only pays for what it uses.
 
 Errors a user can cause (:class:`jaxlab.errors.UserError`: a bad path, a corrupt file, an unknown
 name, an output that exists) print one ``error: ...`` line and exit with status 2; anything else is

@@ -149,16 +149,20 @@ def serve(
         print(msg, file=out, flush=True)
 
     sock = _bind(host, port)  # fail early, before the model loads
-    state = create_state(
-        model,
-        model_name=model_name,
-        slots=slots,
-        max_len=max_len,
-        api_key=api_key,
-        max_queue=max_queue,
-        prefix_cache=prefix_cache,
-        log=say,
-    )
+    try:
+        state = create_state(
+            model,
+            model_name=model_name,
+            slots=slots,
+            max_len=max_len,
+            api_key=api_key,
+            max_queue=max_queue,
+            prefix_cache=prefix_cache,
+            log=say,
+        )
+    except BaseException:
+        sock.close()
+        raise
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}/v1"
