@@ -231,6 +231,55 @@ def chat(client, messages=ASK, **kw):
     return client.chat.completions.create(model=MODEL, messages=messages, **kw)
 
 
+# -- protocol pieces, in process ------------------------------------------------------------------
+
+
+def test_sampling_params_from_request_fields():
+    from jaxlab.serving.errors import OpenAIError
+    from jaxlab.serving.protocol import ChatCompletionRequest, sampling_params
+
+    req = ChatCompletionRequest(
+        messages=ASK,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=-1,
+        min_p=0.05,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.1,
+        stop="END",
+        seed=3,
+        n=2,
+        logit_bias={"17": -100},
+        unknown_field=1,
+    )
+    p = sampling_params(req, max_new_tokens=7, logprobs=2)
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (7, 0.5, 0.9, 0, 0.05)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.1)
+    assert (p.stop, p.seed, p.n, p.logprobs, p.logit_bias) == (("END",), 3, 2, 2, ((17, -100.0),))
+    assert sampling_params(ChatCompletionRequest(messages=ASK), max_new_tokens=1).temperature == 1.0
+    with pytest.raises(OpenAIError) as e:
+        sampling_params(
+            req, max_new_tokens=0, param_names={"max_new_tokens": "max_completion_tokens"}
+        )
+    assert e.value.param == "max_completion_tokens" and e.value.status == 400
+    with pytest.raises(OpenAIError) as e:
+        sampling_params(req, max_new_tokens=1, vocab_size=10)
+    assert e.value.param == "logit_bias" and "10" in e.value.message
+
+
+def test_token_strings_give_each_token_its_bytes(smol_tokenizer):
+    from jaxlab.serving.protocol import TokenStrings
+
+    strings = TokenStrings(smol_tokenizer)
+    text = "naïve café: 東京 🙂"
+    ids = smol_tokenizer.encode(text, add_special_tokens=False)
+    raw = b"".join(bytes(strings.get(t)[1]) for t in ids)
+    assert raw.decode("utf-8") == text  # tokens may split a character; their bytes join up
+    eos = smol_tokenizer.eos_token_ids[0]
+    assert strings.get(eos)[0] == smol_tokenizer.hf.convert_ids_to_tokens(eos)
+
+
 # -- the basics -------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ last, a usage chunk with ``choices: []`` only when ``stream_options.include_usag
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -37,6 +38,8 @@ from jaxlab.serving.tools import (
 )
 
 __all__ = ["create_chat_completion"]
+
+log = logging.getLogger("jaxlab.serving")
 
 
 @dataclasses.dataclass
@@ -245,6 +248,14 @@ async def _stream(
         yield SSE_DONE
     except EngineFailed as e:
         yield sse(error_body(f"generation failed: {e}", "internal_server_error"))
+        yield SSE_DONE
+    except Exception as e:  # a bug: logged in full, the client gets an error event, no traceback
+        log.exception("streaming %s failed", head["id"])
+        yield sse(
+            error_body(
+                f"the server failed ({type(e).__name__}); see its log", "internal_server_error"
+            )
+        )
         yield SSE_DONE
     finally:
         merged.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,8 @@ from jaxlab.serving.protocol import (
 )
 
 __all__ = ["create_completion"]
+
+log = logging.getLogger("jaxlab.serving")
 
 
 def _prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
@@ -203,6 +206,14 @@ async def _stream(
         yield SSE_DONE
     except EngineFailed as e:
         yield sse(error_body(f"generation failed: {e}", "internal_server_error"))
+        yield SSE_DONE
+    except Exception as e:  # a bug: logged in full, the client gets an error event, no traceback
+        log.exception("streaming %s failed", head["id"])
+        yield sse(
+            error_body(
+                f"the server failed ({type(e).__name__}); see its log", "internal_server_error"
+            )
+        )
         yield SSE_DONE
     finally:
         merged.close()
