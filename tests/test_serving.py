@@ -459,6 +459,10 @@ def test_logprobs(main):
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
         (e.token, round(e.logprob, 4)) for e in plain
     ]
+    for e in plain:  # a sampled token's log-prob is the model's own, as its alternatives' are
+        same = [t.logprob for t in e.top_logprobs if t.token == e.token]
+        if same:
+            assert e.logprob == pytest.approx(same[0], abs=1e-5)
     no_top = chat(client, max_tokens=3, logprobs=True)
     assert all(e.top_logprobs == [] for e in no_top.choices[0].logprobs.content)
 

@@ -96,7 +96,8 @@ class Delta:
     """What one step added to one sequence: its new tokens and text (``None`` without a
     tokenizer; text that could begin a stop string, or an incomplete UTF-8 character, is held
     back until it is decided). The last delta of a sequence carries ``finish_reason`` and the
-    :class:`Completion`."""
+    :class:`Completion`. ``logprobs`` are under the distribution sampled from (the behaviour
+    log-probs), ``raw_logprobs`` under the model's own distribution."""
 
     request_id: Hashable
     index: int
@@ -106,6 +107,7 @@ class Delta:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str | None = None
     completion: Completion | None = None
+    raw_logprobs: list[float] = dataclasses.field(default_factory=list)  # under the model itself
 
 
 class _TextStream:
@@ -649,6 +651,7 @@ class Engine:
             [lp],
             None if seq.text is None else ("" if hit is not None else seq.text.take()),
             new_top,
+            raw_logprobs=[raw],
         )
         out = [delta]
         if tok in self.eos_ids and not p.ignore_eos:

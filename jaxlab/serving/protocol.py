@@ -10,7 +10,6 @@ vLLM also accepts (``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_id
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import re
@@ -168,21 +167,18 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None 
 
 # -- log-probabilities ---------------------------------------------------------------------------
 
-# The sampled token's log-probability is reported under the model's own distribution (as OpenAI
-# and vLLM do, and as ``top_logprobs`` are) where the Engine's streamed deltas carry it; else under
-# the distribution it was sampled from (the same for greedy requests), in streamed and unstreamed
-# answers alike, so that both agree.
-_RAW_IN_DELTAS = "raw_logprobs" in {f.name for f in dataclasses.fields(Delta)}
+# The sampled token's log-probability is reported under the model's own distribution, as OpenAI
+# and vLLM do (and as ``top_logprobs`` are), in streamed and unstreamed answers alike.
 
 
 def delta_logprobs(d: Delta) -> list[float]:
-    """The reported log-probabilities of a delta's tokens (see ``_RAW_IN_DELTAS``)."""
-    return list(d.raw_logprobs if _RAW_IN_DELTAS else d.logprobs)
+    """The reported log-probabilities of a delta's tokens (the model's own)."""
+    return list(d.raw_logprobs)
 
 
 def completion_token_logprobs(c: Completion) -> list[float]:
-    """The reported log-probabilities of a completion's tokens (as :func:`delta_logprobs`)."""
-    return list(c.raw_logprobs if _RAW_IN_DELTAS else c.logprobs)
+    """The reported log-probabilities of a completion's tokens (the model's own)."""
+    return list(c.raw_logprobs)
 
 
 @functools.lru_cache(maxsize=1)
