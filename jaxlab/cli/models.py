@@ -14,6 +14,13 @@ __all__ = ["COMMANDS"]
 
 # -- demo --------------------------------------------------------------------------------------------
 
+# Sizes of the demo's PosIR and sky steps; the tests run the same steps with smaller ones.
+DEMO_SIZES = {
+    "posir_queries": 80,
+    "smi_plates": 16,
+    "smi_steps": (100, 80, 80),  # shift, shared, individual
+}
+
 
 def _run_demo(args):
     import jax
@@ -60,7 +67,7 @@ def _demo_posir():
     from jaxlab.retrieval import builtin_dataset, evaluate_posir
 
     model, tokenizer = from_pretrained("all-minilm-l6-v2")
-    data = builtin_dataset(80, tokenizer, seed=0, lengths=((128, 512),))
+    data = builtin_dataset(DEMO_SIZES["posir_queries"], tokenizer, seed=0, lengths=((128, 512),))
     t0 = time.perf_counter()
     rep = evaluate_posir(data, model, tokenizer, strategy="truncate")
     thirds = np.array_split(np.argsort(data.relative_positions), 3)
@@ -88,14 +95,16 @@ def _demo_sky():
 
     t0 = time.perf_counter()
     plate = simulate_plate(0)
+    n_plates, (shift, shared, individual) = DEMO_SIZES["smi_plates"], DEMO_SIZES["smi_steps"]
     model, history = train_smi(
-        training_plates(16, 1000),
-        SMIConfig(steps_shift=100, steps_shared=80, steps_individual=80),
+        training_plates(n_plates, 1000),
+        SMIConfig(steps_shift=shift, steps_shared=shared, steps_individual=individual),
         progress=False,
     )
     print(
         f"\nsky: simulated {plate.n_fibers}-fibre plate ({int(plate.is_sky.sum())} sky fibres, "
-        f"{plate.meta['SKYSRC']} night sky); SMI trained on 16 plates in {history['seconds']:.0f} s"
+        f"{plate.meta['SKYSRC']} night sky); SMI trained on {n_plates} plates in "
+        f"{history['seconds']:.0f} s"
     )
     for name, method, smi in (("Super Sky", "supersky", None), ("SMI", "smi", model)):
         rep = evaluate_sky(plate, estimate_sky(plate, method, model=smi))
