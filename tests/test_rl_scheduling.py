@@ -187,3 +187,50 @@ def test_rl_simulate_cli(tmp_path):
         and data["trained_samples"] == 128
     )
     assert plot.stat().st_size > 0
+
+
+def _lengths_by_sample(table, seed=0):
+    """A length sampler that gives ``table[(group, index, attempt)]``: the simulator seeds each
+    sample's generator with ``[seed, group, index, attempt]``, so its first draw names the sample."""
+    first = {int(np.random.default_rng([seed, *k]).integers(2**62)): n for k, n in table.items()}
+    return lambda rng: first[int(rng.integers(2**62))]
+
+
+# A 2-slot synchronous run worked by hand (time in decode steps; update cost 0.5 step per token):
+#   [0, 1)  group 0: samples of 1 and 3 tokens, both slots busy
+#   [1, 3)  the 3-token sample alone: one slot idle for 2 steps (the sync bubble)
+#   [3, 5)  update on group 0's 4 tokens: both slots idle for 2 steps
+#   [5, 7)  group 1: two 2-token samples, both slots busy
+#   [7, 9)  update on group 1's 4 tokens: both slots idle
+# idle slot-time = 1·2 + 2·2 + 2·2 = 10 of 2·9 = 18: bubble ratio 5/9; during decoding alone
+# 2 idle of 2·5 slot-steps: 1/5.
+HAND_TIMELINE = [(0, 1, 1.0), (1, 2, 0.5), (2, 3, 0.5), (5, 6, 1.0), (6, 7, 1.0)]
+HAND_UPDATES = [(3, 5), (7, 9)]
+
+
+def test_simulated_bubble_ratio_of_a_two_slot_run_worked_by_hand():
+    cfg = SchedulerConfig(
+        scheduler="sync", group_size=2, update_groups=1, rollout_groups=1, num_prompts=2
+    )
+    lengths = _lengths_by_sample({(0, 0, 0): 1, (0, 1, 0): 3, (1, 0, 0): 2, (1, 1, 0): 2})
+    r = simulate(cfg, slots=2, lengths=lengths, seed=0, update_cost=0.5)
+    assert r.timeline == HAND_TIMELINE and r.update_intervals == HAND_UPDATES
+    assert r.occupancy == [1.0, 0.5, 0.5, 1.0, 1.0] and r.total_steps == 9
+    assert r.bubble_ratio == pytest.approx(5 / 9) and r.rollout_bubble_ratio == pytest.approx(1 / 5)
+    assert r.generated_tokens == 8 and r.wasted_tokens == 0 and r.trained_samples == 4
+    assert r.throughput == pytest.approx(4 / 9)  # trained samples per step
+    assert r.useful_ratio == pytest.approx(8 / 18)  # every generated token was trained
+
+
+def test_trainer_bubble_ratio_of_the_same_timeline_worked_by_hand():
+    """The RL trainer's timeline (seconds instead of decode steps) gives the same 5/9; from
+    t = 3 on, [3, 5) update + two full steps + [7, 9) update: 1 - 2/6 = 2/3; from t = 4 on
+    (intervals that start there): 1 - 2/4."""
+    from jaxlab.rl.trainer import _Timeline
+
+    timeline = _Timeline()
+    timeline.steps, timeline.updates = list(HAND_TIMELINE), list(HAND_UPDATES)
+    assert timeline.bubble_ratio() == pytest.approx(5 / 9)
+    assert timeline.bubble_ratio(since=3) == pytest.approx(2 / 3)
+    assert timeline.bubble_ratio(since=4) == pytest.approx(1 / 2)
+    assert _Timeline().bubble_ratio() == 0.0

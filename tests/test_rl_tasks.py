@@ -4,14 +4,12 @@ import itertools
 import re
 import subprocess
 import sys
-from collections import Counter
+from fractions import Fraction
 
 import pytest
 
 from jaxlab.rl.tasks import (
     TASKS,
-    _numbers_in,
-    _safe_eval,
     extract_answer,
     extract_number,
     make_task,
@@ -33,13 +31,81 @@ def test_tasks_are_deterministic_across_processes(name):
     assert make_task(name, seed=8).problem(0).prompt != here[0] or name == "knights_knaves"
 
 
-def test_arithmetic_rewards():
+def _evaluate(text):
+    """A separately written evaluator (recursive descent, exact Fractions) of integers, + - * /,
+    unary minus and parentheses with the usual precedence; None for anything else or a division by
+    zero. The reference for the tasks' own evaluator."""
+    tokens = re.findall(r"\d+|\S", text)
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take():
+        nonlocal pos
+        if pos == len(tokens):
+            raise SyntaxError("unexpected end")
+        pos += 1
+        return tokens[pos - 1]
+
+    def expression():
+        value = term()
+        while peek() in ("+", "-"):
+            op, right = take(), term()
+            value = value + right if op == "+" else value - right
+        return value
+
+    def term():
+        value = factor()
+        while peek() in ("*", "/"):
+            op, right = take(), factor()
+            if op == "/" and right == 0:
+                raise ZeroDivisionError
+            value = value * right if op == "*" else value / right
+        return value
+
+    def factor():
+        token = take()
+        if token == "-":
+            return -factor()
+        if token == "(":
+            value = expression()
+            if take() != ")":
+                raise SyntaxError("unclosed parenthesis")
+            return value
+        if token.isdigit():
+            return Fraction(int(token))
+        raise SyntaxError(token)
+
+    try:
+        value = expression()
+    except (SyntaxError, ZeroDivisionError):
+        return None
+    return value if pos == len(tokens) else None
+
+
+def test_reference_evaluator():
+    assert _evaluate("2 + 3 * 4") == 14 and _evaluate("(2 + 3) * 4") == 20
+    assert _evaluate("7 - 2 - 1") == 4 and _evaluate("8 / 4 / 2") == 1  # left-associative
+    assert _evaluate("6 / 4 * 2") == 3 and _evaluate("1 / 3") == Fraction(1, 3)
+    assert _evaluate("-(2 - 5) * -2") == -6
+    for bad in ("2 ** 3", "1 / 0", "(1 + 2", "1 2", "3.0", "1e3", "+3", "", "abs(-1)"):
+        assert _evaluate(bad) is None, bad
+
+
+def test_arithmetic_answers_and_rewards():
+    """The answer of the expression as the prompt shows it, by Python's integer arithmetic and by
+    the reference evaluator; rewards by the task's own rule (1 right, 0.1 formatted, 0 else)."""
     task = make_task("arithmetic", digits=3, terms=3, seed=0)
-    for i in range(20):
+    for i in range(40):
         p = task.problem(i)
-        assert p.answer == _safe_eval(p.meta["expression"])
-        assert task.reward(p, f"... so the result is <answer>{p.answer}</answer>") == 1.0
-        assert task.reward(p, f"<answer>{p.answer + 1}</answer>") == 0.1
+        expr = re.fullmatch(r"What is (.+)\? Think step by step.*", p.prompt, re.S).group(1)
+        assert re.fullmatch(r"\d+( [-+*] \d+){2}", expr), expr
+        value = eval(expr, {"__builtins__": {}})  # digits and + - * only (checked above)
+        assert p.answer == value == _evaluate(expr)
+        assert task.reward(p, f"... so the result is <answer>{value}</answer>") == 1.0
+        assert task.reward(p, f"<answer>{value + 1}</answer>") == 0.1
+        assert task.reward(p, f"<answer>{-value}</answer>") == (1.0 if value == 0 else 0.1)
         assert task.reward(p, "I don't know") == 0.0
     p = task.problem(0)
     assert (
@@ -48,20 +114,52 @@ def test_arithmetic_rewards():
     assert task.reward(p, f"Final answer: {p.answer}") == 1.0
 
 
-def test_countdown_problems_are_solvable_and_checked_strictly():
-    task = make_task("countdown", count=4, seed=3)
-    for i in range(30):
+def _all_expressions(numbers):
+    """Every expression over ``numbers`` (in every order, each once) with + - * / and every
+    bracketing."""
+    if len(numbers) == 1:
+        yield str(numbers[0])
+        return
+    for split in range(1, len(numbers)):
+        for left_idx in itertools.combinations(range(len(numbers)), split):
+            left = [numbers[k] for k in left_idx]
+            right = [numbers[k] for k in range(len(numbers)) if k not in left_idx]
+            for a in _all_expressions(left):
+                for b in _all_expressions(right):
+                    for op in "+-*/":
+                        yield f"({a} {op} {b})"
+
+
+def test_countdown_rewards_equal_an_independent_check():
+    """Problems solvable as the prompt states them; the reward of every expression over the
+    numbers (and of some with a number missing or repeated) equals the rule applied with the
+    reference evaluator: 1 when it uses each given number once and equals the target, else 0.1."""
+    task = make_task("countdown", count=3, seed=3)
+    right = 0
+    for i in range(20):
         p = task.problem(i)
+        m = re.search(
+            r"Using the numbers \[([\d, ]+)\], create an equation that equals (\d+)\.", p.prompt
+        )
+        numbers, target = [int(x) for x in m.group(1).split(",")], int(m.group(2))
+        assert (numbers, target) == (p.meta["numbers"], p.answer)
         sol = p.meta["solution"]
-        assert _safe_eval(sol) == p.answer
-        assert Counter(_numbers_in(sol)) == Counter(p.meta["numbers"])
-        assert task.reward(p, f"<answer>{sol}</answer>") == 1.0
-        assert task.reward(p, f"<answer>{sol} = {p.answer}</answer>") == 1.0
+        assert _evaluate(sol) == target
+        assert sorted(int(x) for x in re.findall(r"\d+", sol)) == sorted(numbers)
+        candidates = list(_all_expressions(numbers))
+        candidates += (
+            list(_all_expressions(numbers[:2]))
+            + list(_all_expressions(numbers + numbers[:1]))[:200]
+        )  # a number missing; a number used twice
+        for expr in candidates:
+            used = sorted(int(x) for x in re.findall(r"\d+", expr))
+            value = _evaluate(expr)
+            want = 1.0 if used == sorted(numbers) and value == target else 0.1
+            assert task.reward(p, f"<answer>{expr}</answer>") == want, expr
+            right += want == 1.0
+        assert task.reward(p, f"<answer>{sol} = {target}</answer>") == 1.0
+    assert right > 20  # more solutions than the generated ones, some through fractions
     p = task.problem(0)
-    nums = p.meta["numbers"]
-    assert (
-        task.reward(p, f"<answer>{' + '.join(map(str, nums[:-1]))}</answer>") == 0.1
-    )  # a number unused
     assert (
         task.reward(p, "<answer>__import__('os').system('true')</answer>") == 0.1
     )  # never evaluated
