@@ -137,37 +137,75 @@ def test_wrong_shapes_are_a_clear_error(tmp_path):
 
 _KILLED_SAVE = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, signal, sys, threading
     import numpy as np
+    from orbax.checkpoint._src.path import atomicity
     from jaxlab.checkpoint import Checkpointer
-    ckpt = Checkpointer(sys.argv[1], async_save=True)
-    ckpt.save(1, model={"w": np.full((4096, 4096), 1.0, np.float32)})
+
+    directory, stage = sys.argv[1], sys.argv[2]
+    reached = threading.Event()
+
+    def kill_when_reached():  # from a thread of its own: the held save may block any other
+        reached.wait()
+        print("killed at", stage, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def hold():
+        reached.set()
+        threading.Event().wait()  # the save goes no further
+
+    # Hooks on the local filesystem's atomic save (a temporary directory renamed when complete):
+    # "created" holds step 2 right after its temporary directory is made, "written" after all of
+    # its data is written, before the commit.
+    paths = atomicity.AtomicRenameTemporaryPath
+    real_create, real_finalize = paths.create, paths.finalize
+
+    async def create(self):
+        tmp = await real_create(self)
+        if self.get_final().name == "2" and stage == "created":
+            hold()
+        return tmp
+
+    async def finalize(self):
+        if self.get_final().name == "2" and stage == "written":
+            hold()
+        return await real_finalize(self)
+
+    paths.create, paths.finalize = create, finalize
+    threading.Thread(target=kill_when_reached, daemon=True).start()
+    ckpt = Checkpointer(directory, async_save=True)
+    ckpt.save(1, model={"w": np.full((256, 256), 1.0, np.float32)})
     ckpt.wait()
-    ckpt.save(2, model={"w": np.full((4096, 4096), 2.0, np.float32)})  # 64 MB, written in the background
-    print("saving", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.save(2, model={"w": np.full((256, 256), 2.0, np.float32)})
+    ckpt.wait()
+    sys.exit("step 2 was saved without reaching the hook")  # the test fails: nothing was killed
     """
 )
 
 
-def test_killed_save_keeps_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("stage", ["created", "written"])
+def test_killed_save_keeps_last_good_checkpoint(tmp_path, stage):
+    """A process killed while saving step 2, at a point fixed by a hook (not by timing): just
+    after the temporary directory is made, or with all data written but not committed."""
     proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_SAVE, str(tmp_path)],
+        [sys.executable, "-c", _KILLED_SAVE, str(tmp_path), stage],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert "saving" in proc.stdout
-    # the kill really came mid-save: step 2 was left as an uncommitted temporary directory
-    assert any(p.name.startswith("2.") and "tmp" in p.name for p in tmp_path.iterdir())
-    target = {"w": np.zeros((4096, 4096), np.float32)}
+    assert proc.stdout.strip() == f"killed at {stage}"
+    # step 2 was left as an uncommitted temporary directory
+    (partial,) = [p for p in tmp_path.iterdir() if p.name.startswith("2.") and "tmp" in p.name]
+    if stage == "written":  # the data is all there; only the commit is missing
+        assert any(p.is_file() for p in (partial / "model").rglob("*"))
+    target = {"w": np.zeros((256, 256), np.float32)}
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.all_steps() == [1]  # the interrupted step 2 is not taken for a checkpoint
         step, restored = ckpt.restore(model=target)
         assert step == 1 and float(np.asarray(restored["model"]["w"]).min()) == 1.0
         # and the directory stays usable: step 2 can be saved again
-        ckpt.save(2, model={"w": np.full((4096, 4096), 2.0, np.float32)})
+        ckpt.save(2, model={"w": np.full((256, 256), 2.0, np.float32)})
         ckpt.wait()
         assert ckpt.all_steps() == [1, 2]
     assert os.path.isdir(tmp_path / "2")
