@@ -56,6 +56,18 @@ DECODER_CASES = {
             ),
         ),
     ),
+    "llama_linear_rope": dict(
+        cls="LlamaConfig",
+        kw=dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+    ),
+    "mistral": dict(  # no sliding window (refused below); head_dim apart from hidden / heads
+        cls="MistralConfig",
+        kw=dict(
+            sliding_window=None,
+            head_dim=24,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6),
+        ),
+    ),
     "qwen2": dict(cls="Qwen2Config", kw=dict()),
     "qwen3": dict(cls="Qwen3Config", kw=dict(head_dim=32)),
 }
@@ -117,6 +129,40 @@ def test_decoder_matches_transformers(case, tmp_path):
     for i, n in enumerate(lengths):
         alone = np.asarray(model(jnp.asarray(ids[i : i + 1, 21 - n :])))
         assert _rel_err(ours[i, 21 - n :], alone[0]) < TOL
+
+
+def test_legacy_rope_scaling_key_loads_as_transformers_computes(tmp_path):
+    """Older config.json files spell linear scaling ``rope_scaling: {type: linear, factor}``
+    beside a top-level ``rope_theta``; the logits are those of transformers' linear scaling."""
+    import json
+
+    hf_model, path = _hf_decoder("llama_linear_rope", tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["rope_parameters"]
+    cfg.update(rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0})
+    (path / "config.json").write_text(json.dumps(cfg))
+    model, _ = from_pretrained(path)
+    assert model.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    ids = np.random.default_rng(3).integers(0, 128, size=(2, 40))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids)).logits.numpy()
+    assert _rel_err(model(jnp.asarray(ids)), ref) < TOL
+
+
+def test_mistral_with_a_sliding_window_is_refused(tmp_path):
+    from jaxlab.models import LoadError
+
+    cfg = transformers.MistralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # sliding_window defaults to 4096
+    _save(transformers.MistralForCausalLM(cfg), tmp_path)
+    with pytest.raises(LoadError, match="mistral with sliding-window attention is not supported"):
+        from_pretrained(tmp_path)
 
 
 def test_bert_matches_transformers(tmp_path):
