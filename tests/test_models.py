@@ -178,25 +178,29 @@ def _next_token_loss(model, ids, mask):
     ids=["scan", "unrolled-tied"],
 )
 def test_decoder_gradients_equal_finite_differences(cfg):
-    """The gradient under nnx.jit / nnx.grad, checked per parameter array against float64
-    central differences along a random direction; the float32 model's gradient equals the float64
-    model's to float32 precision."""
+    """The gradient (jitted, of the split state, as training takes it) checked per parameter array
+    against float64 central differences along a random direction; the float32 model's gradient
+    equals the float64 model's to float32 precision."""
     ids, mask = _left_padded(np.random.default_rng(0), [7, 4], 7, cfg.vocab_size)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     model32 = Decoder(cfg, rngs=nnx.Rngs(0))
+
+    def value_and_grad(graphdef):  # one compile per dtype serves the gradient and the differences
+        return jax.jit(
+            jax.value_and_grad(lambda s: _next_token_loss(nnx.merge(graphdef, s), ids, mask))
+        )
+
     with jax.enable_x64(True):  # the same values in a float64 model (float64 throughout)
         abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=jnp.float64, rngs=nnx.Rngs(0)))
-        values = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), nnx.state(model32))
-        model = nnx.merge(nnx.graphdef(abstract), values)
-        assert model(ids, attention_mask=mask).dtype == jnp.float64
-        grads = nnx.jit(nnx.grad(_next_token_loss))(model, ids, mask)
-        graphdef, state = nnx.split(model)
+        graphdef = nnx.graphdef(abstract)
+        state = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), nnx.state(model32))
+        loss_and_grad = value_and_grad(graphdef)
+        loss, grads = loss_and_grad(state)
+        assert loss.dtype == jnp.float64  # float64 logits
         flat = nnx.to_flat_state(state)
-        loss = jax.jit(lambda s: _next_token_loss(nnx.merge(graphdef, s), ids, mask))
-        grad_leaves = dict(nnx.to_flat_state(grads))
+        grad_leaves = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
         rng = np.random.default_rng(1)
         eps = 1e-6  # in float64 the truncation (~eps²) and rounding (~1e-16 / eps) errors are tiny
-        checked = 0
         for path, var in flat:
             direction = rng.normal(size=var[...].shape)
 
@@ -204,19 +208,18 @@ def test_decoder_gradients_equal_finite_differences(cfg):
                 leaves = [
                     (p, v.replace(v[...] + step * direction) if p == path else v) for p, v in flat
                 ]
-                return float(loss(nnx.from_flat_state(leaves)))
+                return float(loss_and_grad(nnx.from_flat_state(leaves))[0])
 
             numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
-            analytic = float(np.sum(np.asarray(grad_leaves[path][...]) * direction))
-            assert grad_leaves[path][...].dtype == jnp.float64
+            analytic = float(np.sum(grad_leaves[path] * direction))
+            assert grad_leaves[path].dtype == np.float64
             assert abs(numeric - analytic) <= 1e-5 * abs(analytic), (path, numeric, analytic)
-            checked += 1
-        assert checked == len(jax.tree.leaves(state))
-        grads64 = {p: np.asarray(v[...]) for p, v in grad_leaves.items()}
+        assert len(grad_leaves) == len(flat) == len(jax.tree.leaves(nnx.state(model32)))
 
-    grads32 = nnx.jit(nnx.grad(_next_token_loss))(model32, ids, mask)
+    graphdef32, state32 = nnx.split(model32)
+    _, grads32 = value_and_grad(graphdef32)(state32)
     for path, var in nnx.to_flat_state(grads32):
-        g32, g64 = np.asarray(var[...]), grads64[path]
+        g32, g64 = np.asarray(var[...]), grad_leaves[path]
         assert g32.dtype == np.float32
         np.testing.assert_allclose(g32, g64, rtol=0, atol=1e-4 * np.abs(g64).max(), err_msg=path)
 
