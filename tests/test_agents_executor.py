@@ -1,0 +1,251 @@
+"""The speculative executor: promote / discard / cancel, stale reads, the side-effect guard, the
+scheduler's priorities, and the lossless property on BFCL tasks (small latencies)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from jaxlab.agents.events import EventLog
+from jaxlab.agents.executor import Job, SpeculationConfig, SpeculativeExecutor, ToolScheduler
+from jaxlab.agents.latency import LatencyModel
+from jaxlab.agents.miner import Prediction
+from jaxlab.agents.tools import Effect, Tool, ToolCall, ToolRegistry, ToolState
+
+
+class Counter:
+    """A state that records every call that reached it."""
+
+    def __init__(self):
+        self.value = 0
+        self.calls: list[tuple] = []
+
+    def get(self) -> dict:
+        return {"value": self.value}
+
+    def incr(self, by: int = 1) -> dict:
+        self.value += by
+        self.calls.append(("incr", by))
+        return {"value": self.value}
+
+    def set_to(self, value: int) -> dict:
+        self.value = value
+        self.calls.append(("set_to", value))
+        return {"value": self.value}
+
+
+NOTIFIED: list[str] = []
+
+
+def notify(message: str) -> str:
+    """A side effect outside any state of ours (mutating, nothing to copy)."""
+    NOTIFIED.append(message)
+    return "sent"
+
+
+def _lat(s):
+    return LatencyModel(s, s)  # exactly s seconds
+
+
+def _registry(latency=0.05, get_latency=None):
+    return ToolRegistry(
+        [
+            Tool("get", Counter.get, Effect.READ_ONLY, "c", latency=_lat(get_latency or latency)),
+            Tool("incr", Counter.incr, Effect.MUTATING, "c", latency=_lat(latency)),
+            Tool("set_to", Counter.set_to, Effect.IDEMPOTENT, "c", latency=_lat(latency)),
+            Tool("notify", notify, Effect.MUTATING, latency=_lat(latency)),
+        ]
+    )
+
+
+class Scripted:
+    """Predicts whatever ``calls`` holds now."""
+
+    def __init__(self, *calls: ToolCall):
+        self.calls = list(calls)
+
+    def predict(self, log: EventLog, top_k: int):
+        return [Prediction(c, 0.9) for c in self.calls[:top_k]]
+
+
+@pytest.fixture
+def scheduler():
+    with ToolScheduler(workers=4) as s:
+        yield s
+
+
+def _executor(scheduler, predictor, **kw):
+    reg = _registry(**{k: kw.pop(k) for k in ("latency", "get_latency") if k in kw})
+    state = ToolState({"c": Counter()})
+    ex = SpeculativeExecutor(
+        reg, state, scheduler, predictor=predictor, config=SpeculationConfig(**kw), task_id="t"
+    )
+    ex.user_turn("go")
+    return ex, state
+
+
+def test_read_only_speculation_is_promoted(scheduler):
+    ex, state = _executor(scheduler, Scripted(ToolCall("get", {})), latency=0.2)
+    assert ex.speculate(decode_estimate=1.0) == [ToolCall("get", {})]
+    time.sleep(0.3)  # the model "decodes" longer than the tool takes
+    t0 = time.perf_counter()
+    ev = ex.execute("get", {})
+    assert time.perf_counter() - t0 < 0.1  # no stall: the result was ready
+    assert ev.served == "speculative" and ev.output == {"value": 0}
+    assert (ex.stats["promoted"], ex.stats["top1_hits"], ex.stats["window_hits"]) == (1, 1, 1)
+    assert ev.end - ev.start == pytest.approx(0.2, abs=0.05)
+    ex.close()
+
+
+def test_mutating_speculation_runs_on_a_copy_and_is_promoted_on_a_match(scheduler):
+    ex, state = _executor(scheduler, Scripted(ToolCall("incr", {"by": 2})))
+    real = state.objects["c"]
+    ex.speculate(decode_estimate=1.0)
+    time.sleep(0.1)
+    assert real.value == 0 and real.calls == []  # the copy ran, not the real state
+    ev = ex.execute("incr", {"by": 2})
+    assert ev.served == "speculative" and ev.output == {"value": 2}
+    now = state.objects["c"]
+    assert now is not real  # the copy replaced it
+    assert now.value == 2 and now.calls == [("incr", 2)] and state.versions["c"] == 1
+    assert ex.stats["sandboxed"] == 1 and ex.stats["promoted"] == 1
+
+
+def test_mismatch_is_discarded_and_the_real_call_runs(scheduler):
+    ex, state = _executor(scheduler, Scripted(ToolCall("incr", {"by": 2})))
+    ex.speculate(decode_estimate=1.0)
+    ev = ex.execute("incr", {"by": 3})
+    assert ev.served == "real" and ev.output == {"value": 3}
+    assert state.objects["c"].calls == [("incr", 3)]
+    assert ex.stats["discarded"] >= 1 and ex.stats["promoted"] == 0
+    assert ex.stats["top1_hits"] == 0 and not ex.pending
+    ex.close()
+
+
+def test_a_change_cancels_pending_reads_and_no_stale_result_is_served(scheduler):
+    ex, state = _executor(scheduler, Scripted(ToolCall("get", {})), latency=0.02, get_latency=2.0)
+    ex.speculate(decode_estimate=10.0)
+    (spec,) = ex.pending.values()
+    time.sleep(0.05)  # the read ran (value 0); its latency wait has begun
+    ex.predictor.calls = []
+    ev = ex.execute("incr", {"by": 1})  # changes the state the read saw
+    assert ev.output == {"value": 1}
+    assert spec.job.done.wait(0.5)  # cancelled: it did not wait out its 2 s
+    assert spec.job.busy_seconds < 0.5 and ex.stats["discarded"] == 1
+    assert 0 < ex.stats["wasted_tool_seconds"] < 0.5
+    t0 = time.perf_counter()
+    ev = ex.execute("get", {})
+    assert ev.served == "real" and ev.output == {"value": 1}  # not the stale 0
+    assert time.perf_counter() - t0 == pytest.approx(2.0, abs=0.3)
+
+
+@pytest.mark.parametrize("policy", ["sandbox", "never"])
+def test_side_effect_guard(scheduler, policy):
+    """Speculation never makes a real call of a mutating tool: the state's record and the
+    external log hold exactly the model's calls, in order."""
+    NOTIFIED.clear()
+    predictor = Scripted(
+        ToolCall("incr", {"by": 1}), ToolCall("notify", {"message": "x"}), ToolCall("get", {})
+    )
+    ex, state = _executor(scheduler, predictor, mutating=policy, latency=0.01)
+    real_calls = [
+        ("incr", {"by": 5}),
+        ("get", {}),
+        ("incr", {"by": 1}),
+        ("set_to", {"value": 9}),
+        ("notify", {"message": "hi"}),
+        ("incr", {"by": 1}),
+    ]
+    for name, args in real_calls:
+        ex.speculate(decode_estimate=1.0)
+        time.sleep(0.03)
+        ex.execute(name, args)
+    ex.close()
+    time.sleep(0.05)  # anything still running ends
+    assert state.objects["c"].calls == [("incr", 5), ("incr", 1), ("set_to", 9), ("incr", 1)]
+    assert state.objects["c"].value == 10
+    assert NOTIFIED == ["hi"]
+    assert ex.stats["mutating_blocked"] >= len(real_calls)  # notify, every step
+    if policy == "never":
+        assert ex.stats["sandboxed"] == 0
+    else:
+        assert ex.stats["sandboxed"] >= 2 and ex.stats["promoted"] >= 3  # incr(1) twice, get
+
+
+def test_scheduler_runs_authoritative_first_and_preempts():
+    with ToolScheduler(workers=1) as sched:
+        reg = _registry()
+        tool = reg.get("get")
+        c = Counter()
+        long_spec = Job(tool, ToolCall("get", {}), c, 5.0, speculative=True, utility=0.1)
+        queued = Job(tool, ToolCall("get", {}), c, 0.0, speculative=True, utility=0.5)
+        sched.submit(long_spec)
+        time.sleep(0.05)
+        sched.submit(queued)
+        t0 = time.perf_counter()
+        real = sched.submit(Job(tool, ToolCall("get", {}), c, 0.01, speculative=False))
+        assert real.done.wait(2.0) and time.perf_counter() - t0 < 1.0
+        assert sched.preempted == 1 and long_spec.cancelled.is_set()
+        assert queued.done.wait(2.0)
+        assert real.start < queued.start  # authoritative before the queued speculative job
+
+
+def test_speculation_config_validation():
+    with pytest.raises(ValueError, match="mutating"):
+        SpeculationConfig(mutating="yes")
+    with pytest.raises(ValueError, match="budget"):
+        SpeculationConfig(budget=-1)
+
+
+# -- lossless on BFCL --------------------------------------------------------------------------------
+LOSSLESS_TASKS = ("multi_turn_base_3", "multi_turn_base_24", "multi_turn_base_112")
+
+
+def test_lossless_on_bfcl_tasks():
+    """Serial, PASTE (mined on the other tasks) and oracle runs give the same outputs, final states
+    and state versions; the serial outputs are those of running the gold calls directly."""
+    from jaxlab.agents.bench import BenchConfig, SleepThinker, replay_task, training_logs
+    from jaxlab.agents.bfcl import load_bfcl_tasks
+    from jaxlab.agents.miner import MinerConfig, mine_patterns
+
+    tasks = load_bfcl_tasks()
+    chosen = [t for t in tasks if t.id in LOSSLESS_TASKS]
+    table = mine_patterns(
+        training_logs([t for t in tasks if t.id not in LOSSLESS_TASKS]), MinerConfig()
+    )
+    direct = {log.task_id: log for log in training_logs(chosen)}
+    config = BenchConfig(seed=0)
+    think = SleepThinker(0.0005)
+    totals = {"paste": 0, "oracle": 0}
+    sandboxed = 0
+    with ToolScheduler(workers=8) as sched:
+        for task in chosen:
+            runs = {
+                mode: replay_task(
+                    task,
+                    mode,
+                    think=think,
+                    config=config,
+                    scale=0.02,
+                    scheduler=sched,
+                    table=table,
+                    seconds_per_token=(0.0, 0.0005),
+                )
+                for mode in ("serial", "paste", "oracle")
+            }
+            want = [
+                json.dumps(e.output, sort_keys=True, default=str)
+                for e in direct[task.id].tool_events()
+            ]
+            assert runs["serial"].outputs == want
+            for mode in ("paste", "oracle"):
+                r = runs[mode]
+                assert r.outputs == runs["serial"].outputs, (task.id, mode)
+                assert r.fingerprint == runs["serial"].fingerprint, (task.id, mode)
+                assert r.versions == runs["serial"].versions, (task.id, mode)
+                totals[mode] += r.stats["promoted"]
+                sandboxed += r.stats["sandboxed"]
+            assert runs["oracle"].stats["promoted"] == runs["oracle"].calls
+    assert totals["paste"] >= 3 and sandboxed > 0  # speculation really happened
