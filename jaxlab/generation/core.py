@@ -250,17 +250,31 @@ def sample_rows(logits, rp: RowParams, counts, seen, index, *, greedy_tokens=Non
         raw = jax.nn.log_softmax(logits, axis=-1)
         x = _penalized(logits, rp, counts, seen)
         greedy = rp.temperature == 0
-        y = x / jnp.where(greedy, 1.0, rp.temperature)[:, None]
+        best = jnp.argmax(x, axis=-1).astype(jnp.int32)
         filtering = jnp.any(
             ~greedy & ((rp.top_k > 0) & (rp.top_k < v) | (rp.top_p < 1) | (rp.min_p > 0))
         )
-        y = jax.lax.cond(
-            filtering, lambda y: _filter_rows(y, rp.top_k, rp.top_p, rp.min_p), lambda y: y, y
+
+        def draw(x):  # some row samples: one uniform per row against its distribution's CDF
+            y = x / jnp.where(greedy, 1.0, rp.temperature)[:, None]
+            y = jax.lax.cond(
+                filtering, lambda y: _filter_rows(y, rp.top_k, rp.top_p, rp.min_p), lambda y: y, y
+            )
+            lse = jax.nn.logsumexp(y, axis=-1, keepdims=True)
+            cdf = jnp.cumsum(jnp.exp(y - lse), axis=-1)
+            keys = row_keys(rp.seed, rp.sample, index)
+            u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]: a token of mass 0 is never hit
+            sampled = jnp.minimum(jnp.sum(cdf < u[:, None] * cdf[:, -1:], axis=-1), v - 1)
+            tok = jnp.where(greedy, best, sampled.astype(jnp.int32))
+            picked = jnp.take_along_axis(y, tok[:, None], -1)[:, 0]
+            # a rounding step of the scan could land on a removed token: take the top one then
+            tok = jnp.where(jnp.isfinite(picked), tok, jnp.argmax(y, axis=-1).astype(jnp.int32))
+            picked = jnp.take_along_axis(y, tok[:, None], -1)[:, 0]
+            return tok, picked - lse[:, 0]
+
+        tok, lp_y = jax.lax.cond(
+            jnp.any(~greedy), draw, lambda x: (best, jnp.zeros((b,), jnp.float32)), x
         )
-        keys = row_keys(rp.seed, rp.sample, index)
-        sampled = jax.vmap(jax.random.categorical)(keys, y).astype(jnp.int32)
-        tok = jnp.where(greedy, jnp.argmax(x, axis=-1).astype(jnp.int32), sampled)
-        lp_y = jnp.take_along_axis(jax.nn.log_softmax(y, axis=-1), tok[:, None], -1)[:, 0]
         raw_lp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0]
 
         def top(raw):

@@ -297,7 +297,7 @@ class Engine:
     def _reset_state(self) -> None:
         b, v = self.num_slots, self._config.vocab_size
         cache = self._decoding.init_cache(b, self.max_len)
-        self._ds = DecodeState(
+        ds = DecodeState(
             cache=cache,
             prev=jnp.full((b,), self.pad_id, jnp.int32),
             done=jnp.ones((b,), bool),
@@ -305,8 +305,12 @@ class Engine:
             counts=jnp.zeros((b, v), jnp.int32),
             seen=jnp.zeros((b, v), bool),
         )
-        self._out = empty_outputs(b, 1)
-        self._store = empty_store(cache, len(self._prefix_meta)) if self._prefix_meta else None
+        store = empty_store(cache, len(self._prefix_meta)) if self._prefix_meta else None
+        # Committed to the device like the steps' outputs that replace them, so that the first
+        # step's signature is the later steps' one (an uncommitted first state compiles twice).
+        self._ds, self._out, self._store = jax.device_put(
+            (ds, empty_outputs(b, 1), store), self.device
+        )
         self._rp = row_params([(SamplingParams(max_new_tokens=1), 0, 0, ())] * b)
         self._rp_dev: RowParams | None = None
 
@@ -429,18 +433,21 @@ class Engine:
             return Request(list(r["prompt_ids"]), SamplingParams(**p), r["request_id"], r["seed"])
 
         with self._step_lock, self._lock:
-            self._ds = DecodeState(
-                cache=KVCache(
-                    k=tuple(jnp.asarray(x) for x in arrays["k"]),
-                    v=tuple(jnp.asarray(x) for x in arrays["v"]),
-                    index=jnp.asarray(arrays["index"]),
-                    valid=jnp.asarray(arrays["valid"]),
+            self._ds = jax.device_put(
+                DecodeState(
+                    cache=KVCache(
+                        k=tuple(jnp.asarray(x) for x in arrays["k"]),
+                        v=tuple(jnp.asarray(x) for x in arrays["v"]),
+                        index=jnp.asarray(arrays["index"]),
+                        valid=jnp.asarray(arrays["valid"]),
+                    ),
+                    prev=jnp.asarray(arrays["prev"]),
+                    done=jnp.asarray(arrays["done"]),
+                    length=jnp.asarray(arrays["length"]),
+                    counts=jnp.asarray(arrays["counts"]),
+                    seen=jnp.asarray(arrays["seen"]),
                 ),
-                prev=jnp.asarray(arrays["prev"]),
-                done=jnp.asarray(arrays["done"]),
-                length=jnp.asarray(arrays["length"]),
-                counts=jnp.asarray(arrays["counts"]),
-                seen=jnp.asarray(arrays["seen"]),
+                self.device,
             )
             self._queue = collections.deque(req(r) for r in meta["queue"])
             self._slots = [None] * self.num_slots
