@@ -55,13 +55,13 @@ def test_extract_spans():
 
 def test_mined_rules_are_the_known_sources(logs):
     table = mine_patterns(logs, MinerConfig(min_support=2, min_accuracy=0.5))
-    rule = table.rules[("search",)]["query"]
+    rule = table.rules[("search",)]["query"][0]
     assert rule.source == Source("prompt", extract=("quoted", 0))
     assert (rule.support, rule.accuracy) == (6, 1.0)
-    rule = table.rules[("fetch",)]["url"]
+    rule = table.rules[("fetch",)]["url"][0]
     assert rule.source == Source("out", 1, ("results", 0, "url"))
     assert rule.accuracy == 1.0
-    save = table.rules[("fetch", "save")]
+    save = {a: rules[0] for a, rules in table.rules[("fetch", "save")].items()}
     assert save["name"].source.kind == "const" and save["name"].source.value == '"notes.txt"'
     assert save["text"].source == Source("out", 1, ("content",))
     # the tag label has no source above the thresholds: tag is never predicted
@@ -208,3 +208,48 @@ def test_sources_apply():
 
     for src in (Source("arg", 3, ("p",)), Source("out", 2, ("out", 5)), Source("arg", 1, ("z",))):
         assert src.apply(evs, prompt) is _MISSING
+
+
+def _turn_log(i: int, prompt: str, call: ToolCall) -> EventLog:
+    log = EventLog(f"w{i}")
+    log.user_turn(prompt)
+    log.append(Event(call.name, "ok", dict(call.arguments), {"ok": True}))
+    return log
+
+
+def test_argument_alternatives_are_ranked_by_accuracy():
+    logs = [_turn_log(i, "open my folder", ToolCall("cd", {"folder": "docs"})) for i in range(3)]
+    logs += [
+        _turn_log(3 + i, f"open the '{f}' folder", ToolCall("cd", {"folder": f}))
+        for i, f in enumerate(["src", "tmp"])
+    ]
+    log = EventLog("q")
+    log.user_turn("open the 'bin' folder")
+    preds = mine_patterns(logs, MinerConfig(alternatives=2)).predict(log, 3)
+    assert [p.call.arguments["folder"] for p in preds] == ["docs", "bin"]
+    assert [p.probability for p in preds] == pytest.approx([3 / 5, 2 / 5])
+    preds = mine_patterns(logs, MinerConfig(alternatives=1)).predict(log, 3)
+    assert [p.call.arguments["folder"] for p in preds] == ["docs"]
+
+
+def test_prompt_words_predict_a_turns_first_call():
+    logs = [
+        _turn_log(i, f"What is the weather in '{c}'?", ToolCall("weather", {"city": c}))
+        for i, c in enumerate(["Oslo", "Rome", "Lima"])
+    ]
+    logs += [
+        _turn_log(3 + i, f"What is the stock price of '{s}'?", ToolCall("stock", {"symbol": s}))
+        for i, s in enumerate(["AAA", "BBB", "CCC"])
+    ]
+    table = mine_patterns(logs, MinerConfig())
+    log = EventLog("q")
+    log.user_turn("And the stock price of 'ZZZ'?")
+    plain = table.predict(log, 1)[0]  # the turn alone: weather and stock are equally likely
+    assert plain.probability == pytest.approx(0.5)
+    (top,) = table.with_prompt_words(True).predict(log, 1)
+    # "stock", "price", "of" were seen only before stock (p = 1 each); "and" and "zzz" never;
+    # "the" before every first call (idf 0): p(stock) = 1 exactly
+    assert top.call == ToolCall("stock", {"symbol": "ZZZ"}) and top.probability == pytest.approx(
+        1.0
+    )
+    assert not table.prompt_words and table.with_prompt_words(True).prompt_words

@@ -14,7 +14,9 @@ logs (their gold calls run once, without latency). Every test task then runs und
 modes one after the other per task:
 
 - ``serial``: no speculation (the plain LLM -> tool -> LLM loop);
-- ``paste``: the mined pattern table;
+- ``paste``: the mined pattern table (contexts of event metadata, as PASTE);
+- ``paste_words``: the same, a turn's first call also predicted from the user's words (an
+  extension: :class:`~jaxlab.agents.miner.MinerConfig` ``prompt_words``);
 - ``bigram``: next tool from the last tool, arguments copied from the last call / output;
 - ``oracle``: told the next gold call (upper bound).
 
@@ -65,6 +67,7 @@ MODES: Registry[str] = Registry("speculation mode")
 for _m, _d in (
     ("serial", "no speculation"),
     ("paste", "mined patterns"),
+    ("paste_words", "mined patterns, a turn's first call also from the user's words"),
     ("bigram", "next-tool bigram, arguments copied from the last output"),
     ("oracle", "the true next call (upper bound)"),
 ):
@@ -78,7 +81,7 @@ class BenchConfig:
     model: str = "smollm2-135m-instruct"
     test_tasks: int | None = 40
     train_fraction: float = 0.7
-    modes: tuple[str, ...] = ("serial", "paste", "bigram", "oracle")
+    modes: tuple[str, ...] = ("serial", "paste", "paste_words", "bigram", "oracle")
     tokens_median: float = 12.0
     tokens_p95: float = 40.0
     tokens_min: int = 4
@@ -251,8 +254,14 @@ def replay_task(
     registry, state = bfcl_registry(task, _latencies(scale)), bfcl_state(task)
     gold = task.gold_calls(registry)
     oracle = OraclePredictor([c for turn in gold for c in turn]) if mode == "oracle" else None
-    predictor = {"serial": None, "paste": table, "bigram": bigram, "oracle": oracle}[mode]
-    if mode in ("paste", "bigram") and predictor is None:
+    predictor = {
+        "serial": None,
+        "paste": table.with_prompt_words(False) if table is not None else None,
+        "paste_words": table.with_prompt_words(True) if table is not None else None,
+        "bigram": bigram,
+        "oracle": oracle,
+    }[mode]
+    if mode in ("paste", "paste_words", "bigram") and predictor is None:
         raise ValueError(f"mode {mode!r} needs its predictor")
     spec = SpeculationConfig(
         budget=config.budget,

@@ -15,9 +15,14 @@ Data flow
     the ``j``-th previous output (a JSON path of keys and list indexes); the ``i``-th quoted string
     or number in such a leaf's text or in the user's latest message. A rule ``T.a <- source`` has
     support (how often the source gave the value) and accuracy (support / occurrences of ``T.a``);
-    rules below ``min_support`` / ``min_accuracy`` are dropped and the best one is kept, for
-    ``(previous tool, T, a)`` and, as a fallback, for ``(T, a)``. A candidate whose argument has no
-    rule is not predicted.
+    rules below ``min_support`` / ``min_accuracy`` are dropped and the best ``alternatives`` are
+    kept, for ``(previous tool, T, a)`` and, as a fallback, for ``(T, a)``. A tool's candidate calls
+    combine its arguments' rules (the ``alternatives`` likeliest combinations); a tool with an
+    argument that has no rule is not predicted.
+
+Option ``prompt_words`` (not in PASTE, whose contexts are event metadata only): a turn's first
+call is also predicted from the words of the user's message, ``p(T) = sum_w idf(w) p(T | w) /
+sum_w idf(w)`` over words seen before a turn's first call in training; these candidates go first.
 
 A pattern is the tuple ``(C, T, f, p)``: context, tool, argument function (one source per
 argument) and priority (``p(T | C)`` times the accuracies of its rules, the likelihood that the
@@ -32,8 +37,11 @@ the last call's or last output's same-named field, else the most common value) a
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
+import itertools
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -52,6 +60,7 @@ __all__ = [
     "BigramPredictor",
     "OraclePredictor",
     "extract_spans",
+    "tokenize_words",
 ]
 
 # a quote mark that is not an apostrophe: no letter or digit on its outer side
@@ -61,6 +70,14 @@ _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
 
 def _vkey(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def tokenize_words(text: str) -> list[str]:
+    """Lower-cased letter runs of a message."""
+    return _WORD.findall(text.lower())
 
 
 def extract_spans(text: str, kind: str) -> list[Any]:
@@ -198,6 +215,8 @@ class MinerConfig:
     min_accuracy: float = 0.2
     max_back: int = 3
     top_k: int = 3
+    prompt_words: bool = False
+    alternatives: int = 2
 
     def __post_init__(self):
         if self.max_context < 1:
@@ -208,6 +227,8 @@ class MinerConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.alternatives < 1:
+            raise ValueError(f"alternatives must be >= 1, got {self.alternatives}")
         if self.max_back < 1 or self.top_k < 1:
             raise ValueError(f"max_back and top_k must be >= 1, got {self.max_back}, {self.top_k}")
 
@@ -248,21 +269,81 @@ class PatternTable:
         # (view, context) -> [(tool, p), ...] best first; view "f": all events, "t": tool calls
         # only (the last calls, across turn boundaries)
         self.flow: dict[tuple, list[tuple[str, float]]] = {}
-        self.rules: dict[tuple, dict[str, _Rule]] = {}
+        self.rules: dict[tuple, dict[str, list[_Rule]]] = {}  # best first
         self.arg_names: dict[tuple, tuple[str, ...]] = {}
+        # word of a user message -> Counter of the turn's first tool (the prompt_words option)
+        self.words: dict[str, collections.Counter] = {}
+        self.turns = 0
+        self.prompt_words = config.prompt_words
 
-    def _rules_for(self, prev: str, tool: str) -> dict[str, Source] | None:
+    def with_prompt_words(self, on: bool = True) -> PatternTable:
+        """The same table, predicting a turn's first call from the user's words too (or not)."""
+        other = copy.copy(self)
+        other.prompt_words = on
+        return other
+
+    def _word_candidates(self, prompt: str) -> list[tuple[str, float]]:
+        """``p(T) = sum_w idf(w) p(T | w) / sum_w idf(w)`` over the message's words seen at
+        least ``min_support`` times before a turn's first call; best first."""
+        scores: collections.Counter = collections.Counter()
+        total = 0.0
+        for w in set(tokenize_words(prompt)):
+            counter = self.words.get(w)
+            if counter is None:
+                continue
+            n = sum(counter.values())
+            idf = math.log(self.turns / n)
+            if idf <= 0:
+                continue
+            total += idf
+            for t, c in counter.items():
+                scores[t] += idf * c / n
+        if total == 0:
+            return []
+        return [
+            (t, v / total)
+            for t, v in scores.most_common()
+            if v / total >= self.config.min_probability
+        ]
+
+    def _rules_for(self, prev: str, tool: str) -> dict[str, list[_Rule]] | None:
+        """Each argument's rules, best first (those for ``(prev, tool)``, then ``tool``'s); None
+        when an argument has none."""
         names = self.arg_names.get((prev, tool), self.arg_names.get((tool,)))
         if names is None:
             return None
         specific, general = self.rules.get((prev, tool), {}), self.rules.get((tool,), {})
         out = {}
         for a in names:
-            rule = specific.get(a) or general.get(a)
-            if rule is None:
+            rules = list(specific.get(a, ()))
+            rules += [r for r in general.get(a, ()) if r.source not in {x.source for x in rules}]
+            if not rules:
                 return None
-            out[a] = rule
+            out[a] = rules[: self.config.alternatives]
         return out
+
+    def _calls(self, tool, rules, p, tool_events, prompt) -> list[tuple[ToolCall, float, dict]]:
+        """The tool's candidate calls from its rules' alternatives, most likely first."""
+        values = []
+        for a, alts in rules.items():
+            opts = []
+            for r in alts:
+                v = r.source.apply(tool_events, prompt)
+                if v is not _MISSING and all(_vkey(v) != _vkey(o[0]) for o in opts):
+                    opts.append((v, r))
+            if not opts:
+                return []
+            values.append((a, opts))
+        out = []
+        for combo in itertools.product(*(opts for _, opts in values)):
+            prob = p
+            for _, r in combo:
+                prob *= r.accuracy
+            args = {a: v for (a, _), (v, _) in zip(values, combo)}
+            sources = {a: r.source for (a, _), (_, r) in zip(values, combo)}
+            out.append((ToolCall(tool, dict(sorted(args.items()))), prob, sources))
+        out.sort(key=lambda x: -x[1])
+        return out[: self.config.alternatives]
 
     def predict(self, log: EventLog, top_k: int | None = None) -> list[Prediction]:
         """The best ``top_k`` calls for the step after ``log`` (constant time)."""
@@ -273,27 +354,24 @@ class PatternTable:
         prev = tool_events[-1].tool if tool_events else USER_TURN
         out: list[Prediction] = []
         seen: set[str] = set()
-        for view, ctx in _context_keys(events, tool_events, self.config.max_context):
-            for tool, p in self.flow.get((view, ctx), ()):
+        lookups = [
+            (ctx, self.flow.get((view, ctx), ()))
+            for view, ctx in _context_keys(events, tool_events, self.config.max_context)
+        ]
+        if self.prompt_words and events and events[-1].is_turn:
+            lookups.insert(0, ((("<words>", "turn"),), self._word_candidates(prompt)))
+        for ctx, candidates in lookups:
+            for tool, p in candidates:
                 if len(out) >= top_k:
                     return out
                 rules = self._rules_for(prev, tool)
                 if rules is None:
                     continue
-                args, prob = {}, p
-                for a, rule in rules.items():
-                    v = rule.source.apply(tool_events, prompt)
-                    if v is _MISSING:
-                        break
-                    args[a] = v
-                    prob *= rule.accuracy
-                else:
-                    call = ToolCall(tool, dict(sorted(args.items())))
-                    if call.key in seen:
+                for call, prob, sources in self._calls(tool, rules, p, tool_events, prompt):
+                    if call.key in seen or len(out) >= top_k:
                         continue
                     seen.add(call.key)
-                    pattern = Pattern(ctx, tool, {a: r.source for a, r in rules.items()}, prob)
-                    out.append(Prediction(call, prob, pattern))
+                    out.append(Prediction(call, prob, Pattern(ctx, tool, sources, prob)))
         return out[:top_k]
 
     def patterns(self) -> list[Pattern]:
@@ -304,7 +382,8 @@ class PatternTable:
             for tool, p in tools:
                 rules = self._rules_for(prev, tool)
                 if rules is not None:
-                    out.append(Pattern(ctx, tool, {a: r.source for a, r in rules.items()}, p))
+                    sources = {a: r[0].source for a, r in rules.items()}
+                    out.append(Pattern(ctx, tool, sources, p))
         return out
 
 
@@ -318,6 +397,7 @@ def mine_patterns(logs: Sequence[EventLog], config: MinerConfig | None = None) -
     )
     occurrences: dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
     names: dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
+    words: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for log in logs:
         events = log.events
         for i, ev in enumerate(events):
@@ -327,6 +407,10 @@ def mine_patterns(logs: Sequence[EventLog], config: MinerConfig | None = None) -
             tool_before = [e for e in before if not e.is_turn]
             for key in _context_keys(before, tool_before, config.max_context):
                 flow[key][ev.tool] += 1
+            if before and before[-1].is_turn:
+                table.turns += 1
+                for w in set(tokenize_words(str(before[-1].output))):
+                    words[w][ev.tool] += 1
             prompt = next((str(e.output) for e in reversed(before) if e.is_turn), "")
             prev = tool_before[-1].tool if tool_before else USER_TURN
             keys = [(prev, ev.tool), (ev.tool,)]
@@ -355,19 +439,19 @@ def mine_patterns(logs: Sequence[EventLog], config: MinerConfig | None = None) -
         rules = {}
         for a, counter in per_arg.items():
             total = occurrences[key][a]
-            best = None
+            kept = []
             for s, n in counter.items():
                 acc = n / total
                 if n < cfg.min_support or acc < cfg.min_accuracy:
                     continue
-                rank = (acc, n, tuple(-x for x in s.complexity))
-                if best is None or rank > best[0]:
-                    best = (rank, _Rule(s, n, acc))
-            if best is not None:
-                rules[a] = best[1]
+                kept.append(((acc, n, tuple(-x for x in s.complexity)), _Rule(s, n, acc)))
+            if kept:
+                kept.sort(key=lambda x: x[0], reverse=True)
+                rules[a] = [r for _, r in kept[: cfg.alternatives]]
         table.rules[key] = rules
     for key, counter in names.items():
         table.arg_names[key] = counter.most_common(1)[0][0]
+    table.words = {w: c for w, c in words.items() if sum(c.values()) >= cfg.min_support}
     return table
 
 
