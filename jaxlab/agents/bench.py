@@ -79,13 +79,13 @@ class BenchConfig:
     """The benchmark's settings (see the module docstring)."""
 
     model: str = "smollm2-135m-instruct"
-    test_tasks: int | None = 40
+    test_tasks: int | None = 20
     train_fraction: float = 0.7
     modes: tuple[str, ...] = ("serial", "paste", "paste_words", "bigram", "oracle")
-    tokens_median: float = 12.0
-    tokens_p95: float = 40.0
+    tokens_median: float = 8.0
+    tokens_p95: float = 24.0
     tokens_min: int = 4
-    tokens_max: int = 64
+    tokens_max: int = 48
     tool_share: float = 0.5
     budget: int = 3
     top_k: int = 3
