@@ -249,3 +249,36 @@ def test_lossless_on_bfcl_tasks():
                 sandboxed += r.stats["sandboxed"]
             assert runs["oracle"].stats["promoted"] == runs["oracle"].calls
     assert totals["paste"] >= 3 and sandboxed > 0  # speculation really happened
+
+
+def test_summary_against_hand_computation():
+    from jaxlab.agents.bench import TaskRun, summarize
+
+    def run(task, mode, seconds, stall, outputs=("a",), promoted=0):
+        stats = dict.fromkeys(
+            ("top1_hits", "top3_hits", "window_hits", "launched", "mutating_blocked"), 0
+        )
+        stats.update(wasted_tool_seconds=0.5, sandboxed=1, top1_hits=promoted, window_hits=promoted)
+        return TaskRun(task, mode, seconds, 0.0, stall, 3, 2, stats, list(outputs), "fp", {})
+
+    runs = [run(f"t{i}", "serial", s, 0.5 * s) for i, s in enumerate([1.0, 2.0, 3.0, 4.0])]
+    runs += [
+        run("t0", "paste", 0.5, 0.1, promoted=2),
+        run("t1", "paste", 1.0, 0.2, promoted=1),
+        run("t2", "paste", 3.0, 1.5, outputs=("b",)),
+        run("t3", "paste", 2.0, 0.2, promoted=1),
+    ]
+    s = summarize(runs)
+    p = s["paste"]
+    assert p["mean_s"] == pytest.approx(1.625)
+    assert p["mean_reduction"] == pytest.approx(1 - 1.625 / 2.5)
+    # p95 by linear interpolation: sorted [0.5, 1, 2, 3] at 0.95 * 3 = 2.85 -> 2.85;
+    # serial [1, 2, 3, 4] -> 3.85
+    assert p["p95_s"] == pytest.approx(2.85) and s["serial"]["p95_s"] == pytest.approx(3.85)
+    assert p["p95_reduction"] == pytest.approx(1 - 2.85 / 3.85)
+    assert p["stall_s"] == pytest.approx(2.0) and s["serial"]["stall_s"] == pytest.approx(5.0)
+    assert p["tool_latency_speedup"] == pytest.approx(2.5)
+    assert p["top1_hit_rate"] == pytest.approx(4 / 8) and p["calls"] == 8
+    assert p["wasted_tool_s"] == pytest.approx(2.0)
+    assert p["diverged_tasks"] == ["t2"] and not p["lossless"]
+    assert s["serial"]["lossless"]

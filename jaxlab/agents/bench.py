@@ -27,6 +27,7 @@ and each state's version count) equal the serial run's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -119,7 +120,7 @@ class BenchConfig:
         n = round(lat.sample(self.seed, "tokens", task_id, step))
         return int(min(max(n, self.tokens_min), self.tokens_max))
 
-    @property
+    @functools.cached_property
     def mean_tokens(self) -> float:
         """The clipped distribution's mean (by quadrature on a fine grid of quantiles)."""
         from scipy.stats import norm
@@ -145,14 +146,17 @@ class DecodeThinker:
             model, num_slots=1, max_len=len(self.ids) + max_tokens + 8, eos_ids=(), tokenizer=None
         )
         self.params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
+        self.max_tokens = max_tokens
 
     def __call__(self, n: int) -> int:
         rid = self.engine.submit(self.ids, self.params.replace(max_new_tokens=int(n)))
         (c,) = [c for c in self.engine.run() if c.request_id == rid]
         return len(c.tokens)
 
-    def seconds_per_token(self, n: int = 32, repeats: int = 3) -> tuple[float, float]:
-        """``(fixed, per_token)`` seconds of a decode, fitted on ``n`` and ``4 n`` tokens."""
+    def seconds_per_token(self, n: int | None = None, repeats: int = 3) -> tuple[float, float]:
+        """``(fixed, per_token)`` seconds of a decode, fitted on ``n`` and ``4 n`` tokens (default
+        ``n``: a quarter of ``max_tokens``)."""
+        n = n or max(1, self.max_tokens // 4)
         self(n)  # compiles
         self(4 * n)
         t = {}
@@ -178,7 +182,7 @@ class SleepThinker:
         time.sleep(self.fixed + self.per_token * n)
         return n
 
-    def seconds_per_token(self, n: int = 32, repeats: int = 3) -> tuple[float, float]:
+    def seconds_per_token(self, n: int | None = None, repeats: int = 3) -> tuple[float, float]:
         return self.fixed, self.per_token
 
 
@@ -280,12 +284,15 @@ def replay_task(
         task_id=task.id,
     )
     fixed, per = seconds_per_token
+    mean_tokens = config.mean_tokens
 
     def think_step(step: int) -> int:
         return think(config.tokens(task.id, step))
 
     def estimate(step: int) -> float:
-        return fixed + per * config.tokens(task.id, step)
+        # what a server knows before the reply: the decode rate and the usual length, not this
+        # step's length
+        return fixed + per * mean_tokens
 
     llm = ReplayLLM(gold, think_step, estimate)
     result = run_agent(llm, executor, task.turns)
