@@ -51,6 +51,8 @@ def test_extract_spans():
     assert extract_spans(text, "quoted") == ["a.txt", "b c", "x"]
     assert extract_spans(text, "number") == [20, 3.5]
     assert isinstance(extract_spans("7 lines", "number")[0], int)
+    text = "Drive from San Francisco to Rivermist. Then call Catherine Smith. Done"
+    assert extract_spans(text, "name") == ["San Francisco", "Rivermist", "Catherine Smith"]
 
 
 def test_mined_rules_are_the_known_sources(logs):

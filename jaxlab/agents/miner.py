@@ -12,8 +12,9 @@ Control flow
 Data flow
     For each argument of each call the miner lists every :class:`Source` that would have produced
     its value: a constant; an argument of the ``j``-th previous call (``j <= max_back``); a leaf of
-    the ``j``-th previous output (a JSON path of keys and list indexes); the ``i``-th quoted string
-    or number in such a leaf's text or in the user's latest message. A rule ``T.a <- source`` has
+    the ``j``-th previous output (a JSON path of keys and list indexes); the ``i``-th quoted string,
+    number or name (capitalised words not starting a sentence) in such a leaf's text or in the
+    user's latest message. A rule ``T.a <- source`` has
     support (how often the source gave the value) and accuracy (support / occurrences of ``T.a``);
     rules below ``min_support`` / ``min_accuracy`` are dropped and the best ``alternatives`` are
     kept, for ``(previous tool, T, a)`` and, as a fallback, for ``(T, a)``. A tool's candidate calls
@@ -65,6 +66,7 @@ __all__ = [
 
 # a quote mark that is not an apostrophe: no letter or digit on its outer side
 _QUOTED = re.compile(r"(?<![A-Za-z0-9])'([^'\n]+?)'(?![A-Za-z0-9])|\"([^\"\n]+)\"")
+_NAME = re.compile(r"(?<![.!?]\s)(?<!^)(?<=\s)([A-Z][\w-]*(?:\s[A-Z][\w-]*)*)")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
 
 
@@ -81,16 +83,21 @@ def tokenize_words(text: str) -> list[str]:
 
 
 def extract_spans(text: str, kind: str) -> list[Any]:
-    """The quoted strings (``kind="quoted"``) or numbers (``"number"``: int, or float with a
-    point) in ``text``, in order."""
+    """The quoted strings (``kind="quoted"``), numbers (``"number"``: int, or float with a
+    point) or names (``"name"``: runs of capitalised words that do not start a sentence) in
+    ``text``, in order."""
     if kind == "quoted":
         return [a or b for a, b in _QUOTED.findall(text)]
     if kind == "number":
         return [float(m) if "." in m else int(m) for m in _NUMBER.findall(text)]
+    if kind == "name":
+        # runs of capitalised words that do not start a sentence ("San Francisco", "Rivermist")
+        return [m.group(1) for m in _NAME.finditer(text)]
     raise ValueError(f"unknown span kind {kind!r}")
 
 
 _MISSING = object()
+SPAN_KINDS = ("quoted", "number", "name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +107,7 @@ class Source:
     kind: ``"const"`` (``value`` as JSON), ``"arg"`` (the previous call ``back`` steps ago, its
     argument at ``path[0]`` then inner path), ``"out"`` (that call's output at ``path``),
     ``"prompt"`` (the user's latest message). ``extract``: ``()`` the value itself, or
-    ``("quoted", i)`` / ``("number", i)`` a span of the text there.
+    ``("quoted", i)`` / ``("number", i)`` / ``("name", i)`` a span of the text there.
     """
 
     kind: str
@@ -164,7 +171,7 @@ def _leaves(x: Any, path: tuple = (), depth: int = 0, limit: list | None = None)
 def _with_spans(base: Source, value: Any) -> Iterator[tuple[Source, Any]]:
     yield base, value
     if isinstance(value, str):
-        for kind in ("quoted", "number"):
+        for kind in SPAN_KINDS:
             for i, v in enumerate(extract_spans(value, kind)[:20]):
                 yield dataclasses.replace(base, extract=(kind, i)), v
 
@@ -182,7 +189,7 @@ def candidate_sources(
                     continue
                 for src, v in _with_spans(Source(kind, j, path), value):
                     index[_vkey(v)].append(src)
-    for kind in ("quoted", "number"):
+    for kind in SPAN_KINDS:
         for i, v in enumerate(extract_spans(prompt, kind)[:20]):
             index[_vkey(v)].append(Source("prompt", extract=(kind, i)))
     return index
