@@ -106,8 +106,19 @@ def _run_task(args):
         )
         llm = EngineLLM(engine, tokenizer, SamplingParams(max_new_tokens=args.max_tokens))
     registry, state = bfcl_registry(task), bfcl_state(task)
+    predictor = None
+    if args.speculate:
+        from jaxlab.agents.bench import training_logs
+        from jaxlab.agents.miner import MinerConfig, mine_patterns
+
+        others = [t for t in tasks.values() if t.id != task.id]
+        predictor = mine_patterns(
+            training_logs(others), MinerConfig(prompt_words=args.prompt_words)
+        )
     with ToolScheduler() as scheduler:
-        executor = SpeculativeExecutor(registry, state, scheduler, task_id=task.id)
+        executor = SpeculativeExecutor(
+            registry, state, scheduler, predictor=predictor, task_id=task.id
+        )
         result = run_agent(llm, executor, task.turns, max_steps_per_turn=args.max_steps)
     for m in result.messages:
         text = m.get("content") or ""
@@ -116,8 +127,17 @@ def _run_task(args):
         ]
         print(f"[{m['role']}] {text[:300]}" + (f" -> {'; '.join(calls)}" if calls else ""))
     print(
-        f"{result.steps} steps, {len(executor.log.tool_events())} tool calls, {result.seconds:.1f} s"
+        f"{result.steps} steps, {len(executor.log.tool_events())} tool calls, "
+        f"{result.seconds:.1f} s ({result.llm_seconds:.1f} s model, "
+        f"{result.tool_seconds:.1f} s waiting for tools)"
     )
+    if predictor is not None:
+        st = executor.stats
+        print(
+            f"speculation: {int(st['launched'])} launched, {int(st['promoted'])} promoted, "
+            f"{int(st['discarded'])} discarded ({st['wasted_tool_seconds']:.1f} tool-s), "
+            f"{int(st['mutating_blocked'])} mutating blocked, {int(st['sandboxed'])} sandboxed"
+        )
 
 
 def _args(p):
@@ -171,6 +191,14 @@ def _args(p):
     r.add_argument("--max-tokens", type=int, default=128, help="tokens per reply")
     r.add_argument("--max-len", type=int, default=8192, help="context of the in-process engine")
     r.add_argument("--max-steps", type=int, default=4, help="model replies per user turn")
+    r.add_argument(
+        "--speculate",
+        action="store_true",
+        help="PASTE: speculate with patterns mined from the other 199 tasks' gold calls",
+    )
+    r.add_argument(
+        "--prompt-words", action="store_true", help="with --speculate: also the user's words"
+    )
 
 
 COMMAND = Command(
