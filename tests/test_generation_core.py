@@ -210,6 +210,27 @@ def test_one_batch_mixes_sampling_settings_without_recompiling(model):
     assert not [n for n in names if "_prefill" in n or "_decode" in n], names
 
 
+def test_warmup_compiles_what_a_burst_of_newcomers_needs(model):
+    """After ``warmup``, requests arriving alone or together (any count up to the slots, prompts
+    up to the warmed length) compile nothing, the first engine step included; the dummies leave
+    no trace in the counters or the prefix cache. (Its own cache length: shapes of its own.)"""
+    eng = Engine(model, num_slots=SLOTS, max_len=48, tokenizer=TOK, prefix_cache=2)
+    with count_compilations() as warm:
+        assert eng.warmup(20) == 3  # one width (32: the narrowest), 1, 2 and 4 prompts at once
+    assert sum("_prefill" in n for n in warm) == 3, warm
+    assert eng.stats()["prefill_tokens"] == 0 and eng.stats()["prefix_cache_entries"] == 0
+    params = SamplingParams(max_new_tokens=3)
+    with count_compilations() as names:
+        for burst in (["burst a"], ["b", "a longer prompt here"], ["one", "two", "three"]):
+            for text in burst:
+                eng.submit(_ids(text), params)
+            eng.run()
+    assert not [n for n in names if "_prefill" in n or "_decode" in n], names
+    with pytest.raises(RuntimeError, match="idle"):
+        eng.submit(_ids("x"), params)
+        eng.warmup(8)
+
+
 def test_a_seeded_request_samples_the_same_whatever_shares_its_batch(model):
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=1234)
     alone = _engine(model)

@@ -23,6 +23,7 @@ def _run(args):
         prefix_cache=args.prefix_cache,
         model_name=args.served_model_name,
         access_log=args.access_log,
+        warmup_prompt_len=args.warmup_prompt_len,
     )
 
 
@@ -72,6 +73,14 @@ def _args(p):
         help="keep the KV of the last N finished sequences and reuse their prefixes (0: off)",
     )
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument(
+        "--warmup-prompt-len",
+        type=int,
+        default=128,
+        metavar="N",
+        help="before serving, compile the prefill of 1 to --slots new prompts of up to N tokens, "
+        "so that a burst of requests does not wait for a compile (0: compile on demand)",
+    )
 
 
 COMMAND = Command(

@@ -199,6 +199,9 @@ class _Entry:
 
 
 MIN_PREFIX = 8  # fewer cached tokens than this are not worth a copy
+# Prefill widths: at least this many columns, powers of two up to 64, then multiples of 64. Few
+# shapes (5 up to 256 tokens), so that :meth:`Engine.warmup` can compile them all ahead.
+MIN_PREFILL_WIDTH = 32
 
 
 def _params_to_json(p: SamplingParams) -> dict[str, Any]:
@@ -734,7 +737,7 @@ class Engine:
     def _prefill_group(self, group: list[_Item]) -> list[Delta]:
         longest = max(len(x.new_ids) for x in group)
         cap = min(x.cap(self.max_len) for x in group)
-        width = max(bucket_length(longest, cap, granularity=64), longest)
+        width = max(bucket_length(max(longest, MIN_PREFILL_WIDTH), cap, granularity=64), longest)
         r = bucket_length(len(group), 2 * len(group), granularity=64)
         targets = [(k, t) for k, x in enumerate(group) for t in x.targets]
         m = bucket_length(len(targets), 2 * len(targets), granularity=64)
@@ -928,6 +931,36 @@ class Engine:
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 break
+
+    def warmup(self, max_prompt_len: int = 128, *, counts: Sequence[int] | None = None) -> int:
+        """Compiles the steps ahead of traffic: the prefill of ``r`` new prompts at once, for
+        every prefill width up to ``max_prompt_len`` tokens and each ``r`` in ``counts`` (default:
+        the powers of two up to ``num_slots``, the buckets a step's newcomers are padded to), and
+        the decode step. Requests with prompts up to ``max_prompt_len`` tokens then start without
+        compiling, however many arrive together. Runs real steps on dummy prompts; nothing of
+        them stays (counters, prefix cache; a prompt extending a prefix-cache entry compiles its
+        own variant once). Returns the number of prefill shapes run. Needs an idle engine."""
+        if self.has_work:
+            raise RuntimeError("warmup needs an idle engine")
+        if counts is None:
+            counts = [1 << k for k in range(self.num_slots.bit_length())]
+            counts = [c for c in counts if c < self.num_slots] + [self.num_slots]
+        top = min(int(max_prompt_len), self.max_len - 2)
+        widths = sorted(
+            {bucket_length(max(n, MIN_PREFILL_WIDTH), top, 64) for n in range(1, top + 1)}
+        )
+        stats, store = dict(self._stats), self._store
+        self._store = None  # the prefix cache neither serves nor keeps the dummies
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)  # a prefill, then a decode
+        done = 0
+        for n in widths:
+            for r in sorted({min(int(c), self.num_slots) for c in counts if int(c) >= 1}):
+                for k in range(r):
+                    self.submit([self.pad_id] * (n - 1) + [k], params)
+                self.run()
+                done += 1
+        self._stats, self._store = stats, store
+        return done
 
     def run(self, max_steps: int | None = None) -> list[Completion]:
         """Steps until every queued and active request has finished; completions in finishing order."""

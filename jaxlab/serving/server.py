@@ -51,12 +51,15 @@ def create_state(
     max_queue: int = 256,
     prefix_cache: int = 0,
     warmup: bool = True,
+    warmup_prompt_len: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> ServerState:
     """Loads ``model`` (a registered name, a ``.gguf`` file or an HF directory) and builds the
     engine, its loop and metrics. ``max_len`` (prompt + completion tokens of one request) defaults
     to the model's context, at most :data:`DEFAULT_MAX_LEN`. ``warmup`` compiles the engine's
-    steps on one short chat before the server takes requests."""
+    steps on one short chat before the server takes requests; ``warmup_prompt_len`` also
+    compiles the prefill of 1 to ``slots`` prompts of up to that many tokens
+    (:meth:`Engine.warmup`)."""
     from jaxlab.models import Decoder, from_pretrained
 
     say = log or (lambda msg: None)
@@ -94,6 +97,13 @@ def create_state(
         engine.submit(ids, SamplingParams(max_new_tokens=2))
         engine.run()
         say(f"compiled the engine's steps in {time.perf_counter() - t0:.1f} s")
+    if warmup and warmup_prompt_len > 0:
+        t0 = time.perf_counter()
+        shapes = engine.warmup(warmup_prompt_len)
+        say(
+            f"compiled {shapes} prefill shapes (prompts up to {warmup_prompt_len} tokens, "
+            f"1 to {slots} at once) in {time.perf_counter() - t0:.1f} s"
+        )
     state_holder: list[ServerState] = []
     metrics = ServerMetrics(lambda: state_holder[0].loop.state())
     state = ServerState(
@@ -136,6 +146,7 @@ def serve(
     model_name: str | None = None,
     access_log: bool = False,
     out=None,
+    warmup_prompt_len: int = 0,
 ) -> None:
     """Serves ``model`` on ``host:port`` (0: a free port) until Ctrl-C or SIGTERM; prints
     ``... ready at http://HOST:PORT/v1`` once it accepts connections."""
@@ -159,6 +170,7 @@ def serve(
             max_queue=max_queue,
             prefix_cache=prefix_cache,
             log=say,
+            warmup_prompt_len=warmup_prompt_len,
         )
     except BaseException:
         sock.close()
