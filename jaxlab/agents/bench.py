@@ -80,7 +80,7 @@ class BenchConfig:
     """The benchmark's settings (see the module docstring)."""
 
     model: str = "smollm2-135m-instruct"
-    test_tasks: int | None = 20
+    test_tasks: int | None = 12
     train_fraction: float = 0.7
     modes: tuple[str, ...] = ("serial", "paste", "paste_words", "bigram", "oracle")
     tokens_median: float = 8.0

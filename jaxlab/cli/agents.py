@@ -65,7 +65,9 @@ def _run_bench(args):
 
     check_outputs(args, args.json, args.plot)
     config = _config(args)
-    think = SleepThinker(args.sleep_per_token / 1000) if args.sleep_per_token else None
+    think = None
+    if args.sleep_per_token:
+        think = SleepThinker(args.sleep_per_token / 1000, args.sleep_fixed / 1000)
     result = run_bench(config, think=think, progress=not args.quiet)
     cal = result["calibration"]
     print(
@@ -149,7 +151,7 @@ def _args(p):
         "oracle speculation (completion time, stall, hit rates, lossless check)",
     )
     b.add_argument("--model", default="smollm2-135m-instruct", help="the thinking model")
-    b.add_argument("--test-tasks", type=int, default=20, help="test tasks to run (0: all 60)")
+    b.add_argument("--test-tasks", type=int, default=12, help="test tasks to run (0: all 60)")
     b.add_argument("--train-fraction", type=float, default=0.7, help="tasks mined from")
     b.add_argument(
         "--modes", default="serial,paste,paste_words,bigram,oracle", help="comma-separated"
@@ -173,6 +175,13 @@ def _args(p):
         default=0.0,
         metavar="MS",
         help="think by sleeping MS per token instead of decoding (no model)",
+    )
+    b.add_argument(
+        "--sleep-fixed",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="with --sleep-per-token: per step",
     )
     b.add_argument("--json", default=None, help="write the results here")
     b.add_argument("--plot", default=None, help="write the per-task serial vs PASTE PNG here")
