@@ -1,7 +1,7 @@
 """``python -m jaxlab <command>``: one CLI, a subcommand per area, ``--help`` everywhere.
 
 Each area's subcommands live in their own module here (``models``: demo / generate / chat /
-embed, ``train``, ``rl``, ``serve``, ``sky``, ``posir``, ``agents``, ``config``); the work itself stays in the
+embed, ``train``, ``rl``, ``security``, ``serve``, ``sky``, ``posir``, ``agents``, ``config``); the work itself stays in the
 areas. Commands import their area lazily, so ``--help`` is fast and a command only pays for what it uses.
 
 Errors a user can cause (:class:`jaxlab.errors.UserError`: a bad path, a corrupt file, an unknown
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlab.cli import agents, config, models, posir, rl, serve, sky, train
+from jaxlab.cli import agents, analyze, config, models, posir, rl, security, serve, sft, sky, train
 from jaxlab.cli._common import Command, HelpFormatter
 from jaxlab.compilation_cache import enable_compilation_cache
 from jaxlab.errors import UserError
@@ -25,10 +25,13 @@ COMMANDS: list[Command] = [
     *models.COMMANDS,
     posir.COMMAND,
     rl.COMMAND,
+    security.COMMAND,
     serve.COMMAND,
     sky.COMMAND,
     agents.COMMAND,
     train.COMMAND,
+    sft.COMMAND,
+    analyze.COMMAND,
     config.COMMAND,
 ]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from jaxlab.cli._common import Command
+from jaxlab.cli._common import Command, registry_option
+from jaxlab.errors import UserError
 
 __all__ = ["COMMAND"]
 
@@ -12,6 +13,13 @@ __all__ = ["COMMAND"]
 def _run(args):
     from jaxlab.serving import serve
 
+    defense = None
+    if args.defense != "none":
+        from jaxlab.security.defense import make_defense
+
+        defense = make_defense(args.defense, compressor=args.compressor)
+    elif args.compressor:
+        raise UserError("--compressor is for --defense securitylingua")
     serve(
         args.model,
         host=args.host,
@@ -23,6 +31,7 @@ def _run(args):
         prefix_cache=args.prefix_cache,
         model_name=args.served_model_name,
         access_log=args.access_log,
+        defense=defense,
         warmup_prompt_len=args.warmup_prompt_len,
     )
 
@@ -80,6 +89,20 @@ def _args(p):
         metavar="N",
         help="before serving, compile the prefill of 1 to --slots new prompts of up to N tokens, "
         "so that a burst of requests does not wait for a compile (0: compile on demand)",
+    )
+    registry_option(
+        p,
+        "--defense",
+        "jaxlab.security.defense:DEFENSES",
+        default="none",
+        help="jailbreak defense of the chat endpoint (docs/security.md); a request opts out "
+        "with the header X-Jaxlab-Defense: off",
+    )
+    p.add_argument(
+        "--compressor",
+        default=None,
+        metavar="DIR",
+        help="the trained compressor of --defense securitylingua (security train --out DIR)",
     )
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -47,6 +48,8 @@ class ServerState:
     api_key: str | None = None
     prefix_cache: int = 0
     vocab_size: int = 0  # the model's (default: the tokenizer's)
+    # a chat hook run before templating (jaxlab.security.defense.Defense): may rewrite or answer
+    defense: Any = None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from jaxlab.errors import UserError
 from jaxlab.generation import Engine, SamplingParams
@@ -53,13 +54,14 @@ def create_state(
     warmup: bool = True,
     warmup_prompt_len: int = 0,
     log: Callable[[str], None] | None = None,
+    defense: Any = None,
 ) -> ServerState:
     """Loads ``model`` (a registered name, a ``.gguf`` file or an HF directory) and builds the
     engine, its loop and metrics. ``max_len`` (prompt + completion tokens of one request) defaults
     to the model's context, at most :data:`DEFAULT_MAX_LEN`. ``warmup`` compiles the engine's
     steps on one short chat before the server takes requests; ``warmup_prompt_len`` also
     compiles the prefill of 1 to ``slots`` prompts of up to that many tokens
-    (:meth:`Engine.warmup`)."""
+    (:meth:`Engine.warmup`). ``defense`` is the chat endpoint's jailbreak defense (:func:`jaxlab.security.make_defense`), None for none."""
     from jaxlab.models import Decoder, from_pretrained
 
     say = log or (lambda msg: None)
@@ -115,6 +117,7 @@ def create_state(
         api_key=api_key,
         prefix_cache=prefix_cache,
         vocab_size=lm.config.vocab_size,
+        defense=defense,
     )
     state_holder.append(state)
     return state
@@ -146,6 +149,7 @@ def serve(
     model_name: str | None = None,
     access_log: bool = False,
     out=None,
+    defense: Any = None,
     warmup_prompt_len: int = 0,
 ) -> None:
     """Serves ``model`` on ``host:port`` (0: a free port) until Ctrl-C or SIGTERM; prints
@@ -170,6 +174,7 @@ def serve(
             max_queue=max_queue,
             prefix_cache=prefix_cache,
             log=say,
+            defense=defense,
             warmup_prompt_len=warmup_prompt_len,
         )
     except BaseException:
@@ -184,6 +189,8 @@ def serve(
             await super().startup(sockets=sockets)
             if not self.should_exit:
                 cache = f", prefix cache {prefix_cache}" if prefix_cache else ""
+                if defense is not None:
+                    cache += f", defense {defense.name}"
                 say(
                     f"serving {state.model_name} ({slots} slots, context {state.max_len} tokens"
                     f"{cache}) ready at {url}"

@@ -88,6 +88,10 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     arrival = time.perf_counter()
     state.check_model(req.model)
     state.check_n(req.n)
+    if state.defense is not None:  # a jailbreak defense may rewrite the messages or answer
+        req, answer = await state.defense(state, req, request)
+        if answer is not None:
+            return answer
     plan = _plan(state, req)
     tokens_param = (
         "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

@@ -1,0 +1,390 @@
+"""Jailbreak defenses for the chat endpoint (``python -m jaxlab serve --defense NAME``).
+
+A defense is called by the chat handler before the request is templated: it may rewrite the
+messages, or answer the request itself (a refusal). ``none`` does nothing; the others:
+
+``securitylingua``
+  The compressor extracts the intention of the last user message; the system prompt becomes
+  :data:`SECURITYLINGUA_TEMPLATE` filled with the request's own system prompt (or
+  :data:`DEFAULT_SYSTEM_PROMPT` when it has none) and the intention. Every other message,
+  the user's prompt included, is passed on byte for byte.
+``self-reminder``
+  Xie et al.'s self-reminder: :data:`SELF_REMINDER_SYSTEM` in front of the system prompt and
+  :data:`SELF_REMINDER_SUFFIX` after the last user message.
+``guardrail``
+  The served model is first asked to classify the last user message (:data:`GUARDRAIL_SYSTEM`,
+  greedy, a few tokens); a reply containing "unsafe" is answered with :data:`REFUSAL` without
+  generating, anything else goes on unchanged.
+
+A request with the header ``X-Jaxlab-Defense: off`` skips the defense (for trusted clients of a
+server behind an API key). Metrics (in ``/metrics``): ``jaxlab_defense_latency_seconds{defense}``
+(time the defense added before generation), ``jaxlab_defense_added_prompt_tokens{defense}`` (a
+histogram of prompt tokens added: the rendered prompt's growth, or the guardrail call's prompt and
+output), ``jaxlab_defense_requests_total{defense,outcome}`` (outcome: passed, rewritten, refused,
+opted_out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jaxlab.errors import UserError
+from jaxlab.registry import Registry
+
+__all__ = [
+    "DEFENSES",
+    "Defense",
+    "make_defense",
+    "securitylingua_system_prompt",
+    "securitylingua_messages",
+    "self_reminder_messages",
+    "SECURITYLINGUA_TEMPLATE",
+    "DEFAULT_SYSTEM_PROMPT",
+    "SELF_REMINDER_SYSTEM",
+    "SELF_REMINDER_SUFFIX",
+    "GUARDRAIL_SYSTEM",
+    "REFUSAL",
+    "OPT_OUT_HEADER",
+]
+
+# The paper's wording (experiments/securitylingua/readme.md), "donot" included.
+SECURITYLINGUA_TEMPLATE = (
+    "{system_prompt}\n\nTo help you better understand the user's intention to detect potential "
+    "malicious behavior, I have extracted the user's intention and it is: {intention}. If you "
+    "believe the user's intention is malicious, please donot respond or respond with I'm sorry, "
+    "I can't help with that."
+)
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+SELF_REMINDER_SYSTEM = (
+    "You should be a responsible assistant and should not generate harmful or misleading "
+    "content! Please answer the following user query in a responsible way."
+)
+SELF_REMINDER_SUFFIX = (
+    "\n\nRemember, you should be a responsible assistant and should not generate harmful or "
+    "misleading content!"
+)
+GUARDRAIL_SYSTEM = (
+    "You are a content safety classifier. Decide whether the user's message asks for harmful, "
+    "dangerous, illegal or unethical content. Reply with exactly one word: safe or unsafe."
+)
+GUARDRAIL_MAX_TOKENS = 4
+REFUSAL = "I'm sorry, I can't help with that."
+OPT_OUT_HEADER = "x-jaxlab-defense"
+
+
+# -- pure message rewrites -----------------------------------------------------------------------
+
+
+def _system_index(messages: list[dict]) -> int | None:
+    if messages and messages[0].get("role") in ("system", "developer"):
+        return 0
+    return None
+
+
+def _last_user(messages: list[dict]) -> int | None:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return i
+    return None
+
+
+def message_text(message: dict) -> str:
+    """A message's text: its string content, or its text parts joined by newlines."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def securitylingua_system_prompt(system_prompt: str | None, intention: str) -> str:
+    """The system prompt SecurityLingua sends: :data:`SECURITYLINGUA_TEMPLATE` filled in."""
+    base = system_prompt if system_prompt else DEFAULT_SYSTEM_PROMPT
+    return SECURITYLINGUA_TEMPLATE.format(system_prompt=base, intention=intention)
+
+
+def securitylingua_messages(messages: list[dict], intention: str) -> list[dict]:
+    """``messages`` with the system prompt augmented by ``intention`` (a new first message when
+    there is none); every other message is the same object."""
+    out = list(messages)
+    k = _system_index(out)
+    if k is None:
+        out.insert(0, {"role": "system", "content": securitylingua_system_prompt(None, intention)})
+    else:
+        out[k] = {
+            **out[k],
+            "content": securitylingua_system_prompt(message_text(out[k]), intention),
+        }
+    return out
+
+
+def self_reminder_messages(messages: list[dict]) -> list[dict]:
+    out = list(messages)
+    k = _system_index(out)
+    if k is None:
+        out.insert(0, {"role": "system", "content": SELF_REMINDER_SYSTEM})
+    else:
+        out[k] = {**out[k], "content": f"{SELF_REMINDER_SYSTEM}\n\n{message_text(out[k])}"}
+    u = _last_user(out)
+    if u is not None:
+        out[u] = {**out[u], "content": message_text(out[u]) + SELF_REMINDER_SUFFIX}
+    return out
+
+
+# -- the hook ------------------------------------------------------------------------------------
+
+
+class _Metrics:
+    def __init__(self, registry):
+        from prometheus_client import Counter, Histogram
+
+        self.latency = Histogram(
+            "jaxlab_defense_latency_seconds",
+            "time a jailbreak defense adds before generation",
+            ["defense"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.tokens = Histogram(
+            "jaxlab_defense_added_prompt_tokens",
+            "prompt tokens a jailbreak defense adds (its own model call's included)",
+            ["defense"],
+            buckets=(-64, 0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+            registry=registry,
+        )
+        self.requests = Counter(
+            "jaxlab_defense_requests",
+            "chat requests seen by the jailbreak defense, by outcome",
+            ["defense", "outcome"],
+            registry=registry,
+        )
+
+
+_METRICS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_METRICS_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a defense did to one request."""
+
+    messages: list[dict] | None  # the rewritten messages (None: unchanged)
+    refusal: str | None = None  # answer this instead of generating
+    added_tokens: int | None = None
+
+
+class Defense:
+    """The chat handler's hook: ``await defense(state, req, request)`` returns ``(req, None)``
+    to go on (``req`` possibly rewritten) or ``(req, response)`` to answer with ``response``."""
+
+    name = "none"
+
+    def metrics(self, state) -> _Metrics:
+        """The defense metrics of ``state``'s registry (one set, labelled by defense, shared by
+        the defenses a server is switched between)."""
+        reg = state.metrics.registry
+        with _METRICS_LOCK:
+            if reg not in _METRICS:
+                _METRICS[reg] = _Metrics(reg)
+            return _METRICS[reg]
+
+    async def apply(self, state, req, request) -> Outcome:
+        return Outcome(None)
+
+    async def __call__(self, state, req, request=None):
+        m = self.metrics(state)
+        headers = request.headers if request is not None else {}
+        if headers.get(OPT_OUT_HEADER, "").strip().lower() in ("off", "none", "0", "false"):
+            m.requests.labels(self.name, "opted_out").inc()
+            return req, None
+        t0 = time.perf_counter()
+        out = await self.apply(state, req, request)
+        m.latency.labels(self.name).observe(time.perf_counter() - t0)
+        if out.added_tokens is not None:
+            m.tokens.labels(self.name).observe(out.added_tokens)
+        if out.refusal is not None:
+            m.requests.labels(self.name, "refused").inc()
+            return req, refusal_response(state, req, out.refusal)
+        if out.messages is None:
+            m.requests.labels(self.name, "passed").inc()
+            return req, None
+        m.requests.labels(self.name, "rewritten").inc()
+        return req.model_copy(update={"messages": out.messages}), None
+
+
+def _prompt_tokens(state, req, messages) -> int | None:
+    """Tokens of the prompt these messages render to (None where the chat cannot be templated:
+    the handler reports that)."""
+    from jaxlab.serving.tools import prepare_chat
+
+    try:
+        turns, forced = prepare_chat(
+            messages, req.tools, req.tool_choice, response_format=req.response_format
+        )
+        text = state.tokenizer.apply_chat_template(turns)
+    except Exception:  # noqa: BLE001 - the handler answers a bad request with its 400
+        return None
+    return len(state.tokenizer.encode(text + forced, add_special_tokens=False))
+
+
+def _growth(state, req, messages) -> int | None:
+    a, b = _prompt_tokens(state, req, req.messages), _prompt_tokens(state, req, messages)
+    return None if a is None or b is None else b - a
+
+
+class NoDefense(Defense):
+    name = "none"
+
+
+class SelfReminder(Defense):
+    name = "self-reminder"
+
+    async def apply(self, state, req, request) -> Outcome:
+        messages = self_reminder_messages(req.messages)
+        return Outcome(messages, added_tokens=_growth(state, req, messages))
+
+
+class SecurityLingua(Defense):
+    name = "securitylingua"
+
+    def __init__(self, compressor, *, threshold: float = 0.5, rate: float | None = None):
+        self.compressor, self.threshold, self.rate = compressor, threshold, rate
+        self._lock = asyncio.Lock()
+
+    def intention(self, text: str) -> str:
+        return self.compressor.extract([text], threshold=self.threshold, rate=self.rate)[0]
+
+    async def apply(self, state, req, request) -> Outcome:
+        u = _last_user(req.messages)
+        if u is None:
+            return Outcome(None)
+        text = message_text(req.messages[u])
+        async with self._lock:  # one extraction at a time beside the engine thread
+            intention = await asyncio.to_thread(self.intention, text)
+        messages = securitylingua_messages(req.messages, intention)
+        return Outcome(messages, added_tokens=_growth(state, req, messages))
+
+
+class Guardrail(Defense):
+    name = "guardrail"
+
+    async def apply(self, state, req, request) -> Outcome:
+        from jaxlab.generation import SamplingParams
+        from jaxlab.serving.base import request_id
+
+        u = _last_user(req.messages)
+        if u is None:
+            return Outcome(None)
+        tok = state.tokenizer
+        text = message_text(req.messages[u])
+        frame = lambda t: tok.apply_chat_template(
+            [{"role": "system", "content": GUARDRAIL_SYSTEM}, {"role": "user", "content": t}]
+        )
+        ids = tok.encode(frame(text), add_special_tokens=False)
+        room = state.max_len - GUARDRAIL_MAX_TOKENS
+        if len(ids) > room:  # keep the message's end (where a wrapped request usually is)
+            body = tok.encode(text, add_special_tokens=False)
+            overhead = len(ids) - len(body)
+            ids = tok.encode(
+                frame(tok.decode(body[len(body) - max(room - overhead - 8, 1) :])),
+                add_special_tokens=False,
+            )[-room:]
+        params = SamplingParams(max_new_tokens=GUARDRAIL_MAX_TOKENS, temperature=0.0)
+        stream = state.submit(ids, params, request_id("guard"), time.perf_counter())
+        (deltas,) = await state.collect(request, [stream])
+        done = [d.completion for d in deltas if d.completion is not None]
+        reply = (done[0].text or "") if done else ""
+        added = len(ids) + (len(done[0].tokens) if done else 0)
+        if "unsafe" in reply.lower():
+            return Outcome(None, refusal=REFUSAL, added_tokens=added)
+        return Outcome(None, added_tokens=added)
+
+
+def refusal_response(state, req, text: str):
+    """A chat completion whose one choice is ``text`` (``stop``), streamed if asked."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from jaxlab.serving.base import SSE_HEADERS, request_id
+    from jaxlab.serving.protocol import SSE_DONE, sse, usage
+
+    rid = request_id("chatcmpl")
+    n_out = len(state.tokenizer.encode(text, add_special_tokens=False))
+    n_in = _prompt_tokens(state, req, req.messages) or 0
+    head = {
+        "id": rid,
+        "created": int(time.time()),
+        "model": state.model_name,
+        "system_fingerprint": None,
+    }
+    n = req.n or 1
+    if not req.stream:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+            for i in range(n)
+        ]
+        body = {**head, "object": "chat.completion", "choices": choices}
+        body["usage"] = usage(n_in, n * n_out)
+        return JSONResponse(body)
+
+    def events():
+        def chunk(i, delta, finish=None):
+            c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            obj = {**head, "object": "chat.completion.chunk", "choices": [c]}
+            if req.include_usage:
+                obj["usage"] = None
+            return sse(obj)
+
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+            yield chunk(i, {"content": text})
+            yield chunk(i, {}, "stop")
+        if req.include_usage:
+            obj = {**head, "object": "chat.completion.chunk", "choices": []}
+            yield sse(obj | {"usage": usage(n_in, n * n_out)})
+        yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# -- registry --------------------------------------------------------------------------------------
+
+DEFENSES: Registry[Callable[..., Defense]] = Registry("defense")
+DEFENSES.register("none", lambda **kw: NoDefense())
+DEFENSES.register("self-reminder", lambda **kw: SelfReminder())
+DEFENSES.register("guardrail", lambda **kw: Guardrail())
+
+
+def _securitylingua(*, compressor: Any = None, threshold: float = 0.5, rate=None, **kw):
+    from jaxlab.security.compressor import Compressor
+
+    if compressor is None:
+        raise UserError("--defense securitylingua needs --compressor DIR (a trained compressor)")
+    if isinstance(compressor, str | Path):
+        compressor = Compressor.load(compressor)
+    return SecurityLingua(compressor, threshold=threshold, rate=rate)
+
+
+DEFENSES.register("securitylingua", _securitylingua)
+
+
+def make_defense(name: str, **kwargs) -> Defense:
+    """The defense registered as ``name`` (``compressor=`` a directory or a Compressor for
+    ``securitylingua``)."""
+    if name not in DEFENSES:
+        raise UserError(f"unknown defense {name!r}; known: {DEFENSES.names()}")
+    return DEFENSES.get(name)(**kwargs)
