@@ -14,9 +14,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlab.cli import agents, analyze, config, models, posir, rl, security, serve, sft, sky, train
+from jaxlab.cli import (
+    agents,
+    analyze,
+    config,
+    export,
+    models,
+    posir,
+    rl,
+    security,
+    serve,
+    sft,
+    sky,
+    train,
+)
 from jaxlab.cli._common import Command, HelpFormatter
 from jaxlab.compilation_cache import enable_compilation_cache
+from jaxlab.distributed import initialize
 from jaxlab.errors import UserError
 
 __all__ = ["main", "build_parser", "COMMANDS", "Command"]
@@ -32,6 +46,7 @@ COMMANDS: list[Command] = [
     train.COMMAND,
     sft.COMMAND,
     analyze.COMMAND,
+    export.COMMAND,
     config.COMMAND,
 ]
 
@@ -57,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     enable_compilation_cache()  # on unless JAXLAB_COMPILATION_CACHE=0 (jaxlab.compilation_cache)
     try:
+        initialize()  # joins a multi-host job's processes (jaxlab.distributed); else a no-op
         args._run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from jaxlab.models.decoder import DecoderConfig as DecoderConfig
 from jaxlab.models.decoder import KVCache as KVCache
 from jaxlab.models.encode import encode as encode
 from jaxlab.models.encode import encode_ids as encode_ids
+from jaxlab.models.export import save_pretrained as save_pretrained
 from jaxlab.models.loading import LoadError as LoadError
 from jaxlab.models.registry import PRETRAINED as PRETRAINED
 from jaxlab.models.registry import from_pretrained as from_pretrained
