@@ -27,12 +27,21 @@ from flax import nnx
 
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
+from jaxlab.errors import UserError
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models.decoder import Decoder, DecoderConfig
-from jaxlab.optim import check_optimizer_settings, learning_rate_schedule
+from jaxlab.optim import (
+    NONFINITE_POLICIES,
+    check_finite_step,
+    check_optimizer_settings,
+    learning_rate_schedule,
+    poison_if_nonfinite,
+    skipped_updates,
+)
 from jaxlab.optim import make_optimizer as _make_optimizer
 from jaxlab.progress import progress as progress_bar
+from jaxlab.sharding import pin
 
 __all__ = [
     "DataConfig",
@@ -75,10 +84,15 @@ class OptimConfig:
     b2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" the run, or "skip" the update
 
     def __post_init__(self):
-        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(
+            self.on_nonfinite in NONFINITE_POLICIES,
+            "on_nonfinite",
+            f"{self.on_nonfinite!r} is not one of {list(NONFINITE_POLICIES)}",
+        )
         check_optimizer_settings(**self.optimizer_settings())
 
     def optimizer_settings(self) -> dict:
@@ -92,6 +106,7 @@ class OptimConfig:
             b1=self.b1,
             b2=self.b2,
             grad_clip=self.grad_clip,
+            skip_nonfinite=self.on_nonfinite == "skip",
         )
 
 
@@ -159,9 +174,12 @@ def train_step_with_metrics(
     model: Decoder, optimizer: nnx.Optimizer, tokens: jax.Array
 ) -> dict[str, jax.Array]:
     """One update on ``tokens`` ``[B, T]``; returns ``{"loss", "grad_norm"}`` (the norm before
-    clipping)."""
+    clipping). A non-finite loss makes the gradient NaN, so that an optimizer built with
+    ``skip_nonfinite`` skips the update."""
     loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens)
+    grads = poison_if_nonfinite(loss, grads)
     optimizer.update(model, grads)
+    pin(model, optimizer)  # under a mesh: weights and optimizer state stay where they were
     return {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
 
@@ -173,8 +191,15 @@ def train_step(model: Decoder, optimizer: nnx.Optimizer, tokens: jax.Array) -> j
 def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, float]:
     """Trains (or resumes) a decoder on the counting data; returns the last metrics.
 
-    Writes ``metrics.jsonl``, ``config.json`` and ``checkpoints/`` under ``workdir``.
+    Writes ``metrics.jsonl``, ``config.json`` and ``checkpoints/`` under ``workdir``. A resumed
+    run first trims ``metrics.jsonl`` to the restored step. A NaN or infinite loss or gradient norm
+    stops the run before anything more is saved (``train.on_nonfinite=stop``, raising
+    :class:`jaxlab.optim.NonFiniteError`) or skips that update (``skip``; the count is logged as
+    ``skipped_updates``).
     """
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"{workdir}: the workdir exists and is not a directory")
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         return _train_lm(cfg, Path(workdir), mesh, progress)
@@ -197,7 +222,9 @@ def _train_lm(cfg, workdir, mesh, progress):
         (workdir / "config.json").write_text(
             json.dumps(dataclasses.asdict(cfg), indent=2)
         )  # after a good restore
-        log = MetricWriter(workdir, append=True, tensorboard=cfg.tensorboard, step_key="step")
+        log = MetricWriter(
+            workdir, append=True, tensorboard=cfg.tensorboard, step_key="step", keep_until=start
+        )
         bar = progress_bar(
             range(start, cfg.train.steps),
             initial=start,
@@ -207,11 +234,20 @@ def _train_lm(cfg, workdir, mesh, progress):
         )
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         t0, last = time.perf_counter(), start
+        stop_on_nonfinite = cfg.train.on_nonfinite == "stop"
         for step in bar:
             tokens = jax.device_put(next(data)["tokens"], batch_sharding)
             out = train_step_with_metrics(model, optimizer, tokens)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.train.steps:
+            last_step = step + 1 == cfg.train.steps
+            saving = ckpt.will_save(step + 1, force=last_step)
+            if stop_on_nonfinite and saving:  # a NaN update leaves NaN weights: checked before a save
+                check_finite_step(
+                    step + 1, float(out["loss"]), float(out["grad_norm"]), key="train.on_nonfinite"
+                )
+            if (step + 1) % cfg.log_every == 0 or last_step:
                 loss, grad_norm = float(out["loss"]), float(out["grad_norm"])  # waits for the step
+                if stop_on_nonfinite:
+                    check_finite_step(step + 1, loss, grad_norm, key="train.on_nonfinite")
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 metrics = {
                     "step": step + 1,
@@ -221,6 +257,8 @@ def _train_lm(cfg, workdir, mesh, progress):
                     "steps_per_s": (step + 1 - last) / elapsed,
                     "tokens_per_s": (step + 1 - last) * tokens_per_step / elapsed,
                 }
+                if not stop_on_nonfinite:
+                    metrics["skipped_updates"] = skipped_updates(optimizer.opt_state)
                 t0, last = time.perf_counter(), step + 1
                 log.write(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -229,7 +267,7 @@ def _train_lm(cfg, workdir, mesh, progress):
                 model=model,
                 optimizer=optimizer,
                 data_iter=data,
-                force=step + 1 == cfg.train.steps,
+                force=last_step,
             )
         log.close()
     return metrics

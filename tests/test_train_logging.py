@@ -93,7 +93,7 @@ def test_trainers_keep_their_optimizers():
     "override, message",
     [
         ("optim.lr=0", r"lr: must be positive"),
-        ("optim.b2=1.0", r"b1/b2: must lie in \[0, 1\)"),
+        ("optim.b2=1.0", r"optim.b2: must lie in \[0, 1\)"),
         ("optim.warmup_steps=-1", r"warmup_steps: must be >= 0"),
         ("optim.grad_clip=0", r"grad_clip: must be positive"),
     ],
