@@ -19,7 +19,8 @@ class Architecture:
 
     qkv_bias: q/k/v projections always have a bias (Qwen2); otherwise HF's ``attention_bias``
       says so.
-    out_bias_follows_hf: HF's ``attention_bias`` also biases the output projection (Llama, Mistral).
+    out_bias_follows_hf: HF's ``attention_bias`` also biases the output projection (Llama, Mistral,
+      Qwen3).
     qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3).
     sliding_window_by_default: HF's ``use_sliding_window`` defaults to true (Mistral).
     gguf: GGUF files name this architecture in ``general.architecture`` (llama.cpp stores Mistral
@@ -39,7 +40,7 @@ DECODER_ARCHS.register(
     "mistral", Architecture(out_bias_follows_hf=True, sliding_window_by_default=True, gguf=False)
 )
 DECODER_ARCHS.register("qwen2", Architecture(qkv_bias=True))
-DECODER_ARCHS.register("qwen3", Architecture(qk_norm=True))
+DECODER_ARCHS.register("qwen3", Architecture(out_bias_follows_hf=True, qk_norm=True))
 
 
 def gguf_architectures() -> list[str]:

@@ -165,7 +165,6 @@ def hf_config_from_decoder(
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.dim_per_head,
         "hidden_act": cfg.hidden_act,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
@@ -183,6 +182,8 @@ def hf_config_from_decoder(
         "torch_dtype": np.dtype(dtype).name,
         "dtype": np.dtype(dtype).name,
     }
+    if cfg.head_dim is not None:  # else transformers' default, hidden_size // heads
+        hf["head_dim"] = cfg.head_dim
     if fam.qkv_bias == "flag":
         hf["attention_bias"] = qkv_bias or out_bias
     if fam.mlp_bias:
