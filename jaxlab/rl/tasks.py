@@ -41,21 +41,50 @@ __all__ = [
 
 TASKS = Registry("task")
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
-_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)?\s*[:=]?\s*(.+)", re.I)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A policy can emit anything, so every pattern here runs in time linear in the completion: no
+# nested or adjacent quantifiers that can trade characters (possessive ``++`` / ``*+`` and atomic
+# ``(?>...)`` groups where they would), and tags are paired by one scan instead of a lazy ``.*?``
+# that rescans the rest of the text from every unclosed ``<answer>``.
+_TAG = re.compile(r"<(/?)answer>", re.I)
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]++|\{[^{}]*+\})*+)\}")
+_ANSWER_IS = re.compile(r"(?:final answer|answer)(?>\s*)(?:is|:)?(?>\s*)[:=]?(?>\s*)(.+)", re.I)
+_NUMBER = re.compile(r"-?\d[\d,]*+(?:\.\d+)?")
+_KNIGHT_OR_KNAVE = re.compile(
+    r"\b([A-Za-z]++)\W{0,3}+(?:is\s++an?\s++|:\s*+|=\s*+|-\s*+)(knight|knave)", re.I
+)
+
+
+def _last_answer_tag(text: str) -> str | None:
+    """The content of the last ``<answer>...</answer>`` pair, pairing each opening tag with the
+    next closing tag and skipping closing tags that open nothing (as ``re.findall`` of
+    ``<answer>(.*?)</answer>`` does), in one pass."""
+    last, start = None, None
+    for m in _TAG.finditer(text):
+        if start is None:
+            if not m.group(1):
+                start = m.end()
+        elif m.group(1):
+            last, start = text[start : m.start()], None
+    return last
 
 
 def extract_answer(text: str) -> str | None:
     """The answer a completion commits to: the last ``<answer>...</answer>``, else the last
-    ``\\boxed{...}``, else what follows the last "answer is" / "answer:", else None."""
-    for pattern in (_ANSWER_TAG, _BOXED):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].strip()
-    lines = [m.group(1).strip() for m in _ANSWER_IS.finditer(text)]
-    return lines[-1] if lines else None
+    ``\\boxed{...}``, else what follows the last "answer is" / "answer:" on its line, else None.
+
+    Linear time in ``len(text)`` (a hostile 1 MB completion takes milliseconds)."""
+    tagged = _last_answer_tag(text)
+    if tagged is not None:
+        return tagged.strip()
+    boxed = None
+    for m in _BOXED.finditer(text):
+        boxed = m.group(1)
+    if boxed is not None:
+        return boxed.strip()
+    said = None
+    for m in _ANSWER_IS.finditer(text):
+        said = m.group(1)
+    return said.strip() if said is not None else None
 
 
 def extract_number(text: str) -> Fraction | None:
@@ -304,10 +333,7 @@ class KnightsKnavesTask(Task):
         if answer is None:
             return 0.0
         found = {
-            m.group(1).capitalize(): m.group(2).lower()
-            for m in re.finditer(
-                r"([A-Za-z]+)\W{0,3}(?:is\s+an?\s+|:\s*|=\s*|-\s*)(knight|knave)", answer, re.I
-            )
+            m.group(1).capitalize(): m.group(2).lower() for m in _KNIGHT_OR_KNAVE.finditer(answer)
         }
         if set(found) != set(problem.answer):
             return self.format_reward

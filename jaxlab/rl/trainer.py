@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,20 @@ from jaxlab.generation.core import sampling_logprobs
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
-from jaxlab.optim import check_optimizer_settings, learning_rate_schedule, make_optimizer
+from jaxlab.errors import UserError
+from jaxlab.optim import (
+    NONFINITE_POLICIES,
+    check_finite_step,
+    check_optimizer_settings,
+    learning_rate_schedule,
+    make_optimizer,
+    poison_if_nonfinite,
+    skipped_updates,
+)
 from jaxlab.progress import progress as progress_bar
 from jaxlab.rl.plots import plot_occupancy
 from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
-from jaxlab.rl.tasks import make_task, task_dataset
+from jaxlab.rl.tasks import TASKS, make_task, task_dataset
 from jaxlab.tokenization import bucket_length, char_tokenizer
 
 __all__ = [
@@ -68,6 +78,15 @@ class RLTaskConfig:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     shuffle_seed: int | None = None  # None: problems in index order
+
+    def __post_init__(self):
+        check(self.name in TASKS, "name", f"{self.name!r} is not one of {TASKS.names()}")
+        try:  # the task's own checks of its kwargs, at load time rather than after outputs exist
+            make_task(self.name, seed=self.seed, **self.kwargs)
+        except TypeError as e:
+            check(False, "kwargs", f"not accepted by task {self.name!r}: {e}")
+        except ValueError as e:
+            check(False, "kwargs", str(e))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,7 +120,24 @@ class RLLossConfig:
             f"{self.kl_kind!r} is not one of {rl.KL_ESTIMATORS.names()}",
         )
         check(0 <= self.alpha <= 1, "alpha", f"must lie in [0, 1], got {self.alpha}")
-        check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        check(
+            math.isfinite(self.kl_coef) and self.kl_coef >= 0,
+            "kl_coef",
+            f"must be a finite number >= 0, got {self.kl_coef}",
+        )
+        for name in ("clip_low", "clip_high"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
+        check(
+            math.isfinite(self.tis_cap) and self.tis_cap > 0,
+            "tis_cap",
+            f"must be positive, got {self.tis_cap}",
+        )
+        check(
+            self.max_len is None or (math.isfinite(self.max_len) and self.max_len > 0),
+            "max_len",
+            f"must be positive or null, got {self.max_len}",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,7 +153,9 @@ class RLGenerationConfig:
     def __post_init__(self):
         check(self.slots >= 1, "slots", f"must be >= 1, got {self.slots}")
         check(
-            self.temperature > 0, "temperature", f"RL samples: must be > 0, got {self.temperature}"
+            math.isfinite(self.temperature) and self.temperature > 0,
+            "temperature",
+            f"RL samples: must be finite and > 0, got {self.temperature}",
         )
         try:
             self.sampling_params()
@@ -141,8 +179,14 @@ class RLOptimConfig:
     b2: float = 0.999
     grad_clip: float = 1.0
     seed: int = 0
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" the run, or "skip" the update
 
     def __post_init__(self):
+        check(
+            self.on_nonfinite in NONFINITE_POLICIES,
+            "on_nonfinite",
+            f"{self.on_nonfinite!r} is not one of {list(NONFINITE_POLICIES)}",
+        )
         check_optimizer_settings(**self.optimizer_settings())
 
     def optimizer_settings(self) -> dict:
@@ -155,6 +199,7 @@ class RLOptimConfig:
             b1=self.b1,
             b2=self.b2,
             grad_clip=self.grad_clip,
+            skip_nonfinite=self.on_nonfinite == "skip",
         )
 
 
@@ -231,6 +276,7 @@ def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float, 
             return loss, metrics
 
         (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        grads = poison_if_nonfinite(loss, grads)  # skip_nonfinite then skips the whole update
         optimizer.update(model, grads)
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -244,6 +290,19 @@ class _Timeline:
         self.t0 = time.perf_counter()
         self.steps: list[tuple[float, float, float]] = []  # (start, end, occupancy)
         self.updates: list[tuple[float, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"now": self.now(), "steps": self.steps, "updates": self.updates}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> _Timeline:
+        """The timeline of a restored run: its clock continues from the saved time, so that the
+        summary's wall time and bubble ratio cover every part of the run."""
+        timeline = cls()
+        timeline.t0 -= float(state["now"])
+        timeline.steps = [tuple(map(float, x)) for x in state["steps"]]
+        timeline.updates = [tuple(map(float, x)) for x in state["updates"]]
+        return timeline
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -266,8 +325,9 @@ class RLTrainer:
     def __init__(self, cfg: RLTrainConfig, workdir: str | Path):
         self.cfg = cfg
         self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise UserError(f"{self.workdir}: the workdir exists and is not a directory")
+        # nothing is written under workdir until the policy, the task and any checkpoint loaded
         self.model, self.tokenizer = _load_policy(cfg)
         self.mesh = make_mesh(cfg.mesh)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -320,6 +380,8 @@ class RLTrainer:
             async_save=cfg.checkpoint.async_save,
         )
         self.resumed_from = self._restore()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _save(self, force: bool = False) -> None:
@@ -340,6 +402,8 @@ class RLTrainer:
             "trained_samples": self.trained_samples,
             "engine": engine_meta,
             "requests": [[rid, *dataclasses.astuple(ref)] for rid, ref in self.by_request.items()],
+            "timeline": self.timeline.state_dict(),
+            "last_update_end": self._last_update_end,
         }
         self.checkpointer.save(
             self.ctrl.version,
@@ -368,6 +432,9 @@ class RLTrainer:
         }
         self.rewards_seen = list(extra["rewards_seen"])
         self.trained_samples = int(extra["trained_samples"])
+        if "timeline" in extra:  # checkpoints written before the timeline was saved lack it
+            self.timeline = _Timeline.from_state_dict(extra["timeline"])
+            self._last_update_end = float(extra["last_update_end"])
         self.engine._set_model(self.model)  # the restored weights, without marking slots stale
         self.engine.restore_snapshot(restored["arrays"], extra["engine"])
         self.by_request = {int(r[0]): SampleRef(*map(int, r[1:])) for r in extra["requests"]}
@@ -404,6 +471,7 @@ class RLTrainer:
             append=self.resumed_from is not None,
             tensorboard=cfg.tensorboard,
             step_key="version",
+            keep_until=self.resumed_from,
         )
         with log, self.checkpointer:
             while not self.ctrl.done:
@@ -450,6 +518,12 @@ class RLTrainer:
         t_start = self.timeline.now()
         lr = self.lr_at(int(self.optimizer.step[...]))  # the rate this update applies
         metrics = self._policy_update(groups)
+        if cfg.optim.on_nonfinite == "stop":  # before the weights reach the Engine or a checkpoint
+            check_finite_step(
+                ctrl.version + 1, metrics["loss"], metrics["grad_norm"], key="optim.on_nonfinite"
+            )
+        else:
+            metrics["skipped_updates"] = skipped_updates(self.optimizer.opt_state)
         samples = len(groups) * cfg.scheduler.group_size
         self.trained_samples += samples
         for ref in ctrl.update(groups):
@@ -484,7 +558,13 @@ class RLTrainer:
             problem = self.problem(g)
             for i in range(g_size):
                 c = self.finished.pop((g, i))
-                rewards.append(self.task.reward(problem, tokenizer.decode(c.tokens)))
+                reward = float(self.task.reward(problem, tokenizer.decode(c.tokens)))
+                if not math.isfinite(reward):
+                    raise UserError(
+                        f"task {cfg.task.name!r} gave reward {reward} to sample {i} of group {g}; "
+                        "rewards must be finite"
+                    )
+                rewards.append(reward)
                 staleness.append(self.ctrl.version - min(c.policy_versions))
                 rows.append((self.prompt_ids(g), c))
         if self.ctrl.scheduler.bounds_staleness and max(staleness) > cfg.scheduler.max_staleness:
