@@ -1,0 +1,212 @@
+"""Supervised fine-tuning (jaxlab.sft) and the analysis traces: the assistant-token mask on a real
+chat template, packing by hand, the loss against float64 numpy, the export of the trained model, a short
+training run with an Orbax resume, the trace styles and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlab import analysis, sft
+from jaxlab.models import Decoder, DecoderConfig, from_pretrained, save_pretrained
+from jaxlab.rl.tasks import ArithmeticTask
+from jaxlab.testing.char_tokenizer import char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from jaxlab.models.registry import SMOLLM2_GGUF, package_path
+    from jaxlab.tokenization import Tokenizer
+
+    try:
+        path = package_path(SMOLLM2_GGUF)
+    except Exception as e:  # noqa: BLE001 - the model package is missing
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    return Tokenizer.from_gguf(path)
+
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5.\n<answer>5</answer>"},
+    {"role": "user", "content": "And 4 + 4?"},
+    {"role": "assistant", "content": "Wait, 4 + 4 = 8."},
+]
+
+
+def test_assistant_mask_on_the_chat_template(smol_tokenizer):
+    tok = smol_tokenizer
+    ids, mask = sft.chat_example_tokens(tok, CONV)
+    full = tok.encode(
+        tok.apply_chat_template(CONV, add_generation_prompt=False), add_special_tokens=False
+    )
+    assert ids == full[: len(ids)] and len(ids) == len(mask)
+    ids, mask = np.asarray(ids), np.asarray(mask, bool)
+    # the loss tokens are exactly each assistant turn's content and its end-of-turn token
+    starts = np.flatnonzero(mask & ~np.r_[False, mask[:-1]])
+    ends = np.flatnonzero(mask & ~np.r_[mask[1:], False]) + 1
+    pieces = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in zip(starts, ends)]
+    assert pieces == [CONV[2]["content"] + "<|im_end|>", CONV[4]["content"] + "<|im_end|>"]
+    # and nothing of the system / user turns or the role headers
+    context = tok.decode(ids[~mask], skip_special_tokens=False)
+    assert "What is 2 + 3?" in context and "assistant\n" in context and "= 5" not in context
+
+
+def test_conversation_without_assistant_is_an_error(smol_tokenizer):
+    with pytest.raises(ValueError, match="assistant"):
+        sft.chat_example_tokens(smol_tokenizer, CONV[:2])
+
+
+def test_packing_by_hand():
+    ex = [([1, 2, 3], [0, 1, 1]), ([4, 5, 6, 7], [0, 0, 1, 1]), ([8, 9], [1, 1])]
+    rows = sft.pack_examples(ex, 6, pad_id=0)
+    np.testing.assert_array_equal(rows["tokens"], [[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9]])
+    np.testing.assert_array_equal(rows["loss_mask"], [[0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(rows["attention_mask"], [[1, 1, 1, 0, 0, 0], [1] * 6])
+    rows = sft.pack_examples(ex, 3, pad_id=0, packing=False)  # one per row, the long one truncated
+    np.testing.assert_array_equal(rows["tokens"], [[1, 2, 3], [4, 5, 6], [8, 9, 0]])
+    np.testing.assert_array_equal(rows["loss_mask"], [[0, 1, 1], [0, 0, 1], [1, 1, 0]])
+
+
+@nnx.jit
+def _forward(model, ids, mask):
+    return model(ids, attention_mask=mask)
+
+
+def _tiny(vocab, tie=False, seed=0):
+    cfg = DecoderConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )  # fmt: skip
+    return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_sft_loss_against_float64_numpy():
+    model = _tiny(40)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 40, size=(3, 9)).astype(np.int32)
+    loss_mask = (rng.random((3, 9)) < 0.5).astype(np.int32)
+    attn = np.ones((3, 9), np.int32)
+    attn[2, 6:] = 0
+    loss_mask[2, 6:] = 0
+    got = float(sft.sft_loss(model, jnp.asarray(tokens), jnp.asarray(loss_mask), jnp.asarray(attn)))
+    # each row alone, no padding in the forward pass (one jitted shape per row length)
+    nll, n = 0.0, 0
+    for b in range(3):
+        real = int(attn[b].sum())
+        row = jnp.asarray(tokens[b : b + 1, : real - 1])
+        logits = np.asarray(_forward(model, row, jnp.ones_like(row)))[0].astype(np.float64)
+        for t in range(1, real):
+            if loss_mask[b, t]:
+                z = logits[t - 1]
+                nll -= z[tokens[b, t]] - z.max() - np.log(np.exp(z - z.max()).sum())
+                n += 1
+    assert got == pytest.approx(nll / n, rel=1e-5)
+
+
+def test_train_sft_learns_resumes_and_exports(tmp_path):
+    tok = char_tokenizer()  # its chat template: each message's content on its own line
+    base = save_pretrained(_tiny(tok.vocab_size, seed=4), tok, tmp_path / "base")
+    data = analysis.trace_dataset("epistemic", 8, digits=1, terms=2, ops="+")
+    analysis.write_sft_jsonl(data, tmp_path / "d.jsonl")
+    cfg = sft.SFTConfig(
+        model=str(base),
+        data=sft.SFTDataConfig(path=str(tmp_path / "d.jsonl"), seq_len=256, batch_size=2),
+        train=sft.OptimConfig(lr=1e-2, warmup_steps=0, steps=8),
+        checkpoint=sft.CheckpointConfig(save_every=4, keep=2, async_save=False),
+        log_every=4,
+    )
+    work = tmp_path / "run"
+    sft.train_sft(cfg, work, progress=False)
+    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [4, 8]
+    first_loss = lines[0]["loss"]
+    # resume: the run continues from the Orbax checkpoint of step 8 up to 12
+    cfg2 = dataclasses.replace(cfg, train=sft.OptimConfig(lr=1e-2, warmup_steps=0, steps=12))
+    sft.train_sft(cfg2, work, progress=False)
+    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [4, 8, 12]
+    assert lines[-1]["loss"] < first_loss
+
+    # the exported model is the trained one: lower loss on the data than the base model
+    def loss_of(path):
+        model, _ = from_pretrained(path)
+        rows = sft.pack_examples(
+            [sft.chat_example_tokens(tok, d["messages"]) for d in data], 256, pad_id=0
+        )
+        return float(
+            sft.sft_loss(
+                model, *(jnp.asarray(rows[k]) for k in ("tokens", "loss_mask", "attention_mask"))
+            )
+        )
+
+    assert loss_of(work / "model") < loss_of(base) - 0.5
+
+
+# -- traces ---------------------------------------------------------------------------------------
+
+
+def test_trace_styles_share_the_solver_and_differ_in_markers():
+    task = ArithmeticTask(digits=2, terms=3, ops="+-*", seed=0)
+    n_epi = 0
+    for i in range(40):
+        p = task.problem(i)
+        traces = {
+            s: analysis.write_trace(p, s, index=i) for s in ("procedural", "epistemic", "synonym")
+        }
+        for s, t in traces.items():
+            assert t.endswith(f"<answer>{p.answer}</answer>"), s
+            assert task.reward(p, t) == 1.0
+        assert analysis.count_epistemic(traces["procedural"], "word_boundary") == 0
+        assert analysis.count_epistemic(traces["synonym"], "word_boundary") == 0
+        assert analysis.count_epistemic(traces["synonym"], "substring") == 0
+        n_epi += analysis.count_epistemic(traces["epistemic"], "word_boundary") > 0
+        # the synonym trace is the epistemic one with the marker phrases swapped
+        assert traces["synonym"].count("\n") == traces["epistemic"].count("\n")
+        # every equation written in a check is true
+        for line in traces["epistemic"].splitlines():
+            if ": " in line and "=" in line:
+                chain = line.split(": ", 1)[1].split(". ")[0].split(" = ")
+                values = [eval(x) for x in chain]  # noqa: S307 - integers and + - * only
+                assert len(set(values)) == 1, line
+    assert n_epi > 20
+
+
+def test_analyze_count_and_traces_commands(tmp_path, capsys):
+    from jaxlab.cli import main
+
+    tok = char_tokenizer()
+    path = save_pretrained(_tiny(tok.vocab_size, seed=2), tok, tmp_path / "m")
+    recs = [
+        {"prompt": "1+2?", "response": "1 + 2 = 3.\nwait, yes 3.", "answer": "3"},
+        {"prompt": "2+2?", "response": "2 + 2 = 4.", "answer": "4"},
+    ]
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["analyze", "count", "--input", str(src), "--out-dir", str(tmp_path / "c")]) == 0
+    counts = json.loads((tmp_path / "c" / "count.json").read_text())
+    assert counts["substring"]["total"] == 1 and counts["word_boundary"]["per_problem"] == 0.5
+    out = tmp_path / "o"
+    argv = [
+        "analyze",
+        "traces",
+        "--model",
+        str(path),
+        "--input",
+        str(src),
+        "--out-dir",
+        str(out),
+        "--no-chat",
+    ]
+    assert main(argv) == 0
+    res = json.loads((out / "traces.json").read_text())
+    assert (out / "traces.png").stat().st_size > 1000
+    assert res["traces"][0]["epistemic"][11:15] == [1, 1, 1, 1]
+    assert res["markers"]["per_1k_tokens"] == pytest.approx(1000 / (23 + 10))
+    assert main(argv) == 2  # outputs exist: --overwrite is needed
+    assert "--overwrite" in capsys.readouterr().err
