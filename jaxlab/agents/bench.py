@@ -9,7 +9,8 @@ that calls nothing. Tool latencies are the ``api_read`` / ``api_write`` profiles
 (:mod:`jaxlab.agents.latency`) times one factor chosen so that tools take ``tool_share`` of the
 serial loop's time on the training split.
 
-Tasks are split into train / test by task (seeded). The miner learns from the training tasks' event
+Tasks are split into train / test by task (seeded); ``test_tasks`` of the test split's tasks
+are run, evenly spaced over it (BFCL's ids are grouped by domain). The miner learns from the training tasks' event
 logs (their gold calls run once, without latency). Every test task then runs under each mode, the
 modes one after the other per task:
 
@@ -383,8 +384,11 @@ def run_bench(
 
     tasks = list(tasks) if tasks is not None else load_bfcl_tasks()
     train, test = split_tasks(tasks, config.train_fraction, config.seed)
-    if config.test_tasks is not None:
-        test = test[: config.test_tasks]
+    if config.test_tasks is not None and config.test_tasks < len(test):
+        # evenly spaced over the test split: task ids are grouped by domain (file system, vehicle,
+        # trading, travel, ...), so a prefix would cover one or two domains only
+        idx = np.unique(np.linspace(0, len(test) - 1, config.test_tasks).round().astype(int))
+        test = [test[i] for i in idx]
     logs = training_logs(train)
     t0 = time.perf_counter()
     table = mine_patterns(
