@@ -319,9 +319,7 @@ class Checkpointer:
             flush=True,
         )
 
-    def _restore_step(
-        self, step: int, targets: dict[str, Any], data_iter: Any
-    ) -> dict[str, Any]:
+    def _restore_step(self, step: int, targets: dict[str, Any], data_iter: Any) -> dict[str, Any]:
         step_dir = self.directory / str(step)
         try:
             present = {p.name for p in step_dir.iterdir()} if step_dir.is_dir() else set()
@@ -333,9 +331,7 @@ class Checkpointer:
             if obj is None:
                 continue
             if name not in present:
-                raise _DamagedStep(
-                    f"{step_dir}: holds no {name!r} item (found: {sorted(present)})"
-                )
+                raise _DamagedStep(f"{step_dir}: holds no {name!r} item (found: {sorted(present)})")
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_of(obj))
             self._check_shapes(step, step_dir, name, abstract)
             args[name] = ocp.args.StandardRestore(abstract)

@@ -75,9 +75,7 @@ def poison_if_nonfinite(loss: jax.Array, grads: Any) -> Any:
 
 def skipped_updates(opt_state: Any) -> int:
     """Updates skipped for a non-finite gradient so far (0 without ``skip_nonfinite``)."""
-    leaves = jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState)
-    )
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState))
     total = 0
     for leaf in leaves:
         if isinstance(leaf, optax.ApplyIfFiniteState):

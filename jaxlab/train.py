@@ -84,7 +84,8 @@ class OptimConfig:
     b2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" the run, or "skip" the update
+    # a NaN or infinite loss or gradient norm: "stop" the run, or "skip" the update
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -240,7 +241,8 @@ def _train_lm(cfg, workdir, mesh, progress):
             out = train_step_with_metrics(model, optimizer, tokens)
             last_step = step + 1 == cfg.train.steps
             saving = ckpt.will_save(step + 1, force=last_step)
-            if stop_on_nonfinite and saving:  # a NaN update leaves NaN weights: checked before a save
+            # a NaN update leaves NaN weights for good: checked before every save
+            if stop_on_nonfinite and saving:
                 check_finite_step(
                     step + 1, float(out["loss"]), float(out["grad_norm"]), key="train.on_nonfinite"
                 )

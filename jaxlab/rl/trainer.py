@@ -41,12 +41,12 @@ from flax import nnx
 from jaxlab import rl
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
+from jaxlab.errors import UserError
 from jaxlab.generation import Engine, SamplingParams
 from jaxlab.generation.core import sampling_logprobs
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
-from jaxlab.errors import UserError
 from jaxlab.optim import (
     NONFINITE_POLICIES,
     check_finite_step,
@@ -179,7 +179,8 @@ class RLOptimConfig:
     b2: float = 0.999
     grad_clip: float = 1.0
     seed: int = 0
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" the run, or "skip" the update
+    # a NaN or infinite loss or gradient norm: "stop" the run, or "skip" the update
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
         check(
