@@ -18,7 +18,9 @@ Letters: B sequences, T tokens; ``L_i = Σ_t mask_it`` is the length of sequence
 
 B' counts non-empty sequences (L_i > 0): rows of padding do not dilute the loss. ``M`` is a fixed
 ``max_len`` (the configured maximum response length), not the padded width of a batch.
-Empty rows contribute nothing; a batch with no tokens gives a loss of 0, never NaN.
+Empty rows contribute nothing; a batch with no tokens gives a loss of 0, never NaN. Masked
+positions are selected away (``jnp.where``), not multiplied by 0: a NaN or infinity there reaches
+neither the loss nor its gradient.
 
 References: GRPO (Shao et al., 2024, arXiv:2402.03300); DAPO (Yu et al., 2025, arXiv:2503.14476);
 Dr. GRPO (Liu et al., 2025, arXiv:2503.20783); ΔL Normalization (He et al., 2025, arXiv:2509.07558).
@@ -116,8 +118,7 @@ def aggregate_terms(
     if loss_mat.ndim != 2:
         raise ValueError(f"aggregate_loss: loss_mat must be [B, T], got shape {loss_mat.shape}")
     fn = AGGREGATION_MODES.get(mode)
-    m = mask.astype(loss_mat.dtype)
-    row_sums = jnp.sum(loss_mat * m, axis=-1)
+    row_sums = jnp.sum(jnp.where(mask.astype(bool), loss_mat, 0), axis=-1)
     terms, norm = fn(row_sums, _lengths(mask), max_len=max_len, alpha=alpha)
     return jnp.sum(terms), norm
 
