@@ -3,7 +3,8 @@
 Joins the job through ``jaxlab.distributed.initialize()`` from the ``JAX_*`` variables the test sets,
 runs the data-parallel step over a mesh of all 4 devices (2 here, 2 in the other process) and writes
 what it saw to ``OUT_DIR``: ``p{i}.npz`` (the step's results), ``p{i}.json`` (process facts),
-``p{i}.log`` (log records through MainProcessFilter) and ``main.txt`` (by process 0 only).
+``p{i}.log`` (log records through MainProcessFilter), ``main.txt`` (by process 0 only) and
+``export/`` (save_pretrained of weights split over both processes).
 """
 
 import json
@@ -45,6 +46,14 @@ def main(out: Path) -> None:
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     result = data_parallel_step(mesh)
     np.savez(out / f"p{i}.npz", **result)
+
+    # export from weights split over both processes' devices: gathered per tensor, written by 0
+    from jaxlab.models import save_pretrained
+    from jaxlab.testing.data_parallel import tiny_decoder_on_mesh
+
+    model, _ = tiny_decoder_on_mesh(mesh, seed=1, sharded=True)
+    spread = not model.embed_tokens.embedding[...].is_fully_addressable
+    save_pretrained(model, None, out / "export")
     distributed.sync("test-worker-done")
     facts = {
         "joined": joined,
@@ -55,6 +64,7 @@ def main(out: Path) -> None:
         "is_main": distributed.is_main_process(),
         "wrote": wrote,
         "mesh_processes": sorted({d.process_index for d in mesh.devices.flat}),
+        "export_from_spread_arrays": spread,
     }
     (out / f"p{i}.json").write_text(json.dumps(facts))
 

@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 
 from jaxlab import distributed
 from jaxlab.distributed import DistributedError, cluster_settings
-from jaxlab.testing.data_parallel import data_parallel_step
+from jaxlab.models import save_pretrained
+from jaxlab.testing.data_parallel import data_parallel_step, tiny_decoder_on_mesh
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -82,6 +83,7 @@ def test_two_processes_train_one_step_like_one_process(tmp_path):
             "is_main": i == 0,
             "wrote": "written" if i == 0 else None,
             "mesh_processes": [0, 1],
+            "export_from_spread_arrays": True,
         }
         got = np.load(tmp_path / f"p{i}.npz")
         assert set(got.files) == set(ref) and len(ref) > 2
@@ -93,6 +95,22 @@ def test_two_processes_train_one_step_like_one_process(tmp_path):
         expected = ["info from 0", "warning from 0"] if i == 0 else ["warning from 1"]
         assert records == expected
     assert (tmp_path / "main.txt").read_text() == "0"
+
+    # the export from arrays spread over two processes: the tensors of the same model exported here
+    from safetensors.numpy import load_file
+
+    model, _ = tiny_decoder_on_mesh(Mesh(np.asarray(jax.devices()[:4]), ("data",)), seed=1)
+    save_pretrained(model, None, tmp_path / "reference_export")
+    got, want = (
+        load_file(tmp_path / d / "model.safetensors") for d in ("export", "reference_export")
+    )
+    assert got.keys() == want.keys() and len(want) == 2 * 9 + 3
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert sorted(p.name for p in tmp_path.iterdir() if "export" in p.name) == [
+        "export",
+        "reference_export",
+    ]
     # the step did something: every gradient is nonzero
     grads = [v for k, v in ref.items() if k.startswith("grad/")]
     assert len(grads) == len(ref) // 2 and all(np.abs(g).max() > 0 for g in grads)

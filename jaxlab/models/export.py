@@ -452,9 +452,19 @@ def save_pretrained(
             f"save_pretrained exports decoder LMs (Decoder); got a {type(model).__name__}"
         )
     directory = Path(directory)
+    problem = 0
     if directory.exists() and not directory.is_dir():
+        problem = 1
+    elif directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        problem = 2
+    if jax.process_count() > 1:
+        # process 0, the writer, decides for all (and no process looks after it has written)
+        from jax.experimental import multihost_utils
+
+        problem = int(multihost_utils.broadcast_one_to_all(np.int32(problem)))
+    if problem == 1:
         raise ExportError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+    if problem == 2:
         raise OutputExistsError(
             f"{directory} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
         )

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlab.testing import TINY_DECODER
 
-__all__ = ["data_parallel_step"]
+__all__ = ["data_parallel_step", "tiny_decoder_on_mesh"]
 
 
 def _place(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -32,6 +32,33 @@ def _next_token_loss(graphdef, params, tokens):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
+def tiny_decoder_on_mesh(mesh: Mesh, *, seed: int = 0, sharded: bool = False):
+    """``Decoder(TINY_DECODER)`` with seeded random weights placed on ``mesh``: replicated, or
+    (``sharded``) each parameter split over the ``data`` axis along its first divisible dimension.
+
+    The weights come from a numpy generator into the abstract model: the same on every process,
+    without running the initialisers eagerly.
+    """
+    from jaxlab.models import Decoder
+
+    abstract = nnx.eval_shape(lambda: Decoder(TINY_DECODER, rngs=nnx.Rngs(seed)))
+    graphdef, params = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    n = mesh.shape["data"]
+
+    def init(path, x):
+        noise = rng.standard_normal(x.shape)
+        value = 1.0 + 0.1 * noise if "norm" in jax.tree_util.keystr(path) else 0.1 * noise
+        spec = [None] * len(x.shape)
+        if sharded:
+            axis = next((i for i, d in enumerate(x.shape) if d % n == 0), None)
+            if axis is not None:
+                spec[axis] = "data"
+        return _place(value.astype(np.float32), NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, params)), rng
+
+
 def data_parallel_step(
     mesh: Mesh, *, batch_size: int = 8, seq_len: int = 16, lr: float = 1e-2, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -42,25 +69,8 @@ def data_parallel_step(
       Host arrays: ``loss`` (scalar), and ``grad/<path>`` and ``param/<path>`` (after the update)
       for every parameter.
     """
-    from jaxlab.models import Decoder
-
-    # weights from a seeded numpy generator into the abstract model: the same on every process,
-    # without running the initialisers eagerly
-    abstract = nnx.eval_shape(lambda: Decoder(TINY_DECODER, rngs=nnx.Rngs(seed)))
-    graphdef, params = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def init(path, x):
-        is_norm = "norm" in jax.tree_util.keystr(path)
-        value = (
-            1.0 + 0.1 * rng.standard_normal(x.shape)
-            if is_norm
-            else 0.1 * rng.standard_normal(x.shape)
-        )
-        return _place(value.astype(np.float32), replicated)
-
-    params = jax.tree_util.tree_map_with_path(init, params)
+    model, rng = tiny_decoder_on_mesh(mesh, seed=seed)
+    graphdef, params = nnx.split(model)
     tokens = rng.integers(0, TINY_DECODER.vocab_size, size=(batch_size, seq_len), dtype=np.int32)
     batch = _place(tokens, NamedSharding(mesh, PartitionSpec("data")))
     optimizer = optax.adam(lr)
