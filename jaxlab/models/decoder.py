@@ -20,6 +20,7 @@ from jaxlab.models.layers import (
     RMSNorm,
     apply_rope,
     dense,
+    logical_axes,
     padding_positions,
     rope_inv_freq,
     rope_tables,
@@ -152,15 +153,25 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype=None, rngs: nnx.Rngs):
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
-        self.q_proj = dense(rngs, e, h * d, bias=cfg.attention_bias, dtype=dtype)
-        self.k_proj = dense(rngs, e, k * d, bias=cfg.attention_bias, dtype=dtype)
-        self.v_proj = dense(rngs, e, k * d, bias=cfg.attention_bias, dtype=dtype)
-        self.o_proj = dense(rngs, h * d, e, bias=cfg.attention_out_bias, dtype=dtype)
+        pd = param_dtype or dtype
+        kw = dict(bias=cfg.attention_bias, dtype=dtype, param_dtype=pd)
+        self.q_proj = dense(rngs, e, h * d, axes=("embed", "heads"), **kw)
+        self.k_proj = dense(rngs, e, k * d, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = dense(rngs, e, k * d, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = dense(
+            rngs,
+            h * d,
+            e,
+            bias=cfg.attention_out_bias,
+            dtype=dtype,
+            param_dtype=pd,
+            axes=("heads", "embed"),
+        )
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=pd)
+            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=pd)
         self.cfg = cfg
 
     def __call__(self, x, rope, mask, kv=None, index=None):
@@ -198,11 +209,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype=None, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = dense(rngs, e, f, bias=cfg.mlp_bias, dtype=dtype)
-        self.up_proj = dense(rngs, e, f, bias=cfg.mlp_bias, dtype=dtype)
-        self.down_proj = dense(rngs, f, e, bias=cfg.mlp_bias, dtype=dtype)
+        kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype or dtype)
+        self.gate_proj = dense(rngs, e, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = dense(rngs, e, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = dense(rngs, f, e, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -211,11 +223,12 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     attention_cls = Attention  # subclasses may use their own attention module
 
-    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = self.attention_cls(cfg, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype=None, rngs: nnx.Rngs):
+        pd = param_dtype or dtype
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=pd)
+        self.self_attn = self.attention_cls(cfg, dtype=dtype, param_dtype=pd, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=pd)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=pd, rngs=rngs)
 
     def __call__(self, x, rope, mask, kv=None, index=None):
         h, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, index)
@@ -227,7 +240,10 @@ class Decoder(nnx.Module):
     """Decoder-only transformer LM.
 
     ``model(input_ids)`` gives float32 logits ``[B, T, V]`` (float64 for a float64 model, which
-    computes in float64 throughout: the tests' finite-difference reference). Left-padded batches
+    computes in float64 throughout: the tests' finite-difference reference). ``dtype`` is the
+    compute dtype (activations, KV cache), ``param_dtype`` the weights' (default ``dtype``):
+    ``dtype=bfloat16, param_dtype=float32`` is mixed precision with float32 master weights.
+    Every parameter names its axes (:func:`jaxlab.models.layers.logical_axes`) for sharding. Left-padded batches
     are exact when ``attention_mask`` is given: positions then start at 0 on each row's first real
     token.
     With ``cache=`` the call also returns the updated :class:`KVCache`.
@@ -235,28 +251,38 @@ class Decoder(nnx.Module):
 
     layer_cls = DecoderLayer  # subclasses may use their own layer module
 
-    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = dtype
+        self.param_dtype = pd = param_dtype or dtype
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
             dtype=dtype,
-            param_dtype=dtype,
+            param_dtype=pd,
             embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata=logical_axes("vocab", "embed"),
             rngs=rngs,
         )
+
+        def layer(r):
+            return self.layer_cls(cfg, dtype=dtype, param_dtype=pd, rngs=r)
+
         if not cfg.scan_layers:
-            self.layers = nnx.List(
-                [self.layer_cls(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
-            )
+            self.layers = nnx.List([layer(rngs) for _ in range(cfg.num_layers)])
         else:
-            self.layers = stack_layers(
-                cfg.num_layers, lambda r: self.layer_cls(cfg, dtype=dtype, rngs=r), rngs
-            )
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+            self.layers = stack_layers(cfg.num_layers, layer, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=pd)
         if not cfg.tie_word_embeddings:
-            self.lm_head = dense(rngs, cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = dense(
+                rngs,
+                cfg.hidden_size,
+                cfg.vocab_size,
+                bias=False,
+                dtype=dtype,
+                param_dtype=pd,
+                axes=("embed", "vocab"),
+            )
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache of ``max_len`` slots per row."""
@@ -291,8 +317,13 @@ class Decoder(nnx.Module):
 
     def _tied_logits(self, x):
         """``x @ embedding.T``: the tied output projection."""
-        table = self.embed_tokens.embedding[...]
-        return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+        table = self.embed_tokens.embedding[...].astype(x.dtype)
+        return jax.lax.dot_general(
+            x,
+            table,
+            (((x.ndim - 1,), (1,)), ((), ())),
+            preferred_element_type=jnp.promote_types(x.dtype, jnp.float32),
+        )
 
     def __call__(
         self,
@@ -376,7 +407,9 @@ def with_layer_layout(model: Decoder, scan_layers: bool) -> Decoder:
     if cfg.scan_layers == scan_layers:
         return model
     new_cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
-    abstract = nnx.eval_shape(lambda: Decoder(new_cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: Decoder(new_cfg, dtype=model.dtype, param_dtype=model.param_dtype, rngs=nnx.Rngs(0))
+    )
     graphdef, abstract_state = nnx.split(abstract)
     source = {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(nnx.state(model))}
     leaves = []

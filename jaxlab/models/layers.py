@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = [
+    "logical_axes",
     "RMSNorm",
     "dense",
     "LayerNorm",
@@ -23,19 +24,28 @@ __all__ = [
 ]
 
 
+def logical_axes(*names: str | None) -> dict[str, Any]:
+    """Variable metadata naming each axis of a parameter by its logical role (``"embed"``,
+    ``"heads"``, ``"kv_heads"``, ``"mlp"``, ``"vocab"``, ``"norm"``; stacked layers add
+    ``"layers"`` in front). :mod:`jaxlab.sharding` maps the names to mesh axes by one table of
+    rules; the parameters are created unsharded (placed by :func:`jaxlab.sharding.shard_model` or
+    created in place by :func:`jaxlab.sharding.create_sharded`)."""
+    return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
 class RMSNorm(nnx.Module):
     """RMS normalisation as in Llama/Qwen: ``w * (x / sqrt(mean(x²) + eps))``, statistics in float32
-    (float64 for float64 inputs)."""
+    (float64 for float64 inputs), the output in the input's dtype. ``dtype`` is the weight's."""
 
     def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         del rngs
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), **logical_axes("norm"))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)  # HF's order of casts
 
 
 class LayerNorm(nnx.Module):
@@ -44,8 +54,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         del rngs
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), **logical_axes("norm"))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), **logical_axes("norm"))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,16 +68,27 @@ class LayerNorm(nnx.Module):
 
 
 def dense(
-    rngs: nnx.Rngs, din: int, dout: int, *, bias: bool = True, dtype=jnp.float32
+    rngs: nnx.Rngs,
+    din: int,
+    dout: int,
+    *,
+    bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=None,
+    axes: tuple[str | None, str | None] = (None, None),
 ) -> nnx.Linear:
-    """A linear layer with the models' conventions: N(0, 0.02) init, params and compute in ``dtype``."""
+    """A linear layer with the models' conventions: N(0, 0.02) init, compute in ``dtype``,
+    parameters in ``param_dtype`` (default ``dtype``); ``axes`` are the logical names of the
+    kernel's input and output axes (:func:`logical_axes`; the bias takes the output's)."""
     return nnx.Linear(
         din,
         dout,
         use_bias=bias,
         dtype=dtype,
-        param_dtype=dtype,
+        param_dtype=param_dtype or dtype,
         kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata=logical_axes(*axes),
+        bias_metadata=logical_axes(axes[1]),
         rngs=rngs,
     )
 
@@ -134,7 +155,7 @@ def stack_layers(
     """Creates ``num_layers`` copies of a layer with parameters stacked on a leading axis."""
 
     @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def create(r):
         return make(r)
 

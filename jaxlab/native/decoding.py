@@ -94,8 +94,8 @@ class NativeDecoder(Decoder):
 
     layer_cls = NativeDecoderLayer
 
-    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(cfg, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for _, module in self.iter_modules():
             if isinstance(module, nnx.Linear):
                 module.dot_general = native.dot_general
@@ -158,6 +158,7 @@ def _applies(model: Decoder) -> bool:
     return (
         jax.default_backend() == "cpu"
         and model.dtype == jnp.float32
+        and getattr(model, "param_dtype", model.dtype) == jnp.float32
         and os.environ.get("JAXLAB_NATIVE", "1") != "0"
         and native.available()
     )

@@ -1,0 +1,165 @@
+"""Sharded parameters over the (data, fsdp, tensor, sp) mesh: the rules table, sharded creation,
+one training step on four mesh shapes equal to the single-device step, mixed precision."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxlab.mesh import MeshConfig, auto_axes, make_mesh
+from jaxlab.models import Decoder
+from jaxlab.sharding import (
+    DEFAULT_RULES,
+    bytes_per_device,
+    check_fits,
+    create_sharded,
+    logical_spec,
+    param_specs,
+    shard_model,
+)
+from jaxlab.testing import TINY_DECODER
+from jaxlab.train import train_step_with_metrics
+
+# heads 4 / kv heads 2 / mlp 64 / vocab 64 / width 32: every axis splits over 8 devices but the
+# key/value heads, whose projection (2 heads x 8) still splits over tensor=4 as 16 columns
+CFG = dataclasses.replace(
+    TINY_DECODER, vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2
+)
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]  # data x fsdp x tensor
+
+
+def test_mesh_config_sizes_and_errors():
+    assert MeshConfig(fsdp=-1, tensor=2).sizes(8) == {"data": 1, "fsdp": 4, "tensor": 2, "sp": 1}
+    mesh = make_mesh(MeshConfig(data=2, tensor=-1))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4, "sp": 1}
+    with pytest.raises(ValueError, match="needs 16 devices, but 8"):
+        make_mesh(MeshConfig(data=4, fsdp=4))
+    with pytest.raises(ValueError, match="do not split"):
+        make_mesh(MeshConfig(data=3, fsdp=-1))
+    with pytest.raises(ValueError, match="at most one axis"):
+        MeshConfig(data=-1, fsdp=-1)
+    explicit = jax.make_mesh((2, 4), ("data", "fsdp"))  # Explicit axes by default
+    assert all(t == jax.sharding.AxisType.Auto for t in auto_axes(explicit).axis_types)
+
+
+def test_logical_spec_follows_the_rules_and_drops_what_does_not_divide():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    assert logical_spec(("embed", "heads"), (32, 32), mesh) == P("fsdp", "tensor")
+    assert logical_spec(("layers", "mlp", "embed"), (2, 64, 32), mesh) == P(None, "tensor", "fsdp")
+    assert logical_spec(("batch", None), (8, 5), mesh) == P(("data", "fsdp"))
+    # 6 rows: data x fsdp = 4 does not divide, data = 2 does
+    assert logical_spec(("batch",), (6,), mesh) == P("data")
+    assert logical_spec(("heads",), (3,), mesh) == P()  # 3 heads on tensor=2: whole
+    assert logical_spec(("norm",), (32,), mesh) == P()
+    assert logical_spec(("embed", "embed"), (32, 32), mesh) == P("fsdp")  # an axis used once
+    one = make_mesh(MeshConfig())  # size-1 axes split nothing
+    assert logical_spec(("embed", "heads"), (32, 32), one) == P()
+    assert dict(DEFAULT_RULES)["embed"] == "fsdp"
+
+
+def test_every_parameter_is_named_and_each_device_holds_its_share():
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
+    model = create_sharded(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), mesh)
+    sizes = dict(mesh.shape)
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        names = var.get_metadata().get("out_sharding")
+        value = var[...]
+        assert names is not None and len(names) == value.ndim, path
+        spec = value.sharding.spec
+        want = list(value.shape)
+        for d, entry in enumerate(spec):
+            for a in (entry,) if isinstance(entry, str) else entry or ():
+                want[d] //= sizes[a]
+        for shard in value.addressable_shards:
+            assert shard.data.shape == tuple(want), (path, spec)
+    q = model.layers.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (CFG.num_layers, 16, 8)
+    # the same values as the model built on one device (up to jit's rounding of the init)
+    ref = Decoder(CFG, rngs=nnx.Rngs(0))
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(ref))):
+        np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=1e-7, err_msg=p)
+
+
+def test_a_model_too_big_for_its_share_fails_before_allocation():
+    mesh = make_mesh(MeshConfig(fsdp=8))
+    big = dataclasses.replace(CFG, vocab_size=4096, hidden_size=512, intermediate_size=2048)
+    abstract = nnx.state(nnx.eval_shape(lambda: Decoder(big, rngs=nnx.Rngs(0))))
+    need = bytes_per_device(abstract, mesh)
+    total = sum(x.size * 4 for x in jax.tree.leaves(abstract))
+    assert total // 8 <= need < total // 4  # nearly everything is split 8 ways (norms are whole)
+    with pytest.raises(ValueError, match=r"GiB per device on mesh .* shard it over more devices"):
+        check_fits(abstract, mesh, limit=need - 1)
+    assert check_fits(abstract, mesh, limit=need) == need
+
+
+def _step(model, tokens):
+    # Adam's first step is g / (|g| + eps): with eps 1e-8 a gradient entry near 1e-8 turns its
+    # summation-order noise into a visible weight difference; eps 1e-4 keeps it a float error
+    tx = optax.adamw(1e-2, eps=1e-4, weight_decay=0.1)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    out = train_step_with_metrics(model, optimizer, tokens)
+    return out, model, optimizer
+
+
+@pytest.fixture(scope="module")
+def single_step():
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (8, 17)), jnp.int32)
+    model = Decoder(CFG, rngs=nnx.Rngs(1))
+    start = jax.tree.map(np.asarray, nnx.state(model))
+    out, model, _ = _step(model, tokens)
+    return tokens, start, {k: float(v) for k, v in out.items()}, nnx.state(model)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_a_sharded_training_step_equals_the_single_device_step(shape, single_step):
+    tokens, start, want, want_state = single_step
+    data, fsdp, tensor = shape
+    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
+    model = Decoder(CFG, rngs=nnx.Rngs(1))
+    nnx.update(model, start)
+    shard_model(model, mesh)
+    batch = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, P(("data", "fsdp"))))
+    with jax.set_mesh(mesh):
+        out, model, optimizer = _step(model, batch)
+    np.testing.assert_allclose(float(out["loss"]), want["loss"], rtol=1e-6)
+    np.testing.assert_allclose(float(out["grad_norm"]), want["grad_norm"], rtol=1e-5)
+    got = nnx.to_flat_state(nnx.state(model))
+    specs = dict(nnx.to_flat_state(param_specs(nnx.state(model), mesh)))
+    for (path, a), (_, b) in zip(got, nnx.to_flat_state(want_state)):
+        np.testing.assert_allclose(
+            np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-6, err_msg=str(path)
+        )
+        assert a[...].sharding.spec == specs[path].get_value(), path  # the update kept it placed
+    # the optimizer's moments are sharded like the weights they belong to
+    mu = optimizer.opt_state[0].mu
+    for (path, m), (_, w) in zip(nnx.to_flat_state(mu), got):
+        assert m[...].sharding.spec == w[...].sharding.spec, path
+        assert m[...].addressable_shards[0].data.shape == w[...].addressable_shards[0].data.shape
+
+
+def test_mixed_precision_bfloat16_compute_float32_weights(single_step):
+    tokens, start, want, _ = single_step
+    model = Decoder(CFG, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    nnx.update(model, start)
+    logits = model(tokens[:, :-1])
+    assert logits.dtype == jnp.float32
+    ref = Decoder(CFG, rngs=nnx.Rngs(1))
+    nnx.update(ref, start)
+    full = ref(tokens[:, :-1])
+    # bfloat16 activations: within bfloat16's resolution of the float32 logits, not equal
+    err = float(jnp.max(jnp.abs(logits - full)))
+    assert 1e-5 < err < 0.05 * float(jnp.max(jnp.abs(full)))
+    out, model, optimizer = _step(model, tokens)
+    assert abs(float(out["loss"]) - want["loss"]) < 0.02 * want["loss"]
+    for _, var in nnx.to_flat_state(nnx.state(model)):
+        assert var[...].dtype == jnp.float32  # master weights stay float32
+    for _, var in nnx.to_flat_state(optimizer.opt_state[0].mu):
+        assert var[...].dtype == jnp.float32
+    cache = model.init_cache(2, 8)
+    assert cache.k.dtype == jnp.bfloat16  # the KV cache holds the compute dtype
