@@ -82,7 +82,9 @@ def test_every_parameter_is_named_and_each_device_holds_its_share():
     assert q.addressable_shards[0].data.shape == (CFG.num_layers, 16, 8)
     # the same values as the model built on one device (up to jit's rounding of the init)
     ref = Decoder(CFG, rngs=nnx.Rngs(0))
-    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(ref))):
+    for (p, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(ref))
+    ):
         np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=1e-7, err_msg=p)
 
 
@@ -163,3 +165,17 @@ def test_mixed_precision_bfloat16_compute_float32_weights(single_step):
         assert var[...].dtype == jnp.float32
     cache = model.init_cache(2, 8)
     assert cache.k.dtype == jnp.bfloat16  # the KV cache holds the compute dtype
+
+
+def test_every_encoder_and_decoder_matrix_has_named_axes():
+    from jaxlab.models.bert import BertConfig, BertEncoder
+
+    for make in (
+        lambda: BertEncoder(BertConfig(), rngs=nnx.Rngs(0)),
+        lambda: Decoder(dataclasses.replace(CFG, scan_layers=False), rngs=nnx.Rngs(0)),
+    ):
+        for path, var in nnx.to_flat_state(nnx.state(nnx.eval_shape(make))):
+            names = var.get_metadata().get("out_sharding")
+            assert names is not None and len(names) == len(var.shape), path
+            if len(var.shape) >= 2:  # matrices: every axis named (vectors: norm, or a bias)
+                assert all(n is not None for n in names), (path, names)

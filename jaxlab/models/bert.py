@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxlab.attention import attention, attention_implementations
 from jaxlab.config import check, check_positive
-from jaxlab.models.layers import LayerNorm, dense, scan_layers, stack_layers
+from jaxlab.models.layers import LayerNorm, dense, logical_axes, scan_layers, stack_layers
 
 __all__ = ["BertConfig", "BertEncoder", "pool"]
 
@@ -79,13 +79,13 @@ _ACTS = {
 class BertLayer(nnx.Module):
     def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.query = dense(rngs, e, e, dtype=dtype)
-        self.key = dense(rngs, e, e, dtype=dtype)
-        self.value = dense(rngs, e, e, dtype=dtype)
-        self.attention_output = dense(rngs, e, e, dtype=dtype)
+        self.query = dense(rngs, e, e, dtype=dtype, axes=("embed", "heads"))
+        self.key = dense(rngs, e, e, dtype=dtype, axes=("embed", "heads"))
+        self.value = dense(rngs, e, e, dtype=dtype, axes=("embed", "heads"))
+        self.attention_output = dense(rngs, e, e, dtype=dtype, axes=("heads", "embed"))
         self.attention_layernorm = LayerNorm(e, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.intermediate = dense(rngs, e, f, dtype=dtype)
-        self.output = dense(rngs, f, e, dtype=dtype)
+        self.intermediate = dense(rngs, e, f, dtype=dtype, axes=("embed", "mlp"))
+        self.output = dense(rngs, f, e, dtype=dtype, axes=("mlp", "embed"))
         self.output_layernorm = LayerNorm(e, eps=cfg.layer_norm_eps, dtype=dtype)
         self.cfg = cfg
 
@@ -117,7 +117,13 @@ class BertEncoder(nnx.Module):
         e = cfg.hidden_size
         init = nnx.initializers.normal(0.02)
         self.word_embeddings = nnx.Embed(
-            cfg.vocab_size, e, dtype=dtype, param_dtype=dtype, embedding_init=init, rngs=rngs
+            cfg.vocab_size,
+            e,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=init,
+            embedding_metadata=logical_axes("vocab", "embed"),
+            rngs=rngs,
         )
         self.position_embeddings = nnx.Embed(
             cfg.max_position_embeddings,
@@ -125,10 +131,17 @@ class BertEncoder(nnx.Module):
             dtype=dtype,
             param_dtype=dtype,
             embedding_init=init,
+            embedding_metadata=logical_axes("positions", "embed"),
             rngs=rngs,
         )
         self.token_type_embeddings = nnx.Embed(
-            cfg.type_vocab_size, e, dtype=dtype, param_dtype=dtype, embedding_init=init, rngs=rngs
+            cfg.type_vocab_size,
+            e,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=init,
+            embedding_metadata=logical_axes("token_types", "embed"),
+            rngs=rngs,
         )
         self.embeddings_layernorm = LayerNorm(e, eps=cfg.layer_norm_eps, dtype=dtype)
         self.layers = stack_layers(
