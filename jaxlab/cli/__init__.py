@@ -5,8 +5,9 @@ embed, ``train``, ``rl``, ``security``, ``serve``, ``sky``, ``posir``, ``agents`
 areas. Commands import their area lazily, so ``--help`` is fast and a command only pays for what it uses.
 
 Errors a user can cause (:class:`jaxlab.errors.UserError`: a bad path, a corrupt file, an unknown
-name, an output that exists) print one ``error: ...`` line and exit with status 2; anything else is
-a bug and keeps its traceback.
+name, an output that exists) and errors of the machine (``OSError``: a full disk, a permission)
+print one ``error: ...`` line and exit with status 2; anything else, ``ValueError`` and
+``TypeError`` included, is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         initialize()  # joins a multi-host job's processes (jaxlab.distributed); else a no-op
         args._run(args)
-    except UserError as e:
+    except (UserError, OSError) as e:  # a user's mistake or the machine's (disk full, permissions)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from jaxlab.errors import UserError, check_output
 
@@ -105,11 +107,38 @@ def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
 
 
-def check_outputs(args: argparse.Namespace, *paths) -> None:
-    """Before any work: an existing output is an error naming ``--overwrite`` unless it was given."""
+def _flag_of(args: argparse.Namespace, path) -> str | None:
+    """The option that gave ``path`` (``--out``), or None for a path the command derived."""
+    for name, value in vars(args).items():
+        if isinstance(value, str | os.PathLike) and os.fspath(value) == os.fspath(path):
+            return "--" + name.replace("_", "-")
+        if isinstance(value, list) and os.fspath(path) in [
+            os.fspath(v) for v in value if isinstance(v, str | os.PathLike)
+        ]:
+            return "--" + name.replace("_", "-")
+    return None
+
+
+def check_outputs(args: argparse.Namespace, *paths, kind: str = "file") -> None:
+    """Before any work: an existing output is an error naming ``--overwrite`` unless it was given.
+
+    A path the user gave (an option's value) is also checked for its ``kind``: a ``"file"`` output
+    must not be a folder and its folder must exist; a ``"dir"`` output must not be a file. The
+    errors name the option. Paths the command derives inside a folder it makes are checked for
+    existence only."""
     for path in paths:
-        if path is not None:
-            check_output(path, args.overwrite, flag="--overwrite")
+        if path is None:
+            continue
+        flag = _flag_of(args, path)
+        if flag is not None:
+            p = Path(path)
+            if kind == "file" and p.is_dir():
+                raise UserError(f"{flag} {path}: is a folder; give the path of a file to write")
+            if kind == "file" and not p.parent.is_dir():
+                raise UserError(f"{flag} {path}: the folder {p.parent} does not exist")
+            if kind == "dir" and p.exists() and not p.is_dir():
+                raise UserError(f"{flag} {path}: exists and is not a folder")
+        check_output(path, args.overwrite, flag="--overwrite")
 
 
 def require_decoder(model, name: str) -> None:

@@ -35,13 +35,14 @@ def _build(args):
         save_posir,
     )
 
-    check_outputs(args, args.out)
+    check_outputs(args, args.out, kind="dir")
     if args.items and not args.documents:
         raise UserError("posir build --items needs --documents (text files of filler)")
+    if args.items:  # a user's (query, evidence) pairs and filler documents, read before the model
+        items, filler = read_items(args.items), read_filler(args.documents)
     _, tokenizer = from_pretrained(args.tokenizer_model)
     lengths = DEFAULT_LENGTHS[: args.buckets]
-    if args.items:  # a user's (query, evidence) pairs and filler documents
-        items, filler = read_items(args.items), read_filler(args.documents)
+    if args.items:
         data = build_posir(items, filler, tokenizer, lengths=lengths, seed=args.seed)
     else:
         data = builtin_dataset(args.queries, tokenizer, seed=args.seed, lengths=lengths)
@@ -55,22 +56,30 @@ def _build(args):
 
 def _eval(args):
     from jaxlab.models import from_pretrained
-    from jaxlab.retrieval import (
-        evaluate_posir,
-        find_datasets,
-        load_posir,
-        plot_report,
-        saliency_profile,
-    )
+    from jaxlab.retrieval import find_datasets, load_posir
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
     folders = find_datasets(args.data)
     names = {f: "_".join(f.relative_to(Path(args.data)).parts) or "posir" for f in folders}
     check_outputs(args, *(out / f"{n}{ext}" for n in names.values() for ext in (".json", ".png")))
+    datasets = {folder: load_posir(folder) for folder in folders}  # all checked before the model
     model, tokenizer = from_pretrained(args.model)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    for folder in folders:
-        data = load_posir(folder)
+    try:
+        _eval_folders(args, datasets, names, out, model, tokenizer)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a failed run leaves no empty output folder
+            out.rmdir()
+        raise
+
+
+def _eval_folders(args, datasets, names, out, model, tokenizer):
+    from jaxlab.retrieval import evaluate_posir, plot_report, saliency_profile
+
+    for folder, data in datasets.items():
         t0 = time.perf_counter()
         report = evaluate_posir(
             data,

@@ -44,7 +44,7 @@ def _simulate(args):
 def _train(args):
     from jaxlab.sky import SMIConfig, read_plate, save_smi, train_smi, training_plates
 
-    check_outputs(args, args.out)
+    check_outputs(args, args.out, kind="dir")
     t0 = time.perf_counter()
     if args.plates:
         plates = [read_plate(p) for p in args.plates]

@@ -211,6 +211,16 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(r) for r in hf(list(texts), add_special_tokens=False)["input_ids"]]
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; :class:`PosIRError` naming the file and line otherwise."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PosIRError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_items(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(query, evidence)`` pairs from a JSONL file of ``{"query": ..., "evidence": ...}`` objects
     (blank lines skipped); :class:`PosIRError` naming the file and line otherwise."""
@@ -218,7 +228,7 @@ def read_items(path: str | os.PathLike) -> list[tuple[str, str]]:
     if not path.is_file():
         raise PosIRError(f"{path}: no such file")
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -241,7 +251,7 @@ def read_filler(paths: Sequence[str | os.PathLike]) -> list[str]:
     for p in map(Path, paths):
         if not p.is_file():
             raise PosIRError(f"{p}: no such file")
-        sentences.extend(split_sentences(p.read_text()))
+        sentences.extend(split_sentences(_read_text(p)))
     return sentences
 
 

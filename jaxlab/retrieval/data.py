@@ -87,6 +87,10 @@ def load_posir(path: str | Path, *, check_lengths: bool = True) -> PosIRData:
     rt = _read(root / "qrels" / "test.parquet", _QREL_COLUMNS)
     q_ids = [str(x) for x in qt.column("_id").to_pylist()]
     c_ids = [str(x) for x in ct.column("_id").to_pylist()]
+    if not q_ids:  # metrics over no queries would be NaN
+        raise PosIRError(f"{root / 'queries.parquet'}: holds no queries")
+    if not c_ids:
+        raise PosIRError(f"{root / 'corpus.parquet'}: holds no documents")
     for name, ids in (("queries.parquet", q_ids), ("corpus.parquet", c_ids)):
         seen = set()
         for row, i in enumerate(ids):

@@ -26,7 +26,7 @@ from jaxlab.models.bert import BertEncoder, pool
 from jaxlab.models.encode import encode, encode_ids, encode_limit
 from jaxlab.registry import Registry
 from jaxlab.retrieval.builder import token_ids
-from jaxlab.retrieval.data import PosIRData
+from jaxlab.retrieval.data import PosIRData, PosIRError
 from jaxlab.retrieval.metrics import BUCKET_NAMES, ndcg_at_k, position_analysis, recall_at_k
 
 __all__ = [
@@ -153,6 +153,8 @@ def evaluate_posir(
     progress: bool = False,
 ) -> dict:
     """Retrieval over the whole corpus and PosIR's analysis; a JSON-ready report."""
+    if len(data) == 0 or not data.corpus_ids:  # every metric would be a mean over nothing
+        raise PosIRError("the dataset holds no queries or no documents; nothing to evaluate")
     q_emb = encode(
         model,
         tokenizer,

@@ -26,6 +26,16 @@ from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
 __all__ = ["length_sampler", "simulate", "SimulationResult"]
 
 
+def _finite(args: str, n: int) -> list[float]:
+    values = [float(x) for x in args.split(",")]
+    if len(values) != n:
+        raise ValueError(f"expected {n} comma-separated number(s), got {len(values)}")
+    bad = [v for v in values if not np.isfinite(v)]
+    if bad:
+        raise ValueError(f"parameters must be finite, got {bad[0]}")
+    return values
+
+
 def length_sampler(spec: str, *, max_len: int = 1_000_000) -> Callable[[np.random.Generator], int]:
     """Parses a length distribution: ``lognormal:MU,SIGMA`` (of the natural log of the length),
     ``bimodal:SHORT,LONG,P_LONG``, ``fixed:N``, ``uniform:LO,HI`` or ``file:PATH`` (one length per
@@ -33,23 +43,29 @@ def length_sampler(spec: str, *, max_len: int = 1_000_000) -> Callable[[np.rando
     kind, _, args = spec.partition(":")
     try:
         if kind == "lognormal":
-            mu, sigma = (float(x) for x in args.split(","))
+            mu, sigma = _finite(args, 2)
+            if sigma < 0:
+                raise ValueError(f"SIGMA must be >= 0, got {sigma}")
             draw = lambda rng: rng.lognormal(mu, sigma)  # noqa: E731
         elif kind == "bimodal":
-            short, long_, p = (float(x) for x in args.split(","))
+            short, long_, p = _finite(args, 3)
+            if not 0 <= p <= 1:
+                raise ValueError(f"P_LONG must lie in [0, 1], got {p}")
             draw = lambda rng: long_ if rng.random() < p else short  # noqa: E731
         elif kind == "fixed":
-            n = float(args)
+            (n,) = _finite(args, 1)
             draw = lambda rng: n  # noqa: E731
         elif kind == "uniform":
             lo, hi = (int(x) for x in args.split(","))
+            if lo > hi:
+                raise ValueError(f"LO must be <= HI, got {lo}, {hi}")
             draw = lambda rng: rng.integers(lo, hi + 1)  # noqa: E731
         elif kind == "file":
             path = Path(args)
             if not path.is_file():
                 raise ValueError(f"length file {path} does not exist")
             values = np.loadtxt(path, dtype=np.float64, ndmin=1)
-            if values.size == 0 or (values <= 0).any():
+            if values.size == 0 or not (values > 0).all() or not np.isfinite(values).all():
                 raise ValueError(f"length file {path} must hold positive lengths")
             draw = lambda rng: values[rng.integers(len(values))]  # noqa: E731
         else:
