@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from jaxlab.cli._common import (
@@ -124,8 +125,20 @@ def _evaluate(args):
             print(f"  plot: {target}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(reports if len(reports) > 1 else next(iter(reports.values())), f, indent=2)
+            report = reports if len(reports) > 1 else next(iter(reports.values()))
+            json.dump(_no_nan(report), f, indent=2, allow_nan=False)
         print(f"metrics: {args.json}")
+
+
+def _no_nan(value):
+    """JSON has no NaN: a metric with nothing to measure in a region (no sky line there) is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def _sky_args(p):

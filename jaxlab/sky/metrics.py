@@ -68,6 +68,12 @@ def evaluate_sky(plate: Plate, sky: np.ndarray | None = None) -> dict:
         systematic = resid[rows]
     chi = resid[rows] ** 2 * ivar[rows]
     n = good[rows]
+    if not n.any():
+        kind = "non-sky" if has_truth else "sky"
+        raise UserError(
+            f"no valid pixel to measure: every pixel of the {int(rows.sum())} {kind} fibre(s) is "
+            "masked or has IVAR 0"
+        )
     out["chi2_per_pixel"] = {
         r: float(chi[:, m].sum() / max(n[:, m].sum(), 1)) for r, m in regions.items()
     }

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -104,6 +105,8 @@ class Plate:
 # --------------------------------------------------------------------------------------------
 
 PLATE_FORMAT = "JAXLAB-PLATE"
+# MASK bit set by read_plate on FLUX pixels that are NaN or infinite (their FLUX and IVAR become 0)
+NONFINITE_MASK_BIT = 1 << 30
 PLATE_FMTVER = 1
 
 _REQUIRED_COLUMNS = ("FIBERID", "OBJTYPE", "X", "Y", "SPID")
@@ -487,10 +490,16 @@ def read_plate(path: str | os.PathLike) -> Plate:
             and key not in _STRUCTURAL_KEYS
             and not _RESERVED_KEY_RE.match(key)
         }
+        flux, ivar, mask = _mask_nonfinite_flux(
+            flux.astype(np.float32),
+            layers["IVAR"].astype(np.float32),
+            _as_int(layers["MASK"], np.int32, f"{where}: HDU 'MASK'"),
+            where,
+        )
         plate = Plate(
-            flux=flux.astype(np.float32),
-            ivar=layers["IVAR"].astype(np.float32),
-            mask=_as_int(layers["MASK"], np.int32, f"{where}: HDU 'MASK'"),
+            flux=flux,
+            ivar=ivar,
+            mask=mask,
             coeff0=coeff0,
             coeff1=coeff1,
             fibers=fibers,
@@ -498,7 +507,45 @@ def read_plate(path: str | os.PathLike) -> Plate:
             **{n: layers[n.upper()].astype(np.float32) for n in _LAYERS if n.upper() in layers},
         )
         _check_plate(plate, where)
+        _check_usable(plate, where)
         return plate
+
+
+def _mask_nonfinite_flux(flux, ivar, mask, where: str):
+    """NaN / infinite FLUX pixels get MASK bit NONFINITE_MASK_BIT, FLUX 0 and IVAR 0 (one warning
+    line with the count), so that no method reads them."""
+    bad = ~np.isfinite(flux)
+    if not bad.any():
+        return flux, ivar, mask
+    f, w = (int(x) for x in np.argwhere(bad)[0])
+    n_fibres = int(bad.any(axis=1).sum())
+    print(
+        f"warning: {where}: HDU 'FLUX' has {int(bad.sum())} NaN or infinite pixel(s) in "
+        f"{n_fibres} fibre(s) (first: fibre {f}, pixel {w}); masked with MASK bit "
+        f"{NONFINITE_MASK_BIT.bit_length() - 1}",
+        file=sys.stderr,
+        flush=True,
+    )
+    mask = np.where(bad, mask | NONFINITE_MASK_BIT, mask).astype(np.int32)
+    return np.where(bad, 0.0, flux).astype(np.float32), np.where(bad, 0.0, ivar), mask
+
+
+def _check_usable(plate: Plate, where: str) -> None:
+    """SkyFormatError when no pixel, or no sky-fibre pixel, carries data: IVAR 0 everywhere (after
+    NaN / infinite FLUX pixels were given IVAR 0)."""
+    usable = plate.ivar > 0
+    if not usable.any():
+        raise SkyFormatError(
+            f"{where}: no usable pixel: HDU 'IVAR' is 0 (or HDU 'FLUX' not finite) at every "
+            f"fibre and pixel (fibre 0, pixel 0: IVAR {float(plate.ivar[0, 0])})"
+        )
+    sky = plate.is_sky
+    if sky.any() and not usable[sky].any():
+        f = int(np.flatnonzero(sky)[0])
+        raise SkyFormatError(
+            f"{where}: no usable pixel in the {int(sky.sum())} sky fibre(s): HDU 'IVAR' is 0 (or "
+            f"HDU 'FLUX' not finite) at each of their pixels (first sky fibre {f}, pixel 0)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
