@@ -15,6 +15,8 @@ Where the settings come from, first found wins (each one separately):
    other JAX detectors (Cloud TPU, Kubernetes, mpi4py) through ``cluster_detection_method``.
 
 A job of one process (``JAX_NUM_PROCESSES=1``, ``srun -n 1``) is not distributed: nothing to join.
+``JAXLAB_DISTRIBUTED=0`` keeps a process on its own whatever the environment says (a command run by
+hand inside a cluster allocation).
 
 Only process 0 should write shared outputs (metrics, logs, exported models);
 :func:`is_main_process`, :func:`main_process_only` and :class:`MainProcessFilter` say or arrange
@@ -33,6 +35,7 @@ from typing import Any, TypeVar
 from jaxlab.errors import UserError
 
 __all__ = [
+    "SWITCH_ENV",
     "DistributedError",
     "cluster_settings",
     "initialize",
@@ -47,6 +50,7 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+SWITCH_ENV = "JAXLAB_DISTRIBUTED"  # 0 / false / no / off: never join, even inside a cluster job
 _ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 _ENV_COUNT = "JAX_NUM_PROCESSES"
 _ENV_ID = "JAX_PROCESS_ID"
@@ -104,6 +108,8 @@ def cluster_settings(
       DistributedError: a malformed or inconsistent setting (named).
     """
     env = os.environ if env is None else env
+    if env.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None  # the user says: one process, whatever the environment looks like
     address = coordinator_address or env.get(_ENV_ADDRESS) or None
     count = num_processes if num_processes is not None else _int_env(env, _ENV_COUNT)
     pid = process_id if process_id is not None else _int_env(env, _ENV_ID)

@@ -155,6 +155,7 @@ SLURM = _env(
             {"coordinator_address": "gpu001:5000", "num_processes": 16, "process_id": 9},
         ),
         ({**SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, {}, None),  # srun -n 1
+        ({**SLURM, "JAXLAB_DISTRIBUTED": "0"}, {}, None),  # switched off by hand
         (  # an sbatch script outside srun (no step node list): JAX's SLURM detector is off
             {k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"},
             {},
