@@ -157,7 +157,8 @@ class Checkpointer:
 
     ``model`` and ``optimizer`` may be NNX objects (restored in place) or plain pytrees.
     ``data_iter`` is anything with ``get_state()`` / ``set_state(state)`` returning JSON data
-    (grain iterators do). ``extra`` is a JSON-serialisable dict.
+    (grain iterators do). ``extra`` is a JSON-serialisable dict. ``read_only=True`` opens an
+    existing directory for restoring only: nothing in it is created, cleaned up or moved.
     """
 
     def __init__(
@@ -167,12 +168,20 @@ class Checkpointer:
         save_every: int = 1,
         keep: int | None = 3,
         async_save: bool = True,
+        read_only: bool = False,
     ):
         self.directory = Path(directory).absolute()
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: exists and is not a directory")
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such checkpoint directory")
+        self.read_only = read_only
         self.manager = create_checkpoint_manager(
-            self.directory, save_every=save_every, keep=keep, async_save=async_save
+            self.directory,
+            save_every=save_every,
+            keep=keep,
+            async_save=async_save,
+            read_only=read_only,
         )
         self._closed = False
         self.damaged_steps: list[int] = []  # steps a restore found damaged and set aside
@@ -296,6 +305,15 @@ class Checkpointer:
 
     def _set_aside(self, damaged: list[tuple[int, str]], restored: int) -> None:
         """Moves damaged steps to ``damaged/`` (out of Orbax's sight, kept for inspection)."""
+        self.damaged_steps.extend(step for step, _ in damaged)
+        if self.read_only:
+            print(
+                f"warning: {self.directory}: restored step {restored}; newer step(s) "
+                f"{[s for s, _ in damaged]} damaged ({damaged[0][1][:200]})",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         aside = self.directory / "damaged"
         moved = []
         for step, _ in damaged:
@@ -309,7 +327,6 @@ class Checkpointer:
                 moved.append(step)
             except OSError:
                 pass
-        self.damaged_steps.extend(step for step, _ in damaged)
         self.manager.reload()
         first = damaged[0][1]
         print(

@@ -100,3 +100,32 @@ def test_posir_without_queries_is_an_error(tmp_path):
 
     with pytest.raises(PosIRError, match="no queries"):
         evaluate_posir(empty, None, None)
+
+
+def test_opening_an_smi_model_folder_changes_nothing(tmp_path):
+    import jax
+    from flax import nnx
+
+    from jaxlab.checkpoint import Checkpointer
+    from jaxlab.sky import SMIConfig, load_smi, save_smi
+    from jaxlab.sky.smi import SMIModel
+
+    model = SMIModel(SMIConfig(), 64, np.arange(5), np.array([3.0, 9.0]), rngs=nnx.Rngs(1))
+    save_smi(model, tmp_path / "m")
+    # a save another process has in progress: opening the model must not delete it
+    (tmp_path / "m" / "1.orbax-checkpoint-tmp-1234567").mkdir()
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    again = load_smi(tmp_path / "m")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    with pytest.raises(SkyFormatError, match="no such SMI model directory"):
+        load_smi(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+    with Checkpointer(tmp_path / "lm", async_save=False) as ckpt:  # another kind of checkpoint
+        ckpt.save(3, model={"w": np.ones(4, np.float32)}, extra={"step": 3})
+    with pytest.raises(SkyFormatError, match="lm: not an SMI model"):
+        load_smi(tmp_path / "lm")

@@ -48,7 +48,7 @@ from jaxlab.progress import progress as progress_bar
 from jaxlab.sky import mi
 from jaxlab.sky.baselines import sky_line_pixels
 from jaxlab.sky.lines import ANCHOR_LINES
-from jaxlab.sky.plate import Plate
+from jaxlab.sky.plate import Plate, SkyFormatError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -620,10 +620,22 @@ def load_smi(directory: str | Path) -> SMIModel:
     """Rebuild a model written by `save_smi`."""
     from jaxlab.checkpoint import Checkpointer
 
-    with Checkpointer(directory, async_save=False) as ckpt:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SkyFormatError(f"{directory}: no such SMI model directory")
+    with Checkpointer(directory, async_save=False, read_only=True) as ckpt:  # changes nothing
         _, restored = ckpt.restore()
-        extra = restored["extra"]
-        config = SMIConfig(**extra["config"])
+        extra = restored.get("extra")
+        keys = ("config", "n_pix", "n_line_pixels", "n_anchors")
+        if not isinstance(extra, dict) or any(k not in extra for k in keys):
+            raise SkyFormatError(
+                f"{directory}: not an SMI model (a checkpoint without the SMI config and shapes; "
+                "write one with `python -m jaxlab sky train --out DIR`)"
+            )
+        try:
+            config = SMIConfig(**extra["config"])
+        except (TypeError, ValueError) as e:
+            raise SkyFormatError(f"{directory}: not an SMI model config: {e}") from None
         model = SMIModel(
             config,
             extra["n_pix"],
