@@ -342,6 +342,12 @@ def test_what_hf_cannot_express_is_refused_by_name(tmp_path):
         )
         bert = nnx.eval_shape(lambda: BertEncoder(bert_cfg, rngs=nnx.Rngs(0)))
         save_pretrained(bert, None, tmp_path / "c")
+    # variables the HF layout has no place for (an adapter, a statistic): named, nothing written
+    model = _random_decoder(DecoderConfig(arch="llama", **base))
+    model.layers.self_attn.q_proj.lora_a = nnx.Param(jnp.zeros((1, 64, 4)))
+    model.calls = nnx.Variable(jnp.zeros(()))
+    with pytest.raises(ExportError, match=r"calls \(Variable\), layers\.self_attn\.q_proj\.lora_a"):
+        save_pretrained(model, None, tmp_path / "d")
     assert not any(tmp_path.iterdir())
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20
     assert parse_size(1234) == 1234
