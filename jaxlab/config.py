@@ -91,6 +91,14 @@ def check_positive(config: Any, *names: str) -> None:
         check(value > 0, name, f"must be positive, got {value}")
 
 
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def check_dtype(value: Any, field: str) -> None:
+    """``check`` that ``value`` names a floating dtype jaxlab computes in (:data:`DTYPES`)."""
+    check(value in DTYPES, field, f"{value!r} is not one of {list(DTYPES)}")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

@@ -32,6 +32,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxlab.models.layers import LOGICAL_AXES
+
 __all__ = [
     "Rules",
     "DEFAULT_RULES",
@@ -103,7 +105,7 @@ def logical_spec(
 
 
 def _names(var: nnx.Variable, ndim: int) -> tuple[str | None, ...]:
-    names = var.get_metadata().get("out_sharding") or ()
+    names = var.get_metadata().get(LOGICAL_AXES) or ()
     names = tuple(names)
     if len(names) != ndim:  # an unnamed parameter (or a layout that changed its rank): whole
         return (None,) * ndim

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
-from jaxlab.config import check, register_config
+from jaxlab.config import check, check_dtype, register_config
 from jaxlab.errors import UserError
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
@@ -41,7 +41,7 @@ from jaxlab.optim import (
 )
 from jaxlab.optim import make_optimizer as _make_optimizer
 from jaxlab.progress import progress as progress_bar
-from jaxlab.sharding import pin
+from jaxlab.sharding import create_sharded, logical_spec, pin, shard_model
 
 __all__ = [
     "DataConfig",
@@ -119,6 +119,10 @@ class LMTrainConfig:
     train: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    # compute dtype (activations, KV cache) and weight / optimizer-state dtype: bfloat16 compute
+    # with float32 master weights is mixed precision (the GPU choice)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
     log_every: int = 10
     tensorboard: bool = (
         True  # also write metrics as TensorBoard events when tensorboardX is installed
@@ -126,10 +130,15 @@ class LMTrainConfig:
 
     def __post_init__(self):
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check_dtype(self.dtype, "dtype")
+        check_dtype(self.param_dtype, "param_dtype")
+        split = [a for a in ("data", "fsdp") if getattr(self.mesh, a) != -1]
+        n = int(np.prod([getattr(self.mesh, a) for a in split]))
         check(
-            self.data.batch_size % self.mesh.data == 0,
+            self.data.batch_size % n == 0,
             "mesh.data",
-            f"batch_size={self.data.batch_size} does not split over {self.mesh.data} replicas",
+            f"batch_size={self.data.batch_size} does not split over {n} batch shards "
+            "(mesh.data x mesh.fsdp)",
         )
 
 
@@ -208,9 +217,16 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) 
 
 def _train_lm(cfg, workdir, mesh, progress):
     workdir.mkdir(parents=True, exist_ok=True)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    model = Decoder(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(cfg.train), wrt=nnx.Param)
+    batch_spec = logical_spec(("batch", None), (cfg.data.batch_size, cfg.data.seq_len), mesh)
+    batch_sharding = jax.sharding.NamedSharding(mesh, batch_spec)
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    model = create_sharded(  # each device builds only its share of the weights
+        lambda: Decoder(
+            cfg.model, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.train.seed)
+        ),
+        mesh,
+    )
+    optimizer = shard_model(nnx.Optimizer(model, make_optimizer(cfg.train), wrt=nnx.Param), mesh)
     data = iter(counting_dataset(cfg.data, cfg.model.vocab_size))
     metrics: dict[str, float] = {}
     with Checkpointer(

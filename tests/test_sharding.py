@@ -67,7 +67,7 @@ def test_every_parameter_is_named_and_each_device_holds_its_share():
     model = create_sharded(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), mesh)
     sizes = dict(mesh.shape)
     for path, var in nnx.to_flat_state(nnx.state(model)):
-        names = var.get_metadata().get("out_sharding")
+        names = var.get_metadata().get("logical_axes")
         value = var[...]
         assert names is not None and len(names) == value.ndim, path
         spec = value.sharding.spec
@@ -175,7 +175,36 @@ def test_every_encoder_and_decoder_matrix_has_named_axes():
         lambda: Decoder(dataclasses.replace(CFG, scan_layers=False), rngs=nnx.Rngs(0)),
     ):
         for path, var in nnx.to_flat_state(nnx.state(nnx.eval_shape(make))):
-            names = var.get_metadata().get("out_sharding")
+            names = var.get_metadata().get("logical_axes")
             assert names is not None and len(names) == len(var.shape), path
             if len(var.shape) >= 2:  # matrices: every axis named (vectors: norm, or a bias)
                 assert all(n is not None for n in names), (path, names)
+
+
+def test_train_lm_on_a_mesh_resumes_on_another_mesh_like_one_device(tmp_path):
+    """train-lm with FSDP x tensor parallel, checkpointed at step 2, resumed on a data-parallel
+    mesh of another shape: every logged loss equals the single-device run's."""
+    import json
+
+    from jaxlab.checkpoint import CheckpointConfig
+    from jaxlab.train import DataConfig, LMTrainConfig, OptimConfig, train_lm
+
+    def cfg(steps, **mesh):
+        return LMTrainConfig(
+            data=DataConfig(seq_len=16, batch_size=8),
+            train=OptimConfig(steps=steps, lr=1e-2, warmup_steps=0),
+            checkpoint=CheckpointConfig(save_every=2, keep=2, async_save=False),
+            mesh=MeshConfig(**mesh),
+            log_every=1,
+            tensorboard=False,
+        )
+
+    def losses(workdir):
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    train_lm(cfg(4), tmp_path / "one", progress=False)
+    train_lm(cfg(2, fsdp=4, tensor=2), tmp_path / "mesh", progress=False)
+    train_lm(cfg(4, data=8), tmp_path / "mesh", progress=False)  # restores step 2 onto data=8
+    np.testing.assert_allclose(losses(tmp_path / "mesh"), losses(tmp_path / "one"), rtol=2e-5)
+    assert len(losses(tmp_path / "one")) == 4

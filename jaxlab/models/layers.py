@@ -24,13 +24,17 @@ __all__ = [
 ]
 
 
+LOGICAL_AXES = "logical_axes"  # the Variable metadata key of the names
+
+
 def logical_axes(*names: str | None) -> dict[str, Any]:
     """Variable metadata naming each axis of a parameter by its logical role (``"embed"``,
     ``"heads"``, ``"kv_heads"``, ``"mlp"``, ``"vocab"``, ``"norm"``; stacked layers add
     ``"layers"`` in front). :mod:`jaxlab.sharding` maps the names to mesh axes by one table of
     rules; the parameters are created unsharded (placed by :func:`jaxlab.sharding.shard_model` or
-    created in place by :func:`jaxlab.sharding.create_sharded`)."""
-    return {"out_sharding": tuple(names), "eager_sharding": False}
+    created in place by :func:`jaxlab.sharding.create_sharded`). The key is jaxlab's own, not
+    Flax's ``out_sharding``, which Flax would resolve against whatever mesh is set."""
+    return {LOGICAL_AXES: tuple(names)}
 
 
 class RMSNorm(nnx.Module):
@@ -155,7 +159,11 @@ def stack_layers(
     """Creates ``num_layers`` copies of a layer with parameters stacked on a leading axis."""
 
     @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.vmap(
+        in_axes=(0,),
+        out_axes=0,
+        transform_metadata={nnx.PARTITION_NAME: "layers", LOGICAL_AXES: "layers"},
+    )
     def create(r):
         return make(r)
 
