@@ -89,3 +89,22 @@ def test_internal_bugs_keep_their_traceback_and_os_errors_do_not(monkeypatch, ca
     monkeypatch.setattr(jaxlab.cli.rl, "_run_simulate", disk_full)
     rc, err = _run(["rl", "simulate"], capsys)
     assert rc == 2 and err == ["error: [Errno 28] No space left on device: 'out.json'"]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"llama"', "null", "\udcff"])
+def test_hf_config_that_is_not_an_object_is_a_load_error(tmp_path, text):
+    from jaxlab.models import LoadError, from_pretrained
+
+    (tmp_path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(LoadError, match="config.json: (must hold a JSON object|not valid JSON)"):
+        from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_sampling_settings_fail_before_the_model_loads(capsys, value):
+    for command in ("generate", "chat"):
+        argv = [command, "--model", "no-such-model", f"--temperature={value}"]
+        if command == "generate":
+            argv += ["--prompt", "hi"]
+        rc, err = _run(argv, capsys)
+        assert rc == 2 and len(err) == 1 and "temperature must be a finite number" in err[0], err

@@ -250,9 +250,15 @@ def _generate_args(p):
 
 
 def _run_chat(args):
-    from jaxlab.generation import generate
+    from jaxlab.generation import SamplingParams, generate
     from jaxlab.models import from_pretrained
 
+    try:  # bad settings fail before the model loads
+        SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
     model, tokenizer = from_pretrained(args.model)
     require_decoder(model, args.model)
     if tokenizer is None:

@@ -86,8 +86,8 @@ class SamplingParams:
             "repetition_penalty",
         ):
             value = getattr(self, name)
-            if not _is_number(value) or value != value:  # NaN != NaN
-                _fail(name, f"must be a number, got {value!r}")
+            if not _is_number(value) or value != value or abs(value) == float("inf"):
+                _fail(name, f"must be a finite number, got {value!r}")
             set_(name, float(value))
         if self.temperature < 0:
             _fail("temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")

@@ -343,8 +343,10 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
         )
     try:
         hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{config_file}: not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise LoadError(f"{config_file}: must hold a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type in DECODER_ARCHS:
         kind, config = "decoder", decoder_config_from_hf(hf)

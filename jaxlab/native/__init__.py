@@ -5,8 +5,11 @@ use a missing build is compiled once (a few seconds, needs ``g++``) into the pac
 ``jaxlab.paths.cache_dir()`` (``$JAXLAB_CACHE_DIR``, default ``~/.cache/jaxlab``) when that is
 read-only. The file name carries a hash of the source, flags and CPU features, so an edited
 kernel is never run from a stale build, nor a build from another CPU (a shared home directory or
-checkout). Without a compiler jaxlab falls back to the XLA path with one warning;
-``JAXLAB_NATIVE=0`` turns the kernels off.
+checkout). Each build records, beside the library (``<name>.so.json``), the hash of its build key
+and the SHA-256 of the library file; a library is loaded only when both match, and when the file
+and its record belong to this user and no one else can write them. Any other file of that name
+(copied in, truncated, replaced) is rebuilt, or, where it cannot be, not loaded. Without a compiler
+jaxlab falls back to the XLA path with one warning; ``JAXLAB_NATIVE=0`` turns the kernels off.
 
 Models know nothing of these kernels: generation reaches them through one seam,
 :func:`jaxlab.native.decoding.prepare_for_decoding`, which returns a decoding copy of a model with
@@ -26,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -98,11 +102,54 @@ def _cpu_features() -> str:
         return platform.processor() or platform.machine()
 
 
+def _build_key() -> str:
+    """SHA-256 of what a build depends on: source, flags and CPU."""
+    key = _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_features().encode()
+    return hashlib.sha256(key).hexdigest()
+
+
 def _library_name() -> str:
     """Named by source, flags and CPU, so a stale build or one for another CPU (a shared home or
     checkout) is never loaded."""
-    key = _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_features().encode()
-    return f"_cpu_kernels-{hashlib.sha256(key).hexdigest()[:12]}.so"
+    return f"_cpu_kernels-{_build_key()[:12]}.so"
+
+
+def _record_of(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record(path: Path) -> None:
+    """Writes ``path``'s record: the build key and the library's SHA-256 (atomically)."""
+    record = _record_of(path)
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"build_key": _build_key(), "sha256": _file_sha256(path)}))
+    os.replace(tmp, record)
+
+
+def _unverified(path: Path) -> str | None:
+    """Why ``path`` must not be loaded, or None when its record vouches for it."""
+    if not path.is_file():
+        return "no such file"
+    record = _record_of(path)
+    try:
+        recorded = json.loads(record.read_text())
+        build_key, sha256 = recorded["build_key"], recorded["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable record {record.name}"
+    if build_key != _build_key():
+        return "recorded for another source, flags or CPU"
+    if os.name == "posix":
+        for f in (path, record):
+            st = f.stat()
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return f"{f.name} belongs to another user or others can write it"
+    if _file_sha256(path) != sha256:
+        return "the file does not match its recorded SHA-256"
+    return None
 
 
 def _candidates() -> list[Path]:
@@ -110,11 +157,14 @@ def _candidates() -> list[Path]:
 
 
 def build(force: bool = False) -> Path:
-    """Compile the kernels (if not already built) and return the library's path."""
+    """Compile the kernels (unless a verified build exists) and return the library's path."""
     if not force:
         for path in _candidates():
-            if path.exists():
+            reason = _unverified(path)
+            if reason is None:
                 return path
+            if path.exists():
+                log.warning("not loading %s (%s); rebuilding it", path, reason)
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH to build {_SOURCE.name}")
@@ -134,6 +184,7 @@ def build(force: bool = False) -> Path:
             os.unlink(tmp)
             raise RuntimeError(f"building {_SOURCE.name} failed:\n{proc.stderr[-4000:]}")
         os.replace(tmp, path)  # atomic: concurrent builds never load a half-written file
+        _record(path)
         return path
     raise RuntimeError("no writable directory for the kernels: " + "; ".join(errors))
 
@@ -152,7 +203,11 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("JAXLAB_NATIVE", "1") == "0":
         return None
     try:
-        lib = ctypes.cdll.LoadLibrary(str(build()))
+        path = build()
+        reason = _unverified(path)
+        if reason is not None:  # e.g. replaced between the build and this load
+            raise RuntimeError(f"{path}: {reason}")
+        lib = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(
                 target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
