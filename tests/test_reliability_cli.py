@@ -108,3 +108,24 @@ def test_non_finite_sampling_settings_fail_before_the_model_loads(capsys, value)
             argv += ["--prompt", "hi"]
         rc, err = _run(argv, capsys)
         assert rc == 2 and len(err) == 1 and "temperature must be a finite number" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        ("rl simulate --group-size 0", "--group-size"),
+        ("rl simulate --update-cost nan", "--update-cost"),
+        ("rl simulate --update-cost=-1", "--update-cost"),
+        ("rl simulate --max-staleness=-1", "--max-staleness"),
+        ("sky simulate --out x.fits --fibers 0", "--fibers"),
+        ("sky train --out m --steps 0", "--steps"),
+        ("posir build --out d --queries=-5", "--queries"),
+        ("posir eval --data d --out o --batch-size 0", "--batch-size"),
+    ],
+)
+def test_numeric_options_are_checked_where_declared(capsys, argv, option):
+    with pytest.raises(SystemExit) as e:
+        main(argv.split())
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {option}: must be" in last and "Traceback" not in last

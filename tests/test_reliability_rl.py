@@ -36,6 +36,7 @@ SMALL = [
         ("rl/tiny_sorted", "task.kwargs.digits=3", r"task\.kwargs: not accepted by task 'toy_digits'"),
         ("rl/smollm2_arith_sync", "task.kwargs.digits=0", r"task\.kwargs: arithmetic: digits >= 1"),
         ("rl/tiny_sorted", "generation.temperature=.inf", r"generation\.temperature: .*finite"),
+        ("rl/tiny_sorted", "task.kwargs.format_reward=.nan", r"task\.kwargs: format_reward must lie"),
         ("rl/tiny_sorted", "generation.top_p=1.5", r"generation\.top_p: must lie in \(0, 1\]"),
         ("rl/tiny_sorted", "optim.lr=.nan", r"optim\.lr: must be positive and finite"),
         ("rl/tiny_sorted", "optim.grad_clip=-1", r"optim\.grad_clip: must be positive"),

@@ -64,6 +64,28 @@ def test_extraction_matches_the_reference_patterns_on_random_text():
     assert checked > 1000
 
 
+def test_knights_and_knaves_answers_in_every_spelling_match_the_reference():
+    rng = np.random.default_rng(1)
+    task = make_task("knights_knaves", people=4)
+    separators = [": ", ":", " is a ", " is an ", " = ", "=", " - ", " -- ", " is  a ", ", ", " "]
+    for index in range(300):
+        problem = task.problem(index)
+        names = list(problem.answer)
+        roles = [
+            problem.answer[n] if rng.random() < 0.7 else rng.choice(["knight", "knave"])
+            for n in names
+        ]
+        shown = [n if rng.random() < 0.9 else n.lower() for n in names]
+        parts = [f"{n}{rng.choice(separators)}{r}" for n, r in zip(shown, roles)]
+        if rng.random() < 0.2:
+            parts = parts[:-1]
+        answer = ", ".join(parts)
+        text = f"Thinking... <answer>{answer}</answer>"
+        found = {m.group(1).capitalize(): m.group(2).lower() for m in _REF_KK.finditer(answer)}
+        want = 1.0 if found == problem.answer else 0.1
+        assert task.reward(problem, text) == want, text
+
+
 HOSTILE = {
     "letters_in_tags": "<answer>" + "A" * 1_000_000 + "</answer>",
     "unclosed_tags": "<answer>" * 125_000,

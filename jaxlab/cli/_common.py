@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,9 @@ __all__ = [
     "add_overwrite_arg",
     "check_outputs",
     "require_decoder",
+    "positive_int",
+    "non_negative_int",
+    "non_negative_float",
 ]
 
 
@@ -101,6 +105,30 @@ def add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set train.lr=1e-5 (repeatable)",
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type``: an integer >= 1 (argparse names the option when it is not)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type``: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type``: a finite number >= 0 (no NaN, no infinity)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def add_overwrite_arg(p: argparse.ArgumentParser) -> None:

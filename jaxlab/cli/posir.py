@@ -11,6 +11,8 @@ from jaxlab.cli._common import (
     add_overwrite_arg,
     add_parser,
     check_outputs,
+    non_negative_int,
+    positive_int,
     registry_option,
 )
 from jaxlab.errors import UserError
@@ -117,7 +119,9 @@ def _posir_args(p):
     sub = p.add_subparsers(dest="posir_command", metavar="POSIR_COMMAND", required=True)
     b = add_parser(sub, "build", "write a position-controlled dataset in PosIR's layout")
     b.add_argument("--out", required=True, help="dataset folder to write")
-    b.add_argument("--queries", type=int, default=200, help="built-in corpus: number of queries")
+    b.add_argument(
+        "--queries", type=positive_int, default=200, help="built-in corpus: number of queries"
+    )
     b.add_argument(
         "--buckets",
         type=int,
@@ -148,12 +152,15 @@ def _posir_args(p):
         help="how documents longer than the encoder's limit are embedded",
     )
     e.add_argument(
-        "--max-length", type=int, default=None, help="encoder window (default: the model's)"
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="encoder window (default: the model's)",
     )
-    e.add_argument("--batch-size", type=int, default=32, help="texts per encoder call")
+    e.add_argument("--batch-size", type=positive_int, default=32, help="texts per encoder call")
     e.add_argument(
         "--saliency",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="also compute the gradient saliency profile over N examples",

@@ -10,6 +10,9 @@ from jaxlab.cli._common import (
     add_overwrite_arg,
     add_parser,
     check_outputs,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
     registry_option,
 )
 
@@ -97,26 +100,31 @@ def _rl_args(p):
         help="length distribution: lognormal:MU,SIGMA | bimodal:SHORT,LONG,P_LONG | fixed:N | "
         "uniform:LO,HI | file:PATH",
     )
-    sim.add_argument("--prompts", type=int, default=256, help="prompts in the run (one group each)")
-    sim.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
-    sim.add_argument("--slots", type=int, default=64, help="generation slots")
+    sim.add_argument(
+        "--prompts", type=positive_int, default=256, help="prompts in the run (one group each)"
+    )
+    sim.add_argument("--group-size", type=positive_int, default=8, help="samples per prompt (G)")
+    sim.add_argument("--slots", type=positive_int, default=64, help="generation slots")
     sim.add_argument(
         "--update-groups",
-        type=int,
+        type=positive_int,
         default=4,
         help="sorted: complete groups that trigger an update",
     )
     sim.add_argument(
         "--rollout-groups",
-        type=int,
+        type=positive_int,
         default=None,
         help="groups admitted and not yet trained (sync: the batch); default 2 x slots / G",
     )
     sim.add_argument(
-        "--max-staleness", type=int, default=1, help="no trained token older than this"
+        "--max-staleness", type=non_negative_int, default=1, help="no trained token older than this"
     )
     sim.add_argument(
-        "--update-cost", type=float, default=0.0, help="decode steps per trained token of an update"
+        "--update-cost",
+        type=non_negative_float,
+        default=0.0,
+        help="decode steps per trained token of an update",
     )
     sim.add_argument("--seed", type=int, default=0, help="seed of the sampled lengths")
     sim.add_argument("--json", default=None, help="write the results here")

@@ -11,6 +11,7 @@ from jaxlab.cli._common import (
     add_overwrite_arg,
     add_parser,
     check_outputs,
+    positive_int,
     registry_option,
 )
 from jaxlab.errors import UserError
@@ -148,15 +149,19 @@ def _sky_args(p):
     s = add_parser(sub, "simulate", "write a simulated LAMOST-like plate with truth layers")
     s.add_argument("--out", required=True, help="plate FITS file to write (docs/sky_format.md)")
     s.add_argument("--seed", type=int, default=0, help="simulation seed")
-    s.add_argument("--fibers", type=int, default=250, help="fibres on the plate")
-    s.add_argument("--sky-fibers", type=int, default=20, help="of which sky fibres")
+    s.add_argument("--fibers", type=positive_int, default=250, help="fibres on the plate")
+    s.add_argument("--sky-fibers", type=positive_int, default=20, help="of which sky fibres")
     add_overwrite_arg(s)
     t = add_parser(sub, "train", "train an SMI model (on plate files, or on simulated plates)")
     t.add_argument("--out", required=True, help="directory for the Orbax checkpoint")
     t.add_argument("--plates", nargs="*", help="training plate FITS files (default: simulate)")
-    t.add_argument("--simulate", type=int, default=24, help="number of simulated training plates")
+    t.add_argument(
+        "--simulate", type=positive_int, default=24, help="number of simulated training plates"
+    )
     t.add_argument("--seed", type=int, default=1000, help="seed of the first simulated plate")
-    t.add_argument("--steps", type=int, default=300, help="optimizer steps per training stage")
+    t.add_argument(
+        "--steps", type=positive_int, default=300, help="optimizer steps per training stage"
+    )
     t.add_argument("--quiet", action="store_true", help="no progress report")
     add_overwrite_arg(t)
     u = add_parser(sub, "subtract", "estimate every fibre's sky; write SKY and SKYSUB")

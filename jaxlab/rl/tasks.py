@@ -50,7 +50,7 @@ _BOXED = re.compile(r"\\boxed\{((?:[^{}]++|\{[^{}]*+\})*+)\}")
 _ANSWER_IS = re.compile(r"(?:final answer|answer)(?>\s*)(?:is|:)?(?>\s*)[:=]?(?>\s*)(.+)", re.I)
 _NUMBER = re.compile(r"-?\d[\d,]*+(?:\.\d+)?")
 _KNIGHT_OR_KNAVE = re.compile(
-    r"\b([A-Za-z]++)\W{0,3}+(?:is\s++an?\s++|:\s*+|=\s*+|-\s*+)(knight|knave)", re.I
+    r"\b([A-Za-z]++)\W{0,3}(?:is\s++an?\s++|:\s*+|=\s*+|-\s*+)(knight|knave)", re.I
 )
 
 
@@ -118,6 +118,8 @@ class Task(abc.ABC):
     name = "task"
 
     def __init__(self, *, seed: int = 0, format_reward: float = 0.1):
+        if not isinstance(format_reward, int | float) or not 0.0 <= format_reward <= 1.0:
+            raise ValueError(f"format_reward must lie in [0, 1], got {format_reward!r}")
         self.seed = seed
         self.format_reward = format_reward
 
