@@ -24,7 +24,7 @@ from jax.sharding import AxisType, Mesh
 
 from jaxlab.config import check
 
-__all__ = ["AXES", "MeshConfig", "make_mesh", "auto_axes"]
+__all__ = ["AXES", "MeshConfig", "make_mesh", "auto_axes", "shard_inputs"]
 
 AXES = ("data", "fsdp", "tensor", "sp")
 
@@ -96,3 +96,23 @@ def auto_axes(mesh: Mesh) -> Mesh:
     if types is None or all(t == AxisType.Auto for t in types):
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def shard_inputs(mesh, specs, *arrays):
+    """``arrays`` resharded to ``specs`` (one PartitionSpec per array, or one for all) when
+    ``mesh`` has Explicit axes (``jax.make_mesh``'s default), where ``shard_map`` demands inputs
+    already in its ``in_specs``; unchanged on an Auto mesh, where ``shard_map`` moves them itself.
+    None entries stay None."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    types = getattr(mesh, "axis_types", ())
+    if not any(t == AxisType.Explicit for t in types):
+        return arrays
+    if isinstance(specs, PartitionSpec):
+        specs = [specs] * len(arrays)
+    return tuple(
+        None
+        if x is None
+        else jax.tree.map(lambda a, s=s: jax.sharding.reshard(a, NamedSharding(mesh, s)), x)
+        for x, s in zip(arrays, specs)
+    )

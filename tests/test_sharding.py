@@ -208,3 +208,39 @@ def test_train_lm_on_a_mesh_resumes_on_another_mesh_like_one_device(tmp_path):
     train_lm(cfg(4, data=8), tmp_path / "mesh", progress=False)  # restores step 2 onto data=8
     np.testing.assert_allclose(losses(tmp_path / "mesh"), losses(tmp_path / "one"), rtol=2e-5)
     assert len(losses(tmp_path / "one")) == 4
+
+
+@pytest.mark.parametrize("kind", ["explicit", "auto"])
+def test_ring_attention_and_the_sharded_estimate_take_either_kind_of_mesh(kind):
+    """``jax.make_mesh`` gives Explicit axes, ``Mesh(...)`` Auto ones: both work, with inputs on
+    one device or already sharded, and give the dense causal attention and the one-device
+    pattern estimate."""
+    from jax.sharding import AxisType, Mesh
+
+    from jaxlab.attention import ring_attention, vertical_slash_pattern
+    from jaxlab.attention.sparse import sparse_attention_reference
+
+    devices = np.asarray(jax.devices()[:4])
+    if kind == "explicit":
+        mesh = jax.make_mesh((4,), ("sp",), devices=devices)
+        assert mesh.axis_types == (AxisType.Explicit,)
+    else:
+        mesh = Mesh(devices, ("sp",))
+    q, k, v = (
+        jax.random.normal(key, (1, 256, 2, 16)) for key in jax.random.split(jax.random.key(0), 3)
+    )
+    dense = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out = ring_attention(q, k, v, mesh=mesh, implementation="xla", block_size=32)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=2e-5)
+    sharded = jax.device_put(q, jax.sharding.NamedSharding(mesh, P(None, "sp")))
+    again = ring_attention(sharded, k, v, mesh=mesh, implementation="xla", block_size=32)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(dense), atol=2e-5)
+
+    kw = dict(vertical_size=8, slash_size=8, last_q=32)
+    local = vertical_slash_pattern(q, k, **kw)
+    spread = vertical_slash_pattern(q, k, mesh=mesh, axis_name="sp", **kw)
+    np.testing.assert_array_equal(np.asarray(spread.vertical_idx), np.asarray(local.vertical_idx))
+    np.testing.assert_array_equal(np.asarray(spread.slash_idx), np.asarray(local.slash_idx))
+    ring = ring_attention(q, k, v, mesh=mesh, implementation="xla", block_size=32, pattern=local)
+    ref, _ = sparse_attention_reference(q, k, v, local, block_size=32)
+    np.testing.assert_allclose(np.asarray(ring), np.asarray(ref), atol=2e-5)

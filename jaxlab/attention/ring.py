@@ -39,6 +39,7 @@ from jaxlab.attention.sparse import (
 )
 from jaxlab.config import check, from_dict
 from jaxlab.errors import UserError
+from jaxlab.mesh import shard_inputs
 from jaxlab.registry import Registry
 from pallas_kernels.block_sparse_attention import (
     block_sparse_attention_bwd,
@@ -406,7 +407,8 @@ def ring_attention(
     )
     perm = layouts.token_permutation(layout, t, world, block_size)
     identity = bool((perm == np.arange(t)).all())
-    if not identity:
+    if not identity:  # (on an Explicit mesh the permutation is taken of whole arrays)
+        q, k, v = shard_inputs(mesh, P(), q, k, v)
         q, k, v = (jnp.take(x, jnp.asarray(perm), axis=1) for x in (q, k, v))
 
     def local(q, k, v, pattern):
@@ -423,8 +425,10 @@ def ring_attention(
             check_vma=False,
         )
     )
+    q, k, v, pattern = shard_inputs(mesh, (seq, seq, seq, P()), q, k, v, pattern)
     out, lse = fn(q, k, v, pattern)
     if not identity:
+        out, lse = shard_inputs(mesh, P(), out, lse)
         inv = jnp.asarray(np.argsort(perm))
         out, lse = jnp.take(out, inv, axis=1), jnp.take(lse, inv, axis=2)
     return (out, lse) if return_lse else out

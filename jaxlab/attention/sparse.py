@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxlab.mesh import shard_inputs
+
 __all__ = [
     "VerticalSlashPattern",
     "vertical_slash_pattern",
@@ -314,7 +316,7 @@ def vertical_slash_pattern(
             check_vma=False,
         )
     )
-    return fn(q, k)
+    return fn(*shard_inputs(mesh, P(None, axis_name), q, k))
 
 
 def pattern_from_budgets(
