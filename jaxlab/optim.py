@@ -96,7 +96,8 @@ def check_optimizer_settings(
     skip_nonfinite: bool = False,
 ) -> None:
     """Raises ``jaxlab.config.ConfigError`` naming the first bad setting (for ``__post_init__``)."""
-    check(math.isfinite(lr) and lr > 0, "lr", f"must be positive and finite, got {lr}")
+    check(math.isfinite(lr), "lr", f"must be a finite number, got {lr}")
+    check(lr > 0, "lr", f"must be positive, got {lr}")
     check(0 <= warmup_steps, "warmup_steps", f"must be >= 0, got {warmup_steps}")
     check(
         decay_steps is None or decay_steps >= 1,
@@ -111,10 +112,11 @@ def check_optimizer_settings(
     check(0 <= b1 < 1, "b1", f"must lie in [0, 1), got {b1}")
     check(0 <= b2 < 1, "b2", f"must lie in [0, 1), got {b2}")
     check(
-        grad_clip is None or (math.isfinite(grad_clip) and grad_clip > 0),
+        grad_clip is None or math.isfinite(grad_clip),
         "grad_clip",
-        f"must be positive and finite, got {grad_clip}",
+        f"must be a finite number or null, got {grad_clip}",
     )
+    check(grad_clip is None or grad_clip > 0, "grad_clip", f"must be positive, got {grad_clip}")
 
 
 def _schedule(lr: float, warmup_steps: int, decay_steps: int | None) -> float | optax.Schedule:
