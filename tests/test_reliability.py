@@ -3,6 +3,10 @@ losses never reach a checkpoint, resumed runs keep one metrics line per step."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -136,22 +140,55 @@ def _rows(workdir):
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_corrupt_latest_resumes_exactly_and_nonfinite_loss_stops_before_saving(tmp_path, capfd):
+_KILLED_TRAIN = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from orbax.checkpoint._src.path import atomicity
+    from jaxlab.config import load_config
+    from jaxlab.train import train_lm
+
+    paths = atomicity.AtomicRenameTemporaryPath
+    real_create = paths.create
+
+    async def create(self):  # killed once step 6's temporary directory exists: mid-save
+        tmp = await real_create(self)
+        if self.get_final().name == "6":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return tmp
+
+    paths.create = create
+    train_lm(load_config("lm_tiny", json.loads(sys.argv[2])), sys.argv[1], progress=False)
+    sys.exit("step 6 was saved without reaching the hook")
+    """
+)
+
+
+def test_killed_and_corrupt_runs_resume_exactly_and_nonfinite_loss_stops_before_saving(
+    tmp_path, capfd
+):
     cfg = load_config("lm_tiny", LM)
     straight = tmp_path / "straight"
     train_lm(cfg, straight, progress=False)
-    # a run killed after step 6 was saved, whose step-6 checkpoint was then damaged on disk, with
-    # step 5 logged twice by an earlier restart
+
+    # a run killed while saving step 6 (rows 5 and 6 logged, only steps 2 and 4 on disk), whose
+    # step-4 checkpoint is then damaged on disk: the resume falls back to step 2
     run = tmp_path / "run"
-    shutil.copytree(straight, run)
-    with (run / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(_rows(straight)[4]) + "\n")
-    _flip(_largest_file(run / "checkpoints" / "6" / "model"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_TRAIN, str(run), json.dumps(LM)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4, 5, 6]
+    with Checkpointer(run / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [2, 4]
+    _flip(_largest_file(run / "checkpoints" / "4" / "model"))
     capfd.readouterr()
     train_lm(cfg, run, progress=False)
-    assert "restored step 4" in capfd.readouterr().err
+    assert "restored step 2" in capfd.readouterr().err
     rows = _rows(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # no step logged twice
     for a, b in zip(rows, _rows(straight), strict=True):  # the same losses, bit for bit
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
 
