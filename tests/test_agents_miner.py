@@ -255,3 +255,13 @@ def test_prompt_words_predict_a_turns_first_call():
         1.0
     )
     assert not table.prompt_words and table.with_prompt_words(True).prompt_words
+
+
+def test_predictions_keep_to_the_tasks_tools(logs):
+    table = mine_patterns(logs, MinerConfig(min_support=1, min_accuracy=0.1, alternatives=1))
+    log = _log(77, "owl", save=False)
+    assert [p.call.name for p in table.predict(log, 3)] == ["save", "tag"]
+    assert [p.call.name for p in table.predict(log, 3, allowed={"tag", "fetch"})] == ["tag"]
+    assert table.predict(log, 3, allowed={"search"}) == []
+    bigram = BigramPredictor(logs)
+    assert [p.call.name for p in bigram.predict(log, 3, allowed={"tag"})] == ["tag"]

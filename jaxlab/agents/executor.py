@@ -257,6 +257,7 @@ class SpeculativeExecutor:
         self.stats.update(wasted_tool_seconds=0.0, saved_tool_seconds=0.0, stall_seconds=0.0)
         self._ranked: list[str] = []
         self._lock = threading.Lock()
+        self._allowed = frozenset(registry.names())  # predictions of other tools are passed over
 
     # -- helpers ---------------------------------------------------------------------------------
     def _version(self, key: str | None) -> int | None:
@@ -292,7 +293,7 @@ class SpeculativeExecutor:
             return []
         with self._lock:
             self._drop_stale()
-            predictions = self.predictor.predict(self.log, self.config.top_k)
+            predictions = self.predictor.predict(self.log, self.config.top_k, self._allowed)
             calls = self._canonical(predictions)
             self._ranked = [c.key for c, _ in calls]
             return self._launch(calls, decode_estimate)
@@ -308,7 +309,7 @@ class SpeculativeExecutor:
         )
         avoid = tool.state_key if tool.effect is not Effect.READ_ONLY else None
         with self._lock:
-            predictions = self.predictor.predict(hypothetical, self.config.top_k)
+            predictions = self.predictor.predict(hypothetical, self.config.top_k, self._allowed)
             calls = [
                 (c, p)
                 for c, p in self._canonical(predictions)

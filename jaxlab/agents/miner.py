@@ -44,7 +44,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from jaxlab.agents.events import PENDING, USER_TURN, Event, EventLog
@@ -241,7 +241,12 @@ class MinerConfig:
 
 
 class Predictor(Protocol):
-    def predict(self, log: EventLog, top_k: int) -> list[Prediction]: ...
+    def predict(
+        self, log: EventLog, top_k: int, allowed: Collection[str] | None = None
+    ) -> list[Prediction]:
+        """The likeliest next calls, best first; only tools in ``allowed`` (the task's tools)
+        when it is given."""
+        ...
 
 
 def _context(events: Sequence[Event], k: int) -> tuple[tuple[str, str], ...] | None:
@@ -352,8 +357,11 @@ class PatternTable:
         out.sort(key=lambda x: -x[1])
         return out[: self.config.alternatives]
 
-    def predict(self, log: EventLog, top_k: int | None = None) -> list[Prediction]:
-        """The best ``top_k`` calls for the step after ``log`` (constant time)."""
+    def predict(
+        self, log: EventLog, top_k: int | None = None, allowed: Collection[str] | None = None
+    ) -> list[Prediction]:
+        """The best ``top_k`` calls for the step after ``log`` (constant time), of tools in
+        ``allowed`` when given (the task's tools: patterns of other tools are passed over)."""
         top_k = top_k or self.config.top_k
         events = log.events
         tool_events = [e for e in events if not e.is_turn]
@@ -371,6 +379,8 @@ class PatternTable:
             for tool, p in candidates:
                 if len(out) >= top_k:
                     return out
+                if allowed is not None and tool not in allowed:
+                    continue
                 rules = self._rules_for(prev, tool)
                 if rules is None:
                     continue
@@ -485,7 +495,9 @@ class BigramPredictor:
                     self.values[(ev.tool, a)][_vkey(v)] += 1
                 prev = ev.tool
 
-    def predict(self, log: EventLog, top_k: int = 3) -> list[Prediction]:
+    def predict(
+        self, log: EventLog, top_k: int = 3, allowed: Collection[str] | None = None
+    ) -> list[Prediction]:
         tool_events = log.tool_events()
         last = tool_events[-1] if tool_events else None
         counter = self.next.get(last.tool if last else USER_TURN)
@@ -493,7 +505,8 @@ class BigramPredictor:
             return []
         total = sum(counter.values())
         out = []
-        for tool, n in counter.most_common(top_k):
+        ranked = [(t, n) for t, n in counter.most_common() if allowed is None or t in allowed]
+        for tool, n in ranked[:top_k]:
             args = {}
             for a in self.arg_names[tool].most_common(1)[0][0]:
                 if last is not None and a in last.arguments:
@@ -513,6 +526,8 @@ class OraclePredictor:
     def __init__(self, calls: Sequence[ToolCall]):
         self.calls = list(calls)
 
-    def predict(self, log: EventLog, top_k: int = 1) -> list[Prediction]:
+    def predict(
+        self, log: EventLog, top_k: int = 1, allowed: Collection[str] | None = None
+    ) -> list[Prediction]:
         n = len(log.tool_events())
         return [Prediction(self.calls[n], 1.0)] if n < len(self.calls) else []
