@@ -100,6 +100,29 @@ def test_resumed_rl_run_keeps_one_line_per_update_and_summarises_the_whole_run(t
         _bubble_ratio(timeline["steps"], timeline["updates"]), rel=1e-9
     )
 
+    # a non-finite loss stops an update before its weights reach the Engine or a checkpoint
+    from jaxlab.generation.engine import Completion
+    from jaxlab.optim import NonFiniteError
+
+    version, saved = resumed.ctrl.version, resumed.checkpointer.all_steps()
+    real_update = resumed._policy_update
+    resumed._policy_update = lambda groups: {"loss": float("nan"), "grad_norm": 0.5}
+    with pytest.raises(NonFiniteError, match="optim.on_nonfinite=skip"):
+        resumed.update([0])
+    assert resumed.ctrl.version == version and resumed.engine.policy_version == version
+    assert resumed.checkpointer.all_steps() == saved
+    # a task that scores a sample NaN is an error naming the task and the group
+    resumed._policy_update = real_update
+    resumed.task.reward = lambda problem, text: float("nan")
+    for i in range(cfg.scheduler.group_size):
+        resumed.finished[(0, i)] = Completion(
+            0, [], [1, 2], [-0.1, -0.2], [-0.1, -0.2], [0, 0], "eos", 0, 1
+        )
+    with pytest.raises(
+        ValueError, match="task 'toy_digits' gave reward nan to sample 0 of group 0"
+    ):
+        resumed._policy_update([0])
+
     # a config the checkpoints do not fit is refused, and the run's config.json stays as it was
     before = (tmp_path / "config.json").read_text()
     other = load_config("rl/tiny_sorted", [*SMALL, "tiny_model.hidden_size=48"])
