@@ -329,9 +329,10 @@ class Checkpointer:
                 pass
         self.manager.reload()
         first = damaged[0][1]
+        where = f"moved to {aside}" if moved == [s for s, _ in damaged] else f"moved {moved}"
         print(
             f"warning: {self.directory}: restored step {restored}; newer step(s) "
-            f"{[s for s, _ in damaged]} damaged, moved to {aside} ({first[:200]})",
+            f"{[s for s, _ in damaged]} damaged, {where} ({first[:200]})",
             file=sys.stderr,
             flush=True,
         )
