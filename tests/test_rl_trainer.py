@@ -106,22 +106,39 @@ def test_data_parallel_update_and_tensorboard(tmp_path):
         load_config("configs/rl/tiny_sync.yaml", [*base, "mesh.data=2"]), tmp_path / "two"
     )
     assert len(jax.tree.leaves(nnx.state(two.model))[0].sharding.device_set) == 2
-    one.run_until(1, progress=False)
-    two.run_until(1, progress=False)
-    a, b = (
-        json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])
-        for d in ("one", "two")
+    # FSDP x tensor parallel: weights and optimizer state split, not replicated
+    four = RLTrainer(
+        load_config("configs/rl/tiny_sync.yaml", [*base, "mesh.fsdp=2", "mesh.tensor=2"]),
+        tmp_path / "four",
     )
-    assert a["reward_mean"] == b["reward_mean"]  # the same samples (generation is unchanged)
-    for key in ("loss", "grad_norm"):
-        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7)
+    kernel = four.model.layers.mlp.up_proj.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape[1:] == (
+        kernel.shape[1] // 2,
+        kernel.shape[2] // 2,
+    )
+    for trainer in (one, two, four):
+        trainer.run_until(1, progress=False)
+    a, *others = (
+        json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])
+        for d in ("one", "two", "four")
+    )
+    for b in others:
+        assert a["reward_mean"] == b["reward_mean"]  # the same samples (generation is unchanged)
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7)
     # weights after one AdamW step: the step is ~lr·sign(g), so entries whose gradient is near
     # Adam's eps move by a reduction-order-dependent fraction of lr; bound that by 1% of lr
     lr = one.cfg.optim.lr
-    for x, y in zip(
-        jax.tree.leaves(nnx.state(one.model)), jax.tree.leaves(nnx.state(two.model)), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=0.01 * lr)
+    for other in (two, four):
+        for x, y in zip(
+            jax.tree.leaves(nnx.state(one.model)),
+            jax.tree.leaves(nnx.state(other.model)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=0.01 * lr)
+    up = four.model.layers.mlp.up_proj.kernel[...]
+    assert up.sharding.spec == kernel.sharding.spec  # the update kept the placement
     # the TensorBoard events (TFRecord-framed Event protos) hold the JSONL scalars
     import struct
 

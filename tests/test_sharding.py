@@ -244,3 +244,20 @@ def test_ring_attention_and_the_sharded_estimate_take_either_kind_of_mesh(kind):
     ring = ring_attention(q, k, v, mesh=mesh, implementation="xla", block_size=32, pattern=local)
     ref, _ = sparse_attention_reference(q, k, v, local, block_size=32)
     np.testing.assert_allclose(np.asarray(ring), np.asarray(ref), atol=2e-5)
+
+
+def test_greedy_generation_of_a_sharded_model_equals_one_device():
+    from jaxlab.generation import generate
+    from jaxlab.testing.char_tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    cfg = dataclasses.replace(CFG, vocab_size=tok.vocab_size, num_kv_heads=4)
+    prompts = ["hello", "abc def", "x"]
+    want = generate(Decoder(cfg, rngs=nnx.Rngs(0)), tok, prompts, max_new_tokens=8)
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
+    model = shard_model(Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+    assert model.layers.self_attn.k_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
+    with jax.set_mesh(mesh):
+        got = generate(model, tok, prompts, max_new_tokens=8)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert got.texts == want.texts

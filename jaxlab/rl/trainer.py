@@ -60,6 +60,7 @@ from jaxlab.progress import progress as progress_bar
 from jaxlab.rl.plots import plot_occupancy
 from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
 from jaxlab.rl.tasks import TASKS, make_task, task_dataset
+from jaxlab.sharding import pin, shard_model
 from jaxlab.tokenization import bucket_length, char_tokenizer
 
 __all__ = [
@@ -221,8 +222,9 @@ class RLTrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(
         default_factory=lambda: CheckpointConfig(save_every=4, keep=2)
     )
-    # the policy update runs data-parallel over mesh.data devices (batch split, weights replicated);
-    # generation keeps its own single-device copy of the weights
+    # the policy update runs on the mesh: the batch split over data x fsdp, the weights and
+    # optimizer state sharded by jaxlab.sharding's rules (fsdp, tensor); generation keeps its own
+    # single-device copy of the weights
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     tensorboard: bool = (
         True  # also write metrics as TensorBoard events when tensorboardX is installed
@@ -279,6 +281,7 @@ def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float, 
         (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         grads = poison_if_nonfinite(loss, grads)  # skip_nonfinite then skips the whole update
         optimizer.update(model, grads)
+        pin(model, optimizer)  # weights and optimizer state stay in their shardings
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.global_norm(grads)
         return metrics
@@ -331,13 +334,12 @@ class RLTrainer:
         # nothing is written under workdir until the policy, the task and any checkpoint loaded
         self.model, self.tokenizer = _load_policy(cfg)
         self.mesh = make_mesh(cfg.mesh)
-        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.batch_sharding = jax.sharding.NamedSharding(
-            self.mesh, jax.sharding.PartitionSpec("data")
+            self.mesh, jax.sharding.PartitionSpec(("data", "fsdp"))
         )
-        # Weights and optimizer state live on the mesh from the start, as the update's outputs do:
-        # inputs placed otherwise would compile the update a second time after the first step.
-        nnx.update(self.model, jax.device_put(nnx.state(self.model), self.replicated))
+        # Weights and optimizer state live on the mesh from the start, placed as the update keeps
+        # them (jaxlab.sharding.pin): inputs placed otherwise would compile the update twice.
+        shard_model(self.model, self.mesh)
         self.ref_model = nnx.clone(self.model) if cfg.loss.kl_coef > 0 else None
         self.task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.kwargs)
         # prompts through grain: group g is record g of the (optionally shuffled) dataset; the
@@ -352,7 +354,7 @@ class RLTrainer:
             lr=settings["lr"], warmup_steps=settings["warmup_steps"]
         )
         self.optimizer = nnx.Optimizer(self.model, make_optimizer(**settings), wrt=nnx.Param)
-        nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), self.replicated))
+        shard_model(self.optimizer, self.mesh)
         self.update_fn = _make_update_fn(cfg.loss, gen.temperature, self.max_len, gen.top_p)
         longest_prompt = max(
             len(self.prompt_ids(g)) for g in range(min(cfg.scheduler.num_prompts, 64))
@@ -583,7 +585,8 @@ class RLTrainer:
         # (padding rows carry no loss and do not count as sequences), so updates rarely recompile.
         width = bucket_length(max(len(p) + len(c.tokens) for p, c in rows), 1 << 20, granularity=64)
         n = bucket_length(len(rows), 2 * len(rows), granularity=64)
-        n = -(-n // cfg.mesh.data) * cfg.mesh.data  # rows split evenly over the data axis
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        n = -(-n // shards) * shards  # rows split evenly over the batch axes (data x fsdp)
         adv = np.pad(adv, (0, n - len(rows)))
         tokens = np.full((n, width), tokenizer.pad_token_id, np.int32)
         mask = np.zeros((n, width), np.int32)
