@@ -17,6 +17,7 @@ from jaxlab.attention import ATTENTION_IMPLEMENTATIONS, RingConfig, attention
 from jaxlab.config import check, check_positive, from_dict
 from jaxlab.models.archs import DECODER_ARCHS
 from jaxlab.models.layers import (
+    REMAT_POLICIES,
     RMSNorm,
     apply_rope,
     dense,
@@ -61,6 +62,9 @@ class DecoderConfig:
     # True: layers stacked on a leading axis and run with lax.scan (fast compiles, for training);
     # False: one module per layer, unrolled (fastest decoding: weights are read in place).
     scan_layers: bool = True
+    # what each stacked layer keeps for the backward pass (jaxlab.models.layers.REMAT_POLICIES:
+    # none, full, dots): memory for recomputation in training; generation is unaffected
+    remat: str = "none"
 
     def __post_init__(self):
         DECODER_ARCHS.check(self.arch, "arch")
@@ -102,6 +106,7 @@ class DecoderConfig:
             f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}",
         )
         ATTENTION_IMPLEMENTATIONS.check(self.attention_implementation, "attention_implementation")
+        REMAT_POLICIES.check(self.remat, "remat")
         if isinstance(self.ring, dict):
             object.__setattr__(self, "ring", from_dict(RingConfig, self.ring, prefix="ring."))
         check(
@@ -377,7 +382,11 @@ class Decoder(nnx.Module):
 
         if cfg.scan_layers:
             x, new_kv = scan_layers(
-                self.layers, lambda layer, h, kv_l: layer(h, rope, mask, kv_l, index), x, kv
+                self.layers,
+                lambda layer, h, kv_l: layer(h, rope, mask, kv_l, index),
+                x,
+                kv,
+                remat=cfg.remat if kv is None else "none",
             )
         else:
             x, new_kv = self._unrolled_layers(x, rope, mask, index, kv)

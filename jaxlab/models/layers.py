@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab.registry import Registry
+
 __all__ = [
     "logical_axes",
     "RMSNorm",
@@ -21,6 +23,7 @@ __all__ = [
     "stack_layers",
     "scan_layers",
     "padding_positions",
+    "REMAT_POLICIES",
 ]
 
 
@@ -170,10 +173,24 @@ def stack_layers(
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, body: Callable, carry: Any, xs: Any = None) -> tuple[Any, Any]:
+# What a layer keeps for its backward pass (jax.checkpoint policies), by name: "none" keeps
+# everything (no recomputation), "full" keeps only the layer's input and recomputes the rest,
+# "dots" keeps the matmul outputs without batch dimensions (the projections) and recomputes
+# the cheap elementwise work, as maxtext's "minimal" policy does.
+REMAT_POLICIES = Registry("rematerialisation policy")
+REMAT_POLICIES.register("none", jax.checkpoint_policies.everything_saveable)  # no remat at all
+REMAT_POLICIES.register("full", jax.checkpoint_policies.nothing_saveable)
+REMAT_POLICIES.register("dots", jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def scan_layers(
+    layers: nnx.Module, body: Callable, carry: Any, xs: Any = None, *, remat: str = "none"
+) -> tuple[Any, Any]:
     """Runs ``body(layer, carry, x) -> (carry, y)`` over stacked layers with ``lax.scan``.
 
     One compiled layer body regardless of depth keeps compile time flat in the number of layers.
+    ``remat`` names what each layer keeps for the backward pass (:data:`REMAT_POLICIES`):
+    activation memory for recomputation, the same gradients.
     """
     graphdef, state = nnx.split(layers)
 
@@ -181,4 +198,6 @@ def scan_layers(layers: nnx.Module, body: Callable, carry: Any, xs: Any = None) 
         layer_state, x = inputs
         return body(nnx.merge(graphdef, layer_state), c, x)
 
+    if remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES.get(remat), prevent_cse=False)
     return jax.lax.scan(step, carry, (state, xs))
