@@ -150,6 +150,11 @@ def create_sharded(
     abstract = nnx.eval_shape(make)
     graphdef, abstract_state = nnx.split(abstract)
     check_fits(abstract_state, mesh, rules)
+    specs = param_specs(abstract_state, mesh, rules)
+    if all(p == PartitionSpec() for p in jax.tree.leaves(specs)):
+        # nothing is split (one device, or a data-parallel mesh): build it as it is and place
+        # the copies; a jitted init would only cost a compile
+        return shard_model(make(), mesh, rules)
     shardings = param_shardings(abstract_state, mesh, rules)
 
     def init():

@@ -53,6 +53,7 @@ __all__ = [
     "learning_rate",
     "train_step",
     "train_step_with_metrics",
+    "accumulated_value_and_grad",
     "train_lm",
 ]
 
@@ -63,10 +64,20 @@ class DataConfig:
     batch_size: int = 8
     num_examples: int = 4096
     seed: int = 0
+    # gradient accumulation: the batch runs as this many equal micro-batches whose gradients are
+    # averaged before one update (the same update as the whole batch, with less activation memory)
+    micro_batches: int = 1
 
     def __post_init__(self):
         check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(
+            isinstance(self.micro_batches, int)
+            and self.micro_batches >= 1
+            and self.batch_size % self.micro_batches == 0,
+            "micro_batches",
+            f"must be a positive divisor of batch_size={self.batch_size}, got {self.micro_batches!r}",
+        )
         check(
             self.num_examples >= self.batch_size,
             "num_examples",
@@ -179,14 +190,40 @@ def next_token_loss(model: Decoder, tokens: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
-@nnx.jit(donate_argnums=(0, 1))
+def accumulated_value_and_grad(loss_fn, model, tokens: jax.Array, micro_batches: int = 1):
+    """``nnx.value_and_grad(loss_fn)(model, tokens)`` computed over ``micro_batches`` equal slices
+    of the batch ``tokens [B, ...]`` in a ``lax.scan`` and averaged: for a loss that is a mean
+    over equal-sized examples, the full batch's value and gradient with one micro-batch's
+    activations in memory."""
+    if micro_batches == 1:
+        return nnx.value_and_grad(loss_fn)(model, tokens)
+    b = tokens.shape[0]
+    if b % micro_batches:
+        raise ValueError(f"batch {b} does not split into {micro_batches} micro-batches")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of(params, micro):
+        return loss_fn(nnx.merge(graphdef, params, rest), micro)
+
+    micro = tokens.reshape(micro_batches, b // micro_batches, *tokens.shape[1:])
+
+    def add(carry, x):
+        value, grads = jax.value_and_grad(loss_of)(params, x)
+        return jax.tree.map(jnp.add, carry, (value, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (total, grads), _ = jax.lax.scan(add, zeros, micro)
+    return total / micro_batches, jax.tree.map(lambda g: g / micro_batches, grads)
+
+
+@nnx.jit(donate_argnums=(0, 1), static_argnames=("micro_batches",))
 def train_step_with_metrics(
-    model: Decoder, optimizer: nnx.Optimizer, tokens: jax.Array
+    model: Decoder, optimizer: nnx.Optimizer, tokens: jax.Array, micro_batches: int = 1
 ) -> dict[str, jax.Array]:
-    """One update on ``tokens`` ``[B, T]``; returns ``{"loss", "grad_norm"}`` (the norm before
-    clipping). A non-finite loss makes the gradient NaN, so that an optimizer built with
-    ``skip_nonfinite`` skips the update."""
-    loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens)
+    """One update on ``tokens`` ``[B, T]`` (over ``micro_batches`` accumulated slices); returns
+    ``{"loss", "grad_norm"}`` (the norm before clipping). A non-finite loss makes the gradient
+    NaN, so that an optimizer built with ``skip_nonfinite`` skips the update."""
+    loss, grads = accumulated_value_and_grad(next_token_loss, model, tokens, micro_batches)
     grads = poison_if_nonfinite(loss, grads)
     optimizer.update(model, grads)
     pin(model, optimizer)  # under a mesh: weights and optimizer state stay where they were
@@ -254,7 +291,7 @@ def _train_lm(cfg, workdir, mesh, progress):
         stop_on_nonfinite = cfg.train.on_nonfinite == "stop"
         for step in bar:
             tokens = jax.device_put(next(data)["tokens"], batch_sharding)
-            out = train_step_with_metrics(model, optimizer, tokens)
+            out = train_step_with_metrics(model, optimizer, tokens, cfg.data.micro_batches)
             last_step = step + 1 == cfg.train.steps
             saving = ckpt.will_save(step + 1, force=last_step)
             # a NaN update leaves NaN weights for good: checked before every save

@@ -291,3 +291,35 @@ def test_rematerialisation_policies_give_the_same_gradients():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match="remat"):
         dataclasses.replace(CFG, remat="sometimes")
+
+
+@pytest.mark.parametrize("on_mesh", [False, True], ids=["one_device", "mesh_2x2x2"])
+def test_gradient_accumulation_equals_the_whole_batch(on_mesh, single_step):
+    """Four accumulated micro-batches give the whole batch's update (also sharded)."""
+    import contextlib
+
+    from jaxlab.train import DataConfig
+
+    tokens, start, want, want_state = single_step
+    model = Decoder(CFG, rngs=nnx.Rngs(1))
+    nnx.update(model, start)
+    context = contextlib.nullcontext()
+    if on_mesh:
+        mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+        shard_model(model, mesh)
+        tokens = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, P(("data", "fsdp"))))
+        context = jax.set_mesh(mesh)
+    tx = optax.adamw(1e-2, eps=1e-4, weight_decay=0.1)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    with context:
+        out = train_step_with_metrics(model, optimizer, tokens, micro_batches=4)
+    np.testing.assert_allclose(float(out["loss"]), want["loss"], rtol=1e-6)
+    np.testing.assert_allclose(float(out["grad_norm"]), want["grad_norm"], rtol=1e-5)
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(want_state)
+    ):
+        np.testing.assert_allclose(
+            np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-6, err_msg=str(path)
+        )
+    with pytest.raises(Exception, match="micro_batches"):
+        DataConfig(batch_size=8, micro_batches=3)
