@@ -143,7 +143,7 @@ def encode_words(tokenizer: Tokenizer, text: str) -> tuple[list[str], list[int],
     as :func:`split_words` does)."""
     words = split_words(text)
     starts = [w.start for w in words]
-    enc = tokenizer.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer.hf(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, owner = [], []
     for tok, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]):
         k = bisect.bisect_right(starts, a) - 1
