@@ -324,3 +324,20 @@ def test_offline_sources():
     assert {"dan", "developer-mode", "easyjailbreak/Gptfuzzer"} <= families
     assert all(len(t.text) <= 4000 for t in templates)
     assert len(data.benign_requests()) == 105
+
+
+def test_security_cli_extract_and_missing_compressor(
+    tiny_compressor, tmp_path, capsys, monkeypatch
+):
+    from jaxlab.cli import main
+    from jaxlab.security import extract_intention
+
+    directory = tiny_compressor.save(tmp_path / "c")
+    assert main(["security", "extract", "--compressor", str(directory), *TEXTS[:2]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == tiny_compressor.extract(TEXTS[:2])
+    assert extract_intention(TEXTS[:2], compressor=directory) == printed
+    monkeypatch.setenv("JAXLAB_CACHE_DIR", str(tmp_path / "empty"))
+    assert main(["security", "extract", "hello"]) == 2
+    assert "security train" in capsys.readouterr().err
+    assert main(["security", "eval", "--compressor", str(tmp_path / "nothing")]) == 2
