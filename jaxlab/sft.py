@@ -279,11 +279,12 @@ def train_sft(cfg: SFTConfig, workdir: str | Path, *, progress: bool = True) -> 
                 jnp.asarray(batch["attention_mask"]),
             )
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.train.steps:
+                loss, grad_norm = float(out["loss"]), float(out["grad_norm"])  # waits for the step
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 metrics = {
                     "step": step + 1,
-                    "loss": float(out["loss"]),
-                    "grad_norm": float(out["grad_norm"]),
+                    "loss": loss,
+                    "grad_norm": grad_norm,
                     "lr": float(learning_rate(cfg.train, step)),
                     "steps_per_s": (step + 1 - last) / elapsed,
                     "rows": n_rows,
