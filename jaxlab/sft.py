@@ -37,6 +37,7 @@ from flax import nnx
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, register_config
 from jaxlab.errors import UserError
+from jaxlab.jsonl import read_jsonl
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models.decoder import Decoder, with_layer_layout
 from jaxlab.progress import progress as progress_bar
@@ -171,21 +172,11 @@ def pack_examples(
 
 def load_chat_jsonl(path: str | Path) -> list[list[dict]]:
     """The conversations of a JSONL file (``{"messages": [...]}`` per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f'{path}: no such data file (a JSONL of {{"messages": [...]}} lines)')
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not JSON: {e}") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
-                raise UserError(f"{path}:{n}: expected an object with a 'messages' list")
-            out.append(rec["messages"])
+    for n, rec in read_jsonl(path, what='data file (a JSONL of {"messages": [...]} lines)'):
+        if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+            raise UserError(f"{path}:{n}: expected an object with a 'messages' list")
+        out.append(rec["messages"])
     if not out:
         raise UserError(f"{path}: no conversations")
     return out

@@ -126,10 +126,7 @@ def planted(tmp_path_factory):
     from jaxlab.testing.tiny_llama import chain_bigrams, write_tiny_llama
     from jaxlab.tokenization import Tokenizer
 
-    try:
-        tok = Tokenizer.from_gguf(package_path(SMOLLM2_GGUF))
-    except Exception as e:  # noqa: BLE001 - the model package is missing
-        pytest.skip(f"SmolLM2 is not installed: {e}")
+    tok = Tokenizer.from_gguf(package_path(SMOLLM2_GGUF))  # installed by the Makefile
     choice = {"type": "function", "function": {"name": "get_weather"}}
     turns, forced = prepare_chat(
         [{"role": "user", "content": "Weather?"}], _registry().schemas(), choice

@@ -23,11 +23,7 @@ def smol_tokenizer():
     from jaxlab.models.registry import SMOLLM2_GGUF, package_path
     from jaxlab.tokenization import Tokenizer
 
-    try:
-        path = package_path(SMOLLM2_GGUF)
-    except Exception as e:  # noqa: BLE001 - the model package is missing
-        pytest.skip(f"SmolLM2 is not installed: {e}")
-    return Tokenizer.from_gguf(path)
+    return Tokenizer.from_gguf(package_path(SMOLLM2_GGUF))  # installed by the Makefile
 
 
 CONV = [

@@ -128,11 +128,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    try:
-        path = package_path(SMOLLM2_GGUF)
-    except Exception as e:  # noqa: BLE001 - the model package is missing
-        pytest.skip(f"SmolLM2 is not installed: {e}")
-    return Tokenizer.from_gguf(path)
+    return Tokenizer.from_gguf(package_path(SMOLLM2_GGUF))  # installed by the Makefile
 
 
 @pytest.fixture(scope="module")

@@ -19,38 +19,29 @@ from jaxlab.cli._common import (
     registry_option,
 )
 from jaxlab.errors import UserError
+from jaxlab.jsonl import read_jsonl
 
 __all__ = ["COMMAND", "read_traces"]
 
 
 def read_traces(path: str, limit: int | None = None) -> list[dict]:
     """Records ``{"prompt", "response", "answer"?, "responses"?}`` of a trace JSONL file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: no such trace file")
     out = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not JSON: {e}") from None
-            if "messages" in rec:
-                msgs = rec["messages"]
-                users = [m["content"] for m in msgs if m.get("role") == "user"]
-                bots = [m["content"] for m in msgs if m.get("role") == "assistant"]
-                if not users or not bots:
-                    raise UserError(f"{path}:{n}: messages need a user and an assistant turn")
-                rec = {**rec, "prompt": users[-1], "response": bots[-1]}
-            if "responses" not in rec and ("prompt" not in rec or "response" not in rec):
-                raise UserError(f"{path}:{n}: expected prompt and response (or messages)")
-            if "answer" in rec:
-                rec["answer"] = str(rec["answer"])
-            out.append(rec)
-            if limit is not None and len(out) >= limit:
-                break
+    for n, rec in read_jsonl(path, what="trace file"):
+        if "messages" in rec:
+            msgs = rec["messages"]
+            users = [m["content"] for m in msgs if m.get("role") == "user"]
+            bots = [m["content"] for m in msgs if m.get("role") == "assistant"]
+            if not users or not bots:
+                raise UserError(f"{path}:{n}: messages need a user and an assistant turn")
+            rec = {**rec, "prompt": users[-1], "response": bots[-1]}
+        if "responses" not in rec and ("prompt" not in rec or "response" not in rec):
+            raise UserError(f"{path}:{n}: expected prompt and response (or messages)")
+        if "answer" in rec:
+            rec["answer"] = str(rec["answer"])
+        out.append(rec)
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise UserError(f"{path}: no traces")
     return out
