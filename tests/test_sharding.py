@@ -323,3 +323,35 @@ def test_gradient_accumulation_equals_the_whole_batch(on_mesh, single_step):
         )
     with pytest.raises(Exception, match="micro_batches"):
         DataConfig(batch_size=8, micro_batches=3)
+
+
+def test_engine_decodes_tensor_parallel_like_one_device():
+    """The Engine on a mesh: weights split by the rules, the KV cache and the prefix store by
+    key/value heads; greedy completions (with a prefix-cache hit) equal the one-device engine's."""
+    from jaxlab.generation import Engine, SamplingParams
+    from jaxlab.testing.char_tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    cfg = dataclasses.replace(CFG, vocab_size=tok.vocab_size, num_kv_heads=4)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    first = "the same long prefix, "
+    prompts = [first + "once", "abc def", first + "twice", "x"]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+
+    def run(**kw):
+        engine = Engine(model, num_slots=2, max_len=48, tokenizer=tok, prefix_cache=2, **kw)
+        for p in prompts:
+            engine.submit(tok.encode(p), params)
+        done = sorted(engine.run(), key=lambda c: c.request_id)
+        return engine, [c.tokens for c in done]
+
+    _, want = run()
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
+    engine, got = run(mesh=mesh)
+    assert got == want
+    assert engine.stats()["prefix_cache_hits"] >= 1
+    k0 = engine._ds.cache.k[0]
+    assert k0.sharding.spec == P(None, "tensor")  # [B, K, S, D]
+    assert k0.addressable_shards[0].data.shape[1] == cfg.num_kv_heads // 4
+    q = engine._state["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    assert q[...].sharding.spec == P("fsdp", "tensor")

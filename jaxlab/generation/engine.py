@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxlab.generation.core import (
     DecodeState,
+    PrefixStore,
     RowParams,
     Statics,
     clear_row,
@@ -45,7 +46,8 @@ from jaxlab.generation.core import (
 )
 from jaxlab.generation.generate import cut_at_stop, decoding_model
 from jaxlab.generation.params import SamplingParams
-from jaxlab.models.decoder import Decoder, KVCache
+from jaxlab.models.decoder import Decoder, KVCache, with_layer_layout
+from jaxlab.sharding import DEFAULT_RULES, Rules, logical_spec, param_shardings
 from jaxlab.tokenization import Tokenizer, bucket_length
 
 __all__ = ["Request", "Completion", "Delta", "Engine", "benchmark_engine_vs_static"]
@@ -234,6 +236,12 @@ class Engine:
         that prefix into its slot and prefills only the rest: multi-turn chats and agent loops
         resend their whole history every turn. Least recently used entries go first; each
         entry holds one cache row (``max_len`` slots of every layer). New weights clear it.
+      mesh: decode tensor-parallel over this mesh (:func:`jaxlab.mesh.make_mesh`): the weights
+        are placed by ``rules`` (heads, key/value heads, the MLP and the vocabulary split over
+        ``tensor``; FSDP's ``embed`` split too if the mesh has ``fsdp``), the KV cache and the
+        prefix store are split by key/value heads, and XLA partitions the jitted steps (GSPMD);
+        greedy output equals one device's. None: one device, with the CPU's native kernels.
+      rules: logical-name rules for ``mesh`` (:data:`jaxlab.sharding.DEFAULT_RULES`).
     """
 
     def __init__(
@@ -252,6 +260,8 @@ class Engine:
         seed: int = 0,
         recompute_kv: bool = True,
         prefix_cache: int = 0,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: Rules = DEFAULT_RULES,
     ):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine needs a decoder LM, got {type(model).__name__}")
@@ -279,6 +289,7 @@ class Engine:
         )
         self.policy_version = 0
         self.device = jax.devices()[0]
+        self.mesh, self.rules = mesh, rules
         self._set_model(model)
         self._static = Statics.of(self._graphdef)
         self._reset_state()
@@ -311,11 +322,30 @@ class Engine:
         store = empty_store(cache, len(self._prefix_meta)) if self._prefix_meta else None
         # Committed to the device like the steps' outputs that replace them, so that the first
         # step's signature is the later steps' one (an uncommitted first state compiles twice).
-        self._ds, self._out, self._store = jax.device_put(
-            (ds, empty_outputs(b, 1), store), self.device
-        )
+        self._ds, self._out, self._store = self._place((ds, empty_outputs(b, 1), store))
         self._rp = row_params([(SamplingParams(max_new_tokens=1), 0, 0, ())] * b)
         self._rp_dev: RowParams | None = None
+
+    def _place(self, tree: Any) -> Any:
+        """``tree`` (decode state, outputs, prefix store) committed where the steps keep it: the
+        engine's device, or on a mesh the keys and values ``[B, K, S, D]`` split by key/value
+        heads and everything else replicated."""
+        if self.mesh is None:
+            return jax.device_put(tree, self.device)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+        def kv(x):
+            spec = logical_spec((None, "kv_heads", None, None), x.shape, self.mesh, self.rules)
+            return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+        def put(node):
+            if isinstance(node, KVCache | PrefixStore):
+                rest = {f: jax.device_put(getattr(node, f), replicated) for f in node._fields}
+                rest.update(k=tuple(map(kv, node.k)), v=tuple(map(kv, node.v)))
+                return type(node)(**rest)
+            return jax.device_put(node, replicated)
+
+        return jax.tree.map(put, tree, is_leaf=lambda n: isinstance(n, KVCache | PrefixStore))
 
     def _rows_on_device(self) -> RowParams:
         if self._rp_dev is None:
@@ -343,10 +373,15 @@ class Engine:
 
     # -- weights ---------------------------------------------------------------------------------
     def _set_model(self, model: Decoder) -> None:
-        dec = decoding_model(model)
-        graphdef, state = nnx.split(dec)
-        # the engine's own single-device copy (the trainer may keep the weights on a mesh)
-        self._state = jax.device_put(state, self.device)
+        if self.mesh is None:
+            dec = decoding_model(model)
+            graphdef, state = nnx.split(dec)
+            # the engine's own single-device copy (the trainer may keep the weights on a mesh)
+            self._state = jax.device_put(state, self.device)
+        else:  # XLA's partitioned steps (the native CPU kernels run on one device)
+            dec = with_layer_layout(model, scan_layers=False)
+            graphdef, state = nnx.split(dec)
+            self._state = jax.device_put(state, param_shardings(state, self.mesh, self.rules))
         if hasattr(self, "_graphdef") and graphdef != self._graphdef:
             raise ValueError("update_weights needs a model of the same architecture")
         self._graphdef = graphdef
@@ -436,7 +471,7 @@ class Engine:
             return Request(list(r["prompt_ids"]), SamplingParams(**p), r["request_id"], r["seed"])
 
         with self._step_lock, self._lock:
-            self._ds = jax.device_put(
+            self._ds = self._place(
                 DecodeState(
                     cache=KVCache(
                         k=tuple(jnp.asarray(x) for x in arrays["k"]),
@@ -449,8 +484,7 @@ class Engine:
                     length=jnp.asarray(arrays["length"]),
                     counts=jnp.asarray(arrays["counts"]),
                     seen=jnp.asarray(arrays["seen"]),
-                ),
-                self.device,
+                )
             )
             self._queue = collections.deque(req(r) for r in meta["queue"])
             self._slots = [None] * self.num_slots

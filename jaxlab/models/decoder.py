@@ -151,7 +151,7 @@ class KVCache(NamedTuple):
 
     k: (
         jax.Array | tuple[jax.Array, ...]
-    )  # [L, B, S, K, D], or L arrays [B, S, K, D] (unrolled layers)
+    )  # [L, B, K, S, D], or L arrays [B, K, S, D] (unrolled layers)
     v: jax.Array | tuple[jax.Array, ...]
     index: jax.Array  # [B] int32
     valid: jax.Array  # [B, S] bool
