@@ -247,8 +247,8 @@ class Tokenizer:
             )["input_ids"]
         ]
         at_limit = [t for t, r in zip(texts, rows) if len(r) == max_length]
-        full = (
-            self.hf(at_limit, add_special_tokens=add_special_tokens)["input_ids"]
+        full = (  # lengths past the limit are expected here: no "longer than the maximum" warning
+            self.hf(at_limit, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
             if at_limit
             else []
         )

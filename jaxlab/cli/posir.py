@@ -65,7 +65,11 @@ def _eval(args):
         raise UserError(f"--out {out}: exists and is not a folder")
     folders = find_datasets(args.data)
     names = {f: "_".join(f.relative_to(Path(args.data)).parts) or "posir" for f in folders}
-    check_outputs(args, *(out / f"{n}{ext}" for n in names.values() for ext in (".json", ".png")))
+    exts = [".json", ".png"] + ([".run", ".qrels"] if args.trec else [])
+    outputs = [out / f"{n}{ext}" for n in names.values() for ext in exts]
+    if args.mteb:
+        outputs += [_mteb_path(out, args.model, n) for n in names.values()]
+    check_outputs(args, *outputs)
     datasets = {folder: load_posir(folder) for folder in folders}  # all checked before the model
     model, tokenizer = from_pretrained(args.model)
     created = not out.exists()
@@ -78,12 +82,37 @@ def _eval(args):
         raise
 
 
+def _model_name(model: str) -> str:
+    """A registered name as it is; a path by its folder or file name."""
+    return Path(model).name if ("/" in model and Path(model).exists()) else model
+
+
+def _task_name(name: str) -> str:
+    return "PosIR" if name == "posir" else f"PosIR_{name}"
+
+
+def _mteb_path(out: Path, model: str, name: str) -> Path:
+    return (
+        out
+        / "mteb"
+        / _model_name(model).replace("/", "__")
+        / "no_revision_available"
+        / (f"{_task_name(name)}.json")
+    )
+
+
 def _eval_folders(args, datasets, names, out, model, tokenizer):
     from jaxlab.retrieval import evaluate_posir, plot_report, saliency_profile
+    from jaxlab.retrieval.trec import (
+        mteb_result,
+        write_mteb_result,
+        write_trec_qrels,
+        write_trec_run,
+    )
 
     for folder, data in datasets.items():
         t0 = time.perf_counter()
-        report = evaluate_posir(
+        report, run = evaluate_posir(
             data,
             model,
             tokenizer,
@@ -91,6 +120,7 @@ def _eval_folders(args, datasets, names, out, model, tokenizer):
             max_length=args.max_length,
             batch_size=args.batch_size,
             progress=not args.quiet,
+            return_run=True,
         )
         report.update(model=args.model, data=str(folder), seconds=time.perf_counter() - t0)
         sal = None
@@ -111,8 +141,25 @@ def _eval_folders(args, datasets, names, out, model, tokenizer):
             print(
                 f"  {bucket}: n={b['n']:4d} nDCG@10 {b['ndcg@10']:.3f} PSI {b['psi']:.3f} "
                 f"slope {b['slope']:+.3f} spearman {b['spearman']:+.2f}"
+                + (" (sparse bins)" if bucket in report["analysis"]["sparse_buckets"] else "")
             )
         print(f"  wrote {out / (name + '.json')} and {out / (name + '.png')}")
+        if args.trec:
+            run_path = write_trec_run(out / f"{name}.run", run, tag=_model_name(args.model))
+            qrels_path = write_trec_qrels(out / f"{name}.qrels", data.qrels)
+            print(f"  wrote {run_path} and {qrels_path} (TREC run and qrels)")
+        if args.mteb:
+            result = mteb_result(
+                {
+                    "ndcg_at_10": report["ndcg@10"],
+                    "recall_at_10": report["recall@10"],
+                    "recall_at_100": report["recall@100"],
+                },
+                task_name=_task_name(name),
+                evaluation_time=report["seconds"],
+            )
+            path = write_mteb_result(out / "mteb", result, model_name=_model_name(args.model))
+            print(f"  wrote {path} (mteb results)")
 
 
 def _posir_args(p):
@@ -164,6 +211,16 @@ def _posir_args(p):
         default=0,
         metavar="N",
         help="also compute the gradient saliency profile over N examples",
+    )
+    e.add_argument(
+        "--trec",
+        action="store_true",
+        help="also write <name>.run and <name>.qrels (TREC format, for trec_eval / ir_measures)",
+    )
+    e.add_argument(
+        "--mteb",
+        action="store_true",
+        help="also write mteb/<model>/no_revision_available/PosIR*.json in mteb's results layout",
     )
     e.add_argument("--quiet", action="store_true", help="no progress report")
     add_overwrite_arg(e)

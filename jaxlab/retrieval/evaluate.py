@@ -28,6 +28,7 @@ from jaxlab.registry import Registry
 from jaxlab.retrieval.builder import token_ids
 from jaxlab.retrieval.data import PosIRData, PosIRError
 from jaxlab.retrieval.metrics import BUCKET_NAMES, ndcg_at_k, position_analysis, recall_at_k
+from jaxlab.retrieval.trec import trec_order
 
 __all__ = [
     "STRATEGIES",
@@ -38,6 +39,7 @@ __all__ = [
     "saliency_profile",
     "token_saliency",
     "plot_report",
+    "report_figure",
 ]
 
 # Long-document strategies: fn(model, tokenizer, texts, *, limit, batch_size, progress)
@@ -151,8 +153,14 @@ def evaluate_posir(
     batch_size: int = 32,
     query_prefix: str = "",
     progress: bool = False,
-) -> dict:
-    """Retrieval over the whole corpus and PosIR's analysis; a JSON-ready report."""
+    depth: int = 100,
+    return_run: bool = False,
+) -> dict | tuple[dict, dict[str, dict[str, float]]]:
+    """Retrieval over the whole corpus and PosIR's analysis; a JSON-ready report, and with
+    ``return_run`` also the run ``{query id: {document id: cosine}}`` of each query's top ``depth``
+    documents (what :func:`jaxlab.retrieval.trec.write_trec_run` writes)."""
+    if depth < 100:
+        raise ValueError(f"depth must be >= 100 (recall@100 is reported), got {depth}")
     if len(data) == 0 or not data.corpus_ids:  # every metric would be a mean over nothing
         raise PosIRError("the dataset holds no queries or no documents; nothing to evaluate")
     q_emb = encode(
@@ -171,12 +179,18 @@ def evaluate_posir(
         batch_size=batch_size,
         progress=progress,
     )
-    top, _ = retrieve(q_emb, d_emb, k=100)
-    ranked = [[data.corpus_ids[j] for j in row] for row in top]
+    top, top_scores = retrieve(q_emb, d_emb, k=depth)
+    run = {
+        q: {data.corpus_ids[j]: float(s) for j, s in zip(row, srow, strict=True)}
+        for q, row, srow in zip(data.query_ids, top, top_scores, strict=True)
+    }
+    # ranked as trec_eval ranks a run file (ties by id, descending): the metrics below equal
+    # trec_eval's on the run that `write_trec_run` writes
+    ranked = [trec_order(run[q]) for q in data.query_ids]
     rels = [data.qrels[q] for q in data.query_ids]
     ndcg = ndcg_at_k(ranked, rels, 10)
     analysis = position_analysis(ndcg, data.relative_positions, data.doc_token_lengths)
-    return {
+    report = {
         "strategy": strategy,
         "max_length": encode_limit(model, tokenizer, max_length),
         "num_queries": len(data),
@@ -192,6 +206,7 @@ def evaluate_posir(
             "token_length": data.doc_token_lengths.tolist(),
         },
     }
+    return (report, run) if return_run else report
 
 
 @functools.lru_cache(maxsize=4)
@@ -267,6 +282,17 @@ def saliency_profile(
 
 def plot_report(report: dict, path: str | Path, saliency: dict | None = None) -> Path:
     """nDCG@10 by evidence position per length bucket (and the saliency curve when given)."""
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(report, saliency)
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def report_figure(report: dict, saliency: dict | None = None):
+    """The figure of :func:`plot_report`; the legend sits below the axes, clear of the data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,7 +302,7 @@ def plot_report(report: dict, path: str | Path, saliency: dict | None = None) ->
     n = analysis["num_bins"]
     centres = (np.arange(n) + 0.5) / n
     fig, axes = plt.subplots(
-        1, 2 if saliency else 1, figsize=(11 if saliency else 6.5, 4), squeeze=False
+        1, 2 if saliency else 1, figsize=(11 if saliency else 6.5, 5), squeeze=False
     )
     ax = axes[0, 0]
     for name in BUCKET_NAMES:
@@ -299,7 +325,13 @@ def plot_report(report: dict, path: str | Path, saliency: dict | None = None) ->
         f"{report['ndcg@10']:.3f}, PSI {report['psi']:.2f}",
         fontsize=9,
     )
-    ax.legend(fontsize=7)
+    sparse = analysis.get("sparse_buckets") or []
+    if sparse:  # the reader sees at once which curves are noise
+        ax.set_title(
+            f"{ax.get_title()}\nbins of {', '.join(sparse)} hold < 5 queries: their curves are noise",
+            fontsize=9,
+        )
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     if saliency:
         ax = axes[0, 1]
         x, m, s = (np.asarray(saliency[k]) for k in ("positions", "mean", "std"))
@@ -309,10 +341,7 @@ def plot_report(report: dict, path: str | Path, saliency: dict | None = None) ->
         ax.set_ylabel("normalised saliency")
         ax.set_title(f"gradient saliency (n={saliency['num_examples']})", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_report(report: dict, path: str | Path) -> Path:

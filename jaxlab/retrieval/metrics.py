@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "length_buckets",
     "position_bins",
     "position_analysis",
+    "SparseBinsWarning",
 ]
 
 BUCKET_EDGES = (0, 512, 1024, 1536)
@@ -100,9 +102,18 @@ def _bins_summary(ndcg, relpos, num_bins):
     return summary
 
 
-def position_analysis(ndcg, relpos, token_lengths, *, num_bins: int = 20) -> dict:
+class SparseBinsWarning(UserWarning):
+    """Position bins with too few queries: their means, PSI and trend are noise."""
+
+
+def position_analysis(
+    ndcg, relpos, token_lengths, *, num_bins: int = 20, min_bin_queries: int = 5
+) -> dict:
     """PosIR's analysis: overall nDCG@10 (mean over queries) and PSI, and per length bucket the bin
-    means, bucket score, PSI and trend statistics. Empty buckets are omitted."""
+    means, bucket score, PSI and trend statistics. Empty buckets are omitted.
+
+    A bucket whose non-empty bins hold fewer than ``min_bin_queries`` queries each (PSI over 7-12
+    queries is noise) is listed in ``report["sparse_buckets"]`` with a :class:`SparseBinsWarning`."""
     ndcg, relpos = np.asarray(ndcg, float), np.asarray(relpos, float)
     buckets = length_buckets(token_lengths)
     overall = _bins_summary(ndcg, relpos, num_bins)
@@ -117,4 +128,22 @@ def position_analysis(ndcg, relpos, token_lengths, *, num_bins: int = 20) -> dic
         sel = buckets == b
         if sel.any():
             report["buckets"][name] = _bins_summary(ndcg[sel], relpos[sel], num_bins)
+    sparse = {
+        name: min(c for c in b["bin_counts"] if c > 0)
+        for name, b in report["buckets"].items()
+        if any(0 < c < min_bin_queries for c in b["bin_counts"])
+    }
+    report["sparse_buckets"] = sorted(sparse)
+    if sparse:
+        detail = ", ".join(
+            f"{name} (n={report['buckets'][name]['n']}, smallest bin {c})"
+            for name, c in sparse.items()
+        )
+        warnings.warn(
+            f"position bins with fewer than {min_bin_queries} queries in {detail}: their bin "
+            f"means, PSI and slope are noise; build at least {min_bin_queries * num_bins} "
+            "queries per bucket",
+            SparseBinsWarning,
+            stacklevel=2,
+        )
     return report
