@@ -392,7 +392,7 @@ class RLTrainer:
         optimizer, controller, finished samples of open groups, the Engine's in-flight sequences
         (KV caches, tokens, behaviour log-probs, sampling key) and which request is which sample, so
         that a resumed run continues exactly as an uninterrupted one."""
-        arrays, engine_meta = self.engine.snapshot()
+        arrays, engine_meta = self._checkpoint_arrays()
         finished = {
             f"{g},{i}": dataclasses.asdict(c)
             for (g, i), c in self.finished.items()
@@ -417,13 +417,22 @@ class RLTrainer:
             force=force,
         )
 
+    def _checkpoint_arrays(self) -> tuple[Any, dict[str, Any]]:
+        """``(arrays, engine metadata)`` saved with each checkpoint: the Engine's snapshot
+        (subclasses with more array state, e.g. a teacher, add theirs)."""
+        return self.engine.snapshot()
+
+    def _restore_arrays(self, arrays: Any, engine_meta: dict[str, Any]) -> None:
+        """Puts restored ``arrays`` (as :meth:`_checkpoint_arrays` gave them) back in place."""
+        self.engine.restore_snapshot(arrays, engine_meta)
+
     def _restore(self) -> int | None:
         """Restores the latest checkpoint in ``workdir/checkpoints``, if any; returns its version."""
         if self.checkpointer.latest_step() is None:
             return None
         from jaxlab.generation.engine import Completion
 
-        arrays, _ = self.engine.snapshot()  # the target structure
+        arrays, _ = self._checkpoint_arrays()  # the target structure
         step, restored = self.checkpointer.restore(
             model=self.model, optimizer=self.optimizer, arrays=arrays
         )
@@ -439,7 +448,7 @@ class RLTrainer:
             self.timeline = _Timeline.from_state_dict(extra["timeline"])
             self._last_update_end = float(extra["last_update_end"])
         self.engine._set_model(self.model)  # the restored weights, without marking slots stale
-        self.engine.restore_snapshot(restored["arrays"], extra["engine"])
+        self._restore_arrays(restored["arrays"], extra["engine"])
         self.by_request = {int(r[0]): SampleRef(*map(int, r[1:])) for r in extra["requests"]}
         self.request_of = {ref: rid for rid, ref in self.by_request.items()}
         return step
