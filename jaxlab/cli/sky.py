@@ -90,7 +90,7 @@ def _subtract(args):
 
 def _evaluate(args):
     from jaxlab.sky import evaluate_sky, read_plate
-    from jaxlab.sky.plots import plot_sky
+    from jaxlab.sky.plots import fiber_row, plot_sky
 
     plots = [None] * len(args.plates)
     if args.plot:
@@ -98,10 +98,13 @@ def _evaluate(args):
             args.plot if len(args.plates) == 1 else args.plot.replace(".png", f"_{i + 1}.png")
             for i in range(len(args.plates))
         ]
+    if args.fiber is not None and not args.plot:
+        raise UserError("--fiber chooses the fibre of --plot; give --plot too")
     check_outputs(args, args.json, *plots)
     reports = {}
     for path, target in zip(args.plates, plots):
         plate = read_plate(path)
+        row = None if args.fiber is None else fiber_row(plate, args.fiber)
         rep = evaluate_sky(plate)
         rep["method"] = plate.meta.get("SKYMETH", "?")
         reports[path] = rep
@@ -122,7 +125,7 @@ def _evaluate(args):
                     f"  {key:24s} blue {v['blue']:7.3f}  red {v['red']:7.3f}  all {v['all']:7.3f}"
                 )
         if target:
-            plot_sky(plate, target)
+            plot_sky(plate, target, fiber=row)
             print(f"  plot: {target}")
     if args.json:
         with open(args.json, "w") as f:
@@ -179,6 +182,11 @@ def _sky_args(p):
         "--plot",
         help="PNG with a fibre's spectrum, residuals and error by wavelength "
         "(several plates: NAME_1.png, NAME_2.png, ...)",
+    )
+    e.add_argument(
+        "--fiber",
+        type=int,
+        help="FIBERID of the fibre to plot (default: the faintest object fibre)",
     )
     add_overwrite_arg(e)
 

@@ -18,6 +18,7 @@ from jaxlab.sky.plate import SkyFormatError as SkyFormatError
 from jaxlab.sky.plate import plate_from_lamost_spectra as plate_from_lamost_spectra
 from jaxlab.sky.plate import read_lamost_spectrum as read_lamost_spectrum
 from jaxlab.sky.plate import read_plate as read_plate
+from jaxlab.sky.plate import to_specutils as to_specutils
 from jaxlab.sky.plate import write_lamost_spectrum as write_lamost_spectrum
 from jaxlab.sky.plate import write_plate as write_plate
 from jaxlab.sky.simulate import PlateSimConfig as PlateSimConfig

@@ -294,20 +294,56 @@ def _check_plate(plate: Plate, where: str) -> None:
         _fiber_column(name, values, flux.shape[0], where)
 
 
+_COLUMN_UNITS = {"X": "mm", "Y": "mm"}  # focal-plane positions (TUNITn)
+
+
 def _fibermap_hdu(fibers: dict[str, np.ndarray], n_fibers: int) -> fits.BinTableHDU:
     cols = {}
     for name, values in fibers.items():
         a = _fiber_column(name, values, n_fibers, "plate")
         cols[name] = np.char.encode(a, "ascii") if a.dtype.kind == "U" else a
-    hdu = fits.table_to_hdu(Table(cols))
+    table = Table(cols)
+    for name, unit in _COLUMN_UNITS.items():
+        table[name].unit = unit
+    hdu = fits.table_to_hdu(table)
     hdu.name = "FIBERMAP"
     return hdu
 
 
-def _image_hdu(name: str, data: np.ndarray, dtype: type, unit: str | None) -> fits.ImageHDU:
+def spectral_wcs_cards(coeff0: float, coeff1: float) -> list[tuple[str, Any, str]]:
+    """FITS WCS keywords of axis 1 (wavelength) of an ``[F, W]`` image on the log-linear grid
+    10**(COEFF0 + COEFF1 * k), k = 0..W-1 (vacuum Angstrom).
+
+    FITS spectral WCS (Greisen et al. 2006) 'WAVE-LOG': lambda = CRVAL1 * exp(CDELT1 * (p - CRPIX1)
+    / CRVAL1) at 1-based pixel p, so CRVAL1 = 10**COEFF0 and CDELT1 = CRVAL1 * ln(10) * COEFF1.
+    COEFF0 / COEFF1 are kept beside them for LAMOST tools. Axis 2 is the fibre (row) index.
+    """
+    crval = 10.0 ** float(coeff0)
+    return [
+        ("WCSAXES", 2, "two WCS axes: wavelength, fibre"),
+        ("CTYPE1", "WAVE-LOG", "vacuum wavelength, log-linear grid"),
+        ("CUNIT1", "Angstrom", ""),
+        ("CRPIX1", 1.0, "reference pixel (1-based)"),
+        ("CRVAL1", crval, "wavelength of pixel 1 = 10**COEFF0"),
+        ("CDELT1", crval * np.log(10.0) * float(coeff1), "= CRVAL1 * ln(10) * COEFF1"),
+        ("CTYPE2", "FIBER", "fibre row (0-based index = pixel - 1)"),
+        ("CRPIX2", 1.0, ""),
+        ("CRVAL2", 0.0, ""),
+        ("CDELT2", 1.0, ""),
+        ("SPECSYS", "TOPOCENT", "wavelengths as observed"),
+        ("COEFF0", float(coeff0), "log10(lambda/Angstrom) of pixel 1 (LAMOST)"),
+        ("COEFF1", float(coeff1), "log10(lambda) step per pixel (LAMOST)"),
+    ]
+
+
+def _image_hdu(
+    name: str, data: np.ndarray, dtype: type, unit: str | None, wcs: list | None = None
+) -> fits.ImageHDU:
     hdu = fits.ImageHDU(np.ascontiguousarray(data, dtype=dtype), name=name)
     if unit:
         hdu.header["BUNIT"] = unit
+    for key, value, comment in wcs or ():
+        _set_card(hdu.header, key, value, comment)
     return hdu
 
 
@@ -361,16 +397,17 @@ def write_plate(plate: Plate, path: str | os.PathLike, overwrite: bool = False) 
 
     unit = plate.meta.get("BUNIT")
     unit = str(unit) if unit else None
+    wcs = spectral_wcs_cards(plate.coeff0, plate.coeff1)
     hdus: list[fits.hdu.base.ExtensionHDU] = [
-        _image_hdu("FLUX", plate.flux, np.float32, unit),
-        _image_hdu("IVAR", plate.ivar, np.float32, f"({unit})**-2" if unit else None),
-        _image_hdu("MASK", _as_int(plate.mask, np.int32, "MASK"), np.int32, None),
+        _image_hdu("FLUX", plate.flux, np.float32, unit, wcs),
+        _image_hdu("IVAR", plate.ivar, np.float32, f"({unit})**-2" if unit else None, wcs),
+        _image_hdu("MASK", _as_int(plate.mask, np.int32, "MASK"), np.int32, None, wcs),
         _fibermap_hdu(plate.fibers, n_fibers),
     ]
     for name in _LAYERS:
         layer = getattr(plate, name)
         if layer is not None:
-            hdus.append(_image_hdu(name.upper(), layer, np.float32, unit))
+            hdus.append(_image_hdu(name.upper(), layer, np.float32, unit, wcs))
     _atomic_write(fits.HDUList([primary, *hdus]), path, overwrite)
 
 
@@ -832,4 +869,49 @@ def plate_from_lamost_spectra(
         coeff0=grid[0],
         coeff1=grid[1],
         fibers=fibers,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# specutils
+# --------------------------------------------------------------------------------------------
+
+_SPECTRUM_LAYERS = ("flux", "skysub", "sky", "true_sky", "true_object")
+
+
+def to_specutils(plate: Plate, fiber: int, *, layer: str = "flux"):
+    """Row ``fiber`` (0-based) of a plate layer as a ``specutils.Spectrum``.
+
+    The spectral axis is the plate's vacuum wavelength grid in Angstrom [W]; flux is ``layer``'s
+    row [W] in ``meta["BUNIT"]`` (dimensionless when the plate has none: LAMOST flux is relative),
+    uncertainty the row's IVAR as ``InverseVariance`` and mask ``MASK != 0`` (True = bad, as
+    specutils has it). ``meta`` holds the fibre's table row and the plate's header entries.
+    """
+    import astropy.units as u
+    from astropy.nddata import InverseVariance
+    from specutils import Spectrum
+
+    if layer not in _SPECTRUM_LAYERS:
+        raise UserError(f"layer {layer!r}: expected one of {', '.join(_SPECTRUM_LAYERS)}")
+    values = getattr(plate, layer)
+    if values is None:
+        raise UserError(f"the plate has no {layer.upper()} layer")
+    if isinstance(fiber, (bool, np.bool_)) or not isinstance(fiber, (int, np.integer)):
+        raise UserError(f"fiber must be a row index (int), got {fiber!r}")
+    if not 0 <= int(fiber) < plate.n_fibers:
+        raise UserError(f"fiber {fiber}: the plate has rows 0..{plate.n_fibers - 1}")
+    fiber = int(fiber)
+    bunit = plate.meta.get("BUNIT")
+    unit = u.Unit(str(bunit), parse_strict="raise") if bunit else u.dimensionless_unscaled
+    ivar_unit = unit**-2
+    return Spectrum(
+        flux=np.asarray(values[fiber], np.float32) * unit,
+        spectral_axis=plate.wavelength * u.AA,
+        uncertainty=InverseVariance(np.asarray(plate.ivar[fiber], np.float32), unit=ivar_unit),
+        mask=np.asarray(plate.mask[fiber]) != 0,
+        meta={
+            "fiber": {k: np.asarray(v)[fiber].tolist() for k, v in plate.fibers.items()},
+            "header": dict(plate.meta),
+            "layer": layer,
+        },
     )
