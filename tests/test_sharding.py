@@ -355,3 +355,39 @@ def test_engine_decodes_tensor_parallel_like_one_device():
     assert k0.addressable_shards[0].data.shape[1] == cfg.num_kv_heads // 4
     q = engine._state["layers"][0]["self_attn"]["q_proj"]["kernel"]
     assert q[...].sharding.spec == P("fsdp", "tensor")
+
+
+def test_from_pretrained_reads_each_device_share_into_its_sharding(tmp_path, monkeypatch):
+    """``from_pretrained(dir, mesh=)``: every parameter lands in its rules' sharding with values
+    equal to the plain load, and a split parameter is read from safetensors one share at a time
+    (sharded checkpoint files, with an index, included)."""
+    from jaxlab.models import from_pretrained, save_pretrained
+    from jaxlab.models import loading
+
+    save_pretrained(Decoder(CFG, rngs=nnx.Rngs(3)), None, tmp_path, max_shard_size=20_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    plain, _ = from_pretrained(tmp_path)
+
+    reads: dict[str, list[tuple[int, ...]]] = {}
+    real = loading._SafetensorsTensor.__getitem__
+
+    def spy(self, index):
+        out = real(self, index)
+        reads.setdefault(self.key, []).append(out.shape)
+        return out
+
+    monkeypatch.setattr(loading._SafetensorsTensor, "__getitem__", spy)
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
+    model, _ = from_pretrained(tmp_path, mesh=mesh)
+
+    want = dict(nnx.to_flat_state(nnx.state(plain)))
+    specs = dict(nnx.to_flat_state(param_specs(nnx.state(model), mesh)))
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        a = var[...]
+        assert a.sharding.spec == specs[path].get_value(), path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(want[path][...]), err_msg=str(path))
+    q = model.layers.self_attn.q_proj.kernel[...]  # [L, E, H*D] split over fsdp x tensor
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (CFG.num_layers, 16, 8)
+    # HF stores q_proj as [H*D, E] per layer: each read is one share, transposed back
+    assert set(reads["model.layers.0.self_attn.q_proj.weight"]) == {(8, 16)}

@@ -163,10 +163,14 @@ def _tensors(reader, cfg: DecoderConfig, path: Path) -> Iterator[tuple[str, np.n
             yield f"model.layers.{layer}.{_NAMES[kind]}.{param}", w
 
 
-def load_gguf(path: str | Path, *, dtype=None, with_tokenizer: bool = True):
+def load_gguf(
+    path: str | Path, *, dtype=None, with_tokenizer: bool = True, mesh=None, rules=None
+):
     """``(model, tokenizer)`` from a GGUF file of a Llama / Qwen2 / Qwen3 decoder.
 
-    The tokenizer is None when the file carries no tokenizer metadata.
+    The tokenizer is None when the file carries no tokenizer metadata. With ``mesh``, each
+    parameter goes straight into its sharding by ``rules`` (:func:`~jaxlab.models.loading.
+    build_model`); GGUF tensors are dequantised whole on the host first.
     """
     import jax.numpy as jnp
 
@@ -176,7 +180,13 @@ def load_gguf(path: str | Path, *, dtype=None, with_tokenizer: bool = True):
     reader = _open(path)
     cfg = read_gguf_config(reader, path)
     model = build_model(
-        "decoder", cfg, _tensors(reader, cfg, path), dtype=dtype or jnp.float32, source=str(path)
+        "decoder",
+        cfg,
+        _tensors(reader, cfg, path),
+        dtype=dtype or jnp.float32,
+        source=str(path),
+        mesh=mesh,
+        rules=rules,
     )
     tokenizer = None
     if with_tokenizer and "tokenizer.ggml.model" in reader.fields:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -27,6 +28,7 @@ __all__ = [
     "load_hf_dir",
     "decoder_config_from_hf",
     "bert_config_from_hf",
+    "sentence_transformers_settings",
     "build_model",
 ]
 
@@ -96,8 +98,10 @@ def decoder_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
 
 
 def bert_config_from_hf(
-    hf: dict[str, Any], pooling: str = "mean", normalize: bool = False
+    hf: dict[str, Any], pooling: str = "mean", normalize: bool = False, **sentence: Any
 ) -> BertConfig:
+    """BertConfig from a transformers ``config.json``; ``sentence`` holds the
+    sentence-transformers settings (``prompts``, ``default_prompt_name``, ``pool_prompt``)."""
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise LoadError(
             f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported"
@@ -115,6 +119,7 @@ def bert_config_from_hf(
             hidden_act=hf.get("hidden_act", "gelu"),
             pooling=pooling,
             normalize=normalize,
+            **sentence,
         )
     except KeyError as e:
         raise LoadError(f"config.json of BERT model lacks {e.args[0]!r}") from None
@@ -122,32 +127,191 @@ def bert_config_from_hf(
         raise LoadError(f"unsupported BERT config: {e}") from None
 
 
-def _sentence_transformers_settings(path: Path) -> tuple[str, bool]:
-    """Pooling mode and normalisation from a sentence-transformers model directory, if present."""
+# sentence-transformers Pooling config: old boolean keys and the single "pooling_mode" of v6+
+_ST_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+}
+_ST_POOLING_NAMES = {
+    "cls": "cls",
+    "mean": "mean",
+    "max": "max",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+    "lasttoken": "lasttoken",
+    "weightedmean": "weightedmean",
+}
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{file}: not valid JSON: {e}") from None
+
+
+def sentence_transformers_settings(path: Path) -> dict[str, Any]:
+    """What a sentence-transformers model folder says beyond the HF checkpoint.
+
+    ``modules.json`` lists the modules: a Transformer (its ``path`` holds config.json, weights and
+    tokenizer; "" = the folder itself), a Pooling (mode from its config.json, old boolean keys or
+    v6's ``pooling_mode``; ``include_prompt``) and an optional Normalize. ``max_seq_length`` comes
+    from the Transformer's ``sentence_bert_config.json`` (else the tokenizer's model_max_length),
+    prompts from ``config_sentence_transformers.json``. A folder without modules.json is a plain
+    HF checkpoint: mean pooling, no normalisation. Modules jaxlab cannot run (Dense, ...) and
+    pooling modes it does not have are a LoadError naming them.
+    """
+    out: dict[str, Any] = {
+        "model_dir": path,
+        "pooling": "mean",
+        "normalize": False,
+        "max_seq_length": None,
+        "prompts": (),
+        "default_prompt_name": None,
+        "pool_prompt": True,
+    }
     modules_file = path / "modules.json"
     if not modules_file.is_file():
-        return "mean", False
-    pooling, normalize = "mean", False
-    for module in json.loads(modules_file.read_text()):
-        kind = module.get("type", "")
-        if kind.endswith("Normalize"):
-            normalize = True
-        elif kind.endswith("Pooling"):
-            cfg_file = path / module.get("path", "") / "config.json"
-            if cfg_file.is_file():
-                pc = json.loads(cfg_file.read_text())
-                if pc.get("pooling_mode_cls_token"):
-                    pooling = "cls"
-                elif pc.get("pooling_mode_max_tokens"):
-                    pooling = "max"
-    return pooling, normalize
+        return out
+    modules = _read_json(modules_file)
+    if not isinstance(modules, list):
+        raise LoadError(f"{modules_file}: must hold a list of modules")
+    seen = []
+    for module in sorted(modules, key=lambda m: m.get("idx", 0)):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        folder = path / module.get("path", "")
+        seen.append(kind)
+        if kind == "Transformer":
+            out["model_dir"] = folder
+            st = folder / "sentence_bert_config.json"
+            if st.is_file():
+                out["max_seq_length"] = _read_json(st).get("max_seq_length")
+        elif kind == "Pooling":
+            cfg_file = folder / "config.json"
+            pc = _read_json(cfg_file) if cfg_file.is_file() else {}
+            if "pooling_mode" in pc:
+                modes = [_ST_POOLING_NAMES.get(pc["pooling_mode"], pc["pooling_mode"])]
+            else:
+                modes = [name for key, name in _ST_POOLING_KEYS.items() if pc.get(key)]
+            if len(modes) != 1 or modes[0] not in (
+                "cls",
+                "mean",
+                "max",
+                "mean_sqrt_len",
+                "lasttoken",
+            ):
+                raise LoadError(
+                    f"{cfg_file}: pooling {modes or 'none'} is not supported; jaxlab pools by "
+                    "one of cls, mean, max, mean_sqrt_len_tokens, lasttoken"
+                )
+            out["pooling"] = modes[0]
+            out["pool_prompt"] = bool(pc.get("include_prompt", True))
+        elif kind == "Normalize":
+            out["normalize"] = True
+        else:
+            raise LoadError(
+                f"{modules_file}: module {module.get('type')!r} is not supported; jaxlab runs "
+                "Transformer, Pooling and Normalize"
+            )
+    if "Transformer" not in seen:
+        raise LoadError(f"{modules_file}: no Transformer module")
+    st_config = path / "config_sentence_transformers.json"
+    if st_config.is_file():
+        cfg = _read_json(st_config)
+        prompts = cfg.get("prompts") or {}
+        if not isinstance(prompts, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
+        ):
+            raise LoadError(f"{st_config}: 'prompts' must map names to strings")
+        out["prompts"] = tuple(sorted(prompts.items()))
+        default = cfg.get("default_prompt_name")
+        if default is not None and default not in prompts:
+            raise LoadError(
+                f"{st_config}: default_prompt_name {default!r} is not among the prompts "
+                f"{sorted(prompts)}"
+            )
+        out["default_prompt_name"] = default
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Weights
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+class _SafetensorsTensor:
+    """One tensor of an open safetensors file, read only when indexed: ``t[index]`` reads just
+    that slice from disk (how a sharded load reads each device's share), ``np.asarray(t)`` all."""
+
+    def __init__(self, reader, key: str, file: Path):
+        self._slice, self.key, self.file = reader.get_slice(key), key, file
+        self.shape = tuple(int(d) for d in self._slice.get_shape())
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        try:
+            return np.asarray(self._slice[index])
+        except Exception as e:
+            raise LoadError(f"{self.file}: cannot read {self.key}: {e}") from None
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[tuple(slice(None) for _ in self.shape)] if self.shape else self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+class _Transposed:
+    """``array.T`` of a lazily read matrix, indexed without reading the rest."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.ndim = array, tuple(reversed(array.shape)), array.ndim
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        return np.asarray(self.array[tuple(reversed(index))]).T
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.array, dtype).T
+
+
+class _Stacked:
+    """``np.stack(arrays)`` of per-layer tensors, indexed without reading the other layers."""
+
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+        self.shape = (len(arrays), *arrays[0].shape)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        layers = range(len(self.arrays))[index[0]]
+        return np.stack([np.asarray(self.arrays[i][index[1:]]) for i in layers])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.stack([np.asarray(a, dtype) for a in self.arrays])
+
+
+def _place(array, var: Any, sharding) -> jax.Array:
+    """``array`` (numpy or lazy) as a jax array of ``var``'s dtype in ``sharding``: each device's
+    share is read on its own (devices holding the same share read it once)."""
+    dtype = np.dtype(var.dtype)
+    shares: dict[tuple, np.ndarray] = {}
+
+    def share(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in shares:
+            shares[key] = np.asarray(array[index]).astype(dtype, copy=False)
+        return shares[key]
+
+    return jax.make_array_from_callback(tuple(var.shape), sharding, share)
+
+
+def _iter_safetensors(path: Path, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """``(name, array)`` of every tensor of an HF directory's safetensors files; ``lazy``: the
+    arrays are :class:`_SafetensorsTensor` views, read when indexed (the files stay open)."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
@@ -165,6 +329,11 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         if not f.is_file():
             raise LoadError(f"{path}: weight shard {name} listed in the index is missing")
         try:
+            if lazy:  # the reader stays open while the views live
+                reader = safe_open(str(f), framework="numpy")
+                for key in reader.keys():
+                    yield key, _SafetensorsTensor(reader, key, f)
+                continue
             with safe_open(str(f), framework="numpy") as reader:
                 for key in reader.keys():
                     yield key, reader.get_tensor(key)
@@ -256,6 +425,8 @@ def build_model(
     dtype,
     source: str,
     map_key: Callable | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
 ) -> nnx.Module:
     """Builds a model from ``(hf_name, array)`` pairs, checking every parameter is present and fits.
 
@@ -266,6 +437,9 @@ def build_model(
       dtype: parameter dtype.
       source: shown in error messages.
       map_key: maps an HF name to ``(our_path, layer_index or None, transpose)`` or None to skip.
+      mesh, rules: place every parameter directly in its sharding by the logical-name rules
+        (:mod:`jaxlab.sharding`); arrays that support it (lazy safetensors views) are then read
+        one device's share at a time, so no process holds a whole copy of a split parameter.
     """
     cls = Decoder if kind == "decoder" else BertEncoder
     map_key = map_key or (_map_decoder_key if kind == "decoder" else _map_bert_key)
@@ -273,6 +447,14 @@ def build_model(
     graphdef, abstract_state = nnx.split(abstract)
     expected = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(abstract_state)}
     num_layers = config.num_layers
+    shardings = None
+    if mesh is not None:
+        from jaxlab import sharding as sh
+
+        rules = sh.DEFAULT_RULES if rules is None else rules
+        sh.check_fits(abstract_state, mesh, rules)
+        flat = nnx.to_flat_state(sh.param_shardings(abstract_state, mesh, rules))
+        shardings = {tuple(str(p) for p in path): v.get_value() for path, v in flat}
 
     found: dict[tuple[str, ...], Any] = {}
     layered: dict[tuple[str, ...], list[Any]] = {}
@@ -287,7 +469,7 @@ def build_model(
             continue
         path, layer, transpose = mapped
         if transpose:
-            array = array.T
+            array = array.T if isinstance(array, np.ndarray) else _Transposed(array)
         if layer is not None and not getattr(config, "scan_layers", True):
             if layer >= num_layers:
                 raise LoadError(
@@ -316,7 +498,7 @@ def build_model(
         missing_layers = [i for i, a in enumerate(arrays) if a is None]
         if missing_layers:
             raise LoadError(f"{source}: {'.'.join(path)} is missing for layers {missing_layers}")
-        found[path] = np.stack(arrays)
+        found[path] = np.stack(arrays) if shardings is None else _Stacked(arrays)
 
     leaves = []
     for path, var in expected.items():
@@ -328,14 +510,22 @@ def build_model(
                 f"{source}: {'.'.join(path)} has shape {tuple(array.shape)}, "
                 f"the config needs {tuple(var.shape)}"
             )
-        leaves.append((path, jnp.asarray(array, dtype=var.dtype)))
+        if shardings is None:
+            leaves.append((path, jnp.asarray(np.asarray(array), dtype=var.dtype)))
+        else:
+            leaves.append((path, _place(array, var, shardings[path])))
     state = nnx.from_flat_state([(path, expected[path].replace(value)) for path, value in leaves])
     return nnx.merge(graphdef, state)
 
 
-def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
-    """``(model, tokenizer or None)`` from an HF checkpoint directory."""
+def load_hf_dir(
+    path: Path, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = None, rules: Any = None
+) -> tuple[nnx.Module, Any]:
+    """``(model, tokenizer or None)`` from an HF checkpoint directory; with ``mesh``, each
+    parameter is read per device share straight into its sharding (:func:`build_model`)."""
     path = Path(path)
+    settings = sentence_transformers_settings(path)
+    root, path = path, settings["model_dir"]  # a Transformer module may live in a sub-folder
     config_file = path / "config.json"
     if not config_file.is_file():
         raise LoadError(
@@ -351,21 +541,38 @@ def load_hf_dir(path: Path, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
     if model_type in DECODER_ARCHS:
         kind, config = "decoder", decoder_config_from_hf(hf)
     elif model_type == "bert":
-        pooling, normalize = _sentence_transformers_settings(path)
-        kind, config = "bert", bert_config_from_hf(hf, pooling, normalize)
+        kind, config = (
+            "bert",
+            bert_config_from_hf(
+                hf,
+                settings["pooling"],
+                settings["normalize"],
+                prompts=settings["prompts"],
+                default_prompt_name=settings["default_prompt_name"],
+                pool_prompt=settings["pool_prompt"],
+            ),
+        )
     else:
         raise LoadError(
             f"{path}: model_type {model_type!r} is not supported; supported: "
             f"{', '.join(DECODER_ARCHS.names())}, bert"
         )
-    model = build_model(kind, config, _iter_safetensors(path), dtype=dtype, source=str(path))
+    model = build_model(
+        kind,
+        config,
+        _iter_safetensors(path, lazy=mesh is not None),
+        dtype=dtype,
+        source=str(path),
+        mesh=mesh,
+        rules=rules,
+    )
     from jaxlab.tokenization import Tokenizer
 
     tokenizer = None
-    if Tokenizer.directory_has_tokenizer(path):
-        st_config = path / "sentence_bert_config.json"
-        limit = (
-            json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
-        )
-        tokenizer = Tokenizer.from_directory(path, model_max_length=limit)
+    for folder in (path, root):
+        if Tokenizer.directory_has_tokenizer(folder):
+            tokenizer = Tokenizer.from_directory(
+                folder, model_max_length=settings["max_seq_length"]
+            )
+            break
     return model, tokenizer

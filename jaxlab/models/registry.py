@@ -36,12 +36,15 @@ __all__ = [
 Loader = Callable[..., tuple[nnx.Module, Any]]  # loader(*, dtype) -> (model, tokenizer)
 
 
-def load_path(path: str | Path, *, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
-    """``(model, tokenizer)`` from a ``.gguf`` file or an HF checkpoint directory."""
+def load_path(
+    path: str | Path, *, dtype=jnp.float32, mesh=None, rules=None
+) -> tuple[nnx.Module, Any]:
+    """``(model, tokenizer)`` from a ``.gguf`` file or an HF checkpoint directory (placed on
+    ``mesh`` by ``rules`` when given, see :func:`from_pretrained`)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        return load_gguf(path, dtype=dtype)
-    return load_hf_dir(path, dtype)
+        return load_gguf(path, dtype=dtype, mesh=mesh, rules=rules)
+    return load_hf_dir(path, dtype, mesh=mesh, rules=rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +73,8 @@ class PackagedModel:
             )
         return path
 
-    def __call__(self, *, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
-        return load_path(self.path(), dtype=dtype)
+    def __call__(self, *, dtype=jnp.float32, mesh=None, rules=None) -> tuple[nnx.Module, Any]:
+        return load_path(self.path(), dtype=dtype, mesh=mesh, rules=rules)
 
 
 SMOLLM2_GGUF = "smollm2-135m-instruct"
@@ -109,23 +112,38 @@ def package_path(name: str) -> Path:
     return entry.path()
 
 
-def from_pretrained(source: str | Path, *, dtype=jnp.float32) -> tuple[nnx.Module, Any]:
+def from_pretrained(
+    source: str | Path, *, dtype=jnp.float32, mesh=None, rules=None
+) -> tuple[nnx.Module, Any]:
     """Loads ``(model, tokenizer)`` from a registered name, an HF directory or a ``.gguf`` file.
 
     Args:
       source: a name from :func:`pretrained_names`, a directory with ``config.json`` and
         ``*.safetensors`` (sharded checkpoints with an index included), or a ``.gguf`` file.
       dtype: parameter and compute dtype.
+      mesh: a :func:`jaxlab.mesh.make_mesh` mesh to place the model on: every parameter goes
+        straight into its sharding by ``rules`` (:data:`jaxlab.sharding.DEFAULT_RULES` when
+        None), read from safetensors one device share at a time, so no process holds a whole
+        copy of a split parameter; a model whose share does not fit a device fails before
+        anything is read.
 
     Returns:
       The model (a :class:`~jaxlab.models.Decoder` or :class:`~jaxlab.models.BertEncoder`) and a
       :class:`jaxlab.tokenization.Tokenizer`, or ``None`` where the directory has no tokenizer files.
     """
     if isinstance(source, str) and source in PRETRAINED:
-        return PRETRAINED.get(source)(dtype=dtype)
+        loader = PRETRAINED.get(source)
+        if mesh is None:
+            return loader(dtype=dtype)
+        if isinstance(loader, PackagedModel):
+            return loader(dtype=dtype, mesh=mesh, rules=rules)
+        from jaxlab.sharding import DEFAULT_RULES, shard_model  # a user loader: load, then place
+
+        model, tokenizer = loader(dtype=dtype)
+        return shard_model(model, mesh, DEFAULT_RULES if rules is None else rules), tokenizer
     path = Path(source)
     if path.suffix == ".gguf" or path.is_dir():
-        return load_path(path, dtype=dtype)
+        return load_path(path, dtype=dtype, mesh=mesh, rules=rules)
     raise LoadError(
         f"cannot load {str(source)!r}: it is not a registered name "
         f"({', '.join(pretrained_names()) or 'none registered'}), "
