@@ -6,7 +6,13 @@ import json
 import sys
 import time
 
-from jaxlab.cli._common import Command, require_decoder
+from jaxlab.cli._common import (
+    Command,
+    add_overwrite_arg,
+    check_outputs,
+    positive_int,
+    require_decoder,
+)
 from jaxlab.errors import UserError
 
 __all__ = ["COMMANDS"]
@@ -316,25 +322,88 @@ def _run_embed(args):
 
     from jaxlab.models import BertEncoder, encode, from_pretrained
 
+    if bool(args.text) == bool(args.input):
+        raise UserError("embed needs --text (repeatable) or --input FILE, not both")
+    if args.input:
+        if not args.output:
+            raise UserError("embed --input needs --output FILE.npy or FILE.parquet")
+        if not args.output.endswith((".npy", ".parquet")):
+            raise UserError(f"--output {args.output}: write a .npy or a .parquet file")
+        check_outputs(args, args.output)
+        ids, texts = _read_embed_input(args.input, args.field)  # checked before the model loads
     model, tokenizer = from_pretrained(args.model)
     if not isinstance(model, BertEncoder) or tokenizer is None:
         raise UserError(
             f"{args.model} is a {type(model).__name__}, not an encoder with a tokenizer; "
             "embed needs an encoder such as all-minilm-l6-v2"
         )
-    emb = encode(model, tokenizer, args.text, batch_size=args.batch_size)
-    np.set_printoptions(precision=4, suppress=True)
-    for text, e in zip(args.text, emb):
-        print(f"{text!r}: dim {e.shape[0]}, |e| = {np.linalg.norm(e):.4f}, first 4 = {e[:4]}")
-    if len(args.text) > 1:
-        print("cosine similarities:")
-        print(emb @ emb.T)
+    kw = dict(
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        prompt_name=args.prompt_name,
+        prompt=args.prompt,
+    )
+    if not args.input:
+        emb = encode(model, tokenizer, args.text, **kw)
+        np.set_printoptions(precision=4, suppress=True)
+        for text, e in zip(args.text, emb):
+            print(f"{text!r}: dim {e.shape[0]}, |e| = {np.linalg.norm(e):.4f}, first 4 = {e[:4]}")
+        if len(args.text) > 1:
+            print("cosine similarities:")
+            print(emb @ emb.T)
+        return
+    emb = encode(model, tokenizer, texts, progress=not args.quiet, **kw)
+    if args.output.endswith(".npy"):
+        np.save(args.output, emb)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        dim = emb.shape[1]
+        column = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim)
+        pq.write_table(pa.table({"id": ids, "text": texts, "embedding": column}), args.output)
+    print(f"wrote {args.output}: {emb.shape[0]} embeddings of dimension {emb.shape[1]}")
+
+
+def _read_embed_input(path: str, field: str) -> tuple[list[str], list[str]]:
+    """(ids, texts) of a text / JSONL / parquet file: a record's ``id`` (or ``_id``) when it has
+    one, else its 0-based position."""
+    from jaxlab.data import record_texts
+
+    ids, texts = [], []
+    for _, record, text in record_texts(path, field=field):
+        rid = record.get("id", record.get("_id", len(texts)))
+        ids.append(str(rid))
+        texts.append(text)
+    if not texts:
+        raise UserError(f"{path}: no texts to embed")
+    return ids, texts
 
 
 def _embed_args(p):
-    p.add_argument("--model", default="all-minilm-l6-v2", help="registered name or HF dir")
-    p.add_argument("--text", action="append", required=True, help="a text (repeatable)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per encoder call")
+    p.add_argument(
+        "--model",
+        default="all-minilm-l6-v2",
+        help="registered name or HF / sentence-transformers folder",
+    )
+    p.add_argument("--text", action="append", help="a text (repeatable): print its embedding")
+    p.add_argument(
+        "--input",
+        help="texts to embed: .txt (one per line), .jsonl or .parquet (field --field)",
+    )
+    p.add_argument(
+        "--output", help="embeddings to write: .npy [N, D] or .parquet (id, text, embedding)"
+    )
+    p.add_argument("--field", default="text", help="the text field of JSONL / parquet records")
+    p.add_argument(
+        "--prompt-name",
+        help="one of the model's prompts (sentence-transformers' prompts, e.g. query, document)",
+    )
+    p.add_argument("--prompt", help="a prefix put before every text (instead of --prompt-name)")
+    p.add_argument("--max-length", type=positive_int, help="tokens per text (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per encoder call")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_arg(p)
 
 
 COMMANDS = [

@@ -1,4 +1,5 @@
-"""BERT encoder (the MiniLM sentence-embedding family) in Flax NNX, with mean/CLS pooling.
+"""BERT encoder (the MiniLM sentence-embedding family) in Flax NNX, with sentence-transformers' pooling
+modes (mean, CLS, max, mean / sqrt(n), last token) and prompts.
 
 Letters: B batch, T tokens, E model width, H heads.
 """
@@ -18,7 +19,9 @@ from jaxlab.models.layers import LayerNorm, dense, logical_axes, scan_layers, st
 
 __all__ = ["BertConfig", "BertEncoder", "pool"]
 
-_POOLING = ("mean", "cls", "max")
+# sentence-transformers' pooling modes: mean, cls, max, mean_sqrt_len_tokens (sum / sqrt(n)),
+# lasttoken (the last real token of a right-padded row)
+_POOLING = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,6 +40,11 @@ class BertConfig:
     pooling: str = "mean"
     normalize: bool = False
     attention_implementation: str = "xla"
+    # sentence-transformers' prompts: (name, prefix) pairs, e.g. (("query", "query: "),), the one
+    # used when no prompt is named, and whether the prompt's tokens are pooled (include_prompt)
+    prompts: tuple[tuple[str, str], ...] = ()
+    default_prompt_name: str | None = None
+    pool_prompt: bool = True
 
     def __post_init__(self):
         check_positive(
@@ -61,6 +69,19 @@ class BertConfig:
         )
         check(
             self.pooling in _POOLING, "pooling", f"{self.pooling!r} is not one of {list(_POOLING)}"
+        )
+        check(
+            all(
+                isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                for p in self.prompts
+            ),
+            "prompts",
+            f"{self.prompts!r} must be (name, prefix) string pairs",
+        )
+        check(
+            self.default_prompt_name is None or self.default_prompt_name in dict(self.prompts),
+            "default_prompt_name",
+            f"{self.default_prompt_name!r} is not one of the prompts {list(dict(self.prompts))}",
         )
         check(
             self.attention_implementation in attention_implementations(),
@@ -192,12 +213,17 @@ class BertEncoder(nnx.Module):
         x, _ = scan_layers(self.layers, lambda layer, h, _: (layer(h, mask), None), x)
         return x
 
-    def embed(self, input_ids, *, attention_mask=None, token_type_ids=None) -> jax.Array:
-        """Sentence embeddings ``[B, E]`` in float32, pooled and (if configured) L2-normalised."""
+    def embed(
+        self, input_ids, *, attention_mask=None, token_type_ids=None, pool_mask=None
+    ) -> jax.Array:
+        """Sentence embeddings ``[B, E]`` in float32, pooled and (if configured) L2-normalised.
+        ``pool_mask`` ``[B, T]`` (default: the attention mask) picks the tokens pooled, e.g.
+        without a prompt's tokens when the model does not pool them."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         hidden = self(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        return pool(hidden, attention_mask, self.config.pooling, self.config.normalize)
+        mask = attention_mask if pool_mask is None else pool_mask
+        return pool(hidden, mask, self.config.pooling, self.config.normalize)
 
 
 def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str = "mean", normalize: bool = False):
@@ -211,6 +237,12 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str = "mean", norma
         out = h[:, 0]
     elif mode == "max":
         out = jnp.max(jnp.where(m > 0, h, -1e9), axis=1)
+    elif mode == "mean_sqrt_len":
+        out = jnp.sum(h * m, axis=1) / jnp.sqrt(jnp.maximum(jnp.sum(m, axis=1), 1e-9))
+    elif mode == "lasttoken":  # the last real token (rows padded on the right)
+        t = h.shape[1]
+        last = jnp.max(jnp.where(m[..., 0] > 0, jnp.arange(t)[None], 0), axis=1)
+        out = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     else:
         raise ValueError(f"unknown pooling {mode!r}; known: {list(_POOLING)}")
     if normalize:

@@ -15,7 +15,7 @@ from jaxlab.models.bert import BertEncoder
 from jaxlab.progress import progress as progress_bar
 from jaxlab.tokenization import Tokenizer, bucket_length
 
-__all__ = ["encode", "encode_ids", "encode_limit"]
+__all__ = ["encode", "encode_ids", "encode_limit", "resolve_prompt"]
 
 
 # Texts per step of the loop inside the jitted batch on CPU: a micro-batch's activations (~1K
@@ -28,14 +28,17 @@ MICRO_BATCH = 4
 @functools.lru_cache(maxsize=8)
 def _embed_fn(graphdef):
     @jax.jit
-    def run(state, ids, mask):
+    def run(state, ids, mask, skip):
+        """``skip`` [B]: leading tokens of each row left out of pooling (a prompt not pooled)."""
         model = nnx.merge(graphdef, state)
         b, t = ids.shape
+        pool_mask = mask & (jnp.arange(t)[None] >= skip[:, None])
         m = MICRO_BATCH if b % MICRO_BATCH == 0 else 1
         if m == b or jax.default_backend() != "cpu":
-            return model.embed(ids, attention_mask=mask)
-        step = lambda xs: model.embed(xs[0], attention_mask=xs[1])
-        out = jax.lax.map(step, (ids.reshape(b // m, m, t), mask.reshape(b // m, m, t)))
+            return model.embed(ids, attention_mask=mask, pool_mask=pool_mask)
+        step = lambda xs: model.embed(xs[0], attention_mask=xs[1], pool_mask=xs[2])
+        split = lambda x: x.reshape(b // m, m, t)
+        out = jax.lax.map(step, (split(ids), split(mask), split(pool_mask)))
         return out.reshape(b, -1)
 
     return run
@@ -60,12 +63,19 @@ def encode(
     batch_size: int = 32,
     max_length: int | None = None,
     progress: bool = False,
+    prompt_name: str | None = None,
+    prompt: str | None = None,
 ) -> np.ndarray:
     """Embeds ``texts`` into ``[N, E]`` float32, pooled and normalised as the model is configured.
 
     Texts are sorted by length and batched so that padding is small; texts longer than the
     model's limit (``max_length``, else the tokenizer's, else the position table) are truncated
     with a warning.
+
+    As in sentence-transformers, ``prompt`` (a string) or ``prompt_name`` (one of the model's
+    ``prompts``, e.g. "query" / "document"; default: the model's ``default_prompt_name``) is put
+    before every text; a model whose pooling excludes the prompt (``include_prompt: false``) pools
+    the text's tokens only.
     """
     if isinstance(texts, str):
         raise TypeError("encode expects a list of texts; wrap a single text in a list")
@@ -77,14 +87,43 @@ def encode(
     dim = model.config.hidden_size
     if n == 0:
         return np.zeros((0, dim), np.float32)
+    prefix = resolve_prompt(model, prompt_name, prompt)
     limit = encode_limit(model, tokenizer, max_length)
+    skip = 0
+    if prefix:
+        texts = [prefix + t for t in texts]
+        if not model.config.pool_prompt:  # [CLS] and the prompt's tokens (sentence-transformers)
+            skip = len(tokenizer.encode(prefix, add_special_tokens=True)) - 1
     rows, cut = tokenizer.encode_truncated(texts, limit)
     if cut:
         warnings.warn(
             f"encode: {cut} of {n} texts were longer than {limit} tokens and were truncated",
             stacklevel=2,
         )
-    return encode_ids(model, tokenizer, rows, batch_size=batch_size, limit=limit, progress=progress)
+    return encode_ids(
+        model, tokenizer, rows, batch_size=batch_size, limit=limit, progress=progress, skip=skip
+    )
+
+
+def resolve_prompt(model: BertEncoder, prompt_name: str | None, prompt: str | None) -> str:
+    """The prefix put before each text: ``prompt``, else the model's prompt ``prompt_name``, else
+    its default prompt, else none."""
+    if prompt is not None and prompt_name is not None:
+        raise ValueError("give prompt or prompt_name, not both")
+    if prompt is not None:
+        return prompt
+    prompts = dict(model.config.prompts)
+    name = prompt_name if prompt_name is not None else model.config.default_prompt_name
+    if name is None:
+        return ""
+    if name not in prompts:
+        from jaxlab.errors import UserError
+
+        raise UserError(
+            f"prompt name {name!r}: the model has "
+            + (f"prompts {sorted(prompts)}" if prompts else "no prompts")
+        )
+    return prompts[name]
 
 
 def encode_ids(
@@ -95,8 +134,10 @@ def encode_ids(
     batch_size: int = 32,
     limit: int | None = None,
     progress: bool = False,
+    skip: int = 0,
 ) -> np.ndarray:
-    """Embeds already tokenized rows (special tokens included, each at most ``limit`` long)."""
+    """Embeds already tokenized rows (special tokens included, each at most ``limit`` long);
+    the first ``skip`` tokens of each row are not pooled."""
     n = len(rows)
     dim = model.config.hidden_size
     limit = limit or model.config.max_position_embeddings
@@ -117,6 +158,8 @@ def encode_ids(
         width = bucket_length(max(len(r) for r in chunk), limit)
         chunk += [[]] * (padded - len(chunk))  # a fixed batch shape: one compile per bucket
         batch = tokenizer.pad(chunk, pad_to=width, side="right")
-        emb = run(state, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
+        skips = jnp.full((padded,), skip, jnp.int32)
+        mask = jnp.asarray(batch.attention_mask).astype(bool)
+        emb = run(state, jnp.asarray(batch.input_ids), mask, skips)
         out[idx] = np.asarray(emb)[: len(idx)]
     return out
