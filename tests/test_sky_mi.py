@@ -399,3 +399,39 @@ def test_bad_inputs_raise():
         )
     with pytest.raises(TypeError):
         mi.jsd_lower_bound(jnp.zeros((3,), jnp.int32), jnp.zeros((3,)))
+
+
+def test_gaussian_conditional_floor_and_bound_keep_club_finite():
+    """A q whose raw log-variance collapses (-200) and whose mean runs off (1e6): without the floor
+    and bound CLUB overflows; with them logvar >= log floor, |mu| <= b, and CLUB stays within the
+    bound D (2b)^2 / (2 floor), checked against a float64 evaluation of the same q."""
+    rng = np.random.default_rng(3)
+    d, floor, bound = 4, 0.05, 1.0
+    q = mi.GaussianConditional(
+        d, d, hidden=(8,), var_floor=floor, mean_bound=bound, rngs=nnx.Rngs(0)
+    )
+    free = mi.GaussianConditional(d, d, hidden=(8,), rngs=nnx.Rngs(0))
+    for m in (q, free):
+        for head, value in ((m.logvar, -200.0), (m.mu, 1e6)):
+            last = head.layers[-1]
+            last.kernel[...] = jnp.zeros_like(last.kernel[...])
+            last.bias[...] = jnp.full_like(last.bias[...], value)
+    x = f32(rng.uniform(-1, 1, (64, d)))
+    y = f32(np.tanh(rng.normal(size=(64, d))))  # in [-1, 1], as SMI's tanh(z)
+    run = nnx.jit(lambda m, x, y: (*m(x), m.club(x, y)))  # one compile instead of eager ops
+    mu, logvar, club = run(q, x, y)
+    assert float(jnp.min(logvar)) >= math.log(floor) - 1e-6
+    assert float(jnp.max(jnp.abs(mu))) <= bound
+    club = float(club)
+    # float64: var = floor + exp(-200) ~ floor, mu = b tanh(1e6 / b) = b.
+    yy = np.asarray(y, np.float64)
+    var = floor + math.exp(-200.0)
+    neg = np.mean((yy[None, :, :] - bound) ** 2, axis=1)  # mean_j (y_j - mu)^2 per row (same mu)
+    pos = (yy - bound) ** 2
+    want = 0.5 * np.mean(np.sum(neg - pos, -1)) / var
+    assert club == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert abs(club) <= d * (2 * bound) ** 2 / (2 * floor)
+    free_club = float(run(free, x, y)[2])
+    assert not np.isfinite(free_club) or abs(free_club) > 1e10
+    with pytest.raises(ValueError, match="var_floor"):
+        mi.GaussianConditional(d, d, var_floor=0.0, rngs=nnx.Rngs(0))

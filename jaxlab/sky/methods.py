@@ -1,4 +1,5 @@
-"""Sky-subtraction methods by name: ``supersky`` and ``pca`` (the pipeline baselines) and ``smi``.
+"""Sky-subtraction methods by name: ``supersky`` and ``pca`` (the pipeline baselines), ``smi`` and
+``smi-safe`` (SMI with the sky-fibre cross-validation safety net of :mod:`jaxlab.sky.safety`).
 
 ``estimate_sky(plate, "pca")`` is what ``python -m jaxlab sky subtract --method pca`` runs; the
 command's ``choices`` are :data:`METHODS`' names. SMI needs a model trained beforehand
@@ -56,6 +57,30 @@ METHODS.register(
 )
 METHODS.register(
     "smi", SkyMethod(_smi, needs_model=True, description="SMI networks (a trained model)")
+)
+
+
+def _smi_safe(plate: Plate, model) -> np.ndarray:
+    from jaxlab.sky.safety import safe_sky
+    from jaxlab.sky.smi import load_smi, smi_sky
+
+    if isinstance(model, str | os.PathLike):
+        model = load_smi(model)
+    sky, report = safe_sky(plate, lambda p: smi_sky(model, p))
+    LAST_REPORT.clear()
+    LAST_REPORT.update(report)
+    return sky
+
+
+LAST_REPORT: dict = {}  # the safety net's report for the last `smi-safe` plate
+
+METHODS.register(
+    "smi-safe",
+    SkyMethod(
+        _smi_safe,
+        needs_model=True,
+        description="SMI blended towards Super Sky by sky-fibre cross-validation (jaxlab.sky.safety)",
+    ),
 )
 
 

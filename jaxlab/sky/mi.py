@@ -262,14 +262,39 @@ class GaussianConditional(nnx.Module):
 
     Train it by maximising `log_likelihood` on joint samples (with the encoders' outputs held
     fixed), then use `club` (or `club_upper_bound` on its outputs) as the MI penalty.
+
+    ``var_floor`` (optional) bounds the variance below: ``var = var_floor + exp(raw)``, so
+    ``logvar >= log var_floor``; ``mean_bound`` (optional) bounds the mean,
+    ``mu = b tanh(raw / b)``. With both, and ``y`` in ``[-b, b]``, every term of the CLUB estimate
+    is bounded: ``|CLUB| <= D (2b)² / (2 var_floor)``. Without a floor a collapsing ``q`` can drive
+    ``1/var`` and with it the estimate to overflow.
     """
 
-    def __init__(self, x_dim: int, y_dim: int, *, hidden: Sequence[int] = (64,), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        x_dim: int,
+        y_dim: int,
+        *,
+        hidden: Sequence[int] = (64,),
+        var_floor: float | None = None,
+        mean_bound: float | None = None,
+        rngs: nnx.Rngs,
+    ):
+        for name, v in (("var_floor", var_floor), ("mean_bound", mean_bound)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"GaussianConditional: {name} must be > 0 or None, got {v}")
         self.mu = _MLP(x_dim, hidden, y_dim, rngs=rngs)
         self.logvar = _MLP(x_dim, hidden, y_dim, rngs=rngs)
+        self.var_floor = var_floor
+        self.mean_bound = mean_bound
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.mu(x), self.logvar(x)
+        mu, logvar = self.mu(x), self.logvar(x)
+        if self.mean_bound is not None:
+            mu = self.mean_bound * jnp.tanh(mu / self.mean_bound)
+        if self.var_floor is not None:  # log(floor + exp(raw)), smooth and >= log(floor)
+            logvar = jnp.logaddexp(logvar, math.log(self.var_floor))
+        return mu, logvar
 
     def log_likelihood(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """Mean over the batch of ``log q(y_i|x_i)``, scalar (the training objective)."""

@@ -39,11 +39,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from scipy import ndimage
 
 from jaxlab.errors import OutputExistsError, UserError
+from jaxlab.optim import NonFiniteError, make_optimizer
 from jaxlab.progress import progress as progress_bar
 from jaxlab.sky import mi
 from jaxlab.sky.baselines import sky_line_pixels
@@ -70,6 +70,26 @@ class SMIConfig:
     club_weight: float = 0.05
     fibers_per_plate: int = 64  # fibres sampled per plate and step
     seed: int = 0
+    # Stability: every stage's optimizer is AdamW with global-norm clipping and a linear warmup
+    # then cosine decay over the stage (jaxlab.optim.make_optimizer); CLUB's q has a variance
+    # floor and a bounded mean, and is applied to the bounded individual corrections tanh(z).
+    grad_clip: float = 1.0
+    warmup_steps: int = 20
+    club_var_floor: float = 0.05
+
+    def __post_init__(self):
+        from jaxlab.config import check, check_positive
+
+        check_positive(self, "n_basis", "hidden", "shift_hidden", "window", "max_shift_pix")
+        check_positive(self, "highpass_sigma", "focal_radius_mm", "learning_rate")
+        check_positive(self, "fibers_per_plate", "grad_clip", "club_var_floor")
+        for name in ("steps_shift", "steps_shared", "steps_individual", "warmup_steps"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(
+            self.spatial_degree >= 0, "spatial_degree", f"must be >= 0, got {self.spatial_degree}"
+        )
+        check(self.ridge >= 0, "ridge", f"must be >= 0, got {self.ridge}")
+        check(self.fibers_per_plate >= 2, "fibers_per_plate", "must be >= 2 (InfoNCE pairs)")
 
 
 # -- differentiable resampling ---------------------------------------------------------------------
@@ -151,7 +171,9 @@ class SMIModel(nnx.Module):
         last = self.individual.layers[-1]  # z starts at 0: stage (b) refines the closed-form sky
         last.kernel[...] = jnp.zeros_like(last.kernel[...])
         self.critic = mi.SeparableCritic(k + 1, k + 1, embed_dim=32, hidden=(64,), rngs=rngs)
-        self.club = mi.GaussianConditional(k + 1, k + 1, hidden=(64,), rngs=rngs)
+        self.club = mi.GaussianConditional(
+            k + 1, k + 1, hidden=(64,), var_floor=config.club_var_floor, mean_bound=1.0, rngs=rngs
+        )
 
 
 # -- plate preparation (numpy) ---------------------------------------------------------------------
@@ -245,8 +267,16 @@ def _flat_windows(prepared: Sequence[_Prepared], anchors: np.ndarray, window: in
 # -- training --------------------------------------------------------------------------------------
 
 
-def _optimizer(model, lr, wrt):
-    return nnx.Optimizer(model, optax.adam(lr), wrt=wrt)
+def _optimizer(model, config: SMIConfig, steps: int, wrt):
+    """AdamW with global-norm clipping, linear warmup and cosine decay over the stage's steps."""
+    warmup = min(config.warmup_steps, max(steps // 4, 0))
+    tx = make_optimizer(
+        lr=config.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1),
+        grad_clip=config.grad_clip,
+    )
+    return nnx.Optimizer(model, tx, wrt=wrt)
 
 
 def _aligned(model: SMIModel, prep: _Prepared):
@@ -342,8 +372,15 @@ def train_smi(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    init: SMIModel | None = None,
 ) -> tuple[SMIModel, dict]:
     """Train SMI on `plates` (sky fibres flagged; truth layers, if any, are never read).
+
+    Training is self-supervised: it needs no truth, so `plates` can be the user's own plates (the
+    plates of a night). `init` continues from a trained model ("incremental training"): its
+    calibration network, encoders, critic and CLUB q are the starting point and its sky-line pixels
+    are kept, while the decoder basis is re-derived from `plates`' sky fibres, so the model follows
+    the night's sky; `config` must have the same network sizes as `init`'s.
 
     Returns (model, history) with per-stage losses and seconds.
     """
@@ -357,6 +394,12 @@ def train_smi(
             raise UserError(
                 "all training plates must share one wavelength grid (COEFF0, COEFF1, NPIX)"
             )
+    if init is not None:
+        arch = ("n_basis", "hidden", "shift_hidden", "window", "highpass_sigma")
+        diff = [a for a in arch if getattr(init.config, a) != getattr(config, a)]
+        if diff or init.basis.shape[1] != grid[2]:
+            what = f"config fields {diff}" if diff else f"{init.basis.shape[1]} pixels"
+            raise UserError(f"cannot continue training from the given model: {what} differ")
     rngs = nnx.Rngs(config.seed)
     rng = np.random.default_rng(config.seed)
     prepared = [_prepare(p, config) for p in plates]
@@ -366,8 +409,12 @@ def train_smi(
 
     # Stage 0: wavelength calibration, self-supervised on anchor lines.
     model = SMIModel(config, grid[2], np.zeros(1, int), anchors, rngs=rngs)
+    if init is not None:
+        if init.anchor_pix.shape != model.anchor_pix.shape:
+            raise UserError("cannot continue training: the plates' grid holds other anchor lines")
+        nnx.update(model.calibration, nnx.state(init.calibration))
     windows, wivar = _flat_windows(prepared, anchors, config.window)
-    opt = _optimizer(model.calibration, config.learning_rate, nnx.Param)
+    opt = _optimizer(model.calibration, config, config.steps_shift, nnx.Param)
 
     ppa = 1.0 / (plates[0].wavelength * np.log(10.0) * plates[0].coeff1)
     model.pix_per_angstrom[...] = jnp.asarray(ppa, jnp.float32)
@@ -400,7 +447,12 @@ def train_smi(
     _, _, vt = np.linalg.svd(sky_spec - mean, full_matrices=False)
     basis = np.concatenate([mean[None], vt[: config.n_basis]])
     line_pix = np.nonzero(sky_line_pixels(mean, threshold=0.05))[0]
+    if init is not None:  # the encoders read these pixels: keep them
+        line_pix = np.asarray(init.line_pixels[...])
     model = _rebuild(model, config, grid[2], line_pix, anchors, basis, rngs)
+    if init is not None:
+        for name in ("shared", "individual", "critic", "club"):
+            nnx.update(getattr(model, name), nnx.state(getattr(init, name)))
     hpb = _highpass_jax(jnp.asarray(basis, jnp.float32), config.highpass_sigma)[:, line_pix]
     model.hp_basis[...] = hpb
     tensors = []
@@ -421,7 +473,7 @@ def train_smi(
 
     # Stage (a): common code, InfoNCE between fibres of the same plate.
     shared_wrt = _select("shared", "critic")
-    opt = _optimizer(model, config.learning_rate, shared_wrt)
+    opt = _optimizer(model, config, config.steps_shared, shared_wrt)
     n_plate = len(tensors)
     m = config.fibers_per_plate
 
@@ -456,16 +508,19 @@ def train_smi(
 
     # Stage (b): individual codes, CLUB between adjoining fibres, smooth field from sky fibres.
     z_wrt, q_wrt = _select("individual"), _select("club")
-    opt = _optimizer(model, config.learning_rate, z_wrt)
-    opt_q = _optimizer(model, config.learning_rate, q_wrt)
+    opt = _optimizer(model, config, config.steps_individual, z_wrt)
+    opt_q = _optimizer(model, config, config.steps_individual, q_wrt)
 
     @nnx.jit
     def individual_step(model, opt, opt_q, t: _PlateTensors):
         # First the variational q(z_neighbour | z) is fitted to the current codes (maximum
         # likelihood, z held fixed), then the encoder steps against that q. The other order (encoder
         # against last step's q) let q's variance collapse and the CLUB term diverge to NaN.
+        # CLUB acts on the bounded corrections u = tanh(z) in [-1, 1] (what the sky uses), with a
+        # q whose mean is bounded and variance floored: the estimate cannot run away (it reached
+        # ~1e28 on z itself with an unfloored q).
         _, z, _ = _codes(model, t, individual=True)
-        zs = jax.lax.stop_gradient(z)
+        zs = jax.lax.stop_gradient(jnp.tanh(z))
 
         def q_loss(model):
             return -model.club.log_likelihood(zs, zs[t.neighbour])
@@ -476,7 +531,8 @@ def train_smi(
         def loss_fn(model):
             codes, z, _ = _codes(model, t, individual=True)
             rec = _line_loss(codes, t, hpb)
-            club = model.club.club(z, z[t.neighbour])
+            u = jnp.tanh(z)
+            club = model.club.club(u, u[t.neighbour])
             return rec + config.club_weight * club, (rec, club)
 
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, z_wrt), has_aux=True)
@@ -496,12 +552,6 @@ def train_smi(
         say,
     )
     history["seconds"] = time.perf_counter() - start
-    for stage in ("calibration", "common", "individual"):
-        bad = [
-            k for k, v in history[stage].items() if isinstance(v, list) and not np.isfinite(v).all()
-        ]
-        if bad:
-            raise FloatingPointError(f"SMI training diverged in stage {stage!r} ({', '.join(bad)})")
     return model, history
 
 
@@ -519,7 +569,14 @@ def _run_stage(
     bar = progress_bar(range(steps), desc=desc, enabled=progress)
     for step in bar:
         for k, v in step_fn(step).items():
-            hist.setdefault(k, []).append(float(v))
+            v = float(v)
+            if not np.isfinite(v):
+                raise NonFiniteError(
+                    f"{desc}: step {step}: {k} = {v} is not finite; training stopped (nothing was "
+                    "saved). Lower SMIConfig.learning_rate or grad_clip, or check the plates for "
+                    "NaN/inf flux with IVAR > 0"
+                )
+            hist.setdefault(k, []).append(v)
         bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in hist.items()})
     hist["seconds"] = time.perf_counter() - t0
     trend = ", ".join(f"{k} {v[0]:.3f} -> {v[-1]:.3f}" for k, v in hist.items() if k != "seconds")

@@ -1,0 +1,104 @@
+"""SMI training with 1 and with 8 visible (virtual CPU) devices gives the same sky error.
+
+    python scripts/sky_device_check.py [--train 16] [--steps 300] [--seeds 0] [--test 3]
+
+Each run is a fresh process with XLA_FLAGS=--xla_force_host_platform_device_count=N (which changes
+how XLA partitions work on the CPU, so float rounding differs); it trains SMI on `--train`
+simulated plates (seeds 1000+) with each model seed in `--seeds` and measures the sky error on
+`--test` held-out plates (seeds 0..). Prints the CLUB range of the individual stage and the relative
+difference of the mean sky error between the device counts; exits 1 if it is above 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def worker(args) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxlab.sky import SMIConfig, evaluate_sky, simulate_plate, smi_sky, train_smi
+
+    train = [simulate_plate(1000 + i) for i in range(args.train)]
+    tests = [simulate_plate(i) for i in range(args.test)]
+    out = {"devices": jax.device_count(), "runs": []}
+    for seed in args.seeds:
+        cfg = SMIConfig(
+            steps_shift=args.steps, steps_shared=args.steps, steps_individual=args.steps, seed=seed
+        )
+        model, hist = train_smi(train, cfg, progress=False)
+        errs = [evaluate_sky(p, smi_sky(model, p))["sky_error_pct"] for p in tests]
+        club = hist["individual"]["club"]
+        out["runs"].append(
+            {
+                "seed": seed,
+                "sky_error_all": float(np.mean([e["all"] for e in errs])),
+                "sky_error_blue": float(np.mean([e["blue"] for e in errs])),
+                "club_min": float(np.min(club)),
+                "club_max": float(np.max(club)),
+                "seconds": hist["seconds"],
+            }
+        )
+        print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--train", type=int, default=16)
+    ap.add_argument("--test", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    results = {}
+    for n in (1, 8):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--train",
+            str(args.train),
+            "--test",
+            str(args.test),
+            "--steps",
+            str(args.steps),
+            "--seeds",
+            *map(str, args.seeds),
+        ]
+        print(f"{n} device(s): {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        sys.stderr.write(proc.stderr[-4000:])
+        if proc.returncode:
+            sys.exit(f"worker with {n} device(s) failed ({proc.returncode})")
+        results[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    worst = 0.0
+    for a, b in zip(results[1]["runs"], results[8]["runs"]):
+        for key in ("sky_error_all", "sky_error_blue"):
+            rel = abs(a[key] - b[key]) / a[key]
+            worst = max(worst, rel)
+            print(
+                f"seed {a['seed']} {key}: 1 device {a[key]:.3f} %, 8 devices {b[key]:.3f} % "
+                f"(relative difference {100 * rel:.2f} %)"
+            )
+        print(
+            f"  CLUB range: 1 device [{a['club_min']:.3f}, {a['club_max']:.3f}], "
+            f"8 devices [{b['club_min']:.3f}, {b['club_max']:.3f}]"
+        )
+    print(f"largest relative difference {100 * worst:.2f} % (limit 5 %)")
+    sys.exit(0 if worst <= 0.05 else 1)
+
+
+if __name__ == "__main__":
+    main()
