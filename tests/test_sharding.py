@@ -391,3 +391,31 @@ def test_from_pretrained_reads_each_device_share_into_its_sharding(tmp_path, mon
     assert q.addressable_shards[0].data.shape == (CFG.num_layers, 16, 8)
     # HF stores q_proj as [H*D, E] per layer: each read is one share, transposed back
     assert set(reads["model.layers.0.self_attn.q_proj.weight"]) == {(8, 16)}
+
+
+def test_rl_and_train_lm_take_the_compute_dtype_from_config_and_cli(tmp_path):
+    """``dtype`` / ``param_dtype`` in the RL config build a bfloat16-compute policy with float32
+    weights; ``--dtype`` on ``rl train`` and ``train-lm`` is ``--set dtype=``; bad names fail."""
+    from jaxlab.cli import build_parser
+    from jaxlab.cli._common import dtype_overrides
+    from jaxlab.config import ConfigError, load_config
+    from jaxlab.rl.trainer import RLTrainConfig, _load_policy
+
+    model, _ = _load_policy(RLTrainConfig(model="tiny", dtype="bfloat16"))
+    assert model.dtype == jnp.bfloat16
+    assert {v[...].dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))} == {
+        jnp.dtype(jnp.float32)
+    }
+    with pytest.raises(ConfigError, match="dtype"):
+        RLTrainConfig(dtype="int8")
+    parser = build_parser()
+    args = parser.parse_args(
+        ["rl", "train", "configs/rl/tiny_sync.yaml", "--workdir", str(tmp_path), "--dtype",
+         "bfloat16", "--set", "loss.kl_coef=0.0"]
+    )  # fmt: skip
+    cfg = load_config(args.config, dtype_overrides(args), cls=RLTrainConfig)
+    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
+    args = parser.parse_args(["train-lm", "--workdir", str(tmp_path), "--dtype", "bfloat16"])
+    assert dtype_overrides(args) == ["dtype=bfloat16"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-lm", "--workdir", str(tmp_path), "--dtype", "int8"])

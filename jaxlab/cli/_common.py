@@ -20,6 +20,8 @@ __all__ = [
     "add_parser",
     "registry_option",
     "add_config_args",
+    "add_dtype_arg",
+    "dtype_overrides",
     "add_overwrite_arg",
     "check_outputs",
     "require_decoder",
@@ -105,6 +107,25 @@ def add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set train.lr=1e-5 (repeatable)",
     )
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """``--dtype``: the compute dtype, shorthand for ``--set dtype=...`` (weights and optimizer
+    state keep the config's ``param_dtype``, float32 by default)."""
+    from jaxlab.config import DTYPES
+
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="compute dtype (bfloat16 on GPUs: float32 master weights, bfloat16 activations)",
+    )
+
+
+def dtype_overrides(args: argparse.Namespace) -> list[str]:
+    """``args.overrides`` with ``--dtype`` appended as ``dtype=...``."""
+    dtype = getattr(args, "dtype", None)
+    return list(args.overrides) + ([f"dtype={dtype}"] if dtype else [])
 
 
 def positive_int(text: str) -> int:

@@ -7,9 +7,11 @@ import json
 
 from jaxlab.cli._common import (
     Command,
+    add_dtype_arg,
     add_overwrite_arg,
     add_parser,
     check_outputs,
+    dtype_overrides,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -73,7 +75,7 @@ def _run_train(args):
     from jaxlab.config import load_config
     from jaxlab.rl.trainer import RLTrainConfig, train_rl
 
-    cfg = load_config(args.config, args.overrides, cls=RLTrainConfig)
+    cfg = load_config(args.config, dtype_overrides(args), cls=RLTrainConfig)
     summary = train_rl(cfg, args.workdir, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
 
@@ -146,6 +148,7 @@ def _rl_args(p):
         metavar="KEY=VALUE",
         help="override one config value, e.g. --set scheduler.max_staleness=2 (repeatable)",
     )
+    add_dtype_arg(train)
     train.add_argument("--workdir", required=True, help="outputs go here")
     train.add_argument("--quiet", action="store_true", help="no progress report")
 

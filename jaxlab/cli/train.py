@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from jaxlab.cli._common import Command, add_config_args
+from jaxlab.cli._common import Command, add_config_args, add_dtype_arg, dtype_overrides
 
 __all__ = ["COMMAND"]
 
@@ -13,13 +13,14 @@ def _run_train_lm(args):
     from jaxlab.config import load_config
     from jaxlab.train import LMTrainConfig, train_lm
 
-    cfg = load_config(args.config, args.overrides, cls=LMTrainConfig)
+    cfg = load_config(args.config, dtype_overrides(args), cls=LMTrainConfig)
     metrics = train_lm(cfg, args.workdir, progress=not args.quiet)
     print(json.dumps(metrics))
 
 
 def _train_lm_args(p):
     add_config_args(p, "configs/lm_tiny.yaml")
+    add_dtype_arg(p)
     p.add_argument(
         "--workdir",
         required=True,

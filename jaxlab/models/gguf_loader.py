@@ -164,7 +164,13 @@ def _tensors(reader, cfg: DecoderConfig, path: Path) -> Iterator[tuple[str, np.n
 
 
 def load_gguf(
-    path: str | Path, *, dtype=None, with_tokenizer: bool = True, mesh=None, rules=None
+    path: str | Path,
+    *,
+    dtype=None,
+    with_tokenizer: bool = True,
+    mesh=None,
+    rules=None,
+    param_dtype=None,
 ):
     """``(model, tokenizer)`` from a GGUF file of a Llama / Qwen2 / Qwen3 decoder.
 
@@ -187,6 +193,7 @@ def load_gguf(
         source=str(path),
         mesh=mesh,
         rules=rules,
+        param_dtype=param_dtype,
     )
     tokenizer = None
     if with_tokenizer and "tokenizer.ggml.model" in reader.fields:

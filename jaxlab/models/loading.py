@@ -427,6 +427,7 @@ def build_model(
     map_key: Callable | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Any = None,
+    param_dtype: Any = None,
 ) -> nnx.Module:
     """Builds a model from ``(hf_name, array)`` pairs, checking every parameter is present and fits.
 
@@ -434,16 +435,19 @@ def build_model(
       kind: ``"decoder"`` or ``"bert"``.
       config: the architecture.
       tensors: HF-named tensors, in any order; per-layer tensors are stacked.
-      dtype: parameter dtype.
+      dtype: compute dtype, and the parameters' unless ``param_dtype`` is given.
       source: shown in error messages.
       map_key: maps an HF name to ``(our_path, layer_index or None, transpose)`` or None to skip.
+      param_dtype: the parameters' dtype (decoders; e.g. float32 master weights under bfloat16
+        compute).
       mesh, rules: place every parameter directly in its sharding by the logical-name rules
         (:mod:`jaxlab.sharding`); arrays that support it (lazy safetensors views) are then read
         one device's share at a time, so no process holds a whole copy of a split parameter.
     """
     cls = Decoder if kind == "decoder" else BertEncoder
     map_key = map_key or (_map_decoder_key if kind == "decoder" else _map_bert_key)
-    abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    kw = {} if param_dtype is None else {"param_dtype": param_dtype}  # decoders only
+    abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0), **kw))
     graphdef, abstract_state = nnx.split(abstract)
     expected = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(abstract_state)}
     num_layers = config.num_layers
@@ -519,7 +523,12 @@ def build_model(
 
 
 def load_hf_dir(
-    path: Path, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = None, rules: Any = None
+    path: Path,
+    dtype=jnp.float32,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+    param_dtype: Any = None,
 ) -> tuple[nnx.Module, Any]:
     """``(model, tokenizer or None)`` from an HF checkpoint directory; with ``mesh``, each
     parameter is read per device share straight into its sharding (:func:`build_model`)."""
@@ -565,6 +574,7 @@ def load_hf_dir(
         source=str(path),
         mesh=mesh,
         rules=rules,
+        param_dtype=param_dtype if kind == "decoder" else None,
     )
     from jaxlab.tokenization import Tokenizer
 

@@ -37,14 +37,14 @@ Loader = Callable[..., tuple[nnx.Module, Any]]  # loader(*, dtype) -> (model, to
 
 
 def load_path(
-    path: str | Path, *, dtype=jnp.float32, mesh=None, rules=None
+    path: str | Path, *, dtype=jnp.float32, mesh=None, rules=None, param_dtype=None
 ) -> tuple[nnx.Module, Any]:
     """``(model, tokenizer)`` from a ``.gguf`` file or an HF checkpoint directory (placed on
     ``mesh`` by ``rules`` when given, see :func:`from_pretrained`)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        return load_gguf(path, dtype=dtype, mesh=mesh, rules=rules)
-    return load_hf_dir(path, dtype, mesh=mesh, rules=rules)
+        return load_gguf(path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype)
+    return load_hf_dir(path, dtype, mesh=mesh, rules=rules, param_dtype=param_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +73,12 @@ class PackagedModel:
             )
         return path
 
-    def __call__(self, *, dtype=jnp.float32, mesh=None, rules=None) -> tuple[nnx.Module, Any]:
-        return load_path(self.path(), dtype=dtype, mesh=mesh, rules=rules)
+    def __call__(
+        self, *, dtype=jnp.float32, mesh=None, rules=None, param_dtype=None
+    ) -> tuple[nnx.Module, Any]:
+        return load_path(
+            self.path(), dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype
+        )
 
 
 SMOLLM2_GGUF = "smollm2-135m-instruct"
@@ -113,14 +117,16 @@ def package_path(name: str) -> Path:
 
 
 def from_pretrained(
-    source: str | Path, *, dtype=jnp.float32, mesh=None, rules=None
+    source: str | Path, *, dtype=jnp.float32, param_dtype=None, mesh=None, rules=None
 ) -> tuple[nnx.Module, Any]:
     """Loads ``(model, tokenizer)`` from a registered name, an HF directory or a ``.gguf`` file.
 
     Args:
       source: a name from :func:`pretrained_names`, a directory with ``config.json`` and
         ``*.safetensors`` (sharded checkpoints with an index included), or a ``.gguf`` file.
-      dtype: parameter and compute dtype.
+      dtype: compute dtype, and the parameters' unless ``param_dtype`` is given.
+      param_dtype: a decoder's parameter dtype: ``dtype=jnp.bfloat16, param_dtype=jnp.float32``
+        is mixed precision with float32 master weights (what training on a GPU wants).
       mesh: a :func:`jaxlab.mesh.make_mesh` mesh to place the model on: every parameter goes
         straight into its sharding by ``rules`` (:data:`jaxlab.sharding.DEFAULT_RULES` when
         None), read from safetensors one device share at a time, so no process holds a whole
@@ -133,17 +139,19 @@ def from_pretrained(
     """
     if isinstance(source, str) and source in PRETRAINED:
         loader = PRETRAINED.get(source)
-        if mesh is None:
-            return loader(dtype=dtype)
         if isinstance(loader, PackagedModel):
-            return loader(dtype=dtype, mesh=mesh, rules=rules)
+            return loader(dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype)
+        if mesh is None and param_dtype is None:
+            return loader(dtype=dtype)
+        if param_dtype is not None:
+            raise LoadError(f"model {source!r} is registered with a loader that takes no param_dtype")
         from jaxlab.sharding import DEFAULT_RULES, shard_model  # a user loader: load, then place
 
         model, tokenizer = loader(dtype=dtype)
         return shard_model(model, mesh, DEFAULT_RULES if rules is None else rules), tokenizer
     path = Path(source)
     if path.suffix == ".gguf" or path.is_dir():
-        return load_path(path, dtype=dtype, mesh=mesh, rules=rules)
+        return load_path(path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype)
     raise LoadError(
         f"cannot load {str(source)!r}: it is not a registered name "
         f"({', '.join(pretrained_names()) or 'none registered'}), "

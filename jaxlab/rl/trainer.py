@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxlab import rl
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
-from jaxlab.config import check, register_config
+from jaxlab.config import check, check_dtype, register_config
 from jaxlab.errors import UserError
 from jaxlab.generation import Engine, SamplingParams
 from jaxlab.generation.core import sampling_logprobs
@@ -226,17 +226,28 @@ class RLTrainConfig:
     # optimizer state sharded by jaxlab.sharding's rules (fsdp, tensor); generation keeps its own
     # single-device copy of the weights
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    # compute dtype (activations, logits before their float32 cast, rollouts' KV cache) and the
+    # weights' / optimizer state's: dtype=bfloat16 with float32 weights is the GPU setting
+    dtype: str = "float32"
+    param_dtype: str = "float32"
     tensorboard: bool = (
         True  # also write metrics as TensorBoard events when tensorboardX is installed
     )
+
+    def __post_init__(self):
+        check_dtype(self.dtype, "dtype")
+        check_dtype(self.param_dtype, "param_dtype")
 
 
 def _load_policy(cfg: RLTrainConfig):
     if cfg.model == "tiny":
         tokenizer = char_tokenizer()
         mcfg = dataclasses.replace(cfg.tiny_model, vocab_size=tokenizer.vocab_size)
-        return Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed)), tokenizer
-    model, tokenizer = from_pretrained(cfg.model)
+        dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        return Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed), **dtypes), tokenizer
+    model, tokenizer = from_pretrained(
+        cfg.model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype)
+    )
     if not isinstance(model, Decoder) or tokenizer is None:
         raise ValueError(f"{cfg.model} is not a decoder LM with a tokenizer")
     return model, tokenizer
