@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlab.config import ConfigError
-from jaxlab.rl.scheduling import Controller, SchedulerConfig
+from jaxlab.rl.scheduling import Controller, SchedulerConfig, _sorted_ready
 from jaxlab.rl.simulate import length_sampler, simulate
 
 
@@ -20,10 +20,12 @@ def _drive(cfg, slots, seed, restore_every=0):
     running = []
     trained_complete = []
     events = 0
+    ctrl.most_open, ctrl.deferred = 0, 0  # seen by the test: refills and held-back updates
     while not ctrl.done:
         events += 1
         assert events < 100_000, "no progress"
         groups = ctrl.ready()
+        stats = ctrl.most_open, ctrl.deferred + (not groups and _sorted_ready(ctrl) is not None)
         if groups and rng.random() < 0.7:  # sometimes the trainer is busy and updates later
             for g in groups:
                 recs = ctrl.groups[g]
@@ -39,11 +41,12 @@ def _drive(cfg, slots, seed, restore_every=0):
                 assert ctrl.finish(ref, int(rng.integers(1, 50)))
         if restore_every and events % restore_every == 0:  # checkpoint and restore through JSON
             ctrl = Controller.from_state_dict(json.loads(json.dumps(ctrl.state_dict())))
+        ctrl.most_open, ctrl.deferred = max(stats[0], len(ctrl.groups)), stats[1]
         ctrl.check_invariants()
     return ctrl, trained_complete
 
 
-@pytest.mark.parametrize("scheduler", ["sync", "sorted"])
+@pytest.mark.parametrize("scheduler", ["sync", "sorted", "sorted_adaptive"])
 @pytest.mark.parametrize("seed", range(6))
 def test_controller_invariants_under_random_event_orders(scheduler, seed):
     cfg = SchedulerConfig(
@@ -53,13 +56,25 @@ def test_controller_invariants_under_random_event_orders(scheduler, seed):
         rollout_groups=5,
         max_staleness=seed % 3,
         num_prompts=23,
+        max_open_groups=7 if seed % 2 else 0,  # refill up to 7 groups, or the default 4 x 5
+        max_update_groups=3 if seed % 3 == 1 else 0,
     )
-    ctrl, trained = _drive(cfg, slots=7, seed=seed, restore_every=5 if seed % 2 else 0)
+    # 7 slots (a queue of waiting samples) or 16, more than the 5-group window's 15 samples, so
+    # that sorted_adaptive refills beyond the window
+    slots = 7 if seed < 3 else 16
+    ctrl, trained = _drive(cfg, slots=slots, seed=seed, restore_every=5 if seed % 2 else 0)
     assert sorted(ctrl.trained) == list(range(23))  # every group trained exactly once, none lost
     assert trained == ctrl.trained
     assert all(u["staleness"] <= cfg.max_staleness for u in ctrl.updates)
     if scheduler == "sync":
         assert all(u["staleness"] == 0 for u in ctrl.updates)
+    if scheduler == "sorted_adaptive":
+        if cfg.max_staleness < 2:  # (with k = 2 a sample rarely outlives 3 updates here)
+            assert ctrl.deferred > 0  # updates were held back for stragglers
+        if slots == 16:
+            assert ctrl.most_open > cfg.rollout_groups  # and groups refilled past the window
+    else:
+        assert ctrl.most_open <= cfg.rollout_groups
 
 
 def test_stale_completions_are_ignored():
@@ -234,3 +249,169 @@ def test_trainer_bubble_ratio_of_the_same_timeline_worked_by_hand():
     assert timeline.bubble_ratio(since=3) == pytest.approx(2 / 3)
     assert timeline.bubble_ratio(since=4) == pytest.approx(1 / 2)
     assert _Timeline().bubble_ratio() == 0.0
+
+
+def _per_step_reference(cfg, slots, lengths, seed, update_cost):
+    """The simulator's model one decode step at a time (no event jumps), with the bubble
+    decomposition's rules applied to each step: an independent check of simulate()."""
+    ctrl = Controller(cfg)
+    running = {}  # ref -> [tokens left, length]
+    steps = generated = wasted = 0.0
+    occupancy = []
+    parts = dict.fromkeys(["startup", "update_wait", "stragglers", "drain", "update"], 0.0)
+    while not ctrl.done:
+        groups = ctrl.ready()
+        while groups:
+            tokens = sum(r["length"] for g in groups for r in ctrl.groups[g])
+            for ref in ctrl.update(groups):
+                if ref in running:
+                    left, n = running.pop(ref)
+                    wasted += n - left
+            steps += update_cost * tokens
+            parts["update"] += slots * update_cost * tokens
+            groups = ctrl.ready()
+        for ref in ctrl.start(slots - len(running)):
+            n = lengths(np.random.default_rng([seed, ref.group, ref.index, ref.attempt]))
+            running[ref] = [n, n]
+        if not running:
+            assert ctrl.done
+            break
+        empty = slots - len(running)
+        if empty:
+            if not ctrl.updates:
+                parts["startup"] += empty
+            elif ctrl.next_prompt >= cfg.num_prompts:
+                parts["drain"] += empty
+            else:
+                parts["update_wait"] += empty * len(ctrl.buffer) / len(ctrl.groups)
+                parts["stragglers"] += empty * (1 - len(ctrl.buffer) / len(ctrl.groups))
+        steps += 1
+        generated += len(running)
+        occupancy.append(len(running) / slots)
+        for ref in list(running):
+            running[ref][0] -= 1
+            if running[ref][0] == 0:
+                ctrl.finish(ref, running.pop(ref)[1])
+    total = slots * steps
+    return {
+        "bubble": sum(parts.values()) / total,
+        "parts": {k: v / total for k, v in parts.items()},
+        "generated": generated,
+        "wasted": wasted + ctrl.wasted_tokens,
+        "steps": steps,
+        "updates": len(ctrl.updates),
+        "occupancy": occupancy,
+    }
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "sorted", "sorted_adaptive"])
+def test_event_driven_simulation_equals_a_per_step_reference(scheduler):
+    cfg = SchedulerConfig(
+        scheduler=scheduler,
+        group_size=4,
+        update_groups=2,
+        rollout_groups=4,
+        max_staleness=1,
+        num_prompts=24,
+        max_open_groups=8,
+    )
+    lengths = length_sampler("lognormal:3,1.2", max_len=400)
+    ref = _per_step_reference(cfg, 24, lengths, seed=5, update_cost=0.01)
+    r = simulate(cfg, slots=24, lengths=lengths, seed=5, update_cost=0.01)
+    assert r.bubble_ratio == pytest.approx(ref["bubble"], abs=1e-12)
+    assert r.bubble_parts == pytest.approx(ref["parts"], abs=1e-12)
+    assert sum(r.bubble_parts.values()) == pytest.approx(r.bubble_ratio, abs=1e-12)
+    assert (r.generated_tokens, r.wasted_tokens, r.updates) == (
+        ref["generated"],
+        ref["wasted"],
+        ref["updates"],
+    )
+    assert r.total_steps == pytest.approx(ref["steps"])
+    assert r.occupancy == ref["occupancy"] and len(r.timeline) == len(r.occupancy)
+
+
+# Bubble decomposition worked by hand.
+# sync, 4 slots, groups of 2, batches of 2 groups, 6 prompts:
+#   batch 1 (g0: 1, 1; g1: 1, 3): [0, 1) full, [1, 3) three slots idle before any update:
+#     start-up 6;
+#   batch 2 (g2: 1, 1; g3: 1, 3): [3, 4) full, [4, 6) three idle, the window holds g2 (complete,
+#     waiting for the batch) and g3 (in flight): update wait 3, stragglers 3;
+#   batch 3 (g4, g5: 2, 2 each), admitted with the last prompts: [6, 8) full.
+#   32 slot-steps: start-up 6/32, update wait 3/32, stragglers 3/32.
+# sorted, 2 slots, groups of 2, an update per group, a window of 1 group, 3 prompts:
+#   g0 (1, 2): [0, 1) full, [1, 2) one idle before the first update: start-up 1;
+#   g1 (1, 3): [2, 3) full, [3, 5) one idle, the window held by g1 in flight: stragglers 2;
+#   g2 (2, 1), the last prompt: [5, 6) full, [6, 7) one idle: drain 1.
+#   14 slot-steps: start-up 1/14, stragglers 2/14, drain 1/14.
+def test_bubble_decomposition_worked_by_hand():
+    sync = SchedulerConfig(
+        scheduler="sync", group_size=2, update_groups=1, rollout_groups=2, num_prompts=6
+    )
+    table = {(0, 0, 0): 1, (0, 1, 0): 1, (1, 0, 0): 1, (1, 1, 0): 3}
+    table |= {(2, 0, 0): 1, (2, 1, 0): 1, (3, 0, 0): 1, (3, 1, 0): 3}
+    table |= {(g, i, 0): 2 for g in (4, 5) for i in (0, 1)}
+    r = simulate(sync, slots=4, lengths=_lengths_by_sample(table), seed=0)
+    assert r.total_steps == 8 and r.bubble_ratio == pytest.approx(12 / 32)
+    expected = {"startup": 6 / 32, "update_wait": 3 / 32, "stragglers": 3 / 32, "drain": 0.0}
+    assert r.bubble_parts == pytest.approx(expected | {"update": 0.0})
+    assert r.bubble_floor == pytest.approx(1 - 20 / (4 * 5))  # 20 tokens need 5 steps on 4 slots
+
+    sorted_ = SchedulerConfig(
+        scheduler="sorted", group_size=2, update_groups=1, rollout_groups=1, num_prompts=3
+    )
+    table = {(0, 0, 0): 1, (0, 1, 0): 2, (1, 0, 0): 1, (1, 1, 0): 3, (2, 0, 0): 2, (2, 1, 0): 1}
+    r = simulate(sorted_, slots=2, lengths=_lengths_by_sample(table), seed=0)
+    assert r.total_steps == 7 and r.bubble_ratio == pytest.approx(4 / 14)
+    expected = {"startup": 1 / 14, "update_wait": 0.0, "stragglers": 2 / 14, "drain": 1 / 14}
+    assert r.bubble_parts == pytest.approx(expected | {"update": 0.0})
+    assert r.bubble_floor == 0.0  # 10 tokens over 2 slots take 5 steps, more than the longest 3
+
+
+def test_sorted_adaptive_refills_and_holds_an_update_for_a_straggler():
+    """Worked by hand: groups of 2, updates every group, a window of 1 group, max_staleness 0."""
+    cfg = SchedulerConfig(
+        scheduler="sorted_adaptive",
+        group_size=2,
+        update_groups=1,
+        rollout_groups=1,
+        max_staleness=0,
+        num_prompts=5,
+        max_open_groups=3,
+        max_update_groups=2,
+    )
+    ctrl = Controller(cfg)
+    started = ctrl.start(6)  # the window's group 0, then refills groups 1 and 2 (cap 3 open)
+    assert [(r.group, r.index) for r in started] == [(g, i) for g in range(3) for i in range(2)]
+    a0, a1, b0, b1, c0, c1 = started
+    assert ctrl.finish(a0, 5) and ctrl.finish(a1, 7)
+    # group 0 is complete, but training it would drop the in-flight samples of groups 1 and 2
+    # (started at version 0, max_staleness 0): the update waits, as long as one group waits
+    assert ctrl.ready() is None and _sorted_ready(ctrl) == [0]
+    assert ctrl.finish(b0, 3) and ctrl.finish(b1, 4)
+    # two complete groups reach max_update_groups: the update runs, dropping group 2's samples
+    assert ctrl.ready() == [0, 1]
+    assert set(ctrl.update([0, 1])) == {c0, c1}
+    assert ctrl.updates[-1]["staleness"] == 0 and ctrl.wasted_tokens == 0
+    restarted = ctrl.start(6)  # group 2 again first, then groups 3 and 4 refill
+    assert [(r.group, r.index, r.attempt) for r in restarted] == [
+        (2, 0, 1),
+        (2, 1, 1),
+        (3, 0, 0),
+        (3, 1, 0),
+        (4, 0, 0),
+        (4, 1, 0),
+    ]
+    ctrl.check_invariants()
+    c0, c1, d0, d1, e0, e1 = restarted
+    for ref in (c0, c1, d0, d1):
+        assert ctrl.finish(ref, 2)
+    # groups 2 and 3 complete; group 4 in flight would be dropped, but 2 groups are waiting
+    assert ctrl.ready() == [2, 3]
+    assert set(ctrl.update([2, 3])) == {e0, e1}
+    e0, e1 = ctrl.start(6)  # nothing else left in the prompt stream
+    assert ctrl.finish(e0, 9) and ctrl.ready() is None  # incomplete
+    assert ctrl.finish(e1, 1) and ctrl.ready() == [4]  # nothing in flight: not held back
+    ctrl.update([4])
+    assert ctrl.done and ctrl.trained == [0, 1, 2, 3, 4] and ctrl.dropped == 4
+    assert [u["staleness"] for u in ctrl.updates] == [0, 0, 0]
+    ctrl.check_invariants()

@@ -14,6 +14,7 @@ against synchronous rollouts.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,10 @@ def length_sampler(spec: str, *, max_len: int = 1_000_000) -> Callable[[np.rando
             f"bad length distribution {spec!r} ({e}); use lognormal:MU,SIGMA, bimodal:SHORT,LONG,P_LONG, "
             "fixed:N, uniform:LO,HI or file:PATH"
         ) from None
-    return lambda rng: int(np.clip(round(float(draw(rng))), 1, max_len))
+    return lambda rng: min(max(round(float(draw(rng))), 1), max_len)
+
+
+BUBBLE_PARTS = ("startup", "update_wait", "stragglers", "drain", "update")
 
 
 @dataclasses.dataclass
@@ -96,11 +100,30 @@ class SimulationResult:
     # (start, end, occupancy) of each decode step and (start, end) of each update, in decode steps
     timeline: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)
     update_intervals: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    # the bubble ratio split by cause (fractions of all slot-time; they sum to bubble_ratio):
+    #   startup: idle slots before the first policy update;
+    #   update_wait: idle slots whose window places are held by complete groups that wait for an
+    #     update batch (the sync barrier, or fewer than update_groups complete);
+    #   stragglers: idle slots whose window places are held by groups with samples in flight;
+    #   drain: idle slots after the prompt stream is exhausted (the run's last stragglers);
+    #   update: all slots idle while a policy update runs (update_cost > 0).
+    bubble_parts: dict[str, float] = dataclasses.field(default_factory=dict)
+    # the bubble of an ideal schedule of the same samples (first attempts): nothing dropped, no
+    # update time, all slots busy until the work runs out, but no sample split, so the run lasts
+    # at least as long as its longest sample: 1 - sum(L) / (slots * max(max(L), sum(L) / slots))
+    bubble_floor: float = 0.0
+    mean_update_groups: float = 0.0  # complete groups per update
+
+    @property
+    def wasted_fraction(self) -> float:
+        """Generated tokens thrown away (dropped as stale) / all generated tokens."""
+        return self.wasted_tokens / self.generated_tokens if self.generated_tokens else 0.0
 
     def summary(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for key in ("occupancy", "timeline", "update_intervals"):
             d.pop(key)
+        d["wasted_fraction"] = self.wasted_fraction
         return d
 
     def plot(self, path: str | Path, title: str | None = None) -> None:
@@ -118,37 +141,51 @@ def simulate(
     lengths: Callable[[np.random.Generator], int] | str,
     seed: int = 0,
     update_cost: float = 0.0,
+    record: bool = True,
 ) -> SimulationResult:
-    """Runs the controller against simulated generation; see the module docstring."""
+    """Runs the controller against simulated generation; see the module docstring.
+
+    Event-driven: between two events (a sample finishes) every running sample decodes the same
+    number of tokens, so the clock jumps to the next finish. ``record=False`` skips the per-step
+    ``occupancy`` and ``timeline`` lists (for sweeps over long runs).
+    """
     if slots < 1:
         raise UserError(f"slots must be >= 1, got {slots}")
     if isinstance(lengths, str):
         lengths = length_sampler(lengths)
     ctrl = Controller(config)
-    running: dict[SampleRef, list[int]] = {}  # ref -> [tokens left, length]
+    running: dict[SampleRef, tuple[float, int]] = {}  # ref -> (finish time, length)
+    finishing: list[tuple[float, int, SampleRef]] = []  # heap of (finish time, start order, ref)
+    started = 0
     steps = 0.0
+    decode_steps = 0
     idle = 0.0
     update_idle = 0.0
     generated = 0
     wasted = 0
-    occupancy = []
+    parts = dict.fromkeys(BUBBLE_PARTS, 0.0)
+    occupancy: list[float] = []
     timeline: list[tuple[float, float, float]] = []
     update_intervals: list[tuple[float, float]] = []
-    trained_tokens_of: dict[int, int] = {}
+    clock = 0  # decode steps so far (update time excluded): finish times are on this clock
+
+    first_sum, first_max = 0, 0  # of the first attempts' lengths (for bubble_floor)
 
     def length_of(ref: SampleRef) -> int:
-        return lengths(np.random.default_rng([seed, ref.group, ref.index, ref.attempt]))
+        nonlocal first_sum, first_max
+        n = lengths(np.random.default_rng([seed, ref.group, ref.index, ref.attempt]))
+        if ref.attempt == 0:
+            first_sum, first_max = first_sum + n, max(first_max, n)
+        return n
 
     while not ctrl.done:
         groups = ctrl.ready()
         while groups:
             tokens = sum(r["length"] for g in groups for r in ctrl.groups[g])
-            for g in groups:
-                trained_tokens_of[g] = sum(r["length"] for r in ctrl.groups[g])
             for ref in ctrl.update(groups):
                 if ref in running:
-                    left, n = running.pop(ref)
-                    wasted += n - left
+                    end, n = running.pop(ref)  # its heap entry is skipped when it comes up
+                    wasted += n - (end - clock)
             cost = update_cost * tokens
             update_intervals.append((steps, steps + cost))
             steps += cost
@@ -156,29 +193,46 @@ def simulate(
             groups = ctrl.ready()
         for ref in ctrl.start(slots - len(running)):
             n = length_of(ref)
-            running[ref] = [n, n]
+            running[ref] = (clock + n, n)
+            heapq.heappush(finishing, (clock + n, started, ref))
+            started += 1
         if not running:
             if ctrl.done:
                 break
             raise RuntimeError(
                 "scheduler stalled: nothing running, nothing to train"
             )  # a controller bug
-        timeline.append((steps, steps + 1, len(running) / slots))
-        steps += 1
-        idle += slots - len(running)
-        occupancy.append(len(running) / slots)
-        generated += len(running)
-        finished = []
-        for ref, state in running.items():
-            state[0] -= 1
-            if state[0] == 0:
-                finished.append(ref)
-        for ref in finished:
-            ctrl.finish(ref, running.pop(ref)[1])
+        while finishing[0][2] not in running or running[finishing[0][2]][0] != finishing[0][0]:
+            heapq.heappop(finishing)  # dropped attempts
+        n_run = len(running)
+        dt = finishing[0][0] - clock
+        occ = n_run / slots
+        if record:
+            timeline.extend((steps + j, steps + j + 1, occ) for j in range(dt))
+            occupancy.extend([occ] * dt)
+        empty = (slots - n_run) * dt
+        idle += empty
+        if empty:
+            if not ctrl.updates:
+                parts["startup"] += empty
+            elif ctrl.next_prompt >= config.num_prompts:
+                parts["drain"] += empty
+            else:  # window places held by complete groups (waiting) or by groups in flight
+                waiting = len(ctrl.buffer) / max(len(ctrl.groups), 1)
+                parts["update_wait"] += empty * waiting
+                parts["stragglers"] += empty * (1 - waiting)
+        steps += dt
+        clock += dt
+        decode_steps += dt
+        generated += n_run * dt
+        while finishing and finishing[0][0] == clock:
+            _, _, ref = heapq.heappop(finishing)
+            if ref in running and running[ref][0] == clock:
+                ctrl.finish(ref, running.pop(ref)[1])
 
     stale = [u["staleness"] for u in ctrl.updates]
     total = slots * steps
-    decode_steps = len(occupancy)
+    parts["update"] = update_idle
     return SimulationResult(
         scheduler=config.scheduler,
         bubble_ratio=(idle + update_idle) / total if total else 0.0,
@@ -195,4 +249,11 @@ def simulate(
         occupancy=occupancy,
         timeline=timeline,
         update_intervals=update_intervals,
+        bubble_parts={k: v / total if total else 0.0 for k, v in parts.items()},
+        bubble_floor=1 - first_sum / (slots * max(first_max, first_sum / slots))
+        if first_sum
+        else 0.0,
+        mean_update_groups=float(np.mean([len(u["groups"]) for u in ctrl.updates]))
+        if ctrl.updates
+        else 0.0,
     )
