@@ -6,7 +6,8 @@ answer, ``format_reward`` (default 0.1) for a well-formed but wrong one, 0.0 oth
 
 Tasks, by name: ``arithmetic`` (multi-digit expressions), ``countdown`` (reach a target with given
 numbers, each used once), ``knights_knaves`` (who tells the truth), and ``toy_digits`` (a dense
-reward for smoke tests of tiny models).
+reward for smoke tests of tiny models); users' own: ``jsonl`` and ``reasoning_gym``, or a Task
+class by import path (:mod:`jaxlab.rl.user_tasks`, docs/rl.md).
 """
 
 from __future__ import annotations
@@ -357,8 +358,21 @@ class ToyDigitsTask(Task):
         return sum(ch.isdigit() for ch in completion) / len(completion) if completion else 0.0
 
 
+# users' own tasks (jaxlab.rl.user_tasks): problems from JSONL with a named verifier, reasoning-gym
+TASKS.register_lazy("jsonl", "jaxlab.rl.user_tasks:JsonlTask")
+TASKS.register_lazy("reasoning_gym", "jaxlab.rl.user_tasks:ReasoningGymTask")
+
+
 def make_task(name: str, **kwargs) -> Task:
-    """A task by registry name; an unknown name lists the known ones."""
+    """A task by registry name, or by import path ``"package.module:ClassName"`` (a Task subclass
+    the user wrote); an unknown name lists the known ones."""
+    if name not in TASKS and ":" in name:
+        from jaxlab.rl.user_tasks import load_task_class
+
+        task = load_task_class(name)(**kwargs)
+        if not isinstance(task, Task):
+            raise TypeError(f"task {name!r} made a {type(task).__name__}, not a Task")
+        return task
     return TASKS.get(name)(**kwargs)
 
 
