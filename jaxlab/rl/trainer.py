@@ -81,13 +81,19 @@ class RLTaskConfig:
     shuffle_seed: int | None = None  # None: problems in index order
 
     def __post_init__(self):
-        check(self.name in TASKS, "name", f"{self.name!r} is not one of {TASKS.names()}")
+        check(
+            self.name in TASKS or ":" in self.name,
+            "name",
+            f"{self.name!r} is not one of {TASKS.names()} nor an import path 'package.module:Class'",
+        )
         try:  # the task's own checks of its kwargs, at load time rather than after outputs exist
             make_task(self.name, seed=self.seed, **self.kwargs)
         except TypeError as e:
             check(False, "kwargs", f"not accepted by task {self.name!r}: {e}")
         except ValueError as e:
             check(False, "kwargs", str(e))
+        except UserError as e:  # an import path that does not import, a bad task file
+            check(False, "name" if ":" in self.name else "kwargs", str(e))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
