@@ -40,6 +40,8 @@ from jaxlab.errors import UserError
 from jaxlab.jsonl import read_jsonl
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models.decoder import Decoder, with_layer_layout
+from jaxlab.models.lora import LoRAConfig, add_lora, trainable
+from jaxlab.models.lora import value_and_grad as lora_value_and_grad
 from jaxlab.progress import progress as progress_bar
 from jaxlab.train import OptimConfig, learning_rate, make_optimizer
 
@@ -80,6 +82,9 @@ class SFTConfig:
     log_every: int = 5
     export: bool = True  # write DIR/model (HF format) at the end
     tensorboard: bool = False
+    # rank > 0: train LoRA adapters on the projections (the base weights frozen, no optimizer
+    # state for them); the export merges them into the kernels
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         check(bool(self.model), "model", "must name a model")
@@ -201,8 +206,9 @@ def sft_loss(
 
 @nnx.jit(donate_argnums=(0, 1))
 def sft_step(model, optimizer, tokens, loss_mask, attention_mask) -> dict[str, jax.Array]:
-    """One update; returns ``{"loss", "grad_norm"}`` (the norm before clipping)."""
-    loss, grads = nnx.value_and_grad(sft_loss)(model, tokens, loss_mask, attention_mask)
+    """One update of the trainable parameters (the LoRA adapters of a model that has them);
+    returns ``{"loss", "grad_norm"}`` (the norm before clipping)."""
+    loss, grads = lora_value_and_grad(sft_loss, model, tokens, loss_mask, attention_mask)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
@@ -216,7 +222,8 @@ def _load(cfg: SFTConfig):
     model, tokenizer = from_pretrained(cfg.model)
     if not isinstance(model, Decoder) or tokenizer is None:
         raise UserError(f"{cfg.model} is not a decoder LM with a tokenizer")
-    return with_layer_layout(model, scan_layers=True), tokenizer
+    model = with_layer_layout(model, scan_layers=True)
+    return add_lora(model, cfg.lora, rngs=nnx.Rngs(cfg.train.seed)), tokenizer
 
 
 def train_sft(cfg: SFTConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, float]:
@@ -243,7 +250,7 @@ def train_sft(cfg: SFTConfig, workdir: str | Path, *, progress: bool = True) -> 
         .batch(cfg.data.batch_size, drop_remainder=True)
         .to_iter_dataset()
     )
-    optimizer = nnx.Optimizer(model, make_optimizer(cfg.train), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, make_optimizer(cfg.train), wrt=trainable(model))
     metrics: dict[str, float] = {}
     assistant_tokens = int(rows["loss_mask"].sum())
     with Checkpointer(

@@ -30,6 +30,7 @@ from jaxlab.config import check, check_dtype, register_config
 from jaxlab.errors import UserError
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
+from jaxlab.models import lora
 from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.optim import (
     NONFINITE_POLICIES,
@@ -194,13 +195,14 @@ def accumulated_value_and_grad(loss_fn, model, tokens: jax.Array, micro_batches:
     """``nnx.value_and_grad(loss_fn)(model, tokens)`` computed over ``micro_batches`` equal slices
     of the batch ``tokens [B, ...]`` in a ``lax.scan`` and averaged: for a loss that is a mean
     over equal-sized examples, the full batch's value and gradient with one micro-batch's
-    activations in memory."""
+    activations in memory. Gradients are of :func:`jaxlab.models.lora.trainable` (the LoRA
+    adapters of a model that has them)."""
     if micro_batches == 1:
-        return nnx.value_and_grad(loss_fn)(model, tokens)
+        return lora.value_and_grad(loss_fn, model, tokens)
     b = tokens.shape[0]
     if b % micro_batches:
         raise ValueError(f"batch {b} does not split into {micro_batches} micro-batches")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, lora.trainable(model), ...)
 
     def loss_of(params, micro):
         return loss_fn(nnx.merge(graphdef, params, rest), micro)

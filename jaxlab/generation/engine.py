@@ -47,6 +47,7 @@ from jaxlab.generation.core import (
 from jaxlab.generation.generate import cut_at_stop, decoding_model
 from jaxlab.generation.params import SamplingParams
 from jaxlab.models.decoder import Decoder, KVCache, with_layer_layout
+from jaxlab.models.lora import merge_lora
 from jaxlab.sharding import DEFAULT_RULES, Rules, logical_spec, param_shardings
 from jaxlab.tokenization import Tokenizer, bucket_length
 
@@ -379,7 +380,7 @@ class Engine:
             # the engine's own single-device copy (the trainer may keep the weights on a mesh)
             self._state = jax.device_put(state, self.device)
         else:  # XLA's partitioned steps (the native CPU kernels run on one device)
-            dec = with_layer_layout(model, scan_layers=False)
+            dec = with_layer_layout(merge_lora(model), scan_layers=False)
             graphdef, state = nnx.split(dec)
             self._state = jax.device_put(state, param_shardings(state, self.mesh, self.rules))
         if hasattr(self, "_graphdef") and graphdef != self._graphdef:

@@ -28,6 +28,7 @@ from jaxlab.generation.core import (
 )
 from jaxlab.generation.params import SamplingParams
 from jaxlab.models.decoder import Decoder, with_layer_layout
+from jaxlab.models.lora import merge_lora
 from jaxlab.native.decoding import prepare_for_decoding
 from jaxlab.tokenization import Tokenizer, bucket_length
 
@@ -68,13 +69,13 @@ def decoding_model(model: Decoder) -> Decoder:
     """``model`` as generation reads it, built once and reused until its weights change: one
     module per layer (:func:`~jaxlab.models.decoder.with_layer_layout`), prepared for decoding
     by :func:`jaxlab.native.decoding.prepare_for_decoding` (on CPU: the native kernels, packed weights
-    and huge pages; elsewhere the model as it is).
+    and huge pages; elsewhere the model as it is); LoRA adapters merged into the kernels.
     """
     fingerprint = tuple(id(x) for x in jax.tree.leaves(nnx.state(model)))
     hit = _DECODING_MODELS.get(model)
     if hit is not None and hit[0] == fingerprint:
         return model if hit[1] is None else hit[1]
-    unrolled = with_layer_layout(model, scan_layers=False)
+    unrolled = with_layer_layout(merge_lora(model), scan_layers=False)  # adapters merged
     decoding = prepare_for_decoding(unrolled)
     derived = None if decoding is model else decoding
     _DECODING_MODELS[model] = (fingerprint, derived)  # None: the model itself (no self-reference)

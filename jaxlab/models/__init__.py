@@ -11,6 +11,10 @@ from jaxlab.models.encode import encode as encode
 from jaxlab.models.encode import encode_ids as encode_ids
 from jaxlab.models.export import save_pretrained as save_pretrained
 from jaxlab.models.loading import LoadError as LoadError
+from jaxlab.models.lora import LoRAConfig as LoRAConfig
+from jaxlab.models.lora import add_lora as add_lora
+from jaxlab.models.lora import merge_lora as merge_lora
+from jaxlab.models.lora import without_lora as without_lora
 from jaxlab.models.registry import PRETRAINED as PRETRAINED
 from jaxlab.models.registry import from_pretrained as from_pretrained
 from jaxlab.models.registry import pretrained_names as pretrained_names

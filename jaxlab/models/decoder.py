@@ -28,6 +28,7 @@ from jaxlab.models.layers import (
     scan_layers,
     stack_layers,
 )
+from jaxlab.models.lora import LoRAConfig
 
 __all__ = ["DecoderConfig", "Decoder", "KVCache", "with_layer_layout"]
 
@@ -157,14 +158,27 @@ class KVCache(NamedTuple):
     valid: jax.Array  # [B, S] bool
 
 
+def _lora_for(lora: LoRAConfig | None, name: str) -> tuple[int, float] | None:
+    return None if lora is None else lora.for_target(name)
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype=None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        dtype,
+        param_dtype=None,
+        lora: LoRAConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
         pd = param_dtype or dtype
         kw = dict(bias=cfg.attention_bias, dtype=dtype, param_dtype=pd)
-        self.q_proj = dense(rngs, e, h * d, axes=("embed", "heads"), **kw)
-        self.k_proj = dense(rngs, e, k * d, axes=("embed", "kv_heads"), **kw)
-        self.v_proj = dense(rngs, e, k * d, axes=("embed", "kv_heads"), **kw)
+        q_axes, kv_axes = ("embed", "heads"), ("embed", "kv_heads")
+        self.q_proj = dense(rngs, e, h * d, axes=q_axes, lora=_lora_for(lora, "q_proj"), **kw)
+        self.k_proj = dense(rngs, e, k * d, axes=kv_axes, lora=_lora_for(lora, "k_proj"), **kw)
+        self.v_proj = dense(rngs, e, k * d, axes=kv_axes, lora=_lora_for(lora, "v_proj"), **kw)
         self.o_proj = dense(
             rngs,
             h * d,
@@ -173,6 +187,7 @@ class Attention(nnx.Module):
             dtype=dtype,
             param_dtype=pd,
             axes=("heads", "embed"),
+            lora=_lora_for(lora, "o_proj"),
         )
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=pd)
@@ -214,12 +229,26 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype=None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        dtype,
+        param_dtype=None,
+        lora: LoRAConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
         e, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype or dtype)
-        self.gate_proj = dense(rngs, e, f, axes=("embed", "mlp"), **kw)
-        self.up_proj = dense(rngs, e, f, axes=("embed", "mlp"), **kw)
-        self.down_proj = dense(rngs, f, e, axes=("mlp", "embed"), **kw)
+        self.gate_proj = dense(
+            rngs, e, f, axes=("embed", "mlp"), lora=_lora_for(lora, "gate_proj"), **kw
+        )
+        self.up_proj = dense(
+            rngs, e, f, axes=("embed", "mlp"), lora=_lora_for(lora, "up_proj"), **kw
+        )
+        self.down_proj = dense(
+            rngs, f, e, axes=("mlp", "embed"), lora=_lora_for(lora, "down_proj"), **kw
+        )
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -228,12 +257,21 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     attention_cls = Attention  # subclasses may use their own attention module
 
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype=None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        dtype,
+        param_dtype=None,
+        lora: LoRAConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
         pd = param_dtype or dtype
+        kw = {} if lora is None else {"lora": lora}  # subclasses' modules may take no lora
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=pd)
-        self.self_attn = self.attention_cls(cfg, dtype=dtype, param_dtype=pd, rngs=rngs)
+        self.self_attn = self.attention_cls(cfg, dtype=dtype, param_dtype=pd, rngs=rngs, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=pd)
-        self.mlp = MLP(cfg, dtype=dtype, param_dtype=pd, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=pd, rngs=rngs, **kw)
 
     def __call__(self, x, rope, mask, kv=None, index=None):
         h, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, index)
@@ -248,6 +286,8 @@ class Decoder(nnx.Module):
     computes in float64 throughout: the tests' finite-difference reference). ``dtype`` is the
     compute dtype (activations, KV cache), ``param_dtype`` the weights' (default ``dtype``):
     ``dtype=bfloat16, param_dtype=float32`` is mixed precision with float32 master weights.
+    ``lora`` (:class:`jaxlab.models.lora.LoRAConfig`) puts low-rank adapters on the projections
+    (:func:`jaxlab.models.lora.add_lora` adds them to a built model).
     Every parameter names its axes (:func:`jaxlab.models.layers.logical_axes`) for sharding. Left-padded batches
     are exact when ``attention_mask`` is given: positions then start at 0 on each row's first real
     token.
@@ -256,10 +296,20 @@ class Decoder(nnx.Module):
 
     layer_cls = DecoderLayer  # subclasses may use their own layer module
 
-    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=None,
+        lora: LoRAConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
         self.config = cfg
         self.dtype = dtype
         self.param_dtype = pd = param_dtype or dtype
+        lora = lora if lora is not None and lora.enabled else None
+        self.lora = lora
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -271,7 +321,8 @@ class Decoder(nnx.Module):
         )
 
         def layer(r):
-            return self.layer_cls(cfg, dtype=dtype, param_dtype=pd, rngs=r)
+            kw = {} if lora is None else {"lora": lora}
+            return self.layer_cls(cfg, dtype=dtype, param_dtype=pd, rngs=r, **kw)
 
         if not cfg.scan_layers:
             self.layers = nnx.List([layer(rngs) for _ in range(cfg.num_layers)])
@@ -339,10 +390,15 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         logits_to_keep: int | None = None,
+        segment_ids: jax.Array | None = None,  # [B, T] int: packed documents, 0 = padding
     ):
         """Logits ``[B, T, V]`` (or hidden states with ``return_hidden``); with ``cache`` also the
         updated cache. ``logits_to_keep=n`` computes them for the last ``n`` positions only
-        (prefill needs one: the vocabulary projection is a large share of a small model's prefill)."""
+        (prefill needs one: the vocabulary projection is a large share of a small model's prefill).
+
+        ``segment_ids`` (training on packed rows, no cache): a token attends only to earlier
+        tokens of its own segment (id > 0), and positions restart at each segment's first token
+        unless ``positions`` are given; each document then gives the logits it gives alone."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
         b, t = input_ids.shape
@@ -353,12 +409,26 @@ class Decoder(nnx.Module):
                 f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}"
             )
         token_valid = attention_mask.astype(bool)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids are for training on packed rows, not with a cache")
+            if segment_ids.shape != (b, t):
+                raise ValueError(f"segment_ids {segment_ids.shape} must match {input_ids.shape}")
+            token_valid = token_valid & (segment_ids > 0)
+            if positions is None:  # restart at each segment's first token
+                idx = jnp.arange(t)[None]
+                first = jnp.concatenate(
+                    [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+                )
+                positions = idx - jax.lax.cummax(jnp.where(first, idx, 0), axis=1)
 
         if cache is None:
             if positions is None:
                 positions = padding_positions(token_valid)
             causal = jnp.tril(jnp.ones((t, t), bool))
             mask = causal[None] & token_valid[:, None, :]
+            if segment_ids is not None:
+                mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
             kv, index = None, None
         else:
             s = cache.valid.shape[1]
@@ -416,9 +486,8 @@ def with_layer_layout(model: Decoder, scan_layers: bool) -> Decoder:
     if cfg.scan_layers == scan_layers:
         return model
     new_cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
-    abstract = nnx.eval_shape(
-        lambda: Decoder(new_cfg, dtype=model.dtype, param_dtype=model.param_dtype, rngs=nnx.Rngs(0))
-    )
+    kw = dict(dtype=model.dtype, param_dtype=model.param_dtype, lora=getattr(model, "lora", None))
+    abstract = nnx.eval_shape(lambda: Decoder(new_cfg, rngs=nnx.Rngs(0), **kw))
     graphdef, abstract_state = nnx.split(abstract)
     source = {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(nnx.state(model))}
     leaves = []

@@ -431,7 +431,8 @@ def save_pretrained(
     """Writes ``model`` (and ``tokenizer``) as an HF checkpoint directory.
 
     Args:
-      model: a :class:`~jaxlab.models.Decoder` (stacked or unrolled layers; arrays may be sharded).
+      model: a :class:`~jaxlab.models.Decoder` (stacked or unrolled layers; arrays may be sharded;
+        LoRA adapters are merged into the kernels).
       tokenizer: a :class:`jaxlab.tokenization.Tokenizer`, or None to write weights and configs only.
       directory: the output directory; an existing non-empty one is replaced only with ``overwrite``.
       max_shard_size: largest safetensors file, bytes or a string (``"5GB"``, ``"500MiB"``); above
@@ -451,6 +452,9 @@ def save_pretrained(
         raise ExportError(
             f"save_pretrained exports decoder LMs (Decoder); got a {type(model).__name__}"
         )
+    from jaxlab.models.lora import merge_lora
+
+    model = merge_lora(model)  # LoRA adapters go out merged into the kernels
     directory = Path(directory)
     problem = 0
     if directory.exists() and not directory.is_dir():

@@ -16,6 +16,7 @@ __all__ = [
     "logical_axes",
     "RMSNorm",
     "dense",
+    "LoRADense",
     "LayerNorm",
     "rope_inv_freq",
     "rope_tables",
@@ -74,6 +75,32 @@ class LayerNorm(nnx.Module):
         return (y * self.weight[...].astype(dtype) + self.bias[...].astype(dtype)).astype(x.dtype)
 
 
+class LoRADense(nnx.Linear):
+    """``nnx.Linear`` with a low-rank adapter (LoRA, Hu et al. 2021):
+    ``y = x W + b + (alpha / r) · (x A) B``.
+
+    ``A [in, r]`` starts uniform in ±1/sqrt(in) (PEFT's Kaiming-uniform bound) and ``B [r, out]`` at
+    zero, so a new adapter leaves the layer's output unchanged. Both are ``nnx.LoRAParam`` s (a
+    kind of ``nnx.Param``): ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` trains only them.
+    The kernel and bias keep their names and paths, so base weights load and shard as usual.
+    """
+
+    def __init__(self, din: int, dout: int, *, rank: int, alpha: float, axes, rngs: nnx.Rngs, **kw):
+        super().__init__(din, dout, rngs=rngs, **kw)
+        pd = self.param_dtype
+        init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # ±1/sqrt(in)
+        self.lora_a = nnx.LoRAParam(
+            init(rngs.params(), (din, rank), pd), **logical_axes(axes[0], None)
+        )
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, dout), pd), **logical_axes(None, axes[1]))
+        self.lora_scale = float(alpha) / rank
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        a, b = (p[...].astype(self.dtype or x.dtype) for p in (self.lora_a, self.lora_b))
+        return y + (self.lora_scale * ((x.astype(a.dtype) @ a) @ b)).astype(y.dtype)
+
+
 def dense(
     rngs: nnx.Rngs,
     din: int,
@@ -83,13 +110,13 @@ def dense(
     dtype=jnp.float32,
     param_dtype=None,
     axes: tuple[str | None, str | None] = (None, None),
+    lora: tuple[int, float] | None = None,
 ) -> nnx.Linear:
     """A linear layer with the models' conventions: N(0, 0.02) init, compute in ``dtype``,
     parameters in ``param_dtype`` (default ``dtype``); ``axes`` are the logical names of the
-    kernel's input and output axes (:func:`logical_axes`; the bias takes the output's)."""
-    return nnx.Linear(
-        din,
-        dout,
+    kernel's input and output axes (:func:`logical_axes`; the bias takes the output's).
+    ``lora=(rank, alpha)`` gives a :class:`LoRADense` (an adapter on top of the same kernel)."""
+    kw = dict(
         use_bias=bias,
         dtype=dtype,
         param_dtype=param_dtype or dtype,
@@ -98,6 +125,9 @@ def dense(
         bias_metadata=logical_axes(axes[1]),
         rngs=rngs,
     )
+    if lora is not None:
+        return LoRADense(din, dout, rank=lora[0], alpha=lora[1], axes=axes, **kw)
+    return nnx.Linear(din, dout, **kw)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:

@@ -76,9 +76,7 @@ class PackagedModel:
     def __call__(
         self, *, dtype=jnp.float32, mesh=None, rules=None, param_dtype=None
     ) -> tuple[nnx.Module, Any]:
-        return load_path(
-            self.path(), dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype
-        )
+        return load_path(self.path(), dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype)
 
 
 SMOLLM2_GGUF = "smollm2-135m-instruct"
@@ -144,7 +142,9 @@ def from_pretrained(
         if mesh is None and param_dtype is None:
             return loader(dtype=dtype)
         if param_dtype is not None:
-            raise LoadError(f"model {source!r} is registered with a loader that takes no param_dtype")
+            raise LoadError(
+                f"model {source!r} is registered with a loader that takes no param_dtype"
+            )
         from jaxlab.sharding import DEFAULT_RULES, shard_model  # a user loader: load, then place
 
         model, tokenizer = loader(dtype=dtype)

@@ -47,6 +47,8 @@ from jaxlab.generation.core import sampling_logprobs
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
+from jaxlab.models.lora import LoRAConfig, add_lora, has_lora, trainable, without_lora
+from jaxlab.models.lora import value_and_grad as lora_value_and_grad
 from jaxlab.optim import (
     NONFINITE_POLICIES,
     check_finite_step,
@@ -236,6 +238,10 @@ class RLTrainConfig:
     # weights' / optimizer state's: dtype=bfloat16 with float32 weights is the GPU setting
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # rank > 0: train LoRA adapters on the projections; the base weights stay frozen (no
+    # optimizer state) and are the KL reference policy without a copy; rollouts and exports use
+    # the merged weights
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     tensorboard: bool = (
         True  # also write metrics as TensorBoard events when tensorboardX is installed
     )
@@ -284,8 +290,9 @@ def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float, 
                 alpha=loss_cfg.alpha,
             )
             if loss_cfg.kl_coef > 0:
+                ref = without_lora(m) if has_lora(m) else ref_model  # LoRA: the base weights
                 ref_logp = jax.lax.stop_gradient(
-                    _sequence_logprobs(ref_model, tokens, mask, temperature, top_p)
+                    _sequence_logprobs(ref, tokens, mask, temperature, top_p)
                 )
                 kl = rl.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
                 kl_loss = rl.aggregate_loss(
@@ -295,7 +302,7 @@ def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float, 
                 metrics["kl"] = rl.masked_mean(kl, loss_mask)
             return loss, metrics
 
-        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        (loss, metrics), grads = lora_value_and_grad(loss_fn, model, has_aux=True)
         grads = poison_if_nonfinite(loss, grads)  # skip_nonfinite then skips the whole update
         optimizer.update(model, grads)
         pin(model, optimizer)  # weights and optimizer state stay in their shardings
@@ -350,6 +357,7 @@ class RLTrainer:
             raise UserError(f"{self.workdir}: the workdir exists and is not a directory")
         # nothing is written under workdir until the policy, the task and any checkpoint loaded
         self.model, self.tokenizer = _load_policy(cfg)
+        self.model = add_lora(self.model, cfg.lora, rngs=nnx.Rngs(cfg.optim.seed))
         self.mesh = make_mesh(cfg.mesh)
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec(("data", "fsdp"))
@@ -357,7 +365,9 @@ class RLTrainer:
         # Weights and optimizer state live on the mesh from the start, placed as the update keeps
         # them (jaxlab.sharding.pin): inputs placed otherwise would compile the update twice.
         shard_model(self.model, self.mesh)
-        self.ref_model = nnx.clone(self.model) if cfg.loss.kl_coef > 0 else None
+        # the KL reference: a frozen copy, or with LoRA the base weights under the adapters
+        needs_copy = cfg.loss.kl_coef > 0 and not has_lora(self.model)
+        self.ref_model = nnx.clone(self.model) if needs_copy else None
         self.task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.kwargs)
         # prompts through grain: group g is record g of the (optionally shuffled) dataset; the
         # controller's next group is the data position, saved with its state
@@ -370,7 +380,8 @@ class RLTrainer:
         self.lr_at = learning_rate_schedule(
             lr=settings["lr"], warmup_steps=settings["warmup_steps"]
         )
-        self.optimizer = nnx.Optimizer(self.model, make_optimizer(**settings), wrt=nnx.Param)
+        tx = make_optimizer(**settings)
+        self.optimizer = nnx.Optimizer(self.model, tx, wrt=trainable(self.model))
         shard_model(self.optimizer, self.mesh)
         self.update_fn = _make_update_fn(cfg.loss, gen.temperature, self.max_len, gen.top_p)
         longest_prompt = max(
