@@ -168,3 +168,31 @@ def test_lora_rl_and_sft_configs_train_adapters_with_the_base_as_reference():
     opt = jax.tree.leaves(nnx.state(trainer.optimizer, nnx.OptState))
     n_lora = sum(a.size for a in jax.tree.leaves(nnx.state(trainer.model, nnx.LoRAParam)))
     assert sum(a.size for a in opt if a.ndim) == 2 * n_lora
+
+
+def test_a_lora_runs_checkpoint_exports_as_the_merged_model(tmp_path):
+    """``python -m jaxlab export --model RUN`` of a LoRA run: the run's config names the adapters,
+    the checkpoint fills base and adapters, and the export holds the merged kernels."""
+    import json
+
+    from jaxlab.checkpoint import Checkpointer
+    from jaxlab.cli import main
+    from jaxlab.models import from_pretrained
+    from jaxlab.testing.char_tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    cfg = dataclasses.replace(CFG, vocab_size=tok.vocab_size)
+    model = _random_adapters(add_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LORA, rngs=nnx.Rngs(1)))
+    run = tmp_path / "run"
+    with Checkpointer(run / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(3, model=model, force=True)
+    config = {
+        "model": "tiny",
+        "tiny_model": dataclasses.asdict(cfg),
+        "lora": dataclasses.asdict(LORA),
+    }
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "out")]) == 0
+    exported, _ = from_pretrained(tmp_path / "out")
+    x = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    np.testing.assert_allclose(_forward(exported, x), _forward(model, x), rtol=1e-5, atol=1e-5)

@@ -42,7 +42,8 @@ def load_run(workdir: str | Path, step: int | None = None):
     """``(model, tokenizer, step)`` from a training run's directory: its ``config.json`` (written by
     ``train-lm``, ``rl train`` or ``sft``) says which decoder was trained, ``checkpoints/`` holds
     its weights (the latest step by default). The base model's weights are not read: the decoder is
-    built abstract and the checkpoint fills it.
+    built abstract and the checkpoint fills it; a LoRA run's model comes with its adapters
+    (``save_pretrained`` merges them).
     """
     import dataclasses
 
@@ -52,6 +53,7 @@ def load_run(workdir: str | Path, step: int | None = None):
     from jaxlab.checkpoint import Checkpointer, CheckpointError
     from jaxlab.config import from_dict
     from jaxlab.models.decoder import Decoder, DecoderConfig
+    from jaxlab.models.lora import LoRAConfig
     from jaxlab.tokenization import char_tokenizer
 
     workdir = Path(workdir)
@@ -77,7 +79,10 @@ def load_run(workdir: str | Path, step: int | None = None):
     else:
         raise UserError(f"{config_file}: no 'model' entry naming the trained decoder")
 
-    model = nnx.eval_shape(lambda: Decoder(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    lora = run.get("lora")  # a LoRA run's checkpoint holds the adapters beside the base
+    lora = from_dict(LoRAConfig, lora, prefix="lora.") if isinstance(lora, dict) else None
+    dtype = jnp.dtype(run.get("param_dtype", "float32"))
+    model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, lora=lora, rngs=nnx.Rngs(0)))
     ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
     try:
         if ckpt.latest_step() is None:
