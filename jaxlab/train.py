@@ -8,7 +8,10 @@ last step), ``lr`` (the learning rate of the last step), ``steps_per_s`` and ``t
 
 It is the reference loop the RL trainer builds on and what ``python -m jaxlab train-lm`` runs.
 The built-in data is a synthetic "counting" language (each sequence counts up from a random start,
-modulo a random stride), learnable in a few hundred steps on a CPU.
+modulo a random stride), learnable in a few hundred steps on a CPU. ``data.text.files`` trains on
+the user's own text (plain text, JSONL, parquet) through :mod:`jaxlab.data.text`: tokenized,
+packed with document-boundary attention masks, shuffled, sharded by process, resumable; ``init``
+starts from pretrained weights (a registered name, an HF folder or a .gguf file).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flax import nnx
 
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, check_dtype, register_config
+from jaxlab.data.text import TextDataConfig, lm_batch, read_documents, text_dataset
 from jaxlab.errors import UserError
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
@@ -68,6 +72,8 @@ class DataConfig:
     # gradient accumulation: the batch runs as this many equal micro-batches whose gradients are
     # averaged before one update (the same update as the whole batch, with less activation memory)
     micro_batches: int = 1
+    # the user's text instead of the counting data (files empty: counting data)
+    text: TextDataConfig = dataclasses.field(default_factory=TextDataConfig)
 
     def __post_init__(self):
         check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
@@ -135,6 +141,8 @@ class LMTrainConfig:
     # with float32 master weights is mixed precision (the GPU choice)
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # start from pretrained weights (registered name, HF folder or .gguf); `model` is then ignored
+    init: str | None = None
     log_every: int = 10
     tensorboard: bool = (
         True  # also write metrics as TensorBoard events when tensorboardX is installed
@@ -237,6 +245,57 @@ def train_step(model: Decoder, optimizer: nnx.Optimizer, tokens: jax.Array) -> j
     return train_step_with_metrics(model, optimizer, tokens)["loss"]
 
 
+def packed_next_token_loss(model: Decoder, packed: jax.Array) -> jax.Array:
+    """Mean next-token NLL over the predicted positions of packed rows. ``packed`` int32
+    ``[B, 5, T]`` stacks inputs, targets, segment ids, positions and the loss mask
+    (:func:`jaxlab.data.text.lm_batch`); attention stays within each document."""
+    inputs, targets, seg, pos, mask = (packed[:, i] for i in range(5))
+    logits = model(inputs, positions=pos, segment_ids=seg)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def stack_lm_batch(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The ``[B, 5, T]`` int32 array :func:`packed_next_token_loss` takes."""
+    keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+    return np.stack([np.asarray(batch[k], np.int32) for k in keys], axis=1)
+
+
+@nnx.jit(donate_argnums=(0, 1), static_argnames=("micro_batches",))
+def text_train_step_with_metrics(
+    model: Decoder, optimizer: nnx.Optimizer, packed: jax.Array, micro_batches: int = 1
+) -> dict[str, jax.Array]:
+    """:func:`train_step_with_metrics` on packed text rows ``[B, 5, T]``. With micro-batches the
+    update averages the micro-batches' mean losses (each over its own predicted tokens)."""
+    loss, grads = accumulated_value_and_grad(packed_next_token_loss, model, packed, micro_batches)
+    grads = poison_if_nonfinite(loss, grads)
+    optimizer.update(model, grads)
+    pin(model, optimizer)
+    return {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def _text_tokenizer(cfg: LMTrainConfig, init_tokenizer):
+    """The tokenizer of the text data: ``data.text.tokenizer`` (``char`` or a model), else the
+    pretrained init's."""
+    name = cfg.data.text.tokenizer
+    if name == "char":
+        from jaxlab.tokenization import char_tokenizer
+
+        return char_tokenizer()
+    if name is not None:
+        from jaxlab.models import from_pretrained
+
+        return from_pretrained(name)[1]
+    if init_tokenizer is None:
+        raise UserError(
+            "data.text.files needs a tokenizer: set init (pretrained weights and their tokenizer) "
+            "or data.text.tokenizer (a model name or folder, or char)"
+        )
+    return init_tokenizer
+
+
 def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, float]:
     """Trains (or resumes) a decoder on the counting data; returns the last metrics.
 
@@ -256,17 +315,59 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) 
 
 def _train_lm(cfg, workdir, mesh, progress):
     workdir.mkdir(parents=True, exist_ok=True)
-    batch_spec = logical_spec(("batch", None), (cfg.data.batch_size, cfg.data.seq_len), mesh)
+    text = bool(cfg.data.text.files)
+    shape = (
+        (cfg.data.batch_size, 5, cfg.data.seq_len)
+        if text
+        else (cfg.data.batch_size, cfg.data.seq_len)
+    )
+    batch_spec = logical_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, batch_spec)
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    model = create_sharded(  # each device builds only its share of the weights
-        lambda: Decoder(
-            cfg.model, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.train.seed)
-        ),
-        mesh,
-    )
+    init_tokenizer = None
+    if cfg.init:  # pretrained weights, placed in their shardings as they are read
+        from jaxlab.models import from_pretrained
+
+        model, init_tokenizer = from_pretrained(
+            cfg.init, dtype=dtype, param_dtype=param_dtype, mesh=mesh
+        )
+        if not isinstance(model, Decoder):
+            raise UserError(f"init {cfg.init!r} is a {type(model).__name__}, not a decoder LM")
+    else:
+        model = create_sharded(  # each device builds only its share of the weights
+            lambda: Decoder(
+                cfg.model, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.train.seed)
+            ),
+            mesh,
+        )
     optimizer = shard_model(nnx.Optimizer(model, make_optimizer(cfg.train), wrt=nnx.Param), mesh)
-    data = iter(counting_dataset(cfg.data, cfg.model.vocab_size))
+    if text:  # read, checked and tokenizer-matched before anything is written
+        tokenizer = _text_tokenizer(cfg, init_tokenizer)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise UserError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
+                f"{model.config.vocab_size}"
+            )
+        if cfg.data.seq_len > model.config.max_position_embeddings:
+            raise UserError(
+                f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings "
+                f"{model.config.max_position_embeddings}"
+            )
+        texts = read_documents(
+            cfg.data.text.files, field=cfg.data.text.field, documents=cfg.data.text.documents
+        )
+        n_proc = jax.process_count()
+        data = iter(
+            text_dataset(
+                texts,
+                tokenizer,
+                seq_len=cfg.data.seq_len,
+                batch_size=cfg.data.batch_size // n_proc,
+                seed=cfg.data.seed,
+            )
+        )
+    else:
+        data = iter(counting_dataset(cfg.data, cfg.model.vocab_size))
     metrics: dict[str, float] = {}
     with Checkpointer(
         workdir / "checkpoints",
@@ -292,8 +393,17 @@ def _train_lm(cfg, workdir, mesh, progress):
         t0, last = time.perf_counter(), start
         stop_on_nonfinite = cfg.train.on_nonfinite == "stop"
         for step in bar:
-            tokens = jax.device_put(next(data)["tokens"], batch_sharding)
-            out = train_step_with_metrics(model, optimizer, tokens, cfg.data.micro_batches)
+            if text:
+                local = stack_lm_batch(lm_batch(next(data)))
+                packed = (
+                    jax.device_put(local, batch_sharding)
+                    if jax.process_count() == 1
+                    else jax.make_array_from_process_local_data(batch_sharding, local)
+                )
+                out = text_train_step_with_metrics(model, optimizer, packed, cfg.data.micro_batches)
+            else:
+                tokens = jax.device_put(next(data)["tokens"], batch_sharding)
+                out = train_step_with_metrics(model, optimizer, tokens, cfg.data.micro_batches)
             last_step = step + 1 == cfg.train.steps
             saving = ckpt.will_save(step + 1, force=last_step)
             # a NaN update leaves NaN weights for good: checked before every save
