@@ -13,7 +13,14 @@ def _run_train_lm(args):
     from jaxlab.config import load_config
     from jaxlab.train import LMTrainConfig, train_lm
 
-    cfg = load_config(args.config, dtype_overrides(args), cls=LMTrainConfig)
+    overrides = dtype_overrides(args)
+    if args.data:  # the user's text: --data FILE... (json lists are YAML flow sequences)
+        overrides.append(f"data.text.files={json.dumps(args.data)}")
+    if args.tokenizer:
+        overrides.append(f"data.text.tokenizer={json.dumps(args.tokenizer)}")
+    if args.init:
+        overrides.append(f"init={json.dumps(args.init)}")
+    cfg = load_config(args.config, overrides, cls=LMTrainConfig)
     metrics = train_lm(cfg, args.workdir, progress=not args.quiet)
     print(json.dumps(metrics))
 
@@ -25,6 +32,21 @@ def _train_lm_args(p):
         "--workdir",
         required=True,
         help="metrics.jsonl and checkpoints/ go here; resumes if present",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        help="train on these text files (.txt lines, .jsonl / .parquet 'text' field) "
+        "instead of the counting data; shorthand for --set data.text.files=[...]",
+    )
+    p.add_argument(
+        "--init",
+        help="start from pretrained weights: a registered name, an HF folder or a .gguf file",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer of --data: a model name or folder, or char (default: --init's)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress report")
 
