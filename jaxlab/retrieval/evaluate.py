@@ -112,6 +112,7 @@ def _truncate(model, tokenizer, texts, *, limit, batch_size, progress) -> Docume
                 batch_size=batch_size,
                 max_length=limit,
                 progress=progress,
+                prompt="",  # documents as the chunk strategies see them: no prompt
             )
         )
 
@@ -163,12 +164,16 @@ def evaluate_posir(
         raise ValueError(f"depth must be >= 100 (recall@100 is reported), got {depth}")
     if len(data) == 0 or not data.corpus_ids:  # every metric would be a mean over nothing
         raise PosIRError("the dataset holds no queries or no documents; nothing to evaluate")
+    # queries take the model's "query" prompt when it has one (sentence-transformers' prompts)
+    q_prompt = "query" if "query" in dict(model.config.prompts) else None
     q_emb = encode(
         model,
         tokenizer,
         [query_prefix + t for t in data.query_texts],
         batch_size=batch_size,
         progress=progress,
+        prompt_name=q_prompt,
+        prompt=None if q_prompt else "",
     )
     d_emb = embed_documents(
         model,
