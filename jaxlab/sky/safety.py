@@ -9,10 +9,12 @@ band b the blend
     sky = super_sky + w_b (smi - super_sky),     w_b in [0, 1]
 
 takes the weight that minimises the held-out fibres' inverse-variance weighted squared residual
-(a one-parameter least squares, clipped to [0, 1]). Where the learned sky is no better than Super
-Sky on held-out fibres, w_b falls to 0 and the plate gets Super Sky in that band; the report gives
-each band's weight, the held-out chi^2 of both methods and of the blend, and the fallback fraction
-(the share of bands and of pixels where w_b < 0.5).
+(a one-parameter least squares, clipped to [0, 1]). A weight below `min_weight` (0.25) is set to 0:
+the band falls back to Super Sky entirely. (Held-out sky fibres are not object fibres: when the
+learned sky is far off, a small positive weight fitted on them still added a visible error on the
+objects, e.g. 6.7 % -> 7.2 % in the blue of a Keck plate with w ~ 0.04.) The report gives each
+band's weight, the held-out chi^2 of both methods and of the blend, and the fallback fraction (the
+share of bands and of pixels where the weight is 0).
 
 Letters: F fibres, W wavelength pixels, B bands.
 """
@@ -90,6 +92,7 @@ def safe_sky(
     baseline: Callable[[Plate], np.ndarray] = super_sky,
     folds: int = 5,
     band_edges: Sequence[float] = DEFAULT_BANDS,
+    min_weight: float = 0.25,
     seed: int = 0,
 ) -> tuple[np.ndarray, dict]:
     """The blended sky [F, W] and a report (weights, held-out chi^2, fallback fraction).
@@ -100,6 +103,7 @@ def safe_sky(
       baseline: plate -> sky [F, W] to fall back to (default: Super Sky).
       folds: number of sky-fibre folds.
       band_edges: wavelength band edges (Angstrom) for the per-band weights.
+      min_weight: weights below it become 0 (full fallback in that band).
     """
     wave = plate.wavelength
     bands = _band_masks(wave, band_edges)
@@ -114,7 +118,8 @@ def safe_sky(
         held_flux.append(flux[rows])
         held_ivar.append(ivar[rows])
     hf, hi, hl, hb = (np.concatenate(x) for x in (held_flux, held_ivar, held_l, held_b))
-    w = blend_weights(hf, hi, hl, hb, bands)
+    fitted = blend_weights(hf, hi, hl, hb, bands)
+    w = np.where(fitted < min_weight, 0.0, fitted)
     w_pix = np.zeros(wave.size)
     for m, wb in zip(bands, w):
         w_pix[m] = wb
@@ -133,8 +138,9 @@ def safe_sky(
     report = {
         "bands_angstrom": [[lo, hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
         "weights": [float(x) for x in w],
-        "fallback_fraction_bands": float(np.mean(w < 0.5)),
-        "fallback_fraction_pixels": float(np.mean(w_pix < 0.5)),
+        "fitted_weights": [float(x) for x in fitted],
+        "fallback_fraction_bands": float(np.mean(w == 0)),
+        "fallback_fraction_pixels": float(np.mean(w_pix == 0)),
         "held_out_fibres": int(hf.shape[0]),
         "held_out_chi2": {"learned": chi2(hl), "baseline": chi2(hb), "blend": chi2(held_blend)},
     }
