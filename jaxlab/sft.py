@@ -176,11 +176,19 @@ def pack_examples(
 
 
 def load_chat_jsonl(path: str | Path) -> list[list[dict]]:
-    """The conversations of a JSONL file (``{"messages": [...]}`` per line)."""
+    """The conversations of a JSONL file (``{"messages": [...]}`` per line) or of a parquet file
+    with a ``messages`` column (a list of ``{role, content}`` structs per row)."""
+    from jaxlab.data.records import file_format, iter_records
+
+    if file_format(path) == "parquet":
+        records = iter_records(path)
+    else:
+        what = 'data file (a JSONL of {"messages": [...]} lines)'
+        records = ((f"{path}:{n}", rec) for n, rec in read_jsonl(path, what=what))
     out = []
-    for n, rec in read_jsonl(path, what='data file (a JSONL of {"messages": [...]} lines)'):
+    for where, rec in records:
         if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
-            raise UserError(f"{path}:{n}: expected an object with a 'messages' list")
+            raise UserError(f"{where}: expected an object with a 'messages' list")
         out.append(rec["messages"])
     if not out:
         raise UserError(f"{path}: no conversations")

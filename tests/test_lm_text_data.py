@@ -14,6 +14,7 @@ from flax import nnx
 from jaxlab.checkpoint import CheckpointConfig
 from jaxlab.data import RecordError
 from jaxlab.data.text import lm_batch, read_documents, text_dataset, tokenize_document
+from jaxlab.errors import UserError
 from jaxlab.models import Decoder, DecoderConfig
 from jaxlab.tokenization import char_tokenizer
 from jaxlab.train import DataConfig, LMTrainConfig, OptimConfig, TextDataConfig, train_lm
@@ -58,6 +59,22 @@ def test_three_formats_and_bad_records(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\n")
     with pytest.raises(RecordError, match=r"bad.txt:2: not UTF-8"):
         read_documents([tmp_path / "bad.txt"])
+
+
+def test_sft_reads_chat_messages_from_parquet_as_from_jsonl(tmp_path):
+    from jaxlab.sft import load_chat_jsonl
+
+    convs = [
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    ]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    pq.write_table(pa.table({"messages": convs}), tmp_path / "c.parquet")
+    assert load_chat_jsonl(tmp_path / "c.jsonl") == convs
+    assert load_chat_jsonl(tmp_path / "c.parquet") == convs
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match=r"bad.parquet:row 1: expected an object with a 'messages'"):
+        load_chat_jsonl(tmp_path / "bad.parquet")
 
 
 def _walk(stream, docs):
