@@ -46,13 +46,14 @@ import optax
 from flax import nnx
 
 from jaxlab import rl
+from jaxlab.analysis.markers import count_epistemic
 from jaxlab.config import check, register_config
 from jaxlab.errors import UserError
 from jaxlab.generation.core import sampling_logprobs
 from jaxlab.optim import poison_if_nonfinite
 from jaxlab.registry import Registry
 from jaxlab.rl import distill
-from jaxlab.rl.tasks import TASKS, Problem, Task, make_task
+from jaxlab.rl.tasks import TASKS, Problem, Task, extract_answer, make_task
 from jaxlab.rl.trainer import RLLossConfig, RLTrainConfig, RLTrainer
 from jaxlab.sharding import pin
 from jaxlab.tokenization import bucket_length
@@ -257,6 +258,7 @@ class DistillConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SDPOEvalConfig:
     every: int = 0  # evaluate every this many updates (0: at the start and the end only)
+    at_start: bool = True  # also evaluate the initial policy
     problems: int = 16  # held-out problems per family
     start: int = 100_000  # index of the first held-out problem (training uses 0 ..)
     in_domain: list[dict[str, Any]] | None = None  # families; None: the training task's
@@ -314,6 +316,7 @@ def pack_distill_batch(
     pad_id: int,
     rows: int,
     granularity: int = 64,
+    completion_width: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Right-padded student rows [x; y] and teacher rows [x'; y] with the completion positions of
     both (N = ``rows`` >= the number of samples; padding rows carry no loss).
@@ -323,7 +326,8 @@ def pack_distill_batch(
     ``[N, W']``, and over C completion positions: ``student_index`` / ``teacher_index`` ``[N, C]``
     (the position whose logits predict completion token j), ``completion`` ``[N, C]``,
     ``completion_behaviour`` ``[N, C]``, ``distill_mask`` ``[N, C]`` (0 for rows without a teacher
-    prompt)."""
+    prompt). ``completion_width``: C when given (e.g. the maximum number of new tokens, so that
+    C, and the compiled update, do not change from batch to batch)."""
     n = len(prompts)
     if not (len(teacher_prompts) == len(completions) == len(behaviour) == n) or rows < n:
         raise ValueError("pack_distill_batch: one teacher prompt, completion and behaviour per row")
@@ -334,7 +338,12 @@ def pack_distill_batch(
     t_width = bucket_length(
         max(len(p) + len(c) for p, c in zip(teach, completions)), 1 << 20, granularity=granularity
     )
-    c_width = bucket_length(max(max(len(c) for c in completions), 1), 1 << 20, granularity=16)
+    longest = max(max(len(c) for c in completions), 1)
+    if completion_width is not None and completion_width < longest:
+        raise ValueError(
+            f"pack_distill_batch: completion_width {completion_width} < longest completion {longest}"
+        )
+    c_width = completion_width or bucket_length(longest, 1 << 20, granularity=16)
     out = {
         "tokens": np.full((rows, width), pad_id, np.int32),
         "mask": np.zeros((rows, width), np.int32),
@@ -470,33 +479,44 @@ def evaluate_families(
     batch_size: int = 32,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Greedy answers to problems ``start .. start + problems - 1`` of each family: per family
-    label ``{accuracy, mean_tokens, epistemic_per_response, responses}`` (accuracy: reward 1)."""
+    """Greedy answers to problems ``start .. start + problems - 1`` of each family (all families'
+    prompts batched together): per family label ``{accuracy, mean_tokens,
+    epistemic_per_response, responses}``. Accuracy counts a reward of 1 from a response that
+    commits to an answer (:func:`jaxlab.rl.tasks.extract_answer`: a tag, ``\\boxed`` or "answer
+    is"), so that a truncated response whose last number happens to be right does not count."""
     from jaxlab.analysis.markers import count_epistemic
     from jaxlab.generation import generate
 
-    out = {}
+    items = []  # (family label, task, problem)
     for spec in families:
         task = make_task(spec["name"], seed=seed, **spec.get("kwargs", {}))
-        probs = [task.problem(start + i) for i in range(problems)]
-        texts, lengths = [], []
-        for b in range(0, len(probs), batch_size):
-            res = generate(
-                model,
-                tokenizer,
-                [p.prompt for p in probs[b : b + batch_size]],
-                max_new_tokens=max_new_tokens,
-                chat=chat,
+        items += [(_family_label(spec), task, task.problem(start + i)) for i in range(problems)]
+    texts, lengths = [], []
+    for b in range(0, len(items), batch_size):
+        res = generate(
+            model,
+            tokenizer,
+            [p.prompt for _, _, p in items[b : b + batch_size]],
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+        )
+        texts += list(res.texts)
+        lengths += [int(x) for x in res.lengths]
+    out: dict[str, dict[str, float]] = {}
+    for spec in families:
+        label = _family_label(spec)
+        rows = [k for k, (lab, _, _) in enumerate(items) if lab == label]
+        n = max(len(rows), 1)
+        out[label] = {
+            "accuracy": sum(
+                extract_answer(texts[k]) is not None
+                and items[k][1].reward(items[k][2], texts[k]) >= 1.0
+                for k in rows
             )
-            texts += list(res.texts)
-            lengths += [int(x) for x in res.lengths]
-        rewards = [task.reward(p, t) for p, t in zip(probs, texts)]
-        n = max(len(probs), 1)
-        out[_family_label(spec)] = {
-            "accuracy": sum(r >= 1.0 for r in rewards) / n,
-            "mean_tokens": float(np.mean(lengths)) if lengths else 0.0,
-            "epistemic_per_response": sum(count_epistemic(t, convention) for t in texts) / n,
-            "responses": len(probs),
+            / n,
+            "mean_tokens": float(np.mean([lengths[k] for k in rows])) if rows else 0.0,
+            "epistemic_per_response": sum(count_epistemic(texts[k], convention) for k in rows) / n,
+            "responses": len(rows),
         }
     return out
 
@@ -519,8 +539,16 @@ class SDPOTrainer(RLTrainer):
             raise UserError(f"SDPOTrainer needs an rl_sdpo config, got {type(cfg).__name__}")
         super().__init__(cfg, workdir)
         gen = cfg.generation
+        # fields that only shape the batch are left out of the compiled update's cache key
+        key = dataclasses.replace(
+            cfg.distill,
+            context="solution",
+            success_threshold=1.0,
+            exclude_self=True,
+            reprompt_template=DEFAULT_REPROMPT,
+        )
         self.sdpo_update_fn = _make_sdpo_update_fn(
-            cfg.loss, cfg.distill, gen.temperature, self.max_len, gen.top_p
+            cfg.loss, key, gen.temperature, self.max_len, gen.top_p
         )
         self.evals_path = self.workdir / "evals.jsonl"
         if self.resumed_from is None:
@@ -590,7 +618,8 @@ class SDPOTrainer(RLTrainer):
         return line
 
     def update(self, groups: list[int]) -> dict[str, Any]:
-        if self.ctrl.version == 0 and self.resumed_from is None and self.cfg.evaluation.problems:
+        ev = self.cfg.evaluation
+        if self.ctrl.version == 0 and self.resumed_from is None and ev.problems and ev.at_start:
             self.evaluate()
         metrics = super().update(groups)
         every = self.cfg.evaluation.every
@@ -623,11 +652,20 @@ class SDPOTrainer(RLTrainer):
 
     def _policy_update(self, groups: list[int]) -> dict[str, Any]:
         cfg, tokenizer, d = self.cfg, self.tokenizer, self.cfg.distill
-        if not d.active:  # plain GRPO
-            return super()._policy_update(groups)
+        if not d.active:  # plain GRPO, plus the rollouts' epistemic markers
+            texts = [
+                tokenizer.decode(self.finished[(g, i)].tokens)
+                for g in groups
+                for i in range(cfg.scheduler.group_size)
+            ]
+            out = super()._policy_update(groups)
+            out["rollout_epistemic"] = float(
+                np.mean([count_epistemic(t, cfg.evaluation.convention) for t in texts])
+            )
+            return out
         g_size = cfg.scheduler.group_size
         prompts, teacher_prompts, completions, behaviour = [], [], [], []
-        rewards, staleness, lengths = [], [], []
+        rewards, staleness, lengths, epistemic = [], [], [], []
         for g in groups:
             problem = self.problem(g)
             cs = [self.finished.pop((g, i)) for i in range(g_size)]
@@ -659,6 +697,7 @@ class SDPOTrainer(RLTrainer):
                 staleness.append(self.ctrl.version - min(c.policy_versions))
                 lengths.append(len(c.tokens))
             rewards.extend(rs)
+            epistemic += [count_epistemic(t, cfg.evaluation.convention) for t in texts]
         if self.ctrl.scheduler.bounds_staleness and max(staleness) > cfg.scheduler.max_staleness:
             raise AssertionError(
                 f"a trained token is {max(staleness)} versions old (max_staleness "
@@ -673,7 +712,13 @@ class SDPOTrainer(RLTrainer):
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         n = -(-n // shards) * shards
         batch = pack_distill_batch(
-            prompts, teacher_prompts, completions, behaviour, pad_id=tokenizer.pad_token_id, rows=n
+            prompts,
+            teacher_prompts,
+            completions,
+            behaviour,
+            pad_id=tokenizer.pad_token_id,
+            rows=n,
+            completion_width=cfg.generation.max_new_tokens,
         )
         batch["advantages"] = np.pad(adv, (0, n - len(prompts))).astype(np.float32)
         batch = jax.device_put({k: batch[k] for k in _BATCH_KEYS}, self.batch_sharding)
@@ -688,6 +733,7 @@ class SDPOTrainer(RLTrainer):
             max_token_staleness=int(max(staleness)),
             mean_length=float(np.mean(lengths)),
             batch_tokens=sum(len(p) + len(c) for p, c in zip(prompts, completions)),
+            rollout_epistemic=float(np.mean(epistemic)),
             teacher_rows=with_teacher / len(prompts),
             teacher_tokens=sum(
                 len(tp) + len(c) for tp, c in zip(teacher_prompts, completions) if tp is not None
