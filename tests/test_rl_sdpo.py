@@ -149,3 +149,17 @@ def test_tiny_sdpo_run_ema_teacher_and_resume(tmp_path):
     assert resumed.resumed_from == 1
     for a, b in zip(_params(resumed.teacher), teacher1):
         np.testing.assert_array_equal(a, b)
+
+
+def test_rl_train_cli_dispatches_on_kind(tmp_path, capsys):
+    """``rl train`` takes rl_sdpo configs (checked before any model loads) and refuses other kinds."""
+    from jaxlab.cli import main
+
+    work = tmp_path / "w"
+    assert main(["rl", "train", "configs/rl/sdpo_tiny.yaml", "--set", "distill.context=hint",
+                 "--workdir", str(work)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "distill.context" in err and "'hint' is not one of" in err and err.count("\n") == 1
+    assert main(["rl", "train", "configs/sft_smollm2_arith.yaml", "--workdir", str(work)]) == 2
+    assert "kind 'sft' is not an RL config" in capsys.readouterr().err
+    assert not work.exists()

@@ -72,12 +72,33 @@ def _run_simulate(args):
 
 
 def _run_train(args):
-    from jaxlab.config import load_config
+    from jaxlab.config import load_config, resolve_config_path
+    from jaxlab.errors import UserError
     from jaxlab.rl.trainer import RLTrainConfig, train_rl
 
-    cfg = load_config(args.config, dtype_overrides(args), cls=RLTrainConfig)
-    summary = train_rl(cfg, args.workdir, progress=not args.quiet)
+    kind = _config_kind(resolve_config_path(args.config))
+    if kind == "rl_sdpo":  # self-distillation: the RL trainer with a teacher
+        from jaxlab.rl.self_distill import SDPOTrainConfig, train_sdpo
+
+        cfg = load_config(args.config, dtype_overrides(args), cls=SDPOTrainConfig)
+        summary = train_sdpo(cfg, args.workdir, progress=not args.quiet)
+    elif kind in (None, "rl_train"):
+        cfg = load_config(args.config, dtype_overrides(args), cls=RLTrainConfig)
+        summary = train_rl(cfg, args.workdir, progress=not args.quiet)
+    else:
+        raise UserError(f"{args.config}: kind {kind!r} is not an RL config (rl_train or rl_sdpo)")
     print(json.dumps(summary, indent=2))
+
+
+def _config_kind(path) -> str | None:
+    """The ``kind`` a YAML config names (None when it names none or is not a mapping)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # load_config reports it
+    return data.get("kind") if isinstance(data, dict) else None
 
 
 def _rl_args(p):
@@ -139,7 +160,10 @@ def _rl_args(p):
         description="Trains a policy on a verifiable task; writes metrics.jsonl, timeline.png and "
         "summary.json.",
     )
-    train.add_argument("config", help="an rl_train YAML config, e.g. configs/rl/tiny_sorted.yaml")
+    train.add_argument(
+        "config",
+        help="an rl_train or rl_sdpo (self-distillation) YAML config, e.g. configs/rl/tiny_sorted.yaml",
+    )
     train.add_argument(
         "--set",
         dest="overrides",
