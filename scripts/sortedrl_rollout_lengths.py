@@ -1,6 +1,6 @@
 """Response lengths of real rollouts, for the SortedRL sweep's ``file:`` length distribution.
 
-    python scripts/sortedrl_rollout_lengths.py [--prompts 64] [--samples 4] \
+    python scripts/sortedrl_rollout_lengths.py [--prompts 32] [--samples 4] \
         [--out docs/results/sortedrl/smollm2_knights_knaves_lengths.txt]
 
 SmolLM2-135M-Instruct (the packaged weights) samples ``--samples`` answers to each of
@@ -20,9 +20,9 @@ import numpy as np
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--batch", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--out", default="docs/results/sortedrl/smollm2_knights_knaves_lengths.txt")
     args = p.parse_args()
@@ -35,6 +35,8 @@ def main():
     task = make_task("knights_knaves", seed=0)
     prompts = [task.problem(i).prompt for i in range(args.prompts)]
     lengths: list[int] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for start in range(0, len(prompts), args.batch):
         res = generate(
@@ -48,14 +50,12 @@ def main():
             chat=True,
         )
         lengths += [int(n) for n in res.lengths]
+        out.write_text("".join(f"{n}\n" for n in lengths))  # so far (a stopped run keeps them)
         print(
             f"{len(lengths)}/{len(prompts) * args.samples} responses, "
             f"{time.perf_counter() - t0:.0f} s",
             flush=True,
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(f"{n}\n" for n in lengths))
     a = np.asarray(lengths)
     q = np.percentile(a, [10, 50, 90, 99])
     print(
