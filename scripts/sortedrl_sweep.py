@@ -210,6 +210,70 @@ def parts_plot(points, path: Path):
     plt.close(fig)
 
 
+def cap_study(out: Path, max_len: int, seed: int) -> None:
+    """sorted_adaptive's caps trade wasted tokens against update batch size: max_open_groups /
+    max_update_groups at 4/2, 8/4 (the default) and 16/8 rollout windows, on the long-tailed
+    points (log-normal mu 5 with sigma 1 and 1.4, mu 7.5 sigma 1.4, bimodal 200/4000), slots 32
+    and 128, groups of 4 and 16, u 0.25 and 1, 16 W prompts, k 1 and 2."""
+    rows = []
+    for mo, mu in ((4, 2), (8, 4), (16, 8)):
+        sel = []
+        for spec, slots, group, u, k in itertools.product(
+            ("lognormal:5,1.0", "lognormal:5,1.4", "lognormal:7.5,1.4", "bimodal:200,4000,0.1"),
+            (32, 128),
+            (4, 16),
+            (0.25, 1.0),
+            (1, 2),
+        ):
+            update_groups = max(1, round(u * slots / group))
+            window = max(update_groups, 2 * slots // group)
+            common = dict(
+                group_size=group,
+                update_groups=update_groups,
+                rollout_groups=window,
+                num_prompts=16 * window,
+            )
+            lengths = length_sampler(spec, max_len=max_len)
+            kw = dict(slots=slots, lengths=lengths, seed=seed, record=False)
+            sync = simulate(SchedulerConfig(scheduler="sync", **common), **kw)
+            r = simulate(
+                SchedulerConfig(
+                    scheduler="sorted_adaptive",
+                    max_staleness=k,
+                    max_open_groups=mo * window,
+                    max_update_groups=mu * window,
+                    **common,
+                ),
+                **kw,
+            )
+            sel.append(
+                (
+                    r.bubble_ratio / sync.bubble_ratio,
+                    r.wasted_fraction,
+                    r.mean_update_groups / window,
+                    r.updates / sync.updates,
+                )
+            )
+        a = np.array(sel)
+        rows.append(
+            {
+                "max_open_groups_x_window": mo,
+                "max_update_groups_x_window": mu,
+                "points": len(sel),
+                "ratio_median": float(np.median(a[:, 0])),
+                "ratio_max": float(a[:, 0].max()),
+                "waste_median": float(np.median(a[:, 1])),
+                "waste_max": float(a[:, 1].max()),
+                "waste_over_5pct": int((a[:, 1] >= GOAL_WASTE).sum()),
+                "update_batch_over_window_median": float(np.median(a[:, 2])),
+                "update_batch_over_window_max": float(a[:, 2].max()),
+                "updates_vs_sync_median": float(np.median(a[:, 3])),
+            }
+        )
+        print(rows[-1], flush=True)
+    (out / "caps.json").write_text(json.dumps(rows, indent=1))
+
+
 def report(points):
     applies = [p for p in points if p["goal_applies"]]
     for sched in SCHEDULERS:
@@ -256,9 +320,13 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small grid (a smoke run)")
     p.add_argument("--report-only", action="store_true", help="reread sweep.json and redraw")
+    p.add_argument("--caps", action="store_true", help="only the cap trade-off (caps.json)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.caps:
+        cap_study(out, args.max_len, args.seed)
+        return
     if args.report_only:
         points = json.loads((out / "sweep.json").read_text())["points"]
     else:

@@ -56,7 +56,7 @@ def test_controller_invariants_under_random_event_orders(scheduler, seed):
         rollout_groups=5,
         max_staleness=seed % 3,
         num_prompts=23,
-        max_open_groups=7 if seed % 2 else 0,  # refill up to 7 groups, or the default 4 x 5
+        max_open_groups=7 if seed % 2 else 0,  # refill up to 7 groups, or the default 8 x 5
         max_update_groups=3 if seed % 3 == 1 else 0,
     )
     # 7 slots (a queue of waiting samples) or 16, more than the 5-group window's 15 samples, so

@@ -69,8 +69,8 @@ class SchedulerConfig:
     max_staleness: int = 1  # k: no trained token older than k policy versions
     num_prompts: int = 64  # prompts in the run (each becomes one group)
     # sorted_adaptive only (0: the default multiple of rollout_groups)
-    max_open_groups: int = 0  # open groups at most when refilling; 0: 4 x rollout_groups
-    max_update_groups: int = 0  # an update waits for stragglers until this many; 0: 2 x rollout
+    max_open_groups: int = 0  # open groups at most when refilling; 0: 8 x rollout_groups
+    max_update_groups: int = 0  # an update waits for stragglers until this many; 0: 4 x rollout
 
     def __post_init__(self):
         SCHEDULERS.check(self.scheduler, "scheduler")
@@ -98,11 +98,11 @@ class SchedulerConfig:
 
     @property
     def open_groups_cap(self) -> int:
-        return self.max_open_groups or 4 * self.rollout_groups
+        return self.max_open_groups or 8 * self.rollout_groups
 
     @property
     def update_groups_cap(self) -> int:
-        return self.max_update_groups or 2 * self.rollout_groups
+        return self.max_update_groups or 4 * self.rollout_groups
 
 
 @dataclasses.dataclass(frozen=True, order=True)
