@@ -94,6 +94,39 @@ def test_pack_batch_teacher_sees_the_reprompt_student_does_not():
     )
 
 
+def test_live_teacher_is_not_differentiated():
+    """A live teacher (the policy, no gradient) gives exactly the update of a frozen copy of the
+    same weights: no gradient reaches the student through the teacher's forward."""
+    import optax
+
+    from jaxlab.rl.trainer import RLLossConfig
+
+    tok = char_tokenizer()
+    enc = [tok.encode("What is 2 + 3?"), tok.encode("What is 4 * 2?")]
+    t_enc = [tok.encode(sd.DEFAULT_REPROMPT.format(prompt="What is 2 + 3?", solution="5"))] * 2
+    c_enc = [tok.encode("It is 5."), tok.encode("8")]
+    beh = [[-1.0] * len(c) for c in c_enc]
+    batch = sd.pack_distill_batch(enc, t_enc, c_enc, beh, pad_id=tok.pad_token_id, rows=2)
+    batch["advantages"] = np.zeros(2, np.float32)
+    batch = {k: jnp.asarray(batch[k]) for k in sd._BATCH_KEYS}
+    mcfg = load_config("configs/rl/sdpo_tiny.yaml").tiny_model
+    dec = Decoder(dataclasses.replace(mcfg, vocab_size=tok.vocab_size), rngs=nnx.Rngs(1))
+    live = sd.DistillConfig(teacher="live", weight=1.0, mode="full", alpha=0.5, is_clip=None)
+    out = []
+    for d in (live, dataclasses.replace(live, teacher="base")):
+        model = nnx.clone(dec)
+        opt = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+        teacher = None if d.teacher == "live" else nnx.clone(dec)
+        update = sd._make_sdpo_update_fn(RLLossConfig(), d, 1.0, 8.0, 1.0)
+        out.append((update(model, opt, teacher, batch), _params(model)))
+    (m_live, p_live), (m_base, p_base) = out
+    assert float(m_live["distill_loss"]) > 0
+    assert float(m_live["distill_loss"]) == pytest.approx(float(m_base["distill_loss"]), rel=1e-6)
+    assert any(not np.allclose(a, b) for a, b in zip(p_live, _params(dec)))
+    for a, b in zip(p_live, p_base):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_ema_update_matches_numpy():
     rng = np.random.default_rng(0)
     t = {"a": rng.normal(size=(3, 2)), "b": [rng.normal(size=4)]}
