@@ -16,19 +16,24 @@ from jaxlab.rl.tasks import (
     task_dataset,
 )
 
+# tasks built from a source take it as kwargs; jsonl (a file's lines) is tested in
+# tests/test_rl_user_tasks.py
+SOURCES = {"jsonl": None, "reasoning_gym": {"dataset": "leg_counting", "size": 20}}
 
-@pytest.mark.parametrize("name", TASKS.names())
+
+@pytest.mark.parametrize("name", [n for n in TASKS.names() if SOURCES.get(n, {}) is not None])
 def test_tasks_are_deterministic_across_processes(name):
-    here = [make_task(name, seed=7).problem(i).prompt for i in range(5)]
+    kw = SOURCES.get(name, {})
+    here = [make_task(name, seed=7, **kw).problem(i).prompt for i in range(5)]
     code = (
         f"from jaxlab.rl.tasks import make_task; "
-        f"print(repr([make_task({name!r}, seed=7).problem(i).prompt for i in range(5)]))"
+        f"print(repr([make_task({name!r}, seed=7, **{kw!r}).problem(i).prompt for i in range(5)]))"
     )
     there = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )
     assert there.stdout.strip() == repr(here)
-    assert make_task(name, seed=8).problem(0).prompt != here[0] or name == "knights_knaves"
+    assert make_task(name, seed=8, **kw).problem(0).prompt != here[0] or name == "knights_knaves"
 
 
 def _evaluate(text):
@@ -220,7 +225,8 @@ def test_answer_extraction():
 def test_unknown_task_and_bad_settings():  # noqa: D103
     with pytest.raises(
         ValueError,
-        match="unknown task 'chess'; known: arithmetic, countdown, knights_knaves, toy_digits",
+        match="unknown task 'chess'; known: arithmetic, countdown, jsonl, knights_knaves, "
+        "reasoning_gym, toy_digits",
     ):
         make_task("chess")
     with pytest.raises(ValueError, match="countdown: count >= 2"):

@@ -15,16 +15,20 @@ from __future__ import annotations
 import abc
 import ast
 import dataclasses
+import importlib
+import inspect
 import itertools
 import operator
 import re
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
+from jaxlab.errors import UserError
 from jaxlab.registry import Registry
 
 __all__ = [
@@ -32,6 +36,7 @@ __all__ = [
     "Task",
     "TASKS",
     "make_task",
+    "load_task_class",
     "task_dataset",
     "extract_answer",
     "extract_number",
@@ -358,6 +363,30 @@ class ToyDigitsTask(Task):
         return sum(ch.isdigit() for ch in completion) / len(completion) if completion else 0.0
 
 
+def load_task_class(path: str) -> Callable[..., Task]:
+    """``"package.module:Attribute"`` imported: a Task subclass or a callable returning a Task.
+    UserError naming what is wrong (the module, the attribute, the type)."""
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise UserError(f"task {path!r}: an import path is 'package.module:ClassName'")
+    try:
+        value: Any = importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"task {path!r}: cannot import module {module!r} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(value, part):
+            raise UserError(f"task {path!r}: module {module!r} has no attribute {attr!r}")
+        value = getattr(value, part)
+    if inspect.isclass(value) and not issubclass(value, Task):
+        raise UserError(
+            f"task {path!r}: {value.__name__} is not a jaxlab.rl.tasks.Task subclass "
+            "(docs/rl.md shows the protocol)"
+        )
+    if not callable(value):
+        raise UserError(f"task {path!r}: {attr} is a {type(value).__name__}, not a Task class")
+    return value
+
+
 # users' own tasks (jaxlab.rl.user_tasks): problems from JSONL with a named verifier, reasoning-gym
 TASKS.register_lazy("jsonl", "jaxlab.rl.user_tasks:JsonlTask")
 TASKS.register_lazy("reasoning_gym", "jaxlab.rl.user_tasks:ReasoningGymTask")
@@ -367,8 +396,6 @@ def make_task(name: str, **kwargs) -> Task:
     """A task by registry name, or by import path ``"package.module:ClassName"`` (a Task subclass
     the user wrote); an unknown name lists the known ones."""
     if name not in TASKS and ":" in name:
-        from jaxlab.rl.user_tasks import load_task_class
-
         task = load_task_class(name)(**kwargs)
         if not isinstance(task, Task):
             raise TypeError(f"task {name!r} made a {type(task).__name__}, not a Task")

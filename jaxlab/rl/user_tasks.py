@@ -17,8 +17,6 @@ wrong one (``<answer>...</answer>``, ``\\boxed{}`` or "answer is ..."), 0.0 othe
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import re
 import threading
 import unicodedata
@@ -30,7 +28,7 @@ from typing import Any
 from jaxlab.errors import UserError
 from jaxlab.jsonl import read_jsonl
 from jaxlab.registry import Registry
-from jaxlab.rl.tasks import Problem, Task, extract_answer, extract_number
+from jaxlab.rl.tasks import Problem, Task, extract_answer, extract_number, load_task_class
 
 __all__ = [
     "VERIFIERS",
@@ -47,30 +45,6 @@ __all__ = [
 VERIFIERS: Registry[Callable[[str, Any], bool]] = Registry("verifier")
 
 _MAX_ANSWER_CHARS = 2000  # what a verifier parses of an answer (math-verify runs sympy on it)
-
-
-def load_task_class(path: str) -> Callable[..., Task]:
-    """``"package.module:Attribute"`` imported: a Task subclass or a callable returning a Task.
-    UserError naming what is wrong (the module, the attribute, the type)."""
-    module, sep, attr = path.partition(":")
-    if not sep or not module or not attr:
-        raise UserError(f"task {path!r}: an import path is 'package.module:ClassName'")
-    try:
-        value: Any = importlib.import_module(module)
-    except ImportError as e:
-        raise UserError(f"task {path!r}: cannot import module {module!r} ({e})") from None
-    for part in attr.split("."):
-        if not hasattr(value, part):
-            raise UserError(f"task {path!r}: module {module!r} has no attribute {attr!r}")
-        value = getattr(value, part)
-    if inspect.isclass(value) and not issubclass(value, Task):
-        raise UserError(
-            f"task {path!r}: {value.__name__} is not a jaxlab.rl.tasks.Task subclass "
-            "(docs/rl.md shows the protocol)"
-        )
-    if not callable(value):
-        raise UserError(f"task {path!r}: {attr} is a {type(value).__name__}, not a Task class")
-    return value
 
 
 # -- verifiers ---------------------------------------------------------------------------------------
