@@ -1,14 +1,25 @@
 """SMI vs Super Sky vs PCA on simulated LAMOST plates (truth known): sky error, chi^2, timings.
 
     python scripts/bench_sky.py [--train 24] [--test 10] [--steps 300] [--out docs/results/sky]
+    python scripts/bench_sky.py --families [--train 8] [--test 2] [--seeds 0 1 2] [--steps 100]
 
-Trains SMI on `--train` simulated plates (seeds 1000+), evaluates all methods on `--test` held-out
-plates (seeds 0..), prints per-plate and mean metrics and the ratios SMI / Super Sky, writes JSON.
+Default: trains SMI on `--train` simulated plates (seeds 1000+), evaluates all methods on `--test`
+held-out plates (seeds 0..), prints per-plate and mean metrics and the ratios SMI / Super Sky,
+writes JSON.
+
+`--families`: the cross-family table. Plate families are jaxlab's simulator ("jaxlab-sim") and the
+four of the independent generator `scripts/sky_families.py` (other real skies, other object, moon,
+throughput, shift and field models). For each training family and model seed SMI is trained
+self-supervised on `--train` plates of that family (seeds 1000+, no truth read) and every method is
+evaluated on `--test` held-out plates (seeds 0..) of every family: Super Sky, PCA, SMI, and SMI with
+the sky-fibre cross-validation safety net (`smi-safe`). Means over seeds and plates, with the spread
+(standard deviation over seeds), go to stdout and `bench_sky_families[_TRAIN+...].json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -34,7 +45,19 @@ def main():
     ap.add_argument("--test", type=int, default=10)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="docs/results/sky")
+    ap.add_argument("--families", action="store_true", help="the cross-family table")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SMI model seeds")
+    ap.add_argument("--only-train", nargs="*", help="training families (default: all)")
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="merge the bench_sky_families*.json under --out into a markdown table and a PNG",
+    )
     args = ap.parse_args()
+    if args.report:
+        return family_report(Path(args.out))
+    if args.families:
+        return cross_family(args)
     t0 = time.perf_counter()
     train = [simulate_plate(1000 + i) for i in range(args.train)]
     print(f"simulated {args.train} training plates in {time.perf_counter() - t0:.1f} s")
@@ -111,6 +134,177 @@ def main():
     }
     (out / "bench_sky.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'bench_sky.json'}")
+
+
+def cross_family(args):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sky_families import FAMILIES, make_plate
+
+    from jaxlab.sky.safety import safe_sky
+
+    names = ["jaxlab-sim", *FAMILIES]
+
+    def plate(fam, seed):
+        return simulate_plate(seed) if fam == "jaxlab-sim" else make_plate(fam, seed)
+
+    t0 = time.perf_counter()
+    tests = {f: [plate(f, s) for s in range(args.test)] for f in names}
+    baseline = {}
+    for f, ps in tests.items():
+        rows = []
+        for p in ps:
+            ss = super_sky(p)
+            rows.append(
+                {
+                    "supersky": evaluate_sky(p, ss)["sky_error_pct"],
+                    "pca": evaluate_sky(p, pca_clean(p, ss))["sky_error_pct"],
+                }
+            )
+        baseline[f] = rows
+    print(f"{args.test} test plates per family, baselines: {time.perf_counter() - t0:.0f} s")
+    results = []  # one entry per (train family, seed, test family, plate)
+    for train_fam in args.only_train or names:
+        train = [plate(train_fam, 1000 + i) for i in range(args.train)]
+        for seed in args.seeds:
+            cfg = SMIConfig(
+                steps_shift=args.steps,
+                steps_shared=args.steps,
+                steps_individual=args.steps,
+                seed=seed,
+            )
+            model, hist = train_smi(train, cfg, progress=False)
+            line = [f"train {train_fam} seed {seed} ({hist['seconds']:.0f} s):"]
+            for test_fam, ps in tests.items():
+                for k, p in enumerate(ps):
+                    smi = smi_sky(model, p)
+                    safe, rep = safe_sky(p, functools.partial(smi_sky, model))
+                    res = dict(baseline[test_fam][k])
+                    res["smi"] = evaluate_sky(p, smi)["sky_error_pct"]
+                    res["smi-safe"] = evaluate_sky(p, safe)["sky_error_pct"]
+                    res["fallback_fraction_bands"] = rep["fallback_fraction_bands"]
+                    res["weights"] = rep["weights"]
+                    results.append(
+                        {"train": train_fam, "seed": seed, "test": test_fam, "plate": k, **res}
+                    )
+                mine = [r for r in results if r["train"] == train_fam and r["seed"] == seed]
+                mine = [r for r in mine if r["test"] == test_fam]
+                line.append(
+                    f"{test_fam} "
+                    + "/".join(
+                        f"{np.mean([r[m]['all'] for r in mine]):.2f}"
+                        for m in ("supersky", "smi", "smi-safe")
+                    )
+                )
+            print(" ".join(line), flush=True)
+    table = summarise(results, names, args.only_train or names, args.seeds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = (
+        f"python scripts/bench_sky.py --families --train {args.train} --test {args.test} "
+        f"--steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+    )
+    if args.only_train:
+        cmd += " --only-train " + " ".join(args.only_train)
+    report = {"command": cmd, "seconds": time.perf_counter() - t0, "table": table}
+    report["per_plate"] = results
+    name = "bench_sky_families" + ("_" + "+".join(args.only_train) if args.only_train else "")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / name}.json ({time.perf_counter() - t0:.0f} s)")
+
+
+def summarise(results, names, train_names, seeds):
+    """Mean sky error (%) per (train family, test family, method, region): mean over plates per
+    seed, then the mean and standard deviation over seeds; the fallback fraction of smi-safe."""
+    table = []
+    print("\nsky error % (blue / all), mean over seeds ± std over seeds; SS = Super Sky")
+    for tr in train_names:
+        for te in names:
+            rows = [r for r in results if r["train"] == tr and r["test"] == te]
+            if not rows:
+                continue
+            entry = {"train": tr, "test": te}
+            for m in ("supersky", "pca", "smi", "smi-safe"):
+                for region in ("blue", "all"):
+                    per_seed = [
+                        np.mean([r[m][region] for r in rows if r["seed"] == s]) for s in seeds
+                    ]
+                    entry[f"{m}_{region}"] = float(np.mean(per_seed))
+                    entry[f"{m}_{region}_std"] = float(np.std(per_seed))
+            entry["fallback_fraction_bands"] = float(
+                np.mean([r["fallback_fraction_bands"] for r in rows])
+            )
+            table.append(entry)
+            print(
+                f"  {tr:>13s} -> {te:<13s} "
+                + "  ".join(
+                    f"{m} {entry[f'{m}_blue']:.2f}/{entry[f'{m}_all']:.2f}"
+                    + (f"±{entry[f'{m}_all_std']:.2f}" if m.startswith("smi") else "")
+                    for m in ("supersky", "pca", "smi", "smi-safe")
+                )
+                + f"  fallback {entry['fallback_fraction_bands']:.2f}"
+            )
+    return table
+
+
+def family_report(out: Path):
+    """Markdown table (stdout) and PNG heat maps of SMI / Super Sky and SMI-safe / Super Sky."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = []
+    for f in sorted(out.glob("bench_sky_families*.json")):
+        table += json.loads(f.read_text())["table"]
+    trains = list(dict.fromkeys(e["train"] for e in table))
+    tests = list(dict.fromkeys(e["test"] for e in table))
+    print(
+        "| trained on | tested on | Super Sky blue / all | PCA all | SMI blue / all | "
+        "SMI-safe blue / all | fallback |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for e in table:
+
+        def pm(m, r, e=e):
+            return f"{e[f'{m}_{r}']:.2f} ± {e[f'{m}_{r}_std']:.2f}"
+
+        print(
+            f"| {e['train']} | {e['test']} | {e['supersky_blue']:.2f} / {e['supersky_all']:.2f} | "
+            f"{e['pca_all']:.2f} | {pm('smi', 'blue')} / {pm('smi', 'all')} | "
+            f"{pm('smi-safe', 'blue')} / {pm('smi-safe', 'all')} | "
+            f"{e['fallback_fraction_bands']:.2f} |"
+        )
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for ax, m in zip(axes, ("smi", "smi-safe")):
+        grid = np.full((len(trains), len(tests)), np.nan)
+        for e in table:
+            grid[trains.index(e["train"]), tests.index(e["test"])] = (
+                e[f"{m}_all"] / e["supersky_all"]
+            )
+        im = ax.imshow(np.log2(grid), cmap="RdBu_r", vmin=-2, vmax=2)
+        for i in range(len(trains)):
+            for j in range(len(tests)):
+                if np.isfinite(grid[i, j]):
+                    dark = abs(np.log2(grid[i, j])) > 1.2
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if dark else "black",
+                    )
+        ax.set_xticks(range(len(tests)), tests, rotation=30, ha="right")
+        ax.set_yticks(range(len(trains)), trains)
+        ax.set_xlabel("tested on")
+        ax.set_ylabel("trained on (self-supervised)")
+        ax.set_title(f"{m} sky error / Super Sky's (all wavelengths)")
+    fig.colorbar(im, ax=axes, label="log2 ratio (blue: better than Super Sky)")
+    fig.savefig(out / "bench_sky_families.png", dpi=110)
+    print(f"wrote {out / 'bench_sky_families.png'}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -44,9 +45,10 @@ def _simulate(args):
 
 
 def _train(args):
-    from jaxlab.sky import SMIConfig, read_plate, save_smi, train_smi, training_plates
+    from jaxlab.sky import SMIConfig, load_smi, read_plate, save_smi, train_smi, training_plates
 
     check_outputs(args, args.out, kind="dir")
+    init = load_smi(args.init) if args.init else None
     t0 = time.perf_counter()
     if args.plates:
         plates = [read_plate(p) for p in args.plates]
@@ -56,7 +58,15 @@ def _train(args):
         print(f"simulating {args.simulate} training plates (seeds {args.seed}..{last})")
         plates = training_plates(args.simulate, args.seed)
     config = SMIConfig(steps_shift=args.steps, steps_shared=args.steps, steps_individual=args.steps)
-    model, history = train_smi(plates, config, progress=not args.quiet, log=print)
+    if init is not None:  # keep the model's network sizes, take the steps from the command line
+        config = dataclasses.replace(
+            init.config,
+            steps_shift=args.steps,
+            steps_shared=args.steps,
+            steps_individual=args.steps,
+        )
+        print(f"continuing from {args.init} (incremental training)")
+    model, history = train_smi(plates, config, progress=not args.quiet, log=print, init=init)
     save_smi(model, args.out, history)
     print(
         f"saved the SMI model to {args.out} (training {history['seconds']:.1f} s, total "
@@ -86,6 +96,18 @@ def _subtract(args):
         f"{args.method}: sky of {plate.n_fibers} fibres in {seconds:.2f} s -> {args.out} "
         "(SKY, SKYSUB)"
     )
+    if args.method == "smi-safe":
+        from jaxlab.sky.methods import LAST_REPORT as rep
+
+        bands = ", ".join(
+            f"{lo:.0f}-{hi:.0f} Å {w:.2f}"
+            for (lo, hi), w in zip(rep["bands_angstrom"], rep["weights"])
+        )
+        print(
+            f"safety net: SMI weight per band {bands}; fallback to Super Sky in "
+            f"{100 * rep['fallback_fraction_pixels']:.0f} % of the pixels (held-out sky fibres: "
+            f"{rep['held_out_fibres']})"
+        )
 
 
 def _evaluate(args):
@@ -164,6 +186,10 @@ def _sky_args(p):
     t.add_argument("--seed", type=int, default=1000, help="seed of the first simulated plate")
     t.add_argument(
         "--steps", type=positive_int, default=300, help="optimizer steps per training stage"
+    )
+    t.add_argument(
+        "--init",
+        help="continue from this SMI model directory (incremental training on --plates: a night)",
     )
     t.add_argument("--quiet", action="store_true", help="no progress report")
     add_overwrite_arg(t)

@@ -291,6 +291,16 @@ def _aligned(model: SMIModel, prep: _Prepared):
     return shift, flux, ivar, hp
 
 
+@nnx.jit
+def _aligned_jit(model, highpass, flux, ivar):
+    """`_aligned` of one plate's arrays, jitted (same-shaped plates compile once)."""
+    prep = _Prepared(1.0, flux, ivar, highpass, None, None, None)  # type: ignore[arg-type]
+    return _aligned(model, prep)
+
+
+_sky_codes_jit = jax.jit(lambda basis, flux, ivar: _sky_codes(basis, flux, ivar))
+
+
 def _highpass_jax(x: jax.Array, sigma: float) -> jax.Array:
     radius = int(4 * sigma)
     t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
@@ -441,7 +451,7 @@ def train_smi(
 
     # Decoder basis: PCA of the aligned sky fibres of all training plates.
     t0 = time.perf_counter()
-    aligned = [_aligned(model, p) for p in prepared]
+    aligned = [_aligned_jit(model, p.highpass, p.flux, p.ivar) for p in prepared]
     sky_spec = np.concatenate([np.asarray(a[1])[p.is_sky] for a, p in zip(aligned, prepared)])
     mean = sky_spec.mean(0)
     _, _, vt = np.linalg.svd(sky_spec - mean, full_matrices=False)
@@ -458,7 +468,7 @@ def train_smi(
     tensors = []
     for (_, flux, ivar, hp), p in zip(aligned, prepared):
         rows = np.nonzero(p.is_sky)[0]
-        codes = _sky_codes(jnp.asarray(basis, jnp.float32), flux[rows], ivar[rows])
+        codes = _sky_codes_jit(jnp.asarray(basis, jnp.float32), flux[rows], ivar[rows])
         tensors.append(
             _PlateTensors(
                 features=hp[:, line_pix],
@@ -476,6 +486,15 @@ def train_smi(
     opt = _optimizer(model, config, config.steps_shared, shared_wrt)
     n_plate = len(tensors)
     m = config.fibers_per_plate
+    same = len({t.features.shape for t in tensors}) == 1
+    if same:  # all plates alike: sample the fibres inside the jitted step (no per-plate gathers)
+        all_feats = jnp.stack([t.features for t in tensors])  # [P, F, n_feat]
+        all_ivars = jnp.stack([t.ivar_lines for t in tensors])
+
+    @nnx.jit
+    def gather(feats, ivars, rows):
+        take = jax.vmap(lambda x, r: x[r])
+        return take(feats, rows), take(ivars, rows)
 
     @nnx.jit
     def shared_step(model, opt, feats, ivars, pair_a, pair_b):
@@ -495,8 +514,11 @@ def train_smi(
 
     def common_step(_):
         rows = [rng.choice(t.features.shape[0], m, replace=False) for t in tensors]
-        feats = jnp.stack([t.features[r] for t, r in zip(tensors, rows)])
-        ivars = jnp.stack([t.ivar_lines[r] for t, r in zip(tensors, rows)])
+        if same:
+            feats, ivars = gather(all_feats, all_ivars, jnp.asarray(np.stack(rows)))
+        else:
+            feats = jnp.stack([t.features[r] for t, r in zip(tensors, rows)])
+            ivars = jnp.stack([t.ivar_lines[r] for t, r in zip(tensors, rows)])
         pa = jnp.asarray(rng.integers(0, m, n_plate))
         pb = (pa + jnp.asarray(rng.integers(1, m, n_plate))) % m
         _, (rec, nce) = shared_step(model, opt, feats, ivars, pa, pb)
