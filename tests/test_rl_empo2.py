@@ -159,9 +159,11 @@ def test_off_policy_ratio_is_taken_against_the_tip_context_behaviour_logprobs():
     tipped = [5, 40, 41, 11, 12, 13, 42, 43, 6, 7, 8]  # the tip span inside the prompt
     action = [20, 21, 22]
 
+    forward = nnx.jit(lambda m, x: m(x))
+
     def logp_of(prompt):  # float64 log-softmax of the model's logits, by hand
-        seq = jnp.asarray([prompt + action])
-        logits = np.asarray(model(seq), np.float64)[0]
+        seq = jnp.zeros((1, 16), jnp.int32).at[0, : len(prompt) + 3].set(prompt + action)
+        logits = np.asarray(forward(model, seq), np.float64)[0]  # causal: the padding is unseen
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         pos = np.arange(len(prompt) - 1, len(prompt) + len(action) - 1)
         return logits[pos, action] - logz[pos]
@@ -172,7 +174,7 @@ def test_off_policy_ratio_is_taken_against_the_tip_context_behaviour_logprobs():
     assert prompt == plain
     assert training_prompt(turn, "on_policy_tips", start, end) == tipped
     tokens, mask, loss_mask, beh = build_batch([(prompt, turn)], pad_id=0)
-    logits = model(jnp.asarray(tokens[:, :-1]), attention_mask=jnp.asarray(mask[:, :-1]))
+    logits = forward(model, jnp.asarray(tokens[:, :-1]))
     logp = rl.token_logprobs(logits, jnp.asarray(tokens[:, 1:]))
     _, metrics = rl.policy_loss(
         logp, jnp.asarray(beh), jnp.ones((tokens.shape[0],)), jnp.asarray(loss_mask),
@@ -187,19 +189,19 @@ def test_off_policy_ratio_is_taken_against_the_tip_context_behaviour_logprobs():
 # -- a tiny run --------------------------------------------------------------------------------------
 def test_tiny_empo2_run_fills_memory_and_resumes_with_it(tmp_path):
     cfg = load_config("rl/empo2_tiny", cls=MultiTurnConfig)
-    cfg = dataclasses.replace(cfg, updates=3)
+    cfg = dataclasses.replace(cfg, updates=2)
     trainer = MultiTurnTrainer(cfg, tmp_path)
-    trainer.run(max_updates=2, progress=False)
+    trainer.run(max_updates=1, progress=False)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 1
     size = len(trainer.memory)
-    assert size > 0 and trainer.update_index == 2
+    assert size > 0 and trainer.update_index == 1
     state = trainer.memory.state_dict()
     params = jax.tree.map(np.asarray, nnx.state(trainer.model, nnx.Param))
     trainer.close()
 
     resumed = MultiTurnTrainer(cfg, tmp_path)  # restores model, optimizer, memory, rng
-    assert resumed.resumed_from == 2 and resumed.update_index == 2
+    assert resumed.resumed_from == 1 and resumed.update_index == 1
     assert resumed.memory.state_dict() == state
     jax.tree.map(
         np.testing.assert_array_equal,
@@ -210,9 +212,9 @@ def test_tiny_empo2_run_fills_memory_and_resumes_with_it(tmp_path):
     import json
 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["update"] for r in rows] == [1, 2, 3]
+    assert [r["update"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)
-    assert rows[-1]["memory_size"] >= size and rows[-1]["episodes"] == 6
+    assert rows[-1]["memory_size"] > size and rows[-1]["episodes"] == 4
     result = resumed.evaluate("test", trials=2, pairs=[("coin", 4)])
     assert len(result["success_at"]) == 2 and result["games"] == 1
     assert result["success_at"][0] <= result["success_at"][1]

@@ -82,11 +82,22 @@ def _run_train(args):
 
         cfg = load_config(args.config, dtype_overrides(args), cls=SDPOTrainConfig)
         summary = train_sdpo(cfg, args.workdir, progress=not args.quiet)
+    elif kind == "rl_multiturn":  # multi-turn GRPO / EMPO2 on text environments
+        from jaxlab.rl.multiturn import MultiTurnConfig, MultiTurnTrainer
+
+        cfg = load_config(args.config, args.overrides, cls=MultiTurnConfig)
+        trainer = MultiTurnTrainer(cfg, args.workdir)
+        try:
+            summary = trainer.run(progress=not args.quiet)
+        finally:
+            trainer.close()
     elif kind in (None, "rl_train"):
         cfg = load_config(args.config, dtype_overrides(args), cls=RLTrainConfig)
         summary = train_rl(cfg, args.workdir, progress=not args.quiet)
     else:
-        raise UserError(f"{args.config}: kind {kind!r} is not an RL config (rl_train or rl_sdpo)")
+        raise UserError(
+            f"{args.config}: kind {kind!r} is not an RL config (rl_train, rl_sdpo or rl_multiturn)"
+        )
     print(json.dumps(summary, indent=2))
 
 

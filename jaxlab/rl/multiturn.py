@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -50,7 +51,7 @@ from jaxlab.errors import UserError
 from jaxlab.generation import Engine, SamplingParams
 from jaxlab.generation.core import sampling_logprobs
 from jaxlab.metric_writer import MetricWriter
-from jaxlab.models import Decoder, DecoderConfig
+from jaxlab.models import Decoder, DecoderConfig, from_pretrained
 from jaxlab.optim import check_finite_step, make_optimizer, poison_if_nonfinite
 from jaxlab.rl.empo2 import (
     MODE_PROBS,
@@ -65,8 +66,8 @@ from jaxlab.rl.empo2 import (
     tip_prompt,
 )
 from jaxlab.rl.memory import EMBEDDERS, MemoryStore, make_embedder
-from jaxlab.rl.trainer import RLOptimConfig, _load_policy
-from jaxlab.tokenization import bucket_length
+from jaxlab.rl.trainer import RLOptimConfig
+from jaxlab.tokenization import bucket_length, char_tokenizer
 
 __all__ = [
     "MultiTurnEnvConfig",
@@ -162,6 +163,7 @@ class MultiTurnConfig:
     clip_high: float = 0.3
     dual_clip: float | None = 10.0
     agg: str = "token_mean"
+    micro_batch: int = 4  # rows per gradient micro-batch (the update is one optimizer step)
     optim: RLOptimConfig = dataclasses.field(default_factory=RLOptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(
         default_factory=lambda: CheckpointConfig(save_every=5, keep=2)
@@ -175,7 +177,9 @@ class MultiTurnConfig:
             "agg",
             f"{self.agg!r} is not one of {rl.AGGREGATION_MODES.names()}",
         )
-        for name in ("updates", "groups", "max_turns", "max_prompt_tokens", "max_new_tokens"):
+        for name in (
+            "updates", "groups", "max_turns", "max_prompt_tokens", "max_new_tokens", "micro_batch"
+        ):  # fmt: skip
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(
             self.episodes >= 2,
@@ -227,32 +231,67 @@ class Episode:
         return f"{self.task}/{self.variation}"
 
 
+def load_policy(cfg: MultiTurnConfig):
+    """``(decoder, tokenizer)``: a tiny char-level decoder for ``model: tiny``, else a pretrained one."""
+    if cfg.model == "tiny":
+        tokenizer = char_tokenizer()
+        mcfg = dataclasses.replace(cfg.tiny_model, vocab_size=tokenizer.vocab_size)
+        return Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed)), tokenizer
+    model, tokenizer = from_pretrained(cfg.model)
+    if not isinstance(model, Decoder) or tokenizer is None:
+        raise UserError(f"{cfg.model} is not a decoder LM with a tokenizer")
+    return model, tokenizer
+
+
 def _sequence_logprobs(model: Decoder, tokens, mask, temperature):
     logits = model(tokens[:, :-1], attention_mask=mask[:, :-1])
     return sampling_logprobs(logits, tokens[:, 1:], temperature=temperature)
 
 
 @functools.lru_cache(maxsize=8)
-def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len):
+def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, micro_batch):
+    """One optimizer step over the batch, its gradient summed over micro-batches of
+    ``micro_batch`` rows in a ``lax.scan`` with the aggregation's normaliser taken over the whole
+    batch: the full batch's gradient with one micro-batch's logits in memory."""
+
     @nnx.jit
     def update(model, optimizer, tokens, mask, loss_mask, behaviour_logp, advantages):
-        def loss_fn(m):
-            logp = _sequence_logprobs(m, tokens, mask, temperature)
-            return rl.policy_loss(
-                logp,
-                behaviour_logp,
-                advantages,
-                loss_mask,
-                clip_low=clip_low,
-                clip_high=clip_high,
-                dual_clip=dual_clip,
-                agg=agg,
-                max_len=max_len,
-            )
+        norm = rl.loss_normalizer(loss_mask, agg, max_len=max_len)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        def loss_of(params, micro):
+            m = nnx.merge(graphdef, params, rest)
+            tok, msk, lmask, beh, adv = micro
+            logp = _sequence_logprobs(m, tok, msk, temperature)
+            return rl.policy_loss(
+                logp, beh, adv, lmask, clip_low=clip_low, clip_high=clip_high,
+                dual_clip=dual_clip, agg=agg, max_len=max_len, normalizer=norm,
+            )  # fmt: skip
+
+        k = tokens.shape[0] // micro_batch
+        split = lambda x: x.reshape(k, micro_batch, *x.shape[1:])  # noqa: E731
+        micro = tuple(map(split, (tokens, mask, loss_mask, behaviour_logp, advantages)))
+
+        def add(carry, x):
+            (value, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params, x)
+            loss, g = carry
+            return (loss + value, jax.tree.map(jnp.add, g, grads)), metrics
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), per_micro = jax.lax.scan(add, zeros, micro)
         grads = poison_if_nonfinite(loss, grads)
         optimizer.update(model, grads)
+        # micro-batches that hold no response tokens (padding rows) do not count in the metrics
+        used = jnp.sum(split(loss_mask), axis=(1, 2)) > 0
+        weight = used / jnp.maximum(jnp.sum(used), 1)
+        metrics = {}
+        for name, v in per_micro.items():
+            if name == "ratio_max":
+                metrics[name] = jnp.max(jnp.where(used, v, -jnp.inf))
+            elif name == "ratio_min":
+                metrics[name] = jnp.min(jnp.where(used, v, jnp.inf))
+            else:
+                metrics[name] = jnp.sum(weight * v)
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.global_norm(grads)
         return metrics
@@ -265,13 +304,16 @@ def group_advantages(rewards: list[np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(rl.grpo_advantages(jnp.asarray(r, jnp.float32)[None]))[0] for r in rewards]
 
 
-def build_batch(rows, pad_id: int):
+def build_batch(rows, pad_id: int, multiple: int = 1, shape: tuple[int, int] | None = None):
     """Right-padded training arrays from ``(train prompt, Turn)`` rows: ``tokens, mask [N, W]``,
     ``loss_mask, behaviour [N, W-1]`` (position j predicts token j+1; the loss covers the
     response only, its behaviour log-probs are the turn's own: those of the prompt it was sampled
     with, whatever prompt it is trained on). N and W are bucketed so that updates rarely recompile."""
     width = bucket_length(max(len(p) + len(t.tokens) for p, t in rows), 1 << 20, granularity=64)
     n = bucket_length(len(rows), 1 << 20, granularity=16)
+    if shape is not None:  # a fixed shape: one compilation for the whole run
+        n, width = max(n, shape[0]), max(width, shape[1])
+    n = -(-n // multiple) * multiple
     tokens = np.full((n, width), pad_id, np.int32)
     mask = np.zeros((n, width), np.int32)
     loss_mask = np.zeros((n, width - 1), np.float32)
@@ -303,15 +345,20 @@ class MultiTurnTrainer:
     def __init__(self, cfg: MultiTurnConfig, workdir: str | Path):
         self.cfg = cfg
         self.workdir = Path(workdir)
-        self.model, self.tokenizer = _load_policy(_PolicySource(cfg))
+        self.model, self.tokenizer = load_policy(cfg)
         self.optimizer = nnx.Optimizer(
             self.model, make_optimizer(**cfg.optim.optimizer_settings()), wrt=nnx.Param
         )
         self.update_fn = _make_update_fn(
             cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.agg, cfg.temperature,
-            float(cfg.max_new_tokens),
+            float(cfg.max_new_tokens), cfg.micro_batch,
         )  # fmt: skip
         self.empo2 = cfg.algo == "empo2"
+        # every update pads to the largest batch a run can make: one compilation of the update
+        self.batch_shape = (
+            cfg.groups * cfg.episodes * cfg.max_turns,
+            -(-(cfg.max_prompt_tokens + cfg.max_new_tokens) // 64) * 64,
+        )
         longest = cfg.max_prompt_tokens + max(cfg.max_new_tokens, cfg.empo2.tip_max_tokens)
         n_slots = cfg.groups * cfg.episodes
         self.engine = Engine(
@@ -569,7 +616,9 @@ class MultiTurnTrainer:
 
     def _train(self, rows, adv) -> dict[str, Any]:
         cfg = self.cfg
-        tokens, mask, loss_mask, behaviour = build_batch(rows, self.tokenizer.pad_token_id)
+        tokens, mask, loss_mask, behaviour = build_batch(
+            rows, self.tokenizer.pad_token_id, cfg.micro_batch, self.batch_shape
+        )
         n = tokens.shape[0]
         masked = 0
         if self.empo2:  # whole responses with a very unlikely behaviour token leave the loss
@@ -653,22 +702,3 @@ class MultiTurnTrainer:
             "per_trial": [float(w.mean()) for w in won],
             "games": len(pairs),
         }
-
-
-@dataclasses.dataclass(frozen=True)
-class _PolicySource:
-    """What :func:`jaxlab.rl.trainer._load_policy` reads from a config."""
-
-    cfg: MultiTurnConfig
-
-    @property
-    def model(self):
-        return self.cfg.model
-
-    @property
-    def tiny_model(self):
-        return self.cfg.tiny_model
-
-    @property
-    def optim(self):
-        return self.cfg.optim

@@ -1,0 +1,166 @@
+"""EMPO² vs GRPO on TextWorld coin-collector games with SmolLM2-135M-Instruct (CPU scale).
+
+One run per invocation (each run is its own process, one at a time on a shared machine):
+
+    python scripts/empo2_experiment.py run --algo grpo --seed 0
+    python scripts/empo2_experiment.py run --algo empo2 --seed 0
+    ...
+    python scripts/empo2_experiment.py report          # table, learning curves, OOD plot
+
+A run trains with ``configs/rl/<algo>_textworld.yaml`` (the two configs differ only in ``algo``:
+equal episodes, turns and environment steps per update), then evaluates the final policy on the
+held-out test games (unseen seeds) for ``--trials`` trials each, with memory on and no weight
+updates: trial t sees the tips written after trials < t. Results go to
+``docs/results/empo2/<algo>_s<seed>.json``; ``report`` draws ``learning_curves.png`` (success
+per update, mean and range over seeds, against environment steps) and ``ood.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path("docs/results/empo2")
+
+
+def run(args) -> None:
+    from jaxlab.config import load_config
+    from jaxlab.rl.multiturn import MultiTurnConfig, MultiTurnTrainer
+
+    cfg = load_config(f"rl/{args.algo}_textworld", args.overrides, cls=MultiTurnConfig)
+    optim = dataclasses.replace(cfg.optim, seed=args.seed)
+    cfg = dataclasses.replace(cfg, seed=args.seed, optim=optim)
+    if args.updates:
+        cfg = dataclasses.replace(cfg, updates=args.updates)
+    workdir = Path(args.workdir) / f"{args.algo}_s{args.seed}"
+    t0 = time.perf_counter()
+    trainer = MultiTurnTrainer(cfg, workdir)
+    trainer.run()
+    train_s = time.perf_counter() - t0
+    metrics = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    print(f"evaluating on held-out games: {args.trials} trials, memory on", flush=True)
+    t1 = time.perf_counter()
+    ood = trainer.evaluate("test", trials=args.trials, memory=True)
+    eval_s = time.perf_counter() - t1
+    trainer.close()
+    result = {
+        "algo": args.algo,
+        "seed": args.seed,
+        "config": dataclasses.asdict(cfg),
+        "curve": [
+            {
+                k: m[k]
+                for k in (
+                    "update",
+                    "mode",
+                    "success",
+                    "score",
+                    "env_steps",
+                    "sampled_tokens",
+                    "memory_size",
+                    "masked_responses",
+                    "turns",
+                    "loss",
+                    "grad_norm",
+                    "rollout_s",
+                    "update_s",
+                )
+            }
+            for m in metrics
+        ],  # fmt: skip
+        "ood": ood,
+        "train_s": train_s,
+        "eval_s": eval_s,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{args.algo}_s{args.seed}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("algo", "seed", "ood", "train_s", "eval_s")}))
+    print(f"wrote {path}")
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*_s*.json"))]
+    if not runs:
+        raise SystemExit(f"no runs in {OUT}")
+    by_algo: dict[str, list] = {}
+    for r in runs:
+        by_algo.setdefault(r["algo"], []).append(r)
+    print(
+        f"{'algo':6s} {'seeds':>5s} {'success first half':>19s} {'success second half':>20s} "
+        f"{'env steps':>9s} {'tokens':>7s} {'OOD success@k (k=1..)':>24s}"
+    )
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    summary = {}
+    for algo, rs in sorted(by_algo.items()):
+        n = min(len(r["curve"]) for r in rs)
+        succ = np.array([[c["success"] for c in r["curve"][:n]] for r in rs])
+        steps = np.mean([[c["env_steps"] for c in r["curve"][:n]] for r in rs], axis=0)
+        tokens = np.mean([r["curve"][n - 1]["sampled_tokens"] for r in rs])
+        ood = np.array([r["ood"]["success_at"] for r in rs])
+        half = n // 2
+        summary[algo] = {
+            "seeds": [r["seed"] for r in rs],
+            "updates": n,
+            "success_first_half": float(succ[:, :half].mean()),
+            "success_second_half": float(succ[:, half:].mean()),
+            "env_steps": float(steps[-1]),
+            "sampled_tokens": float(tokens),
+            "ood_success_at": ood.mean(axis=0).tolist(),
+            "ood_success_at_per_seed": ood.tolist(),
+            "ood_games": rs[0]["ood"]["games"],
+        }
+        s = summary[algo]
+        print(
+            f"{algo:6s} {len(rs):5d} {s['success_first_half']:19.3f} "
+            f"{s['success_second_half']:20.3f} {s['env_steps']:9.0f} {s['sampled_tokens']:7.0f} "
+            f"{' '.join(f'{x:.2f}' for x in s['ood_success_at']):>24s}"
+        )
+        mean = succ.mean(axis=0)
+        ax[0].plot(steps, mean, marker="o", label=f"{algo} (mean of {len(rs)} seeds)")
+        ax[0].fill_between(steps, succ.min(axis=0), succ.max(axis=0), alpha=0.2)
+        k = np.arange(1, ood.shape[1] + 1)
+        ax[1].errorbar(
+            k, ood.mean(axis=0), yerr=[ood.mean(0) - ood.min(0), ood.max(0) - ood.mean(0)],
+            marker="o", capsize=3, label=algo,
+        )  # fmt: skip
+    ax[0].set(xlabel="environment steps", ylabel="training success rate (per update)",
+              title="TextWorld coin-collector, SmolLM2-135M")  # fmt: skip
+    ax[1].set(xlabel="trials (memory on, no updates)", ylabel="success after k trials",
+              title="held-out games")  # fmt: skip
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(OUT / "learning_curves.png", dpi=120)
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {OUT / 'learning_curves.png'} and {OUT / 'summary.json'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train one (algo, seed) and evaluate it on held-out games")
+    r.add_argument("--algo", choices=["grpo", "empo2"], required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--updates", type=int, default=0, help="override the config's updates")
+    r.add_argument("--trials", type=int, default=3)
+    r.add_argument("--workdir", default="runs/empo2_experiment")
+    r.add_argument("overrides", nargs="*", help="config overrides key=value")
+    sub.add_parser("report", help="table and plots of the finished runs")
+    args = parser.parse_args()
+    (run if args.command == "run" else report)(args)
+
+
+if __name__ == "__main__":  # environment workers are spawned processes: they import this file
+    main()
