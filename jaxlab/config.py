@@ -58,6 +58,7 @@ CONFIG_KINDS: Registry[type] = Registry("config kind")
 CONFIG_KINDS.register_lazy("lm_train", "jaxlab.train:LMTrainConfig")
 CONFIG_KINDS.register_lazy("rl_train", "jaxlab.rl.trainer:RLTrainConfig")
 CONFIG_KINDS.register_lazy("rl_sdpo", "jaxlab.rl.self_distill:SDPOTrainConfig")
+CONFIG_KINDS.register_lazy("rl_multiturn", "jaxlab.rl.multiturn:MultiTurnConfig")
 CONFIG_KINDS.register_lazy("sft", "jaxlab.sft:SFTConfig")
 
 
