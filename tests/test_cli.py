@@ -97,7 +97,7 @@ def test_help_shows_defaults_and_registry_choices(capsys):
     with pytest.raises(SystemExit):
         main(["sky", "subtract", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "one of: pca, smi, supersky" in out and "(default: supersky)" in out
+    assert "one of: pca, smi, smi-safe, supersky" in out and "(default: supersky)" in out
 
 
 def test_cli_choices_come_from_the_registries(monkeypatch, capsys):

@@ -109,7 +109,7 @@ def test_project_tables_are_registries_with_listed_names():
         "pretrained model": (PRETRAINED, ["all-minilm-l6-v2", "smollm2-135m-instruct"]),
         "long-document strategy": (STRATEGIES, ["chunk_max", "chunk_mean", "truncate"]),
         "scheduler": (SCHEDULERS, ["sorted", "sync"]),
-        "sky method": (METHODS, ["pca", "smi", "supersky"]),
+        "sky method": (METHODS, ["pca", "smi", "smi-safe", "supersky"]),
     }
     for kind, (reg, names) in expected.items():
         assert isinstance(reg, Registry) and reg.kind == kind
