@@ -29,8 +29,11 @@ OUT = Path("docs/results/empo2")
 
 
 def run(args) -> None:
+    from jaxlab.compilation_cache import enable_compilation_cache
     from jaxlab.config import load_config
     from jaxlab.rl.multiturn import MultiTurnConfig, MultiTurnTrainer
+
+    enable_compilation_cache()  # the runs share their programs: only the first one compiles
 
     cfg = load_config(f"rl/{args.algo}_textworld", args.overrides, cls=MultiTurnConfig)
     optim = dataclasses.replace(cfg.optim, seed=args.seed)
