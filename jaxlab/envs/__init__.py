@@ -11,6 +11,3 @@ from jaxlab.envs.base import make_env as make_env
 from jaxlab.envs.tiny import TinyRoomsEnv as TinyRoomsEnv
 from jaxlab.envs.worker import EnvCrashed as EnvCrashed
 from jaxlab.envs.worker import EnvWorker as EnvWorker
-
-ENVS.register_lazy("scienceworld", "jaxlab.envs.scienceworld:ScienceWorldEnv")
-ENVS.register_lazy("textworld", "jaxlab.envs.textworld:TextWorldEnv")

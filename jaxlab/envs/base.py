@@ -22,6 +22,9 @@ __all__ = ["ENVS", "Reset", "Step", "TextEnv", "EnvError", "make_env", "SPLITS"]
 
 SPLITS = ("train", "dev", "test")
 ENVS: Registry = Registry("environment")
+ENVS.register_lazy("tiny", "jaxlab.envs.tiny:TinyRoomsEnv")
+ENVS.register_lazy("scienceworld", "jaxlab.envs.scienceworld:ScienceWorldEnv")
+ENVS.register_lazy("textworld", "jaxlab.envs.textworld:TextWorldEnv")
 
 
 class EnvError(UserError):

@@ -30,8 +30,6 @@ class EnvCrashed(RuntimeError):
 
 
 def _serve(conn, name: str, kwargs: dict[str, Any]) -> None:
-    import jaxlab.envs  # noqa: F401  (registers the environments)
-
     try:
         env = make_env(name, **kwargs)
     except Exception as e:  # the parent reports it
