@@ -10,7 +10,10 @@ float32 master weights (the mixed-precision default on GPUs):
   utilisation, MFU = 6·N·tokens/s + attention FLOPs, over the devices' peak bfloat16 FLOP/s;
 - decoding (``generate_tokens``, greedy, bfloat16 weights): tokens/s at batch 1 and 64 against
   the HBM-bandwidth floor, the time to read the weights once per step (``bandwidth / bytes``);
-- the Engine at ``--slots`` slots: output tokens/s over 2 x slots requests of ``--decode-tokens``.
+- the Engine at ``--slots`` slots: output tokens/s over 2 x slots requests of ``--decode-tokens``
+  (tensor-parallel over every device, ``Engine(mesh=)``, when there are several);
+- with ``--lora R``: the training step again with rank-R LoRA adapters on every projection
+  (only the adapters trained; tokens/s beside the full step's).
 
 The goals the numbers are read against (issue "Scale to GPU pods"): MFU >= 40 % (maxtext's range
 for dense models of this size on H100), batch-1 decoding >= 60 % of the bandwidth floor.
@@ -35,7 +38,7 @@ from flax import nnx
 
 from jaxlab.generation import Engine, SamplingParams, generate_tokens
 from jaxlab.mesh import MeshConfig, make_mesh
-from jaxlab.models import Decoder, DecoderConfig
+from jaxlab.models import Decoder, DecoderConfig, LoRAConfig
 from jaxlab.sharding import create_sharded, logical_spec, shard_model
 from jaxlab.train import train_step_with_metrics
 
@@ -110,11 +113,16 @@ def train_flops_per_token(cfg: DecoderConfig, seq: int) -> float:
     return 6 * n + attention
 
 
-def bench_train(cfg, mesh, batch, seq, steps):
+def bench_train(cfg, mesh, batch, seq, steps, lora_rank=0):
+    lora = LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank) if lora_rank else None
     model = create_sharded(
-        lambda: Decoder(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)), mesh
+        lambda: Decoder(
+            cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, lora=lora, rngs=nnx.Rngs(0)
+        ),
+        mesh,
     )
-    optimizer = shard_model(nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param), mesh)
+    wrt = nnx.LoRAParam if lora else nnx.Param
+    optimizer = shard_model(nnx.Optimizer(model, optax.adamw(1e-4), wrt=wrt), mesh)
     spec = logical_spec(("batch", None), (batch, seq + 1), mesh)
     tokens = jax.device_put(
         np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int32),
@@ -166,7 +174,9 @@ def bench_decode(cfg, batch, new_tokens, prompt_len=32):
 
 def bench_engine(cfg, slots, new_tokens, prompt_len=64):
     model = Decoder(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    eng = Engine(model, num_slots=slots, max_len=prompt_len + new_tokens + 8, eos_ids=(), pad_id=0)
+    mesh = make_mesh(MeshConfig(tensor=-1)) if jax.device_count() > 1 else None
+    max_len = prompt_len + new_tokens + 8
+    eng = Engine(model, num_slots=slots, max_len=max_len, eos_ids=(), pad_id=0, mesh=mesh)
     eng.warmup(prompt_len)
     rng = np.random.default_rng(2)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -188,6 +198,7 @@ def main():
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--lora", type=int, default=0, help="also time a LoRA step of this rank")
     p.add_argument("--out", default="runs/bench_scale.json")
     args = p.parse_args()
 
@@ -207,6 +218,13 @@ def main():
     train["mfu"] = flops / (peak_flops * len(devices)) if peak_flops else None
     print(f"train: {train['tokens_per_s']:.0f} tokens/s, {flops / 1e12:.1f} TFLOP/s", end="")
     print(f", MFU {train['mfu']:.1%} (goal >= 40%)" if train["mfu"] is not None else "")
+
+    lora = None
+    if args.lora:
+        lora = bench_train(cfg, mesh, args.batch, args.seq, args.steps, lora_rank=args.lora)
+        lora["vs_full"] = lora["tokens_per_s"] / train["tokens_per_s"]
+        print(f"train, LoRA rank {args.lora}: {lora['tokens_per_s']:.0f} tokens/s", end="")
+        print(f" ({lora['vs_full']:.2f}x the full step)")
 
     decode = []
     for b in args.decode_batches:
@@ -234,6 +252,7 @@ def main():
         "preset": args.preset,
         "parameters": total,
         "train": train,
+        "train_lora": lora,
         "decode": decode,
         "engine": engine,
     }
