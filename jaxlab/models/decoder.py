@@ -18,6 +18,7 @@ from jaxlab.config import check, check_positive, from_dict
 from jaxlab.models.archs import DECODER_ARCHS
 from jaxlab.models.layers import (
     REMAT_POLICIES,
+    LoRAConfig,
     RMSNorm,
     apply_rope,
     dense,
@@ -28,7 +29,6 @@ from jaxlab.models.layers import (
     scan_layers,
     stack_layers,
 )
-from jaxlab.models.lora import LoRAConfig
 
 __all__ = ["DecoderConfig", "Decoder", "KVCache", "with_layer_layout"]
 

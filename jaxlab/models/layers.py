@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab.config import check
 from jaxlab.registry import Registry
 
 __all__ = [
@@ -17,6 +19,8 @@ __all__ = [
     "RMSNorm",
     "dense",
     "LoRADense",
+    "LoRAConfig",
+    "LORA_TARGETS",
     "LayerNorm",
     "rope_inv_freq",
     "rope_tables",
@@ -73,6 +77,37 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * self.weight[...].astype(dtype) + self.bias[...].astype(dtype)).astype(x.dtype)
+
+
+# the decoder's projections an adapter can sit on
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """``rank`` 0: no adapters (full fine-tuning). ``alpha / rank`` scales the adapter's output.
+    ``targets``: which projections of every layer get one (:data:`LORA_TARGETS`)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        check(
+            isinstance(self.rank, int) and self.rank >= 0, "rank", f"must be >= 0, got {self.rank}"
+        )
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        check(not unknown, "targets", f"{unknown} are not among {list(LORA_TARGETS)}")
+        check(bool(self.targets) or not self.rank, "targets", "name at least one projection")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def for_target(self, name: str) -> tuple[int, float] | None:
+        """``(rank, alpha)`` for projection ``name``, or None when it gets no adapter."""
+        return (self.rank, self.alpha) if self.enabled and name in self.targets else None
 
 
 class LoRADense(nnx.Linear):

@@ -14,13 +14,12 @@ by its output axis, so FSDP / tensor parallelism split them like the kernel they
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlab.config import check
+from jaxlab.models.decoder import Decoder
+from jaxlab.models.layers import LORA_TARGETS, LoRAConfig, LoRADense
 
 __all__ = [
     "LoRAConfig",
@@ -32,36 +31,6 @@ __all__ = [
     "trainable",
     "value_and_grad",
 ]
-
-# the decoder's projections an adapter can sit on
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRAConfig:
-    """``rank`` 0: no adapters (full fine-tuning). ``alpha / rank`` scales the adapter's output.
-    ``targets``: which projections of every layer get one (:data:`LORA_TARGETS`)."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    targets: tuple[str, ...] = LORA_TARGETS
-
-    def __post_init__(self):
-        check(
-            isinstance(self.rank, int) and self.rank >= 0, "rank", f"must be >= 0, got {self.rank}"
-        )
-        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        check(not unknown, "targets", f"{unknown} are not among {list(LORA_TARGETS)}")
-        check(bool(self.targets) or not self.rank, "targets", "name at least one projection")
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-    def for_target(self, name: str) -> tuple[int, float] | None:
-        """``(rank, alpha)`` for projection ``name``, or None when it gets no adapter."""
-        return (self.rank, self.alpha) if self.enabled and name in self.targets else None
 
 
 def has_lora(model: nnx.Module) -> bool:
@@ -84,8 +53,6 @@ def value_and_grad(fn, model: nnx.Module, *args, has_aux: bool = False):
 def _rebuilt(model, lora: LoRAConfig | None, rngs: nnx.Rngs | None):
     """A new decoder of ``model``'s config and dtypes with ``lora`` (None: none), holding
     ``model``'s arrays wherever the paths agree; returns ``(new model, its state by path)``."""
-    from jaxlab.models.decoder import Decoder
-
     if not isinstance(model, Decoder):
         raise TypeError(f"LoRA adapts decoders; got a {type(model).__name__}")
     kw = dict(dtype=model.dtype, param_dtype=model.param_dtype, lora=lora)
@@ -124,8 +91,6 @@ def merge_lora(model):
     adapted model's function without adapters, for export, generation and serving."""
     if not has_lora(model):
         return model
-    from jaxlab.models.layers import LoRADense
-
     merged = {}
     for path, module in model.iter_modules():
         if isinstance(module, LoRADense):
