@@ -77,6 +77,16 @@ def verdict(p: dict) -> str:
     return "; ".join(why)
 
 
+def _rounded(x, digits: int = 5):
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v, digits) for v in x]
+    return x
+
+
 def run_point(dist, spec, slots, group, u, prompts_w, k, *, seed, max_len, sync_cache):
     update_groups = max(1, round(u * slots / group))
     window = max(update_groups, 2 * slots // group)
@@ -132,45 +142,55 @@ def run_point(dist, spec, slots, group, u, prompts_w, k, *, seed, max_len, sync_
 
 
 def heatmap(points, path: Path):
+    """sorted / sync bubble ratio (worst over the two update sizes) per distribution (rows) and
+    slots / group size / prompts per run (columns), one panel per scheduler and k."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dists = list(dict.fromkeys(p["distribution"] for p in points))
-    cols = sorted({(p["slots"], p["group_size"]) for p in points})
+    applies = [p for p in points if p["goal_applies"]]
+    dists = list(dict.fromkeys(p["distribution"] for p in applies))
+    cols = sorted(
+        {(p["num_prompts"] // p["rollout_groups"], p["slots"], p["group_size"]) for p in applies}
+    )
     ks = sorted({p["k"] for p in points})
     fig, axes = plt.subplots(
-        len(SCHEDULERS), len(ks), figsize=(4.2 * len(ks), 0.45 * len(dists) * 2 + 2), squeeze=False
+        len(SCHEDULERS),
+        len(ks),
+        figsize=(5.0 * len(ks), 0.42 * len(dists) * 2 + 2.5),
+        squeeze=False,
+        gridspec_kw={"hspace": 0.5},
     )
     for i, sched in enumerate(SCHEDULERS):
         for j, k in enumerate(ks):
             grid = np.full((len(dists), len(cols)), np.nan)
-            for a, d in enumerate(dists):
-                for b, c in enumerate(cols):
-                    vals = [
-                        p["ratio"]
-                        for p in points
-                        if p["scheduler"] == sched
-                        and p["k"] == k
-                        and p["distribution"] == d
-                        and (p["slots"], p["group_size"]) == c
-                        and p["goal_applies"]
-                    ]
-                    if vals:
-                        grid[a, b] = max(vals)
+            for p in applies:
+                if p["scheduler"] != sched or p["k"] != k:
+                    continue
+                a = dists.index(p["distribution"])
+                b = cols.index(
+                    (p["num_prompts"] // p["rollout_groups"], p["slots"], p["group_size"])
+                )
+                grid[a, b] = np.nanmax([grid[a, b], p["ratio"]])
             ax = axes[i, j]
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn_r", aspect="auto")
             for a, b in itertools.product(range(len(dists)), range(len(cols))):
                 if np.isfinite(grid[a, b]):
-                    ax.text(b, a, f"{grid[a, b]:.2f}", ha="center", va="center", fontsize=6)
-            ax.set_xticks(range(len(cols)), [f"{s}/{g}" for s, g in cols], fontsize=6, rotation=90)
+                    ax.text(b, a, f"{grid[a, b]:.2f}", ha="center", va="center", fontsize=5)
+            ax.set_xticks(
+                range(len(cols)), [f"{w}W {s}/{g}" for w, s, g in cols], fontsize=5, rotation=90
+            )
             ax.set_yticks(range(len(dists)), dists if j == 0 else [], fontsize=6)
             ax.set_title(f"{sched}, k = {k}", fontsize=8)
             if i == len(SCHEDULERS) - 1:
-                ax.set_xlabel("slots / group size", fontsize=7)
-    fig.colorbar(im, ax=axes, shrink=0.6, label="bubble ratio / sync's (worst over u, prompts)")
-    fig.suptitle("sorted / sync bubble ratio where sync >= 0.5 (goal: <= 0.5)", fontsize=9)
+                ax.set_xlabel("prompts per run (x window W) slots / group size", fontsize=6)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="bubble ratio / sync's (worst of u = 0.25, 1)")
+    fig.suptitle(
+        "bubble ratio / sync's where sync >= 0.5 (goal <= 0.5); distributions where sync < 0.5 "
+        "everywhere are left out",
+        fontsize=9,
+    )
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 
@@ -372,7 +392,9 @@ def main():
                     flush=True,
                 )
                 meta["complete"] = n == len(grid)  # a stopped sweep keeps what it ran
-                (out / "sweep.json").write_text(json.dumps({"meta": meta, "points": points}))
+                (out / "sweep.json").write_text(
+                    json.dumps({"meta": meta, "points": _rounded(points)})
+                )
     heatmap(points, out / "sweep_heatmap.png")
     parts_plot(points, out / "sweep_parts.png")
     report(points)
