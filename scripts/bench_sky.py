@@ -53,7 +53,14 @@ def main():
         action="store_true",
         help="merge the bench_sky_families*.json under --out into a markdown table and a PNG",
     )
+    ap.add_argument(
+        "--incremental",
+        metavar="FAMILY",
+        help="incremental training: a model trained on jaxlab-sim continued on FAMILY's plates",
+    )
     args = ap.parse_args()
+    if args.incremental:
+        return incremental(args)
     if args.report:
         return family_report(Path(args.out))
     if args.families:
@@ -246,6 +253,62 @@ def summarise(results, names, train_names, seeds):
                 + f"  fallback {entry['fallback_fraction_bands']:.2f}"
             )
     return table
+
+
+def incremental(args):
+    """A model trained on `--train` jaxlab-sim plates, continued (`init=`) on `--train` plates of the
+    family for `--steps` and `--steps // 4` steps a stage, against one trained on the family's plates
+    from scratch; sky error on `--test` held-out plates of the family (seed 0)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sky_families import make_plate
+
+    from jaxlab.sky.safety import safe_sky
+
+    fam = args.incremental
+    t0 = time.perf_counter()
+    tests = [make_plate(fam, s) for s in range(args.test)]
+    night = [make_plate(fam, 1000 + i) for i in range(args.train)]
+
+    def cfg(steps):
+        return SMIConfig(steps_shift=steps, steps_shared=steps, steps_individual=steps)
+
+    base, _ = train_smi(
+        [simulate_plate(1000 + i) for i in range(args.train)], cfg(args.steps), progress=False
+    )
+    runs = {"jaxlab-sim model": (base, 0.0)}
+    for name, init, steps in (
+        ("from scratch on the family", None, args.steps),
+        ("incremental, same steps", base, args.steps),
+        ("incremental, 1/4 steps", base, max(args.steps // 4, 1)),
+    ):
+        model, hist = train_smi(night, cfg(steps), progress=False, init=init)
+        runs[name] = (model, hist["seconds"])
+    ss = [evaluate_sky(p, super_sky(p))["sky_error_pct"] for p in tests]
+    rows = {"supersky": {r: float(np.mean([e[r] for e in ss])) for r in ("blue", "all")}}
+    for name, (model, seconds) in runs.items():
+        smi = [evaluate_sky(p, smi_sky(model, p))["sky_error_pct"] for p in tests]
+        safe = [
+            evaluate_sky(p, safe_sky(p, functools.partial(smi_sky, model))[0])["sky_error_pct"]
+            for p in tests
+        ]
+        rows[name] = {
+            "train_seconds": seconds,
+            **{f"smi_{r}": float(np.mean([e[r] for e in smi])) for r in ("blue", "all")},
+            **{f"smi-safe_{r}": float(np.mean([e[r] for e in safe])) for r in ("blue", "all")},
+        }
+        print(f"{name:28s} " + "  ".join(f"{k} {v:.2f}" for k, v in rows[name].items()), flush=True)
+    print(f"Super Sky: blue {rows['supersky']['blue']:.2f}, all {rows['supersky']['all']:.2f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = (
+        f"python scripts/bench_sky.py --incremental {fam} --train {args.train} "
+        f"--test {args.test} --steps {args.steps}"
+    )
+    report = {"command": cmd, "seconds": time.perf_counter() - t0, "results": rows}
+    (out / f"bench_sky_incremental_{fam}.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / f'bench_sky_incremental_{fam}.json'}")
 
 
 def family_report(out: Path):
