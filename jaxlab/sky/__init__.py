@@ -2,7 +2,8 @@
 
 I/O (`read_plate` / `write_plate`, LAMOST single-fibre readers), a plate simulator with truth
 layers, the pipeline baselines (`super_sky`, `pca_clean`), metrics (`evaluate_sky`), the
-mutual-information estimators (`jaxlab.sky.mi`) and the SMI model (`train_smi`, `smi_sky`).
+mutual-information estimators (`jaxlab.sky.mi`), the SMI model (`train_smi`, `smi_sky`) and its
+safety net (`safe_sky`: sky-fibre cross-validation, blending towards Super Sky).
 """
 
 from jaxlab.sky.baselines import bspline_master_sky as bspline_master_sky
@@ -21,6 +22,7 @@ from jaxlab.sky.plate import read_plate as read_plate
 from jaxlab.sky.plate import to_specutils as to_specutils
 from jaxlab.sky.plate import write_lamost_spectrum as write_lamost_spectrum
 from jaxlab.sky.plate import write_plate as write_plate
+from jaxlab.sky.safety import safe_sky as safe_sky
 from jaxlab.sky.simulate import PlateSimConfig as PlateSimConfig
 from jaxlab.sky.simulate import simulate_plate as simulate_plate
 from jaxlab.sky.smi import SMIConfig as SMIConfig

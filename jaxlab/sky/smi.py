@@ -25,6 +25,13 @@ The paper (papers.md #9) fixes the structure, not the architecture; jaxlab's SMI
        plane), which pushes what neighbours share into s and the smooth field, leaving z the truly
        individual part (throughput, local line strengths).
 Applying a trained model to a plate is a forward pass plus two small least-squares solves.
+
+Training is self-supervised (no truth is read), so it can run on the user's own plates, and
+`train_smi(..., init=model)` continues from a trained model (incremental training on a night's
+plates). Stability: AdamW with gradient clipping and a warmup-cosine schedule in every stage, CLUB on
+the bounded corrections with a variance-floored q, and a non-finite value stops training with
+`jaxlab.optim.NonFiniteError`. A model does not transfer between unlike skies; `jaxlab.sky.safety`
+blends it towards Super Sky where held-out sky fibres say it is worse.
 """
 
 from __future__ import annotations
