@@ -116,7 +116,10 @@ def test_cli_choices_come_from_the_registries(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["rl", "simulate", "--scheduler", "fifo"])
     assert exit_.value.code == 2
-    assert "invalid choice: 'fifo' (choose from 'sorted', 'sync')" in capsys.readouterr().err
+    assert (
+        "invalid choice: 'fifo' (choose from 'sorted', 'sorted_adaptive', 'sync')"
+        in capsys.readouterr().err
+    )
     # a scheduler registered in one place is a choice of the CLI and a valid config value
     monkeypatch.setattr(SCHEDULERS, "_items", dict(SCHEDULERS._items))
     SCHEDULERS.register("eager", Scheduler(True, SCHEDULERS.get("sorted").ready, True))

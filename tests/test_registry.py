@@ -108,7 +108,7 @@ def test_project_tables_are_registries_with_listed_names():
         "decoder architecture": (DECODER_ARCHS, ["llama", "mistral", "qwen2", "qwen3"]),
         "pretrained model": (PRETRAINED, ["all-minilm-l6-v2", "smollm2-135m-instruct"]),
         "long-document strategy": (STRATEGIES, ["chunk_max", "chunk_mean", "truncate"]),
-        "scheduler": (SCHEDULERS, ["sorted", "sync"]),
+        "scheduler": (SCHEDULERS, ["sorted", "sorted_adaptive", "sync"]),
         "sky method": (METHODS, ["pca", "smi", "smi-safe", "supersky"]),
     }
     for kind, (reg, names) in expected.items():
@@ -128,7 +128,9 @@ def test_variant_errors_name_the_registered_choices():
 
     with pytest.raises(ValueError, match="unknown ring layout 'spiral'; known: contiguous, hier"):
         layout_blocks("spiral", 8, 2)
-    with pytest.raises(ConfigError, match="scheduler: 'fifo' is not one of .*: sorted, sync"):
+    with pytest.raises(
+        ConfigError, match="scheduler: 'fifo' is not one of .*: sorted, sorted_adaptive, sync"
+    ):
         SchedulerConfig(scheduler="fifo")
     with pytest.raises(ConfigError, match="arch: 'gpt2' is not one of .*: llama, mistral, qwen2"):
         DecoderConfig(arch="gpt2")
