@@ -492,7 +492,7 @@ def train_smi(
     shared_wrt = _select("shared", "critic")
     opt = _optimizer(model, config, config.steps_shared, shared_wrt)
     n_plate = len(tensors)
-    m = config.fibers_per_plate
+    m = min(config.fibers_per_plate, min(t.features.shape[0] for t in tensors))
     same = len({t.features.shape for t in tensors}) == 1
     if same:  # all plates alike: sample the fibres inside the jitted step (no per-plate gathers)
         all_feats = jnp.stack([t.features for t in tensors])  # [P, F, n_feat]
