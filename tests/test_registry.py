@@ -78,7 +78,7 @@ def test_config_kinds_load_without_importing_their_module_first():
         "import sys\n"
         "from jaxlab.config import CONFIG_KINDS, load_config\n"
         "assert 'jaxlab.rl.trainer' not in sys.modules\n"
-        "assert CONFIG_KINDS.names() == ['lm_train', 'rl_train', 'sft']\n"
+        "assert CONFIG_KINDS.names() == ['lm_train', 'rl_multiturn', 'rl_sdpo', 'rl_train', 'sft']\n"
         "cfg = load_config('configs/rl/tiny_sync.yaml')\n"
         "print(type(cfg).__name__)\n"
     )
