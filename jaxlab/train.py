@@ -314,7 +314,6 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, *, progress: bool = True) 
 
 
 def _train_lm(cfg, workdir, mesh, progress):
-    workdir.mkdir(parents=True, exist_ok=True)
     text = bool(cfg.data.text.files)
     shape = (
         (cfg.data.batch_size, 5, cfg.data.seq_len)
@@ -368,6 +367,7 @@ def _train_lm(cfg, workdir, mesh, progress):
         )
     else:
         data = iter(counting_dataset(cfg.data, cfg.model.vocab_size))
+    workdir.mkdir(parents=True, exist_ok=True)  # only once the model and the data are good
     metrics: dict[str, float] = {}
     with Checkpointer(
         workdir / "checkpoints",
