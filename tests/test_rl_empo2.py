@@ -174,12 +174,11 @@ def test_off_policy_ratio_is_taken_against_the_tip_context_behaviour_logprobs():
     assert prompt == plain
     assert training_prompt(turn, "on_policy_tips", start, end) == tipped
     tokens, mask, loss_mask, beh = build_batch([(prompt, turn)], pad_id=0)
-    logits = forward(model, jnp.asarray(tokens[:, :-1]))
-    logp = rl.token_logprobs(logits, jnp.asarray(tokens[:, 1:]))
-    _, metrics = rl.policy_loss(
-        logp, jnp.asarray(beh), jnp.ones((tokens.shape[0],)), jnp.asarray(loss_mask),
-        clip_low=10.0, clip_high=10.0,
-    )  # fmt: skip
+    logp = jax.jit(rl.token_logprobs)(forward(model, jnp.asarray(tokens[:, :-1])), tokens[:, 1:])
+    loss_fn = jax.jit(lambda *a: rl.policy_loss(*a, clip_low=10.0, clip_high=10.0))
+    _, metrics = loss_fn(
+        logp, jnp.asarray(beh), jnp.ones((tokens.shape[0],)), jnp.asarray(loss_mask)
+    )
     want = np.exp(logp_of(plain) - behaviour)
     assert abs(want.mean() - 1.0) > 1e-3  # the tips do change the action's probability
     np.testing.assert_allclose(float(metrics["ratio_mean"]), want.mean(), rtol=1e-4)

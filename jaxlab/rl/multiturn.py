@@ -299,9 +299,13 @@ def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, m
     return update
 
 
+_low_prob_mask = jax.jit(low_prob_mask, static_argnames="threshold")
+_grpo_advantages = jax.jit(rl.grpo_advantages)
+
+
 def group_advantages(rewards: list[np.ndarray]) -> list[np.ndarray]:
     """GRPO advantages per group, a group being all turns of its G episodes: ``[N_g]`` each."""
-    return [np.asarray(rl.grpo_advantages(jnp.asarray(r, jnp.float32)[None]))[0] for r in rewards]
+    return [np.asarray(_grpo_advantages(jnp.asarray(r, jnp.float32)[None]))[0] for r in rewards]
 
 
 def build_batch(rows, pad_id: int, multiple: int = 1, shape: tuple[int, int] | None = None):
@@ -623,7 +627,7 @@ class MultiTurnTrainer:
         masked = 0
         if self.empo2:  # whole responses with a very unlikely behaviour token leave the loss
             keep = np.asarray(
-                low_prob_mask(
+                _low_prob_mask(
                     jnp.asarray(behaviour), jnp.asarray(loss_mask), cfg.empo2.mask_threshold
                 )
             )
