@@ -61,9 +61,13 @@ def _run_simulate(args):
         "total_steps",
         "updates",
         "wasted_tokens",
+        "wasted_fraction",
+        "bubble_floor",
     ):
         value = summary[key]
         print(f"{key:22s} {value:.4f}" if isinstance(value, float) else f"{key:22s} {value}")
+    parts = summary["bubble_parts"]  # where the idle slot-steps went, as fractions of all
+    print("bubble_parts           " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
