@@ -236,7 +236,9 @@ def load_policy(cfg: MultiTurnConfig):
     if cfg.model == "tiny":
         tokenizer = char_tokenizer()
         mcfg = dataclasses.replace(cfg.tiny_model, vocab_size=tokenizer.vocab_size)
-        return Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed)), tokenizer
+        # initialised in one compiled program (not one per parameter initialiser)
+        model = nnx.jit(lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed)))()
+        return model, tokenizer
     model, tokenizer = from_pretrained(cfg.model)
     if not isinstance(model, Decoder) or tokenizer is None:
         raise UserError(f"{cfg.model} is not a decoder LM with a tokenizer")
