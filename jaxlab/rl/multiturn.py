@@ -306,8 +306,17 @@ _grpo_advantages = jax.jit(rl.grpo_advantages)
 
 
 def group_advantages(rewards: list[np.ndarray]) -> list[np.ndarray]:
-    """GRPO advantages per group, a group being all turns of its G episodes: ``[N_g]`` each."""
-    return [np.asarray(_grpo_advantages(jnp.asarray(r, jnp.float32)[None]))[0] for r in rewards]
+    """GRPO advantages per group, a group being all turns of its G episodes: ``[N_g]`` each.
+
+    The group mean is taken out in float64 first (GRPO is shift-invariant): rewards such as
+    ``0.1 + 0.1 / (count + 1)`` are not exact in float32, and a group of equal rewards would
+    otherwise get a mean that misses them by an ulp, which the division by a near-zero standard
+    deviation blows up into equal, non-zero advantages."""
+    out = []
+    for r in rewards:
+        centred = np.asarray(r, np.float64) - np.mean(r, dtype=np.float64)
+        out.append(np.asarray(_grpo_advantages(jnp.asarray(centred, jnp.float32)[None]))[0])
+    return out
 
 
 def build_batch(rows, pad_id: int, multiple: int = 1, shape: tuple[int, int] | None = None):
