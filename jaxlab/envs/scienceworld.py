@@ -47,7 +47,9 @@ class ScienceWorldEnv:
         try:
             from scienceworld import ScienceWorldEnv as _Env
         except ImportError as e:  # pragma: no cover - the Makefile installs it
-            raise EnvError(f"scienceworld is not installed ({e}); run `make` to set up .venv")
+            raise EnvError(
+                f"scienceworld is not installed ({e}); run `make` to set up .venv"
+            ) from None
         os.environ.setdefault("JAVA_TOOL_OPTIONS", JAVA_OPTIONS)
         self.simplifications = simplifications
         self.step_limit = step_limit

@@ -103,7 +103,9 @@ class TextWorldEnv:
         try:
             import textworld  # noqa: F401
         except ImportError as e:  # pragma: no cover - the Makefile installs it
-            raise EnvError(f"textworld is not installed ({e}); run `make` to set up .venv")
+            raise EnvError(
+                f"textworld is not installed ({e}); run `make` to set up .venv"
+            ) from None
         self._tasks = list(tasks)
         self.num_variations, self.step_limit, self.goal = num_variations, step_limit, goal
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -116,7 +116,9 @@ class TinyRoomsEnv:
 
     def valid_actions(self) -> list[str]:
         _, exits, coin, room, _, _ = self._state
-        return [f"go {d}" for d in sorted(exits[room])] + ["look"] + (["take coin"] * (room == coin))
+        return (
+            [f"go {d}" for d in sorted(exits[room])] + ["look"] + (["take coin"] * (room == coin))
+        )
 
     def step(self, action: str) -> Step:
         if self._state is None or self._state[5]:
