@@ -1,6 +1,6 @@
 """SMI training with 1 and with 8 visible (virtual CPU) devices gives the same sky error.
 
-    python scripts/sky_device_check.py [--train 16] [--steps 300] [--seeds 0] [--test 3]
+    python scripts/sky_device_check.py [--train 16] [--steps 300] [--seeds 0] [--test 3] [--lr 2e-3]
 
 Each run is a fresh process with XLA_FLAGS=--xla_force_host_platform_device_count=N (which changes
 how XLA partitions work on the CPU, so float rounding differs); it trains SMI on `--train`
@@ -29,7 +29,11 @@ def worker(args) -> dict:
     out = {"devices": jax.device_count(), "runs": []}
     for seed in args.seeds:
         cfg = SMIConfig(
-            steps_shift=args.steps, steps_shared=args.steps, steps_individual=args.steps, seed=seed
+            steps_shift=args.steps,
+            steps_shared=args.steps,
+            steps_individual=args.steps,
+            seed=seed,
+            learning_rate=args.lr,
         )
         model, hist = train_smi(train, cfg, progress=False)
         errs = [evaluate_sky(p, smi_sky(model, p))["sky_error_pct"] for p in tests]
@@ -48,6 +52,12 @@ def worker(args) -> dict:
     return out
 
 
+def SMIConfig_lr() -> float:
+    from jaxlab.sky import SMIConfig
+
+    return SMIConfig().learning_rate
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,6 +66,7 @@ def main():
     ap.add_argument("--test", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--lr", type=float, default=SMIConfig_lr(), help="SMIConfig.learning_rate")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -76,6 +87,8 @@ def main():
             str(args.steps),
             "--seeds",
             *map(str, args.seeds),
+            "--lr",
+            str(args.lr),
         ]
         print(f"{n} device(s): {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
