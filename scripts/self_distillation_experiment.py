@@ -20,6 +20,7 @@ OUT/sdpo.json (and DOCS with --docs), plots next to them; finished cells are reu
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import sys
@@ -71,6 +72,14 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--docs", default=None, help="also copy JSON and plots into this directory")
     return p.parse_args(argv)
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def log(msg):
@@ -237,6 +246,8 @@ def run_grid(args, out: Path) -> dict:
                     f"({cell['wall_s']:.0f} s)"
                 )
                 del trainer
+                gc.collect()  # each cell's weights, optimizer state and teacher go before the next
+                log(f"resident memory {_rss_gb():.1f} GB")
     return results
 
 
