@@ -18,7 +18,11 @@ from jaxlab.rl.tasks import (
 
 # tasks built from a source take it as kwargs; jsonl (a file's lines) is tested in
 # tests/test_rl_user_tasks.py
-SOURCES = {"jsonl": None, "reasoning_gym": {"dataset": "leg_counting", "size": 20}}
+SOURCES = {
+    "jsonl": None,
+    "reasoning_gym": {"dataset": "leg_counting", "size": 20},
+    "mixture": {"families": [{"name": "arithmetic"}, {"name": "countdown"}]},
+}
 
 
 @pytest.mark.parametrize("name", [n for n in TASKS.names() if SOURCES.get(n, {}) is not None])
@@ -226,7 +230,7 @@ def test_unknown_task_and_bad_settings():  # noqa: D103
     with pytest.raises(
         ValueError,
         match="unknown task 'chess'; known: arithmetic, countdown, jsonl, knights_knaves, "
-        "reasoning_gym, toy_digits",
+        "mixture, reasoning_gym, toy_digits",
     ):
         make_task("chess")
     with pytest.raises(ValueError, match="countdown: count >= 2"):

@@ -390,6 +390,7 @@ def load_task_class(path: str) -> Callable[..., Task]:
 # users' own tasks (jaxlab.rl.user_tasks): problems from JSONL with a named verifier, reasoning-gym
 TASKS.register_lazy("jsonl", "jaxlab.rl.user_tasks:JsonlTask")
 TASKS.register_lazy("reasoning_gym", "jaxlab.rl.user_tasks:ReasoningGymTask")
+TASKS.register_lazy("mixture", "jaxlab.rl.self_distill:MixtureTask")  # several families
 
 
 def make_task(name: str, **kwargs) -> Task:
