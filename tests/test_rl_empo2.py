@@ -31,6 +31,7 @@ from jaxlab.rl.multiturn import (
     Turn,
     build_batch,
     group_advantages,
+    parse_action,
     training_prompt,
 )
 from jaxlab.testing import TINY_DECODER
@@ -149,6 +150,16 @@ def test_intrinsic_reward_and_group_advantages():
         r64 = r.astype(np.float64)
         want = (r64 - r64.mean()) / (r64.std(ddof=1) + 1e-6) if np.ptp(r64) else 0 * r64
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_parse_action_takes_the_earliest_valid_action():
+    valid = ["examine coin", "take coin", "go west", "look"]
+    assert parse_action(" Examine coin, take coin.", valid) == "examine coin"
+    assert parse_action(" Go west, look\n\nHere", valid) == "go west"
+    assert parse_action(" I think take coin", valid) == "take coin"
+    assert parse_action(" Dance\nnow", valid) == "Dance"
+    assert parse_action("   ", None) == "look"
+    assert parse_action("go westward", ["go west", "go westward"]) == "go westward"
 
 
 # -- the off-policy ratio ----------------------------------------------------------------------------

@@ -76,6 +76,7 @@ __all__ = [
     "MultiTurnTrainer",
     "ALGOS",
     "build_batch",
+    "parse_action",
     "training_prompt",
     "group_advantages",
 ]
@@ -92,6 +93,9 @@ class MultiTurnEnvConfig:
     split: str = "train"
     workers: str = "process"  # "process": EnvWorker per episode; "inline": in this process
     show_valid_actions: bool = True
+    # the assistant's reply starts with this (small models then name an action instead of
+    # retelling the observation); the action is the earliest valid action the reply names
+    action_prefix: str = "Action:"
 
     def __post_init__(self):
         check(self.name in ENVS, "name", f"{self.name!r} is not one of {ENVS.names()}")
@@ -319,6 +323,20 @@ def group_advantages(rewards: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
+def parse_action(text: str, valid: list[str] | None) -> str:
+    """The action a reply names: the valid action that occurs earliest in it (the longest one at
+    the same position), else its first line (``look`` when empty)."""
+    low = text.lower()
+    best = None
+    for a in valid or ():
+        at = low.find(a.lower())
+        if at >= 0 and (best is None or (at, -len(a)) < (best[0], -len(best[1]))):
+            best = (at, a)
+    if best is not None:
+        return best[1]
+    return text.strip().split("\n")[0].strip()[:100] or "look"
+
+
 def build_batch(rows, pad_id: int, multiple: int = 1, shape: tuple[int, int] | None = None):
     """Right-padded training arrays from ``(train prompt, Turn)`` rows: ``tokens, mask [N, W]``,
     ``loss_mask, behaviour [N, W-1]`` (position j predicts token j+1; the loss covers the
@@ -449,10 +467,10 @@ class MultiTurnTrainer:
             env.close()
 
     # -- prompts ---------------------------------------------------------------------------------
-    def _render(self, text: str) -> list[int]:
+    def _render(self, text: str, prefix: str = "") -> list[int]:
         if self.cfg.chat:
             text = self.tokenizer.apply_chat_template(text)
-        return self._encode(text)
+        return self._encode(text + prefix)
 
     def _turn_text(self, ep: Episode, valid: list[str] | None, history_turns: int) -> str:
         lines = [f"Goal: {ep.goal}"]
@@ -470,8 +488,9 @@ class MultiTurnTrainer:
         """(prompt with tips, prompt without, history text), the history cut to fit the budget."""
         for h in range(self.cfg.history_turns, -1, -1):
             body = self._turn_text(ep, valid, h)
-            plain = self._render(body)
-            full = self._render(tips + body) if tips else plain
+            prefix = self.cfg.env.action_prefix
+            plain = self._render(body, prefix)
+            full = self._render(tips + body, prefix) if tips else plain
             if len(full) <= self.cfg.max_prompt_tokens:
                 return full, plain, body
         if len(plain) <= self.cfg.max_prompt_tokens:  # the tips alone are too long: drop them
@@ -530,7 +549,7 @@ class MultiTurnTrainer:
             while requests.keys() - steps.keys():
                 for c in self.engine.step():  # env steps run in the pool while decoding goes on
                     i, full, plain, key_text, count = requests[c.request_id]
-                    action = (c.text or "").strip().split("\n")[0].strip()[:100] or "look"
+                    action = parse_action(c.text or "", valid[live.index(i)])
                     eps[i].turns.append(
                         Turn(full, plain, list(c.tokens), list(c.logprobs), action,
                              eps[i].observation, key_text, float(intrinsic_reward(count)),
