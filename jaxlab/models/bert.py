@@ -47,6 +47,9 @@ class BertConfig:
     pool_prompt: bool = True
 
     def __post_init__(self):
+        if isinstance(self.prompts, list | tuple):  # JSON gives lists: keep the config hashable
+            pairs = tuple(tuple(p) if isinstance(p, list | tuple) else p for p in self.prompts)
+            object.__setattr__(self, "prompts", pairs)
         check_positive(
             self,
             "vocab_size",
