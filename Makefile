@@ -48,8 +48,8 @@ TESTS_FIRST = $(sort $(filter-out tests/test_r% tests/test_s%,$(wildcard tests/t
 TESTS_SECOND = $(sort $(filter tests/test_r% tests/test_s%,$(wildcard tests/test_*.py)))
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -q $(TESTS_FIRST)
-	$(PY) -m pytest -q $(TESTS_SECOND)
+	$(PY) -m pytest -q --durations=15 $(TESTS_FIRST)
+	$(PY) -m pytest -q --durations=15 $(TESTS_SECOND)
 
 test-fast: $(VENV)/.dev
 	$(PY) -m pytest -q -m "not slow"
