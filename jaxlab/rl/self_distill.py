@@ -698,16 +698,7 @@ class SDPOTrainer(RLTrainer):
                 lengths.append(len(c.tokens))
             rewards.extend(rs)
             epistemic += [count_epistemic(t, cfg.evaluation.convention) for t in texts]
-        if self.ctrl.scheduler.bounds_staleness and max(staleness) > cfg.scheduler.max_staleness:
-            raise AssertionError(
-                f"a trained token is {max(staleness)} versions old (max_staleness "
-                f"{cfg.scheduler.max_staleness})"
-            )
-        self.rewards_seen.extend(rewards)
-        reward_arr = np.asarray(rewards, np.float32).reshape(len(groups), g_size)
-        adv = np.asarray(
-            rl.compute_advantages(jnp.asarray(reward_arr), cfg.loss.advantage)
-        ).reshape(-1)
+        adv = self._group_advantages(rewards, staleness, len(groups))
         n = bucket_length(len(prompts), 2 * len(prompts), granularity=64)
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         n = -(-n // shards) * shards
@@ -727,8 +718,8 @@ class SDPOTrainer(RLTrainer):
         out = {k: float(v) for k, v in metrics.items()}
         with_teacher = sum(tp is not None for tp in teacher_prompts)
         out.update(
-            reward_mean=float(reward_arr.mean()),
-            reward_max=float(reward_arr.max()),
+            reward_mean=float(np.asarray(rewards, np.float32).mean()),
+            reward_max=max(rewards),
             groups=len(groups),
             max_token_staleness=int(max(staleness)),
             mean_length=float(np.mean(lengths)),

@@ -590,6 +590,23 @@ class RLTrainer:
         )
         return metrics
 
+    def _group_advantages(
+        self, rewards: list[float], staleness: list[int], num_groups: int
+    ) -> np.ndarray:
+        """Advantages ``[num_groups * G]`` of the groups' rewards (in group order), after checking
+        that no trained token is older than the scheduler allows; the rewards are recorded."""
+        cfg = self.cfg
+        if self.ctrl.scheduler.bounds_staleness and max(staleness) > cfg.scheduler.max_staleness:
+            raise AssertionError(
+                f"a trained token is {max(staleness)} versions old (max_staleness "
+                f"{cfg.scheduler.max_staleness})"
+            )
+        self.rewards_seen.extend(rewards)
+        reward_arr = np.asarray(rewards, np.float32).reshape(num_groups, -1)
+        return np.asarray(
+            rl.compute_advantages(jnp.asarray(reward_arr), cfg.loss.advantage)
+        ).reshape(-1)
+
     def _policy_update(self, groups: list[int]) -> dict[str, Any]:
         cfg, tokenizer = self.cfg, self.tokenizer
         g_size = cfg.scheduler.group_size
@@ -607,16 +624,7 @@ class RLTrainer:
                 rewards.append(reward)
                 staleness.append(self.ctrl.version - min(c.policy_versions))
                 rows.append((self.prompt_ids(g), c))
-        if self.ctrl.scheduler.bounds_staleness and max(staleness) > cfg.scheduler.max_staleness:
-            raise AssertionError(
-                f"a trained token is {max(staleness)} versions old (max_staleness "
-                f"{cfg.scheduler.max_staleness})"
-            )
-        self.rewards_seen.extend(rewards)
-        reward_arr = np.asarray(rewards, np.float32).reshape(len(groups), g_size)
-        adv = np.asarray(
-            rl.compute_advantages(jnp.asarray(reward_arr), cfg.loss.advantage)
-        ).reshape(-1)
+        adv = self._group_advantages(rewards, staleness, len(groups))
 
         # right-padded [N, T] sequences; the loss covers completion tokens only. N and T are bucketed
         # (padding rows carry no loss and do not count as sequences), so updates rarely recompile.
@@ -644,8 +652,8 @@ class RLTrainer:
             metrics = self.update_fn(self.model, self.optimizer, self.ref_model, *batch)
         out = {k: float(v) for k, v in metrics.items()}
         out.update(
-            reward_mean=float(reward_arr.mean()),
-            reward_max=float(reward_arr.max()),
+            reward_mean=float(np.asarray(rewards, np.float32).mean()),
+            reward_max=max(rewards),
             groups=len(groups),
             max_token_staleness=int(max(staleness)),
             mean_length=float(np.mean([len(c.tokens) for _, c in rows])),
