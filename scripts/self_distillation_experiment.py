@@ -178,9 +178,9 @@ def run_grid(args, out: Path) -> dict:
 
     # one load of the initial weights for every cell (each cell trains its own copy)
     t0 = time.perf_counter()
-    base_model, tokenizer = trainer_mod._load_policy(cell_config(args, init, "none", "one", 0))
+    base_model, tokenizer = trainer_mod.load_policy(cell_config(args, init, "none", "one", 0))
     log(f"loaded {init} in {time.perf_counter() - t0:.0f} s")
-    trainer_mod._load_policy = lambda cfg: (nnx.clone(base_model), tokenizer)
+    trainer_mod.load_policy = lambda cfg: (nnx.clone(base_model), tokenizer)
 
     class Trainer(SDPOTrainer):  # the grid keeps no checkpoints
         def _save(self, force: bool = False) -> None:

@@ -231,3 +231,42 @@ def test_tiny_empo2_run_fills_memory_and_resumes_with_it(tmp_path):
     assert len(result["success_at"]) == 2 and result["games"] == 1
     assert result["success_at"][0] <= result["success_at"][1]
     resumed.close()
+
+
+def test_multiturn_lora_trains_only_adapters_in_the_config_dtype(tmp_path):
+    """``lora.rank > 0`` in an rl_multiturn config: the optimizer holds the adapters only, an update
+    moves them and leaves every base weight bit-identical; ``dtype`` reaches the policy."""
+    from jaxlab.models.lora import LoRAConfig
+
+    cfg = load_config("rl/empo2_tiny", cls=MultiTurnConfig)
+    cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=2), dtype="bfloat16")
+    trainer = MultiTurnTrainer(cfg, tmp_path)
+    try:
+        assert trainer.model.dtype == jnp.bfloat16 and trainer.model.param_dtype == jnp.float32
+        lora = jax.tree.map(np.asarray, nnx.state(trainer.model, nnx.LoRAParam))
+        base = jax.tree.map(np.asarray, nnx.state(trainer.model, nnx.Not(nnx.LoRAParam)))
+        n_lora = sum(a.size for a in jax.tree.leaves(lora))
+        opt = jax.tree.leaves(nnx.state(trainer.optimizer, nnx.OptState))
+        assert n_lora > 0 and sum(a.size for a in opt if a.ndim) == 2 * n_lora
+
+        rng = np.random.default_rng(0)
+        b, t = cfg.micro_batch, 32
+        tokens = jnp.asarray(rng.integers(3, 60, (b, t)), jnp.int32)
+        mask = jnp.ones((b, t), jnp.int32)
+        loss_mask = jnp.asarray(np.arange(t - 1)[None] >= 20, jnp.float32) * jnp.ones((b, 1))
+        behaviour = jnp.full((b, t - 1), -4.0)
+        adv = jnp.asarray([1.0, -1.0, 0.5, -0.5][:b], jnp.float32)
+        metrics = trainer.update_fn(
+            trainer.model, trainer.optimizer, tokens, mask, loss_mask, behaviour, adv
+        )
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+        after = jax.tree.map(np.asarray, nnx.state(trainer.model, nnx.Not(nnx.LoRAParam)))
+        jax.tree.map(np.testing.assert_array_equal, base, after)
+        moved = jax.tree.map(
+            lambda x, y: np.abs(np.asarray(x, np.float32) - y).max(),
+            nnx.state(trainer.model, nnx.LoRAParam),
+            lora,
+        )
+        assert max(jax.tree.leaves(moved)) > 0
+    finally:
+        trainer.close()

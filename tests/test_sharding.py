@@ -361,8 +361,7 @@ def test_from_pretrained_reads_each_device_share_into_its_sharding(tmp_path, mon
     """``from_pretrained(dir, mesh=)``: every parameter lands in its rules' sharding with values
     equal to the plain load, and a split parameter is read from safetensors one share at a time
     (sharded checkpoint files, with an index, included)."""
-    from jaxlab.models import from_pretrained, save_pretrained
-    from jaxlab.models import loading
+    from jaxlab.models import from_pretrained, loading, save_pretrained
 
     save_pretrained(Decoder(CFG, rngs=nnx.Rngs(3)), None, tmp_path, max_shard_size=20_000)
     assert (tmp_path / "model.safetensors.index.json").is_file()
@@ -399,9 +398,9 @@ def test_rl_and_train_lm_take_the_compute_dtype_from_config_and_cli(tmp_path):
     from jaxlab.cli import build_parser
     from jaxlab.cli._common import dtype_overrides
     from jaxlab.config import ConfigError, load_config
-    from jaxlab.rl.trainer import RLTrainConfig, _load_policy
+    from jaxlab.rl.trainer import RLTrainConfig, load_policy
 
-    model, _ = _load_policy(RLTrainConfig(model="tiny", dtype="bfloat16"))
+    model, _ = load_policy(RLTrainConfig(model="tiny", dtype="bfloat16"))
     assert model.dtype == jnp.bfloat16
     assert {v[...].dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))} == {
         jnp.dtype(jnp.float32)

@@ -89,7 +89,7 @@ def _run_train(args):
     elif kind == "rl_multiturn":  # multi-turn GRPO / EMPO2 on text environments
         from jaxlab.rl.multiturn import MultiTurnConfig, MultiTurnTrainer
 
-        cfg = load_config(args.config, args.overrides, cls=MultiTurnConfig)
+        cfg = load_config(args.config, dtype_overrides(args), cls=MultiTurnConfig)
         trainer = MultiTurnTrainer(cfg, args.workdir)
         try:
             summary = trainer.run(progress=not args.quiet)

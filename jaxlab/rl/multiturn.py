@@ -45,13 +45,14 @@ from flax import nnx
 
 from jaxlab import rl
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
-from jaxlab.config import check, register_config
+from jaxlab.config import check, check_dtype, register_config
 from jaxlab.envs import ENVS, EnvCrashed, EnvWorker, make_env
 from jaxlab.errors import UserError
 from jaxlab.generation import Engine, SamplingParams
 from jaxlab.generation.core import sampling_logprobs
 from jaxlab.metric_writer import MetricWriter
-from jaxlab.models import Decoder, DecoderConfig, from_pretrained
+from jaxlab.models import Decoder, DecoderConfig
+from jaxlab.models.lora import LoRAConfig, add_lora, trainable
 from jaxlab.optim import check_finite_step, make_optimizer, poison_if_nonfinite
 from jaxlab.rl.empo2 import (
     MODE_PROBS,
@@ -66,8 +67,8 @@ from jaxlab.rl.empo2 import (
     tip_prompt,
 )
 from jaxlab.rl.memory import EMBEDDERS, MemoryStore, make_embedder
-from jaxlab.rl.trainer import RLOptimConfig
-from jaxlab.tokenization import bucket_length, char_tokenizer
+from jaxlab.rl.trainer import RLOptimConfig, load_policy
+from jaxlab.tokenization import bucket_length
 
 __all__ = [
     "MultiTurnEnvConfig",
@@ -173,8 +174,15 @@ class MultiTurnConfig:
         default_factory=lambda: CheckpointConfig(save_every=5, keep=2)
     )
     seed: int = 0
+    # as in rl_train: compute and weight dtypes, and LoRA adapters (rank > 0) trained in place of
+    # the full weights; rollouts use the merged weights
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
     def __post_init__(self):
+        check_dtype(self.dtype, "dtype")
+        check_dtype(self.param_dtype, "param_dtype")
         check(self.algo in ALGOS, "algo", f"{self.algo!r} is not one of {list(ALGOS)}")
         check(
             self.agg in rl.AGGREGATION_MODES,
@@ -235,20 +243,6 @@ class Episode:
         return f"{self.task}/{self.variation}"
 
 
-def load_policy(cfg: MultiTurnConfig):
-    """``(decoder, tokenizer)``: a tiny char-level decoder for ``model: tiny``, else a pretrained one."""
-    if cfg.model == "tiny":
-        tokenizer = char_tokenizer()
-        mcfg = dataclasses.replace(cfg.tiny_model, vocab_size=tokenizer.vocab_size)
-        # initialised in one compiled program (not one per parameter initialiser)
-        model = nnx.jit(lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed)))()
-        return model, tokenizer
-    model, tokenizer = from_pretrained(cfg.model)
-    if not isinstance(model, Decoder) or tokenizer is None:
-        raise UserError(f"{cfg.model} is not a decoder LM with a tokenizer")
-    return model, tokenizer
-
-
 def _sequence_logprobs(model: Decoder, tokens, mask, temperature):
     logits = model(tokens[:, :-1], attention_mask=mask[:, :-1])
     return sampling_logprobs(logits, tokens[:, 1:], temperature=temperature)
@@ -263,7 +257,8 @@ def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, m
     @nnx.jit
     def update(model, optimizer, tokens, mask, loss_mask, behaviour_logp, advantages):
         norm = rl.loss_normalizer(loss_mask, agg, max_len=max_len)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        # the trained weights: all parameters, or only the LoRA adapters
+        graphdef, params, rest = nnx.split(model, trainable(model), ...)
 
         def loss_of(params, micro):
             m = nnx.merge(graphdef, params, rest)
@@ -379,8 +374,9 @@ class MultiTurnTrainer:
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.model, self.tokenizer = load_policy(cfg)
+        self.model = add_lora(self.model, cfg.lora, rngs=nnx.Rngs(cfg.optim.seed))
         self.optimizer = nnx.Optimizer(
-            self.model, make_optimizer(**cfg.optim.optimizer_settings()), wrt=nnx.Param
+            self.model, make_optimizer(**cfg.optim.optimizer_settings()), wrt=trainable(self.model)
         )
         self.update_fn = _make_update_fn(
             cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.agg, cfg.temperature,

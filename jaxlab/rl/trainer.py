@@ -251,17 +251,20 @@ class RLTrainConfig:
         check_dtype(self.param_dtype, "param_dtype")
 
 
-def _load_policy(cfg: RLTrainConfig):
+def load_policy(cfg) -> tuple[Decoder, Any]:
+    """``(decoder, tokenizer)`` of an RL config (``model``, ``tiny_model``, ``dtype``,
+    ``param_dtype``, ``optim.seed``): a tiny character-level decoder for ``model: tiny``, else a
+    pretrained one (a registered name, HF directory or .gguf) in the config's dtypes."""
+    dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     if cfg.model == "tiny":
         tokenizer = char_tokenizer()
         mcfg = dataclasses.replace(cfg.tiny_model, vocab_size=tokenizer.vocab_size)
-        dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        return Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed), **dtypes), tokenizer
-    model, tokenizer = from_pretrained(
-        cfg.model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype)
-    )
+        # initialised in one compiled program (not one per parameter initialiser)
+        make = lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed), **dtypes)  # noqa: E731
+        return nnx.jit(make)(), tokenizer
+    model, tokenizer = from_pretrained(cfg.model, **dtypes)
     if not isinstance(model, Decoder) or tokenizer is None:
-        raise ValueError(f"{cfg.model} is not a decoder LM with a tokenizer")
+        raise UserError(f"{cfg.model} is not a decoder LM with a tokenizer")
     return model, tokenizer
 
 
@@ -356,7 +359,7 @@ class RLTrainer:
         if self.workdir.exists() and not self.workdir.is_dir():
             raise UserError(f"{self.workdir}: the workdir exists and is not a directory")
         # nothing is written under workdir until the policy, the task and any checkpoint loaded
-        self.model, self.tokenizer = _load_policy(cfg)
+        self.model, self.tokenizer = load_policy(cfg)
         self.model = add_lora(self.model, cfg.lora, rngs=nnx.Rngs(cfg.optim.seed))
         self.mesh = make_mesh(cfg.mesh)
         self.batch_sharding = jax.sharding.NamedSharding(
