@@ -39,15 +39,20 @@ def parse_args(argv=None):
     p.add_argument("--train-problems", type=int, default=400)
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--terms", type=int, default=3)
-    p.add_argument("--ops", default="+-")
+    p.add_argument("--ops", default="+")
     p.add_argument("--steps", type=int, default=30, help="SFT updates per model")
     p.add_argument("--batch-size", type=int, default=4, help="packed rows per update")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--eval-problems", type=int, default=48)
     p.add_argument("--eval-start", type=int, default=100000, help="first held-out problem index")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--suff-problems", type=int, default=12, help="traces per model for the curves")
+    p.add_argument(
+        "--curve-styles", nargs="*", default=list(STYLES), choices=STYLES,
+        help="models whose held-out traces get sufficiency / information curves",
+    )  # fmt: skip
     p.add_argument("--checkpoints", type=int, default=8)
     p.add_argument("--samples", type=int, default=8, help="answers sampled per checkpoint (K)")
     p.add_argument("--skip-base", action="store_true", help="do not evaluate the untuned model")
@@ -87,7 +92,7 @@ def finetune(args, style: str, data: Path, out: Path) -> Path:
     cfg = SFTConfig(
         model=args.model,
         data=SFTDataConfig(path=str(data), seq_len=args.seq_len, batch_size=args.batch_size),
-        train=OptimConfig(lr=args.lr, warmup_steps=3, steps=args.steps, grad_clip=1.0),
+        train=OptimConfig(lr=args.lr, warmup_steps=args.warmup, steps=args.steps, grad_clip=1.0),
         checkpoint=CheckpointConfig(save_every=10**6, keep=1, async_save=False),
         log_every=5,
     )
@@ -100,7 +105,11 @@ def finetune(args, style: str, data: Path, out: Path) -> Path:
 
 
 def evaluate(model, tok, problems, task, modes, args):
-    from jaxlab.analysis import run_intervention
+    """``{mode: InterventionResult.to_dict() + correct, accuracy_ci (Wilson 95%), checks}``;
+    ``checks`` sums :func:`jaxlab.analysis.traces.check_outcomes` over the responses (before any
+    injected "Wait")."""
+    from jaxlab.analysis import run_intervention, wilson_interval
+    from jaxlab.analysis.traces import check_outcomes
 
     res = {}
     for mode in modes:
@@ -108,10 +117,20 @@ def evaluate(model, tok, problems, task, modes, args):
         r = run_intervention(
             model, tok, task, problems, mode, max_new_tokens=args.max_new_tokens, wait_when="wrong",
         )  # fmt: skip
-        res[mode] = r
+        d = r.to_dict()
+        k = sum(x == 1.0 for x in r.rewards)
+        d["correct"], d["accuracy_ci"] = k, wilson_interval(k, len(r.rewards))
+        checks: dict[str, int] = {}
+        for text in r.responses:
+            for key, v in check_outcomes(text.split("\n\nWait ")[0]).items():
+                checks[key] = checks.get(key, 0) + v
+        d["checks"] = checks
+        res[mode] = d
+        lo, hi = d["accuracy_ci"]
         log(
-            f"  {mode:11s} acc {r.accuracy:.3f} markers/resp {r.markers_per_response:.2f} "
-            f"tokens/resp {r.tokens_per_response:.0f} ({time.perf_counter() - t0:.0f} s)"
+            f"  {mode:11s} acc {r.accuracy:.3f} ({k}/{len(r.rewards)}, 95% CI {lo:.2f}-{hi:.2f}) "
+            f"markers/resp {r.markers_per_response:.2f} tokens/resp {r.tokens_per_response:.0f} "
+            f"checks {json.dumps(checks)} ({time.perf_counter() - t0:.0f} s)"
         )
     return res
 
@@ -210,12 +229,23 @@ def report(args, out: Path, results: dict, info_examples: dict | None = None) ->
     plot_interventions(
         bars, out / "aha_interventions.png", title="Accuracy and markers on held-out problems"
     )
-    print("\nmodel        control      accuracy  markers/resp  tokens/resp")
+    print("\n| model | control | accuracy (95% Wilson CI) | markers / response | tokens / response "
+          "| checks fixed / missed / kept / broken | unchecked wrong |")  # fmt: skip
+    print("|---|---|---|---:|---:|---|---:|")
     for n, r in results["eval"].items():
         for m, v in r.items():
+            lo, hi = v.get("accuracy_ci", (float("nan"),) * 2)
+            c = v.get("checks", {})
             print(
-                f"{n:12s} {m:12s} {v['accuracy']:8.3f}  {v['markers_per_response']:12.2f}  {v['tokens_per_response']:11.1f}"
+                f"| {n} | {m} | {v['accuracy']:.3f} ({v.get('correct', '?')}/{len(v['rewards'])}, "
+                f"{lo:.2f}-{hi:.2f}) | {v['markers_per_response']:.2f} | "
+                f"{v['tokens_per_response']:.1f} | {c.get('fixed', 0)} / {c.get('missed', 0)} / "
+                f"{c.get('kept', 0)} / {c.get('broken', 0)} | {c.get('unchecked_wrong', 0)} |"
             )
+    for n, sm in summary.items():
+        h = " / ".join(f"{x:.2f}" for x in sm["mean_entropy_by_checkpoint"])
+        lp = " / ".join(f"{-x:.1f}" for x in sm["mean_logp_by_checkpoint"])
+        print(f"{n}: mean H(Y|s_t) {h}; mean -log p(y*|s_t) {lp}")
     if args.docs:
         import shutil
 
@@ -249,7 +279,8 @@ def main(argv=None):
     task = ArithmeticTask(digits=args.digits, terms=args.terms, ops=args.ops, seed=0)
     problems = [task.problem(args.eval_start + i) for i in range(args.eval_problems)]
     results = {"args": vars(args), "eval": {}, "curves": {}, "summary": {}}
-    plan = {"procedural": ["baseline"], "epistemic": ["baseline", "suppress", "insert_wait"],
+    plan = {"procedural": ["baseline", "insert_wait"],
+            "epistemic": ["baseline", "suppress", "insert_wait"],
             "synonym": ["baseline", "suppress"], "base": ["baseline", "induce"]}  # fmt: skip
     names = list(args.styles) + ([] if args.skip_base else ["base"])
     summary, info_examples = results["summary"], {}
@@ -258,11 +289,11 @@ def main(argv=None):
         log(f"evaluating {name}")
         model, tok = from_pretrained(path)
         res = evaluate(model, tok, problems, task, plan[name], args)
-        results["eval"][name] = {m: r.to_dict() for m, r in res.items()}
-        if name in ("procedural", "epistemic"):
+        results["eval"][name] = res
+        if name in args.curve_styles and args.suff_problems > 0:
             n = args.suff_problems
             rows, infos = curves(
-                model, tok, task, problems[:n], res["baseline"].responses[:n], args
+                model, tok, task, problems[:n], res["baseline"]["responses"][:n], args
             )
             results["curves"][name] = rows
             summary[name] = summarize_curves(rows)

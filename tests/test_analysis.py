@@ -460,3 +460,18 @@ def test_suppression_logit_bias_removes_the_marker_tokens(smol_tokenizer, tmp_pa
             model, batch.input_ids, batch.attention_mask, params, eos_ids=(), pad_id=0
         )
         assert not set(out.tokens.ravel().tolist()) & set(ids)
+
+
+def test_wilson_interval_against_scipy_and_by_hand():
+    from scipy.stats import binomtest
+
+    from jaxlab.errors import UserError
+
+    for k, n in ((5, 32), (0, 64), (64, 64), (23, 64), (1, 3)):
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        lo, hi = analysis.wilson_interval(k, n, z=1.959963984540054)
+        assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    # by hand, k = 0 of n = 4 at z = 2: c = (0 + 4/8) / 2 = 0.25, h = 2 sqrt(4/64) / 2 = 0.25
+    assert analysis.wilson_interval(0, 4, z=2.0) == pytest.approx((0.0, 0.5))
+    with pytest.raises(UserError):
+        analysis.wilson_interval(3, 2)

@@ -150,10 +150,42 @@ def test_train_sft_learns_resumes_and_exports(tmp_path):
 # -- traces ---------------------------------------------------------------------------------------
 
 
-def test_trace_styles_share_the_solver_and_differ_in_markers():
-    task = ArithmeticTask(digits=2, terms=3, ops="+-*", seed=0)
-    n_epi = 0
-    for i in range(40):
+def test_column_check_and_hard_steps_by_hand():
+    from jaxlab.analysis.traces import Step, column_check, is_hard
+
+    assert column_check(Step(158, "+", 93, 251)) == (
+        "8 + 3 = 11, 5 + 9 + 1 = 15, 1 + 0 + 1 = 2, so 251"
+    )
+    assert column_check(Step(63, "+", 77, 140)) == "3 + 7 = 10, 6 + 7 + 1 = 14, so 140"
+    assert column_check(Step(148, "+", 13, 161)) == "8 + 3 = 11, 4 + 1 + 1 = 6, 1 + 0 = 1, so 161"
+    assert column_check(Step(21, "+", 63, 84)) == "1 + 3 = 4, 2 + 6 = 8, so 84"
+    with pytest.raises(ValueError):
+        column_check(Step(5, "-", 3, 2))
+    assert [is_hard(Step(a, "+", b, a + b)) for a, b in ((63, 77), (21, 63), (15, 5), (14, 5))] == [
+        True, False, True, False,
+    ]  # fmt: skip
+    assert is_hard(Step(52, "-", 19, 33)) and not is_hard(Step(59, "-", 12, 47))
+    assert is_hard(Step(12, "*", 13, 156)) and not is_hard(Step(12, "*", 3, 36))
+
+
+def _check_line_is_true(line: str, step_result: int) -> int:
+    """Every one-digit sum of a column check holds and its 'so V' is the step's result; returns
+    the value the line ends on ('So it is R[, not W].')."""
+    body, end = line.split(": ", 1)[1].split(". So it is ")
+    *columns, last = body.split(", ")
+    assert last == f"so {step_result}", line
+    for col in columns:
+        lhs, rhs = col.split(" = ")
+        assert sum(int(x) for x in lhs.split(" + ")) == int(rhs), col
+    return int(end.split(",")[0].rstrip("."))
+
+
+def test_trace_styles_share_the_solver_and_check_the_hard_steps():
+    from jaxlab.analysis.traces import is_hard, solve_steps
+
+    task = ArithmeticTask(digits=2, terms=3, ops="+", seed=0)
+    n_slips = n_checks = 0
+    for i in range(60):
         p = task.problem(i)
         traces = {
             s: analysis.write_trace(p, s, index=i) for s in ("procedural", "epistemic", "synonym")
@@ -164,16 +196,60 @@ def test_trace_styles_share_the_solver_and_differ_in_markers():
         assert analysis.count_epistemic(traces["procedural"], "word_boundary") == 0
         assert analysis.count_epistemic(traces["synonym"], "word_boundary") == 0
         assert analysis.count_epistemic(traces["synonym"], "substring") == 0
-        n_epi += analysis.count_epistemic(traces["epistemic"], "word_boundary") > 0
-        # the synonym trace is the epistemic one with the marker phrases swapped
-        assert traces["synonym"].count("\n") == traces["epistemic"].count("\n")
-        # every equation written in a check is true
-        for line in traces["epistemic"].splitlines():
-            if ": " in line and "=" in line:
-                chain = line.split(": ", 1)[1].split(". ")[0].split(" = ")
-                values = [eval(x) for x in chain]  # noqa: S307 - integers and + - * only
-                assert len(set(values)) == 1, line
-    assert n_epi > 20
+        # the synonym trace is the epistemic one with the marker phrase swapped
+        assert (
+            traces["synonym"].replace("Next, let me verify: ", "Wait, let me check: ")
+            == (traces["epistemic"])
+        )
+        # a check (and its markers) follows exactly the hard steps; its column sums are true, it
+        # ends on the true result, and a slip written above it is named and not carried on
+        steps = solve_steps(p.meta["expression"])
+        lines = traces["epistemic"].splitlines()[:-1]
+        k = 0
+        for j, line in enumerate(lines):
+            if line.startswith("Wait, let me check: "):
+                continue
+            s = steps[k]
+            written = int(line.rsplit(" = ", 1)[1].rstrip("."))
+            checked = j + 1 < len(lines) and lines[j + 1].startswith("Wait")
+            assert checked == is_hard(s), line
+            if checked:
+                n_checks += 1
+                assert _check_line_is_true(lines[j + 1], s.result) == s.result
+                assert analysis.count_epistemic(lines[j + 1], "word_boundary") == 2
+                if written != s.result:
+                    n_slips += 1
+                    assert lines[j + 1].endswith(f"not {written}.")
+            else:
+                assert written == s.result, line
+            k += 1
+        assert k == len(steps)
+    assert n_checks > 40 and 0.3 < n_slips / n_checks < 0.7
+
+
+def test_check_outcomes_by_hand():
+    from jaxlab.analysis.traces import check_outcomes
+
+    text = (
+        "First, 63 + 77 = 130.\n"  # wrong, fixed
+        "Wait, let me check: 3 + 7 = 10, 6 + 7 + 1 = 14, so 140. So it is 140, not 130.\n"
+        "Then, 140 + 15 = 155.\n"  # right, kept
+        "Hold on: 0 + 5 = 5, 4 + 1 = 5, 1 + 0 = 1, so 155. So it is 155.\n"
+        "Then, 155 + 9 = 164.\n"  # right, unchecked
+        "Then, 164 + 8 = 170.\n"  # wrong, check missed it
+        "Wait, let me check: 4 + 8 = 12, so 170. So it is 170.\n"
+        "Then, 170 + 1 = 171.\n"  # right, check broke it
+        "Wait, let me check: so 172. So it is 172, not 171.\n"
+        "Finally, 172 - 2 = 17.\n"  # wrong, unchecked
+        "<answer>17</answer>"
+    )
+    assert check_outcomes(text) == {
+        "fixed": 1, "missed": 1, "kept": 1, "broken": 1, "unchecked_right": 1, "unchecked_wrong": 1,
+    }  # fmt: skip
+    task = ArithmeticTask(digits=2, terms=3, ops="+", seed=0)
+    for i in range(20):  # the written traces: every slip fixed, every other step right
+        c = check_outcomes(analysis.write_trace(task.problem(i), "synonym", index=i))
+        assert c["missed"] == c["broken"] == c["unchecked_wrong"] == 0
 
 
 def test_analyze_count_and_traces_commands(tmp_path, capsys):

@@ -16,10 +16,11 @@ Answer sufficiency (:mod:`jaxlab.analysis.sufficiency`)
 MI (:mod:`jaxlab.analysis.mi`)
   ``hsic_normalized_cca``, ``mi_curve``, ``trace_mi``.
 Interventions (:mod:`jaxlab.analysis.interventions`)
-  ``suppression_logit_bias``, ``induction_prompt``, ``wait_message``, ``run_intervention``.
+  ``suppression_logit_bias``, ``induction_prompt``, ``wait_message``, ``run_intervention``,
+  ``wilson_interval``.
 Training traces (:mod:`jaxlab.analysis.traces`)
   ``write_trace(problem, style)`` for styles ``procedural`` / ``epistemic`` / ``synonym``,
-  ``trace_dataset``, ``write_sft_jsonl``.
+  ``trace_dataset``, ``write_sft_jsonl``; the checks ``column_check``, ``is_hard``.
 """
 
 from jaxlab.analysis.information import TraceInformation as TraceInformation
@@ -41,6 +42,7 @@ from jaxlab.analysis.interventions import induction_prompt as induction_prompt
 from jaxlab.analysis.interventions import run_intervention as run_intervention
 from jaxlab.analysis.interventions import suppression_logit_bias as suppression_logit_bias
 from jaxlab.analysis.interventions import wait_message as wait_message
+from jaxlab.analysis.interventions import wilson_interval as wilson_interval
 from jaxlab.analysis.markers import CONVENTIONS as CONVENTIONS
 from jaxlab.analysis.markers import EPISTEMIC_WORDS as EPISTEMIC_WORDS
 from jaxlab.analysis.markers import SUBSTRING_WORDS as SUBSTRING_WORDS

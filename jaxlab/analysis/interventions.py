@@ -45,6 +45,7 @@ __all__ = [
     "wait_message",
     "InterventionResult",
     "run_intervention",
+    "wilson_interval",
 ]
 
 INTERVENTIONS = Registry("intervention")
@@ -77,7 +78,7 @@ def induction_examples(num_shots: int) -> list[str]:
     out = []
     for k in range(num_shots):
         p = task.problem(k)
-        trace = write_trace(p, "epistemic", index=k, slip_prob=0.5, check_prob=1.0, seed=1)
+        trace = write_trace(p, "epistemic", index=k, slip_prob=0.5, easy_check_prob=1.0, seed=1)
         out.append(f"[Example {k + 1}] {p.prompt}\n{trace}")
     return out
 
@@ -94,6 +95,22 @@ def wait_message(answer: str | None) -> str:
     if cleaned:
         return f"Wait {cleaned} is not the answer. Please think again.\n"
     return "Wait that is not the answer. Please think again.\n"
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (``successes`` of ``n``; ``z`` = 1.96 for
+    95%): ``(c - h, c + h)`` with ``c = (p + z^2 / 2n) / (1 + z^2 / n)`` and
+    ``h = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n)``. Unlike ``p +- z sqrt(p (1 - p) / n)``
+    it stays inside [0, 1] and is not empty at 0 or n successes."""
+    if n < 1 or not 0 <= successes <= n:
+        raise UserError(
+            f"wilson_interval needs 0 <= successes <= n and n >= 1, got {successes}, {n}"
+        )
+    p = successes / n
+    d = 1.0 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return float(max(c - h, 0.0)), float(min(c + h, 1.0))
 
 
 @dataclasses.dataclass

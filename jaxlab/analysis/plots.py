@@ -91,11 +91,16 @@ def plot_mi(curves: Sequence[tuple[np.ndarray, np.ndarray]], path: str | Path, *
 
 def plot_interventions(results: dict[str, dict], path: str | Path, *, title: str = ""):
     """Accuracy and markers per response for each control ``{name: {"accuracy",
-    "markers_per_response"}}``."""
+    "markers_per_response"[, "accuracy_ci": (lo, hi)]}}`` (intervals drawn as error bars)."""
     plt = _plt()
     names = list(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].bar(names, [results[n]["accuracy"] for n in names], color="tab:blue")
+    acc = np.array([results[n]["accuracy"] for n in names])
+    yerr = None
+    if all("accuracy_ci" in results[n] for n in names):  # Wilson intervals as error bars
+        ci = np.array([results[n]["accuracy_ci"] for n in names])
+        yerr = np.stack([acc - ci[:, 0], ci[:, 1] - acc])
+    axes[0].bar(names, acc, color="tab:blue", yerr=yerr, capsize=3)
     axes[0].set_ylabel("accuracy")
     axes[0].set_ylim(0, 1)
     axes[1].bar(names, [results[n]["markers_per_response"] for n in names], color="tab:orange")

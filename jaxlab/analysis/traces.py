@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,6 +37,9 @@ __all__ = [
     "Step",
     "solve_steps",
     "decompose",
+    "column_check",
+    "is_hard",
+    "check_outcomes",
     "write_trace",
     "trace_dataset",
     "write_sft_jsonl",
@@ -102,22 +106,64 @@ def decompose(step: Step) -> str:
     return f"{a} {op} {b} = {a} {op} {tens} {op} {units} = {mid} {op} {units} = {r}"
 
 
-def _slip(result: int, rng: np.random.Generator) -> int:
-    delta = int(rng.choice([-10, -2, -1, 1, 2, 10]))
-    return result + delta
+def column_check(step: Step) -> str:
+    """A check of an addition ``step`` of non-negative operands done column by column with only
+    one-digit sums, units first: ``158 + 93`` -> ``8 + 3 = 11, 5 + 9 + 1 = 15, 1 + 0 + 1 = 2, so
+    251`` (the shorter operand padded with 0; each column adds the carry of the one before; the
+    result is the last column's sum followed by the units digits of the others, last to first)."""
+    a, b = step.left, step.right
+    if step.op != "+" or a < 0 or b < 0:
+        raise ValueError(f"column_check needs an addition of non-negative integers, got {step}")
+    da, db = str(a)[::-1], str(b)[::-1]
+    n = max(len(da), len(db))
+    da, db = da.ljust(n, "0"), db.ljust(n, "0")
+    carry, parts, digits = 0, [], []
+    for i in range(n):
+        total = int(da[i]) + int(db[i]) + carry
+        parts.append(f"{da[i]} + {db[i]}" + (" + 1" if carry else "") + f" = {total}")
+        digits.append(str(total) if i == n - 1 else str(total % 10))
+        carry = total // 10
+    value = "".join(reversed(digits))
+    assert int(value) == step.result, (step, value)
+    return ", ".join(parts) + f", so {value}"
+
+
+def is_hard(step: Step) -> bool:
+    """Where a check goes: an addition whose units carry, a subtraction whose units borrow, a
+    product of two numbers of two or more digits (the steps a small model gets wrong)."""
+    a, b = abs(step.left), abs(step.right)
+    if step.op == "+":
+        return a % 10 + b % 10 >= 10
+    if step.op == "-":
+        return a % 10 < b % 10
+    return a >= 10 and b >= 10
+
+
+def check_of(step: Step) -> str:
+    """The check written for ``step``: :func:`column_check` for additions of non-negative numbers,
+    :func:`decompose` otherwise."""
+    if step.op == "+" and step.left >= 0 and step.right >= 0:
+        return column_check(step)
+    return decompose(step)
+
+
+def _slip(step: Step, rng: np.random.Generator) -> int:
+    """A wrong result of the kind a small fine-tuned model writes: mostly a dropped carry (or
+    borrow), else the units or the tens off."""
+    dropped = -10 if step.op == "+" else 10
+    delta = int(rng.choice([dropped, dropped, dropped, -dropped, -1, 1, -2, 2]))
+    return step.result + delta
 
 
 _EPISTEMIC = {
-    "doubt": "Wait, that seems off. Let me check: ",
+    "check": "Wait, let me check: ",
     "fix": "So it is {r}, not {w}.",
-    "probe": "Hmm, let me check: ",
-    "confirm": "Yes, that is correct.",
+    "confirm": "So it is {r}.",
 }
 _SYNONYM = {
-    "doubt": "Hold on, that looks off. Let me verify: ",
+    "check": "Next, let me verify: ",
     "fix": "So it is {r}, not {w}.",
-    "probe": "Now, let me verify: ",
-    "confirm": "Yes, that holds.",
+    "confirm": "So it is {r}.",
 }
 
 
@@ -126,13 +172,17 @@ def write_trace(
     style: str,
     *,
     index: int = 0,
-    slip_prob: float = 0.35,
-    check_prob: float = 0.5,
+    slip_prob: float = 0.5,
+    easy_check_prob: float = 0.0,
     seed: int = 0,
 ) -> str:
     """The ``style`` trace (:data:`TRACE_STYLES`) of an arithmetic ``problem`` (its
-    ``meta["expression"]``); ``index`` seeds where slips and checks go (the same for every
-    style)."""
+    ``meta["expression"]``).
+
+    Epistemic and synonym traces check every hard step (:func:`is_hard`) and, with probability
+    ``easy_check_prob``, an easy one; at a checked step a slip (:func:`_slip`) is planted with
+    probability ``slip_prob``, and the check's result, not the line above it, is what the trace
+    goes on with. ``index`` and ``seed`` seed the draws (the same for every style)."""
     TRACE_STYLES.get(style)
     expr = problem.meta.get("expression")
     if expr is None:
@@ -143,20 +193,49 @@ def write_trace(
     phrases = _EPISTEMIC if style == "epistemic" else _SYNONYM
     for k, s in enumerate(steps):
         head = "First" if k == 0 else ("Finally" if k == len(steps) - 1 and k > 0 else "Then")
-        slip = rng.random() < slip_prob
-        check = rng.random() < check_prob
-        wrong = _slip(s.result, rng)
-        if style == "procedural" or not (slip or check):
+        check = is_hard(s) or rng.random() < easy_check_prob
+        slip = check and rng.random() < slip_prob
+        wrong = _slip(s, rng)
+        if style == "procedural" or not check:
             lines.append(f"{head}, {s.left} {s.op} {s.right} = {s.result}.")
-        elif slip:
-            lines.append(f"{head}, {s.left} {s.op} {s.right} = {wrong}.")
-            fix = phrases["fix"].format(r=s.result, w=wrong)
-            lines.append(f"{phrases['doubt']}{decompose(s)}. {fix}")
-        else:
-            lines.append(f"{head}, {s.left} {s.op} {s.right} = {s.result}.")
-            lines.append(f"{phrases['probe']}{decompose(s)}. {phrases['confirm']}")
+            continue
+        written = wrong if slip else s.result
+        lines.append(f"{head}, {s.left} {s.op} {s.right} = {written}.")
+        end = phrases["fix" if slip else "confirm"].format(r=s.result, w=wrong)
+        lines.append(f"{phrases['check']}{check_of(s)}. {end}")
     lines.append(f"<answer>{steps[-1].result}</answer>")
     return "\n".join(lines)
+
+
+_STEP_LINE = re.compile(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.?\s*$")
+_CHECK_END = re.compile(r"So it is (-?\d+)")
+
+
+def check_outcomes(text: str) -> dict[str, int]:
+    """What the checks of a trace (written or generated, any wording) did, step by step: a step
+    line ``..., a op b = w.`` followed by a check line (one with ``": "`` that ends ``So it is
+    v...``) counts as ``fixed`` (w wrong, v right), ``missed`` (both wrong), ``kept`` (both right)
+    or ``broken`` (w right, v wrong); a step line without a check as ``unchecked_right`` or
+    ``unchecked_wrong``. Right and wrong are judged on the operands the trace itself wrote."""
+    out = dict.fromkeys(
+        ("fixed", "missed", "kept", "broken", "unchecked_right", "unchecked_wrong"), 0
+    )
+    lines = text.splitlines()
+    for j, line in enumerate(lines):
+        m = _STEP_LINE.search(line)
+        if m is None or ": " in line:
+            continue
+        a, op, b, w = int(m[1]), m[2], int(m[3]), int(m[4])
+        true = _OPS[op](a, b)
+        nxt = lines[j + 1] if j + 1 < len(lines) else ""
+        end = _CHECK_END.search(nxt) if ": " in nxt else None
+        if end is None:
+            out["unchecked_right" if w == true else "unchecked_wrong"] += 1
+        elif w != true:
+            out["fixed" if int(end[1]) == true else "missed"] += 1
+        else:
+            out["kept" if int(end[1]) == true else "broken"] += 1
+    return out
 
 
 def trace_dataset(
