@@ -1,19 +1,46 @@
-"""The SMI safety net (jaxlab.sky.safety): sky-fibre folds, the blend weight against a float64
-brute-force search, and the blend on plates where the learned sky is perfect or plainly wrong."""
+"""The SMI safety net (jaxlab.sky.safety): sky-fibre folds, the blend weight and the per-band choice
+of baseline against float64 brute-force searches, and the net on plates where the learned sky is
+perfect or plainly wrong, with Super Sky or PCA cleaning the better baseline."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from jaxlab.errors import UserError
-from jaxlab.sky import evaluate_sky, simulate_plate, super_sky
-from jaxlab.sky.safety import blend_weights, hold_out, safe_sky, sky_fibre_folds
+from jaxlab.sky import evaluate_sky, pca_clean, simulate_plate, super_sky
+from jaxlab.sky.safety import (
+    _band_masks,
+    blend_weights,
+    cross_validate,
+    hold_out,
+    safe_sky,
+    select_blend,
+    sky_fibre_folds,
+)
 
 
 @pytest.fixture(scope="module")
 def plate():
     return simulate_plate(11, n_fibers=100, n_sky=22)
+
+
+@pytest.fixture(scope="module")
+def oh_plate():
+    """A plate whose OH lines in 6800-7700 A vary by +-50 % from fibre to fibre, off the anchor
+    lines Super Sky scales by: PCA cleaning beats Super Sky there (tests/test_sky_sim.py)."""
+    p = simulate_plate(3, n_fibers=60, n_sky=20, magnitudes=(19.0, 20.0))
+    wave = p.wavelength
+    mean_sky = p.true_sky[p.is_sky].astype(np.float64).mean(0)
+    lines = np.clip(mean_sky - ndimage.median_filter(mean_sky, 51), 0, None)
+    shape = np.where((wave > 6800) & (wave < 7700), lines, 0.0)
+    extra = np.random.default_rng(1).normal(0.0, 0.5, p.n_fibers)[:, None] * shape[None]
+    truth = (p.true_sky + extra).astype(np.float32)
+    q = dataclasses.replace(p, flux=(p.flux + extra).astype(np.float32), true_sky=truth)
+    return q, shape > 0
 
 
 def test_folds_are_disjoint_equal_sky_groups(plate):
@@ -52,6 +79,46 @@ def test_blend_weight_matches_brute_force():
     assert blend_weights(flux, ivar, base, base, bands).tolist() == [0.0, 0.0, 0.0]
 
 
+def test_select_blend_matches_brute_force():
+    """Two baselines and a learned sky; in each band the truth is a different mixture. The choice
+    must be the (baseline, weight) pair of least held-out chi^2 over a float64 grid search of both
+    baselines and all weights {0} u [0.25, 1]."""
+    rng = np.random.default_rng(3)
+    n, w_pix = 15, 400
+    sky = rng.uniform(50, 150, (n, w_pix))
+    a = sky + rng.normal(0, 6, (n, w_pix))  # baseline "a"
+    b = sky + rng.normal(0, 6, (n, w_pix))  # baseline "b"
+    learned = sky + rng.normal(0, 6, (n, w_pix))
+    idx = np.arange(w_pix)
+    bands = [(idx >= lo) & (idx < lo + 100) for lo in (0, 100, 200, 300)]
+    true = sky.copy()
+    # band 0: b exactly; band 1: a + 0.6 (learned - a); band 2: learned; band 3: a + 0.1 (learned - a)
+    for m, t in zip(bands, (b, a + 0.6 * (learned - a), learned, a + 0.1 * (learned - a))):
+        true[:, m] = t[:, m]
+    ivar = 1.0 / true
+    flux = true + rng.normal(0, 1, true.shape) * np.sqrt(true)
+    sel = select_blend(flux, ivar, learned, {"a": a, "b": b}, bands, min_weight=0.25)
+    grid = np.concatenate([[0.0], np.linspace(0.25, 1.0, 3001)])[:, None, None]
+    for k, m in enumerate(bands):
+        best = None
+        for name, base in (("a", a), ("b", b)):
+            f, iv, lo, hi = flux[:, m], ivar[:, m], base[:, m], learned[:, m]
+            cost = np.sum(iv * (f - lo - grid * (hi - lo)) ** 2, axis=(1, 2)) / iv.size
+            j = int(np.argmin(cost))
+            if best is None or cost[j] < best[0]:
+                best = (cost[j], name, grid[j, 0, 0])
+        assert sel["baseline"][k] == best[1], k
+        assert sel["weight"][k] == pytest.approx(best[2], abs=1e-3), k
+        assert sel["chi2"][best[1]][k] == pytest.approx(best[0], rel=1e-6), k
+    assert [sel["baseline"][k] for k in (0, 1, 3)] == ["b", "a", "a"]  # band 2: w = 1, either
+    assert sel["weight"][0] == 0.0 and sel["weight"][3] == 0.0  # 0.1 < min_weight: floored
+    assert abs(sel["weight"][1] - 0.6) < 0.1 and sel["weight"][2] > 0.9
+    # One baseline only: the choice is the plain floored blend weight.
+    one = select_blend(flux, ivar, learned, {"a": a}, bands, min_weight=0.25)
+    fitted = blend_weights(flux, ivar, learned, a, bands)
+    np.testing.assert_array_equal(one["weight"], np.where(fitted < 0.25, 0.0, fitted))
+
+
 def test_safe_sky_keeps_a_perfect_sky_and_drops_a_wrong_one(plate):
     ss = super_sky(plate)
     calls = []
@@ -60,16 +127,59 @@ def test_safe_sky_keeps_a_perfect_sky_and_drops_a_wrong_one(plate):
         calls.append(int(p.is_sky.sum()))
         return p.true_sky
 
-    sky, rep = safe_sky(plate, oracle, folds=5)
+    sky, rep = safe_sky(plate, oracle, folds=5, baselines={"supersky": super_sky})
     assert calls == [18] * 5 + [22]  # five folds without their held-out fibres, then the plate
     assert min(rep["weights"]) > 0.8 and rep["fallback_fraction_bands"] == 0.0
     err = evaluate_sky(plate, sky)["sky_error_pct"]["all"]
     assert err < 0.5 * evaluate_sky(plate, ss)["sky_error_pct"]["all"]
     chi = rep["held_out_chi2"]
-    assert chi["learned"]["all"] < chi["baseline"]["all"]
+    assert chi["learned"]["all"] < chi["supersky"]["all"]
     # A learned sky 15 % too bright is rejected in every band: the fitted weights stay small and
     # fall below the floor, and the plate gets Super Sky back exactly.
-    sky, rep = safe_sky(plate, lambda p: 1.15 * super_sky(p), folds=5)
+    sky, rep = safe_sky(plate, lambda p: 1.15 * super_sky(p), baselines={"supersky": super_sky})
     assert max(rep["fitted_weights"]) < 0.1
     assert rep["weights"] == [0.0] * 4 and rep["fallback_fraction_pixels"] == 1.0
     np.testing.assert_array_equal(sky, ss)
+
+
+def test_safe_sky_falls_back_to_pca_where_it_beats_super_sky(oh_plate):
+    p, lines = oh_plate
+    ss, pca = super_sky(p), pca_clean(p)
+    wave = p.wavelength
+    red = (wave > 7000) & (wave < 7700)
+
+    def err(sky, m):
+        obj = ~p.is_sky
+        return float(np.abs(sky - p.true_sky)[obj][:, m].sum() / p.true_sky[obj][:, m].sum())
+
+    # The plate is one where PCA is the better baseline (on the varying lines).
+    assert err(pca, red & lines) < 0.7 * err(ss, red & lines)
+    # A wrong learned sky: every band falls back, the red ones to PCA (the truth says it is better).
+    cv = {name: cross_validate(p, f) for name, f in (("supersky", super_sky), ("pca", pca_clean))}
+    np.testing.assert_array_equal(cv["pca"].full, pca)
+    sky, rep = safe_sky(p, lambda q: 1.15 * super_sky(q), baselines=cv)
+    assert rep["weights"] == [0.0] * 4
+    assert rep["baselines"][3] == "pca" and rep["baselines"][2] == "pca"
+    np.testing.assert_array_equal(sky[:, wave > 5700], pca[:, wave > 5700])
+    for k, m in enumerate(_band_masks(wave, (4500.0, 5700.0, 7000.0))):
+        chosen = {"supersky": ss, "pca": pca}[rep["baselines"][k]]
+        np.testing.assert_array_equal(sky[:, m], chosen[:, m])
+    best = min(evaluate_sky(p, s)["sky_error_pct"]["all"] for s in (ss, pca))
+    assert evaluate_sky(p, sky)["sky_error_pct"]["all"] <= 1.01 * best
+    held = rep["held_out_chi2_bands"]
+    assert held["pca"][3] < held["supersky"][3]
+    # A learned sky that is right (the truth) wins over both baselines in every band.
+    sky, rep = safe_sky(p, lambda q: q.true_sky, baselines=cv)
+    assert min(rep["weights"]) > 0.8 and rep["fallback_fraction_bands"] == 0.0
+    assert evaluate_sky(p, sky)["sky_error_pct"]["all"] < 0.5 * best
+
+
+def test_cross_validated_baselines_are_reused_and_checked(plate):
+    cv = {"supersky": cross_validate(plate, super_sky, 5, 0)}
+    np.testing.assert_array_equal(cv["supersky"].full, super_sky(plate))
+    a = safe_sky(plate, lambda p: 1.02 * super_sky(p), baselines=cv)
+    b = safe_sky(plate, lambda p: 1.02 * super_sky(p), baselines={"supersky": super_sky})
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+    with pytest.raises(UserError, match="other folds"):
+        safe_sky(plate, lambda p: p.true_sky, baselines=cv, seed=1)

@@ -100,11 +100,11 @@ def _subtract(args):
         from jaxlab.sky.methods import LAST_REPORT as rep
 
         bands = ", ".join(
-            f"{lo:.0f}-{hi:.0f} Å {w:.2f}"
-            for (lo, hi), w in zip(rep["bands_angstrom"], rep["weights"])
+            f"{lo:.0f}-{hi:.0f} Å {w:.2f} (else {b})"
+            for (lo, hi), w, b in zip(rep["bands_angstrom"], rep["weights"], rep["baselines"])
         )
         print(
-            f"safety net: SMI weight per band {bands}; fallback to Super Sky in "
+            f"safety net: SMI weight per band {bands}; fallback to a baseline in "
             f"{100 * rep['fallback_fraction_pixels']:.0f} % of the pixels (held-out sky fibres: "
             f"{rep['held_out_fibres']})"
         )

@@ -3,7 +3,8 @@
 I/O (`read_plate` / `write_plate`, LAMOST single-fibre readers), a plate simulator with truth
 layers, the pipeline baselines (`super_sky`, `pca_clean`), metrics (`evaluate_sky`), the
 mutual-information estimators (`jaxlab.sky.mi`), the SMI model (`train_smi`, `smi_sky`) and its
-safety net (`safe_sky`: sky-fibre cross-validation, blending towards Super Sky).
+safety net (`safe_sky`: sky-fibre cross-validation, blending towards the better of Super Sky and
+PCA cleaning).
 """
 
 from jaxlab.sky.baselines import bspline_master_sky as bspline_master_sky

@@ -79,7 +79,8 @@ METHODS.register(
     SkyMethod(
         _smi_safe,
         needs_model=True,
-        description="SMI blended towards Super Sky by sky-fibre cross-validation (jaxlab.sky.safety)",
+        description="SMI blended towards the better of Super Sky and PCA by sky-fibre "
+        "cross-validation (jaxlab.sky.safety)",
     ),
 )
 

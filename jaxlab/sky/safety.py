@@ -1,39 +1,60 @@
-"""A safety net for a learned sky: cross-validation over sky fibres, blending towards Super Sky.
+"""A safety net for a learned sky: cross-validation over sky fibres, blending towards the best baseline.
 
-No truth is needed. The plate's sky fibres are split into `folds` groups; for each group, both sky
-estimates are recomputed with that group's fibres treated as objects (so they are not used to build
-the sky), and their flux is compared with both estimates: a held-out sky fibre holds sky and noise
-only, so its residual measures each method's error on a fibre it has not seen. In each wavelength
-band b the blend
+No truth is needed. The plate's sky fibres are split into `folds` groups; for each group, every sky
+estimate (the learned one and each baseline: Super Sky, PCA cleaning) is recomputed with that
+group's fibres treated as objects (so they are not used to build the sky), and their flux is
+compared with every estimate: a held-out sky fibre holds sky and noise only, so its residual
+measures each method's error on a fibre it has not seen. In each wavelength band b and for each
+baseline n the blend
 
-    sky = super_sky + w_b (smi - super_sky),     w_b in [0, 1]
+    sky = baseline_n + w_{n,b} (learned - baseline_n),     w_{n,b} in [0, 1]
 
 takes the weight that minimises the held-out fibres' inverse-variance weighted squared residual
-(a one-parameter least squares, clipped to [0, 1]). A weight below `min_weight` (0.25) is set to 0:
-the band falls back to Super Sky entirely. (Held-out sky fibres are not object fibres: when the
-learned sky is far off, a small positive weight fitted on them still added a visible error on the
-objects, e.g. 6.7 % -> 7.2 % in the blue of a Keck plate with w ~ 0.04.) The report gives each
-band's weight, the held-out chi^2 of both methods and of the blend, and the fallback fraction (the
-share of bands and of pixels where the weight is 0).
+(a one-parameter least squares, clipped to [0, 1]); a weight below `min_weight` (0.25) is set to 0.
+The band then keeps the baseline, with its weight, whose blend has the smallest held-out chi^2: a
+band where the learned sky does not help falls back to whichever baseline predicts the held-out
+fibres best (Super Sky on a uniform sky, PCA cleaning where the sky lines vary from fibre to
+fibre). (The floor: held-out sky fibres are not object fibres, and when the learned sky is far off,
+a small positive weight fitted on them still added a visible error on the objects, e.g. 6.7 % ->
+7.2 % in the blue of a Keck plate with w ~ 0.04.) The report gives each band's baseline and weight,
+the held-out chi^2 of every method and of the blend, and the fallback fraction (the share of bands
+and of pixels where the weight is 0).
 
-Letters: F fibres, W wavelength pixels, B bands.
+Letters: F fibres, N held-out fibres (all folds), W wavelength pixels, B bands, M baselines.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from jaxlab.errors import UserError
-from jaxlab.sky.baselines import super_sky
+from jaxlab.sky.baselines import pca_clean, super_sky
 from jaxlab.sky.plate import Plate
 
-__all__ = ["DEFAULT_BANDS", "hold_out", "sky_fibre_folds", "blend_weights", "safe_sky"]
+__all__ = [
+    "DEFAULT_BANDS",
+    "CrossValidated",
+    "hold_out",
+    "sky_fibre_folds",
+    "cross_validate",
+    "default_baselines",
+    "blend_weights",
+    "select_blend",
+    "safe_sky",
+]
 
 # Band edges in Angstrom: the blue end, the blue-green, the red with [O I] / Na D, the OH forest.
 DEFAULT_BANDS: tuple[float, ...] = (4500.0, 5700.0, 7000.0)
+
+SkyEstimator = Callable[[Plate], np.ndarray]
+
+
+def default_baselines() -> dict[str, SkyEstimator]:
+    """The baselines a user could pick instead of a learned sky: Super Sky and PCA cleaning."""
+    return {"supersky": super_sky, "pca": pca_clean}
 
 
 def sky_fibre_folds(plate: Plate, folds: int, seed: int = 0) -> list[np.ndarray]:
@@ -55,6 +76,32 @@ def hold_out(plate: Plate, rows: np.ndarray) -> Plate:
     objtype = np.asarray(plate.fibers["OBJTYPE"]).astype("<U16").copy()
     objtype[rows] = "HELDOUT"
     return dataclasses.replace(plate, fibers=dict(plate.fibers, OBJTYPE=objtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossValidated:
+    """One estimator's sky on the held-out fibres of every fold and on the whole plate.
+
+    held [N, W]: fold k's rows estimated with fold k held out, folds concatenated in order;
+    rows [N]: those rows; full [F, W]: the estimate from all sky fibres.
+    """
+
+    held: np.ndarray
+    rows: np.ndarray
+    full: np.ndarray
+
+
+def cross_validate(
+    plate: Plate, estimator: SkyEstimator, folds: int = 5, seed: int = 0, *, full: bool = True
+) -> CrossValidated:
+    """`estimator` run once per fold with that fold's sky fibres held out (and once on the plate
+    if `full`); a baseline's result can be computed once per plate and reused for many models."""
+    held, rows = [], []
+    for r in sky_fibre_folds(plate, folds, seed):
+        held.append(np.asarray(estimator(hold_out(plate, r)), np.float64)[r])
+        rows.append(r)
+    whole = np.asarray(estimator(plate), np.float64) if full else np.zeros((0,))
+    return CrossValidated(np.concatenate(held), np.concatenate(rows), whole)
 
 
 def _band_masks(wave: np.ndarray, edges: Sequence[float]) -> list[np.ndarray]:
@@ -85,63 +132,120 @@ def blend_weights(
     return np.asarray(out)
 
 
+def _chi2(flux, ivar, est, m) -> float:
+    """Held-out chi^2 per pixel of `est` [N, W] on the band mask m [W]."""
+    return float(np.sum(((flux - est) ** 2 * ivar)[:, m]) / max(np.sum((ivar > 0)[:, m]), 1))
+
+
+def select_blend(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    learned: np.ndarray,
+    baselines: Mapping[str, np.ndarray],
+    bands: Sequence[np.ndarray],
+    min_weight: float = 0.25,
+) -> dict:
+    """Per band, the baseline and weight whose blend best predicts the held-out fibres.
+
+    Args:
+      flux, ivar: held-out sky fibres [N, W].
+      learned: the learned sky on them [N, W].
+      baselines: name -> baseline sky on them [N, W] (M baselines; ties go to the first).
+      bands: B boolean masks [W].
+      min_weight: fitted weights below it become 0 (pure baseline).
+
+    Returns {"baseline": [B] names, "weight": [B], "fitted": [B] unfloored weights of the chosen
+    baseline, "chi2": {name: [B] held-out chi^2 per pixel of that baseline's floored blend}}.
+    """
+    names = list(baselines)
+    if not names:
+        raise UserError("the safety net needs at least one baseline")
+    fitted = {n: blend_weights(flux, ivar, learned, b, bands) for n, b in baselines.items()}
+    floored = {n: np.where(w < min_weight, 0.0, w) for n, w in fitted.items()}
+    chi2 = {
+        n: [_chi2(flux, ivar, b + floored[n][k] * (learned - b), m) for k, m in enumerate(bands)]
+        for n, b in baselines.items()
+    }
+    pick = [names[int(np.argmin([chi2[n][k] for n in names]))] for k in range(len(bands))]
+    return {
+        "baseline": pick,
+        "weight": np.asarray([floored[n][k] for k, n in enumerate(pick)]),
+        "fitted": np.asarray([fitted[n][k] for k, n in enumerate(pick)]),
+        "chi2": chi2,
+    }
+
+
 def safe_sky(
     plate: Plate,
-    learned: Callable[[Plate], np.ndarray],
+    learned: SkyEstimator,
     *,
-    baseline: Callable[[Plate], np.ndarray] = super_sky,
+    baselines: Mapping[str, SkyEstimator | CrossValidated] | None = None,
     folds: int = 5,
     band_edges: Sequence[float] = DEFAULT_BANDS,
     min_weight: float = 0.25,
     seed: int = 0,
 ) -> tuple[np.ndarray, dict]:
-    """The blended sky [F, W] and a report (weights, held-out chi^2, fallback fraction).
+    """The blended sky [F, W] and a report (baselines, weights, held-out chi^2, fallback fraction).
 
     Args:
       plate: the plate (sky fibres flagged; no truth is read).
       learned: plate -> sky [F, W], e.g. ``lambda p: smi_sky(model, p)``.
-      baseline: plate -> sky [F, W] to fall back to (default: Super Sky).
+      baselines: name -> plate -> sky [F, W] to fall back to, or its `cross_validate` result on
+        this plate with the same `folds` and `seed` (default: `default_baselines()`, Super Sky and
+        PCA cleaning).
       folds: number of sky-fibre folds.
-      band_edges: wavelength band edges (Angstrom) for the per-band weights.
-      min_weight: weights below it become 0 (full fallback in that band).
+      band_edges: wavelength band edges (Angstrom) for the per-band choice and weights.
+      min_weight: weights below it become 0 (full fallback to the band's baseline).
     """
     wave = plate.wavelength
     bands = _band_masks(wave, band_edges)
     good = (plate.mask == 0) & (plate.ivar > 0) & np.isfinite(plate.flux)
     flux = np.where(good, plate.flux, 0.0).astype(np.float64)
     ivar = np.where(good, plate.ivar, 0.0).astype(np.float64)
-    held_flux, held_ivar, held_l, held_b = [], [], [], []
-    for rows in sky_fibre_folds(plate, folds, seed):
-        p = hold_out(plate, rows)
-        held_l.append(np.asarray(learned(p), np.float64)[rows])
-        held_b.append(np.asarray(baseline(p), np.float64)[rows])
-        held_flux.append(flux[rows])
-        held_ivar.append(ivar[rows])
-    hf, hi, hl, hb = (np.concatenate(x) for x in (held_flux, held_ivar, held_l, held_b))
-    fitted = blend_weights(hf, hi, hl, hb, bands)
-    w = np.where(fitted < min_weight, 0.0, fitted)
+    cv_l = cross_validate(plate, learned, folds, seed, full=False)
+    cv_b = {}
+    for name, est in (baselines if baselines is not None else default_baselines()).items():
+        cv = est if isinstance(est, CrossValidated) else cross_validate(plate, est, folds, seed)
+        if not np.array_equal(cv.rows, cv_l.rows) or cv.full.shape != plate.flux.shape:
+            raise UserError(
+                f"baseline {name!r} was cross-validated on other folds or another plate"
+            )
+        cv_b[name] = cv
+    rows = cv_l.rows
+    hf, hi, hl = flux[rows], ivar[rows], cv_l.held
+    sel = select_blend(hf, hi, hl, {n: cv.held for n, cv in cv_b.items()}, bands, min_weight)
     w_pix = np.zeros(wave.size)
-    for m, wb in zip(bands, w):
+    base_held = np.zeros_like(hl)
+    sky_b = np.zeros(plate.flux.shape)
+    for m, wb, name in zip(bands, sel["weight"], sel["baseline"]):
         w_pix[m] = wb
-    held_blend = hb + w_pix * (hl - hb)
+        base_held[:, m] = cv_b[name].held[:, m]
+        sky_b[:, m] = cv_b[name].full[:, m]
+    held_blend = base_held + w_pix * (hl - base_held)
 
     def chi2(est):
         return {
-            name: float(np.sum(((hf - est) ** 2 * hi)[:, m]) / max(np.sum((hi > 0)[:, m]), 1))
+            name: _chi2(hf, hi, est, m)
             for name, m in (("blue", wave < 4500.0), ("all", np.ones(wave.size, bool)))
         }
 
     sky_l = np.asarray(learned(plate), np.float64)
-    sky_b = np.asarray(baseline(plate), np.float64)
     sky = sky_b + w_pix[None, :] * (sky_l - sky_b)
     bounds = [float(wave[0]), *map(float, band_edges), float(wave[-1])]
+    w = sel["weight"]
     report = {
         "bands_angstrom": [[lo, hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
+        "baselines": list(sel["baseline"]),
         "weights": [float(x) for x in w],
-        "fitted_weights": [float(x) for x in fitted],
+        "fitted_weights": [float(x) for x in sel["fitted"]],
         "fallback_fraction_bands": float(np.mean(w == 0)),
         "fallback_fraction_pixels": float(np.mean(w_pix == 0)),
         "held_out_fibres": int(hf.shape[0]),
-        "held_out_chi2": {"learned": chi2(hl), "baseline": chi2(hb), "blend": chi2(held_blend)},
+        "held_out_chi2": {
+            "learned": chi2(hl),
+            **{n: chi2(cv.held) for n, cv in cv_b.items()},
+            "blend": chi2(held_blend),
+        },
+        "held_out_chi2_bands": {n: [float(x) for x in c] for n, c in sel["chi2"].items()},
     }
     return sky, report
