@@ -78,6 +78,10 @@ async def create_completion(state: ServerState, req: CompletionRequest, request:
     state.check_n(req.n)
     _unsupported(req)
     prompts = _prompts(state, req)
+    if state.defense is not None:  # a jailbreak defense may prefix the prompts or answer
+        prompts, answer = await state.defense.completion(state, req, prompts, request)
+        if answer is not None:
+            return answer
     top_n = req.logprobs or 0
     base = request_id("cmpl")
     plans = []
