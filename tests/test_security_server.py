@@ -238,6 +238,21 @@ def test_defense_registry_and_cli_flags():
         make_defense("nope")
     args = build_parser().parse_args(["serve", "--defense", "guardrail"])
     assert args.defense == "guardrail" and args.compressor is None
+    assert args.guardrail_mode == "logits" and args.guardrail_threshold == 0.5
+    args = build_parser().parse_args(
+        ["serve", "--defense", "guardrail", "--guardrail-mode", "generate"]
+        + ["--guardrail-threshold", "0.7"]
+    )
+    g = make_defense(
+        "guardrail",
+        guardrail_mode=args.guardrail_mode,
+        guardrail_threshold=args.guardrail_threshold,
+    )
+    assert (g.mode, g.threshold) == ("generate", 0.7)
+    with pytest.raises(UserError, match="mode"):
+        make_defense("guardrail", guardrail_mode="sample")
+    with pytest.raises(UserError, match="threshold"):
+        make_defense("guardrail", guardrail_threshold=1.0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--defense", "bogus"])
     assert json.dumps(make_defense("none").name) == '"none"'

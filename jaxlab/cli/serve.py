@@ -17,7 +17,12 @@ def _run(args):
     if args.defense != "none":
         from jaxlab.security.defense import make_defense
 
-        defense = make_defense(args.defense, compressor=args.compressor)
+        defense = make_defense(
+            args.defense,
+            compressor=args.compressor,
+            guardrail_mode=args.guardrail_mode,
+            guardrail_threshold=args.guardrail_threshold,
+        )
     elif args.compressor:
         raise UserError("--compressor is for --defense securitylingua")
     serve(
@@ -95,8 +100,21 @@ def _args(p):
         "--defense",
         "jaxlab.security.defense:DEFENSES",
         default="none",
-        help="jailbreak defense of the chat endpoint (docs/security.md); a request opts out "
-        "with the header X-Jaxlab-Defense: off",
+        help="jailbreak defense of the chat and completions endpoints (docs/security.md); a "
+        "request opts out with the header X-Jaxlab-Defense: off",
+    )
+    p.add_argument(
+        "--guardrail-mode",
+        choices=("logits", "generate"),
+        default="logits",
+        help="--defense guardrail: score p(unsafe) from the two label words' logits, or parse "
+        "a few generated tokens",
+    )
+    p.add_argument(
+        "--guardrail-threshold",
+        type=float,
+        default=0.5,
+        help="--defense guardrail (logits): refuse when p(unsafe) exceeds this",
     )
     p.add_argument(
         "--compressor",

@@ -61,7 +61,7 @@ def create_state(
     to the model's context, at most :data:`DEFAULT_MAX_LEN`. ``warmup`` compiles the engine's
     steps on one short chat before the server takes requests; ``warmup_prompt_len`` also
     compiles the prefill of 1 to ``slots`` prompts of up to that many tokens
-    (:meth:`Engine.warmup`). ``defense`` is the chat endpoint's jailbreak defense
+    (:meth:`Engine.warmup`). ``defense`` is the chat and completions endpoints' jailbreak defense
     (:func:`jaxlab.security.make_defense`), None for none."""
     from jaxlab.models import Decoder, from_pretrained
 
