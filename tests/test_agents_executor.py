@@ -78,6 +78,7 @@ def scheduler():
 
 def _executor(scheduler, predictor, **kw):
     reg = _registry(**{k: kw.pop(k) for k in ("latency", "get_latency") if k in kw})
+    kw.setdefault("window", 1)  # the next call only, unless a test asks for a window
     state = ToolState({"c": Counter()})
     ex = SpeculativeExecutor(
         reg, state, scheduler, predictor=predictor, config=SpeculationConfig(**kw), task_id="t"
@@ -127,7 +128,7 @@ def test_mismatch_is_discarded_and_the_real_call_runs(scheduler):
 def test_a_change_cancels_pending_reads_and_no_stale_result_is_served(scheduler):
     ex, state = _executor(scheduler, Scripted(ToolCall("get", {})), latency=0.02, get_latency=2.0)
     ex.speculate(decode_estimate=10.0)
-    (spec,) = ex.pending.values()
+    (spec,) = ex.pending
     time.sleep(0.05)  # the read ran (value 0); its latency wait has begun
     ex.predictor.calls = []
     ev = ex.execute("incr", {"by": 1})  # changes the state the read saw
@@ -141,15 +142,15 @@ def test_a_change_cancels_pending_reads_and_no_stale_result_is_served(scheduler)
     assert time.perf_counter() - t0 == pytest.approx(2.0, abs=0.3)
 
 
-@pytest.mark.parametrize("policy", ["sandbox", "never"])
-def test_side_effect_guard(scheduler, policy):
+@pytest.mark.parametrize("policy,window", [("sandbox", 1), ("never", 1), ("sandbox", 4)])
+def test_side_effect_guard(scheduler, policy, window):
     """Speculation never makes a real call of a mutating tool: the state's record and the
     external log hold exactly the model's calls, in order."""
     NOTIFIED.clear()
     predictor = Scripted(
         ToolCall("incr", {"by": 1}), ToolCall("notify", {"message": "x"}), ToolCall("get", {})
     )
-    ex, state = _executor(scheduler, predictor, mutating=policy, latency=0.01)
+    ex, state = _executor(scheduler, predictor, mutating=policy, latency=0.01, window=window)
     real_calls = [
         ("incr", {"by": 5}),
         ("get", {}),
@@ -282,3 +283,112 @@ def test_summary_against_hand_computation():
     assert p["wasted_tool_s"] == pytest.approx(2.0)
     assert p["diverged_tasks"] == ["t2"] and not p["lossless"]
     assert s["serial"]["lossless"]
+
+
+# -- the speculation window: chains of speculations ---------------------------------------------------
+class Sequence_:
+    """Predicts ``calls[n]`` after ``n`` tool events (real or speculative); ``derive`` computes a
+    call from the last event instead, to check that a chain sees its speculative outputs."""
+
+    def __init__(self, *calls: ToolCall, derive=None):
+        self.calls, self.derive = list(calls), derive
+
+    def predict(self, log: EventLog, top_k: int, allowed=None):
+        events = log.tool_events()
+        if self.derive is not None and events:
+            call = self.derive(events[-1])
+            return [Prediction(call, 0.9)] if call is not None else []
+        n = len(events)
+        return [Prediction(self.calls[n], 0.9)] if n < len(self.calls) else []
+
+
+def _serial_outputs(calls):
+    with ToolScheduler(workers=2) as sched:
+        ex = SpeculativeExecutor(_registry(latency=0.001), ToolState({"c": Counter()}), sched)
+        ex.user_turn("go")
+        return [ex.execute(name, args).output for name, args in calls]
+
+
+CHAIN = [("incr", {"by": 1}), ("incr", {"by": 2}), ("get", {})]
+
+
+def test_window_chain_runs_ahead_on_copies_and_is_promoted_in_order(scheduler):
+    ex, state = _executor(
+        scheduler, Sequence_(*(ToolCall(n, a) for n, a in CHAIN)), window=3, latency=0.05
+    )
+    real = state.objects["c"]
+    ex.speculate(decode_estimate=1.0)  # the user's message arrived: the chain starts
+    time.sleep(0.3)  # three calls of 0.05 s, one after the other
+    assert [s.job.call.name for s in ex.pending] == ["incr", "incr", "get"]
+    a, b, c = ex.pending
+    assert (a.parent, b.parent, c.parent) == (None, a, b) and (b.source, c.source) == (a, b)
+    assert real.calls == [] and real.value == 0 and state.versions["c"] == 0  # copies only
+    t0 = time.perf_counter()
+    events = [ex.execute(n, args) for n, args in CHAIN]
+    assert time.perf_counter() - t0 < 0.1  # every result was there
+    assert [e.served for e in events] == ["speculative"] * 3
+    assert [e.output for e in events] == _serial_outputs(CHAIN)  # 1, 3, 3
+    now = state.objects["c"]
+    assert now.calls == [("incr", 1), ("incr", 2)] and now.value == 3
+    assert state.versions["c"] == 2  # one step per confirmed change, as the serial run
+    assert ex.stats["chained"] == 2 and ex.stats["promoted"] == 3 and ex.stats["discarded"] == 0
+    ex.close()
+
+
+def test_window_miss_discards_the_dependent_chain(scheduler):
+    ex, state = _executor(
+        scheduler, Sequence_(*(ToolCall(n, a) for n, a in CHAIN)), window=3, latency=0.05
+    )
+    ex.speculate(decode_estimate=1.0)
+    time.sleep(0.3)
+    first, second, third = ex.pending
+    real_calls = [("incr", {"by": 1}), ("incr", {"by": 5}), ("get", {})]
+    events = [ex.execute(n, args) for n, args in real_calls]
+    # the first is confirmed; incr(2) was expected next, so it and the read after it are gone
+    assert [e.served for e in events] == ["speculative", "real", "real"]
+    assert second.dead and third.dead and first.promoted
+    assert [e.output for e in events] == _serial_outputs(real_calls)  # 1, 6, 6: not the copy's 3
+    assert state.objects["c"].calls == [("incr", 1), ("incr", 5)]
+    assert ex.stats["discarded"] >= 2 and ex.stats["promoted"] == 1
+    ex.close()
+
+
+def _plus_ten(ev):
+    if not isinstance(ev.output, dict):  # a running call's output is not known yet
+        return None
+    return ToolCall("set_to", {"value": ev.output["value"] + 10})
+
+
+def test_window_arguments_come_from_speculative_outputs(scheduler):
+    """The chain predicts from the log extended with its speculative events: set_to's argument is
+    the speculative incr's output plus 10."""
+    ex, state = _executor(
+        scheduler,
+        Sequence_(derive=_plus_ten),
+        window=2,
+        latency=0.05,
+    )
+    ex.execute("incr", {"by": 2})  # real: value 2
+    ex.speculate(decode_estimate=1.0)  # predicts set_to(12) from the real output
+    time.sleep(0.2)  # set_to(12) ran on a copy; its child set_to(22) from that copy's output
+    assert [s.job.call.arguments["value"] for s in ex.pending] == [12, 22]
+    assert state.objects["c"].calls == [("incr", 2)]
+    assert ex.execute("set_to", {"value": 12}).served == "speculative"
+    ev = ex.execute("set_to", {"value": 22})
+    assert ev.served == "speculative" and ev.output == {"value": 22}
+    assert state.objects["c"].calls == [("incr", 2), ("set_to", 12), ("set_to", 22)]
+    ex.close()
+
+
+def test_chain_bound_hand_worked():
+    from jaxlab.agents.bench import chain_bound
+
+    # one turn, two calls of 1 s, steps of 0.5 s: the model waits for each call; then answers
+    assert chain_bound([[1.0, 1.0]], [[0.5, 0.5, 0.5]], across_turns=False) == pytest.approx(2.5)
+    # two turns of one 2 s call, 1 s steps: within turns the second call waits for its message
+    # (at 3 s: 3 + 2 + 1 = 6); across turns it starts when the first returns (2 + 2 = 4, +1 = 5)
+    tools, dec = [[2.0], [2.0]], [[1.0, 1.0], [1.0, 1.0]]
+    assert chain_bound(tools, dec, across_turns=False) == pytest.approx(6.0)
+    assert chain_bound(tools, dec, across_turns=True) == pytest.approx(5.0)
+    # fast tools hide behind the decodes: the decodes alone
+    assert chain_bound([[0.1, 0.1]], [[1.0, 1.0, 1.0]], across_turns=True) == pytest.approx(3.0)

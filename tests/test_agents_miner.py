@@ -177,15 +177,21 @@ def test_bigram_and_oracle(logs):
     preds = bigram.predict(EventLog("q", log.events[:3]), 3)  # after fetch
     assert [p.call.name for p in preds] == ["save", "tag"]
     assert preds[0].probability == pytest.approx(4 / 5)
-    calls = [ToolCall("a", {}), ToolCall("b", {"x": 1})]
-    oracle = OraclePredictor(calls)
+    calls = [ToolCall("a", {}), ToolCall("b", {"x": 1}), ToolCall("c", {})]
+    oracle = OraclePredictor([calls[:2], calls[2:]])
+    in_turn = OraclePredictor([calls[:2], calls[2:]], within_turn=True)
     log = EventLog("o")
     log.user_turn("go")
-    assert oracle.predict(log)[0].call == calls[0]
+    assert oracle.predict(log)[0].call == calls[0] == in_turn.predict(log)[0].call
     log.append(Event("a", "ok", {}, None))
-    assert oracle.predict(log)[0].call == calls[1]
+    assert oracle.predict(log)[0].call == calls[1] == in_turn.predict(log)[0].call
     log.append(Event("b", "ok", {"x": 1}, None))
-    assert oracle.predict(log) == []
+    # end of turn 0: the plain oracle already knows turn 1's first call, the turn oracle not yet
+    assert oracle.predict(log)[0].call == calls[2] and in_turn.predict(log) == []
+    log.user_turn("more")
+    assert in_turn.predict(log)[0].call == calls[2]
+    log.append(Event("c", "ok", {}, None))
+    assert oracle.predict(log) == [] and in_turn.predict(log) == []
 
 
 def test_sources_apply():

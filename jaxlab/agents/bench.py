@@ -19,7 +19,10 @@ modes one after the other per task:
 - ``paste_words``: the same, a turn's first call also predicted from the user's words (an
   extension: :class:`~jaxlab.agents.miner.MinerConfig` ``prompt_words``);
 - ``bigram``: next tool from the last tool, arguments copied from the last call / output;
-- ``oracle``: told the next gold call (upper bound).
+- ``oracle``: told the next gold call (upper bound), also the next turn's first call before its
+  message arrives;
+- ``oracle_turn``: told the current turn's gold calls, from the moment its message arrives (the
+  upper bound for any predictor that waits for the user's message).
 
 A run is lossless when every tool output and every final state (:meth:`ToolState.fingerprint`,
 and each state's version count) equal the serial run's.
@@ -48,7 +51,7 @@ from jaxlab.agents.miner import (
     mine_patterns,
 )
 from jaxlab.agents.runtime import ReplayLLM, run_agent
-from jaxlab.agents.tools import output_status
+from jaxlab.agents.tools import Effect, output_status
 from jaxlab.registry import Registry
 
 __all__ = [
@@ -60,6 +63,9 @@ __all__ = [
     "training_logs",
     "replay_task",
     "TaskRun",
+    "chain_bound",
+    "task_timeline",
+    "speculation_bounds",
     "run_bench",
     "summarize",
     "plot_runs",
@@ -72,6 +78,7 @@ for _m, _d in (
     ("paste_words", "mined patterns, a turn's first call also from the user's words"),
     ("bigram", "next-tool bigram, arguments copied from the last output"),
     ("oracle", "the true next call (upper bound)"),
+    ("oracle_turn", "the true calls of the current user turn, from its message on"),
 ):
     MODES.register(_m, _d)
 
@@ -83,7 +90,7 @@ class BenchConfig:
     model: str = "smollm2-135m-instruct"
     test_tasks: int | None = 12
     train_fraction: float = 0.7
-    modes: tuple[str, ...] = ("serial", "paste", "paste_words", "bigram", "oracle")
+    modes: tuple[str, ...] = ("serial", "paste", "paste_words", "bigram", "oracle", "oracle_turn")
     tokens_median: float = 8.0
     tokens_p95: float = 24.0
     tokens_min: int = 4
@@ -94,6 +101,7 @@ class BenchConfig:
     mutating: str = "sandbox"
     cost_weight: float = 0.02
     lookahead: bool = True
+    window: int = 4
     seed: int = 0
     max_context: int = 3
     min_support: int = 2
@@ -258,13 +266,14 @@ def replay_task(
     MODES.check(mode, "mode")
     registry, state = bfcl_registry(task, _latencies(scale)), bfcl_state(task)
     gold = task.gold_calls(registry)
-    oracle = OraclePredictor([c for turn in gold for c in turn]) if mode == "oracle" else None
+    oracle = OraclePredictor(gold, within_turn=mode == "oracle_turn")
     predictor = {
         "serial": None,
         "paste": table.with_prompt_words(False) if table is not None else None,
         "paste_words": table.with_prompt_words(True) if table is not None else None,
         "bigram": bigram,
         "oracle": oracle,
+        "oracle_turn": oracle,
     }[mode]
     if mode in ("paste", "paste_words", "bigram") and predictor is None:
         raise ValueError(f"mode {mode!r} needs its predictor")
@@ -274,6 +283,7 @@ def replay_task(
         mutating=config.mutating,
         cost_weight=config.cost_weight,
         lookahead=config.lookahead,
+        window=config.window,
     )
     executor = SpeculativeExecutor(
         registry,
@@ -313,6 +323,91 @@ def replay_task(
         state.fingerprint(),
         dict(state.versions),
     )
+
+
+def chain_bound(
+    tools: Sequence[Sequence[float]], decodes: Sequence[Sequence[float]], across_turns: bool
+) -> float:
+    """Completion time of a task when every call is speculated perfectly and as early as a chain
+    allows: the calls run one after the other (each starts when the one before it has returned,
+    as a chain predicted from outputs does), from the start of the task (``across_turns``) or
+    from the arrival of each turn's message, while the model decodes its steps; the model waits
+    for a call's result after the step that makes it.
+
+    Args:
+      tools: per user turn, the latencies of its calls (``k_t`` each).
+      decodes: per user turn, the decode times of its steps (``k_t + 1``: a step per call, then
+        the answer).
+    Returns: seconds.
+    """
+    model = chain = 0.0
+    for t, d in zip(tools, decodes, strict=True):
+        if len(d) != len(t) + 1:
+            raise ValueError("each turn needs one decode per call plus the answer")
+        if not across_turns:
+            chain = max(chain, model)  # the turn's calls are known from its message on
+        for latency, decode in zip(t, d):
+            chain += latency
+            model = max(model + decode, chain)
+        model += d[-1]
+    return model
+
+
+def task_timeline(
+    task: BFCLTask, config: BenchConfig, scale: float, seconds_per_token: tuple[float, float]
+) -> tuple[list[list[float]], list[list[float]]]:
+    """``(tools, decodes)`` of a task as the serial loop meets them (see :func:`chain_bound`):
+    each gold call's latency at the state version it runs at, each step's decode time."""
+    registry, state = bfcl_registry(task, _latencies(scale)), bfcl_state(task)
+    fixed, per = seconds_per_token
+    tools, decodes, step = [], [], 0
+    for calls in task.gold_calls(registry):
+        t, d = [], []
+        for call in calls:
+            tool = registry.get(call.name)
+            key = tool.state_key
+            version = state.versions[key] if key is not None else None
+            t.append(tool.latency.sample(config.seed, task.id, call.key, version))
+            run_tool(tool, state.objects[key] if key is not None else None, dict(call.arguments))
+            if tool.effect is not Effect.READ_ONLY and key is not None:
+                state.versions[key] += 1
+            d.append(fixed + per * config.tokens(task.id, step))
+            step += 1
+        d.append(fixed + per * config.tokens(task.id, step))
+        step += 1
+        tools.append(t)
+        decodes.append(d)
+    return tools, decodes
+
+
+def speculation_bounds(
+    tasks: Sequence[BFCLTask],
+    config: BenchConfig,
+    scale: float,
+    seconds_per_token: tuple[float, float],
+) -> dict[str, float]:
+    """Mean task time of the serial loop and of perfect chained speculation (within each turn,
+    and across turns), and the split of the serial time they follow from."""
+    serial, turn, task_wide = [], [], []
+    parts = dict.fromkeys(("tool_s", "call_decode_s", "answer_decode_s"), 0.0)
+    for task in tasks:
+        tools, decodes = task_timeline(task, config, scale, seconds_per_token)
+        parts["tool_s"] += sum(map(sum, tools))
+        parts["call_decode_s"] += sum(sum(d[:-1]) for d in decodes)
+        parts["answer_decode_s"] += sum(d[-1] for d in decodes)
+        serial.append(sum(map(sum, tools)) + sum(map(sum, decodes)))
+        turn.append(chain_bound(tools, decodes, across_turns=False))
+        task_wide.append(chain_bound(tools, decodes, across_turns=True))
+    total = sum(serial)
+    out = {
+        "serial_mean_s": float(np.mean(serial)),
+        "chain_turn_mean_s": float(np.mean(turn)),
+        "chain_task_mean_s": float(np.mean(task_wide)),
+        "chain_turn_reduction": 1 - sum(turn) / total,
+        "chain_task_reduction": 1 - sum(task_wide) / total,
+    }
+    out.update({k.replace("_s", "_share"): v / total for k, v in parts.items()})
+    return out
 
 
 def _pct(x: Sequence[float], q: float) -> float:
@@ -438,8 +533,10 @@ def run_bench(
                         seconds_per_token=(fixed, per),
                     )
                 )
+    bounds = speculation_bounds(test, config, scale, (fixed, per))
     return {
         "config": dataclasses.asdict(config),
+        "bounds": bounds,
         "calibration": {
             "train_tasks": len(train),
             "test_tasks": len(test),

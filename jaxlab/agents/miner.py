@@ -520,14 +520,27 @@ class BigramPredictor:
 
 
 class OraclePredictor:
-    """Knows the task's calls: after ``n`` tool events it predicts ``calls[n]`` (at the end of a
-    turn, when the model answers instead, that is the next turn's first call)."""
+    """Knows the task's calls, ``calls[t]`` the calls of user turn ``t``: after ``n`` tool events
+    it predicts the ``n``-th call. At the end of a turn, when the model answers instead, that is
+    the next turn's first call; with ``within_turn`` it predicts nothing there (the next turn's
+    calls are known from its message on)."""
 
-    def __init__(self, calls: Sequence[ToolCall]):
-        self.calls = list(calls)
+    def __init__(self, calls: Sequence[Sequence[ToolCall]], within_turn: bool = False):
+        self.turns = [list(t) for t in calls]
+        self.calls = [c for t in self.turns for c in t]
+        self.within_turn = within_turn
 
     def predict(
         self, log: EventLog, top_k: int = 1, allowed: Collection[str] | None = None
     ) -> list[Prediction]:
-        n = len(log.tool_events())
-        return [Prediction(self.calls[n], 1.0)] if n < len(self.calls) else []
+        if self.within_turn:
+            turn = sum(1 for e in log.events if e.is_turn) - 1
+            n = 0
+            for e in reversed(log.events):
+                if e.is_turn:
+                    break
+                n += 1
+            calls = self.turns[turn] if 0 <= turn < len(self.turns) else []
+        else:
+            calls, n = self.calls, len(log.tool_events())
+        return [Prediction(calls[n], 1.0)] if n < len(calls) else []

@@ -54,6 +54,7 @@ def _config(args):
             mutating=args.mutating,
             cost_weight=args.cost_weight,
             lookahead=not args.no_lookahead,
+            window=args.window,
             seed=args.seed,
         )
     except ValueError as e:
@@ -77,6 +78,13 @@ def _run_bench(args):
         f"{cal['patterns']} patterns mined in {cal['mine_seconds']:.2f} s"
     )
     print(format_table(result["summary"]))
+    b = result["bounds"]
+    print(
+        f"perfect chained speculation: {-100 * b['chain_turn_reduction']:.1f}% mean within "
+        f"turns, {-100 * b['chain_task_reduction']:.1f}% across turns; serial time is "
+        f"{100 * b['tool_share']:.1f}% tools, {100 * b['call_decode_share']:.1f}% decoding of "
+        f"steps that call, {100 * b['answer_decode_share']:.1f}% of answers"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -154,7 +162,9 @@ def _args(p):
     b.add_argument("--test-tasks", type=int, default=12, help="test tasks to run (0: all 60)")
     b.add_argument("--train-fraction", type=float, default=0.7, help="tasks mined from")
     b.add_argument(
-        "--modes", default="serial,paste,paste_words,bigram,oracle", help="comma-separated"
+        "--modes",
+        default="serial,paste,paste_words,bigram,oracle,oracle_turn",
+        help="comma-separated",
     )
     b.add_argument("--tokens-median", type=float, default=8.0, help="decoded tokens per step")
     b.add_argument("--tokens-p95", type=float, default=24.0, help="their 95th percentile")
@@ -168,6 +178,9 @@ def _args(p):
     )
     b.add_argument("--cost-weight", type=float, default=0.02, help="utility's cost weight")
     b.add_argument("--no-lookahead", action="store_true", help="no speculation while tools run")
+    b.add_argument(
+        "--window", type=int, default=4, help="calls a speculation chain may run ahead (1: next)"
+    )
     b.add_argument("--seed", type=int, default=0, help="split, token counts and latencies")
     b.add_argument(
         "--sleep-per-token",
