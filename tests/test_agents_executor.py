@@ -390,5 +390,17 @@ def test_chain_bound_hand_worked():
     tools, dec = [[2.0], [2.0]], [[1.0, 1.0], [1.0, 1.0]]
     assert chain_bound(tools, dec, across_turns=False) == pytest.approx(6.0)
     assert chain_bound(tools, dec, across_turns=True) == pytest.approx(5.0)
+    # all at once (no chain): the second call ran alongside the first, 1 + 0.5 + 0.5
+    assert chain_bound(
+        [[1.0, 1.0]], [[0.5, 0.5, 0.5]], across_turns=False, chained=False
+    ) == pytest.approx(2.0)
+    # across turns, both 2 s calls start at 0: the model waits to 2, answers (3), decodes (4:
+    # the second result has been there since 2), answers: 5
+    assert chain_bound(tools, dec, across_turns=True, chained=False) == pytest.approx(5.0)
+    # two calls in one turn, across turns and all at once: 0.5 -> wait to 3 -> 3.5 (ready at
+    # 1) -> 4; chained, the second waits for the first: ready at 4, then 4.5
+    tools2, dec2 = [[3.0, 1.0]], [[0.5, 0.5, 0.5]]
+    assert chain_bound(tools2, dec2, across_turns=True, chained=False) == pytest.approx(4.0)
+    assert chain_bound(tools2, dec2, across_turns=True) == pytest.approx(4.5)
     # fast tools hide behind the decodes: the decodes alone
     assert chain_bound([[0.1, 0.1]], [[1.0, 1.0, 1.0]], across_turns=True) == pytest.approx(3.0)

@@ -326,13 +326,17 @@ def replay_task(
 
 
 def chain_bound(
-    tools: Sequence[Sequence[float]], decodes: Sequence[Sequence[float]], across_turns: bool
+    tools: Sequence[Sequence[float]],
+    decodes: Sequence[Sequence[float]],
+    across_turns: bool,
+    chained: bool = True,
 ) -> float:
-    """Completion time of a task when every call is speculated perfectly and as early as a chain
-    allows: the calls run one after the other (each starts when the one before it has returned,
-    as a chain predicted from outputs does), from the start of the task (``across_turns``) or
-    from the arrival of each turn's message, while the model decodes its steps; the model waits
-    for a call's result after the step that makes it.
+    """Completion time of a task when every call is speculated perfectly and as early as
+    allowed, from the start of the task (``across_turns``) or from the arrival of each turn's
+    message, while the model decodes its steps; the model waits for a call's result after the
+    step that makes it. ``chained``: the calls run one after the other (each starts when the one
+    before it has returned, as a chain predicted from outputs does); otherwise all at once (no
+    data dependence: a bound for any speculation).
 
     Args:
       tools: per user turn, the latencies of its calls (``k_t`` each).
@@ -340,15 +344,16 @@ def chain_bound(
         the answer).
     Returns: seconds.
     """
-    model = chain = 0.0
+    model = chain = start = 0.0
     for t, d in zip(tools, decodes, strict=True):
         if len(d) != len(t) + 1:
             raise ValueError("each turn needs one decode per call plus the answer")
         if not across_turns:
-            chain = max(chain, model)  # the turn's calls are known from its message on
+            # the turn's calls are known from its message on
+            chain, start = max(chain, model), model
         for latency, decode in zip(t, d):
             chain += latency
-            model = max(model + decode, chain)
+            model = max(model + decode, chain if chained else start + latency)
         model += d[-1]
     return model
 
@@ -386,9 +391,10 @@ def speculation_bounds(
     scale: float,
     seconds_per_token: tuple[float, float],
 ) -> dict[str, float]:
-    """Mean task time of the serial loop and of perfect chained speculation (within each turn,
-    and across turns), and the split of the serial time they follow from."""
-    serial, turn, task_wide = [], [], []
+    """Mean task time of the serial loop and of perfect speculation (:func:`chain_bound`:
+    chained or all at once, within each turn or across turns), and the split of the serial time
+    they follow from."""
+    serial, turn, task_wide, par_turn, par_task = [], [], [], [], []
     parts = dict.fromkeys(("tool_s", "call_decode_s", "answer_decode_s"), 0.0)
     for task in tasks:
         tools, decodes = task_timeline(task, config, scale, seconds_per_token)
@@ -398,14 +404,18 @@ def speculation_bounds(
         serial.append(sum(map(sum, tools)) + sum(map(sum, decodes)))
         turn.append(chain_bound(tools, decodes, across_turns=False))
         task_wide.append(chain_bound(tools, decodes, across_turns=True))
+        par_turn.append(chain_bound(tools, decodes, across_turns=False, chained=False))
+        par_task.append(chain_bound(tools, decodes, across_turns=True, chained=False))
     total = sum(serial)
-    out = {
-        "serial_mean_s": float(np.mean(serial)),
-        "chain_turn_mean_s": float(np.mean(turn)),
-        "chain_task_mean_s": float(np.mean(task_wide)),
-        "chain_turn_reduction": 1 - sum(turn) / total,
-        "chain_task_reduction": 1 - sum(task_wide) / total,
-    }
+    out = {"serial_mean_s": float(np.mean(serial))}
+    for name, times in (
+        ("chain_turn", turn),
+        ("chain_task", task_wide),
+        ("parallel_turn", par_turn),
+        ("parallel_task", par_task),
+    ):
+        out[f"{name}_mean_s"] = float(np.mean(times))
+        out[f"{name}_reduction"] = 1 - sum(times) / total
     out.update({k.replace("_s", "_share"): v / total for k, v in parts.items()})
     return out
 
@@ -439,6 +449,8 @@ def summarize(runs: Sequence[TaskRun]) -> dict[str, Any]:
             "top3_hit_rate": s["top3_hits"] / max(calls, 1),
             "window_hit_rate": s["window_hits"] / max(calls, 1),
             "launched": s["launched"],
+            "chained": s.get("chained", 0),
+            "chain_promoted": s.get("chain_promoted", 0),
             "wasted_tool_s": s["wasted_tool_seconds"],
             "mutating_blocked": s["mutating_blocked"],
             "mutating_sandboxed": s["sandboxed"],
@@ -556,30 +568,43 @@ def run_bench(
     }
 
 
-def plot_runs(result: dict[str, Any], path: str, mode: str = "paste") -> None:
-    """Per-task completion time, serial vs ``mode``, tasks sorted by their serial time."""
+def plot_runs(
+    result: dict[str, Any],
+    path: str,
+    modes: Sequence[str] = ("paste", "paste_words", "oracle_turn", "oracle"),
+) -> None:
+    """Per-task completion time, serial vs each of ``modes`` (those in the result), tasks sorted
+    by their serial time; the title gives the mean reductions."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
-    serial = {r["task_id"]: r["seconds"] for r in runs if r["mode"] == "serial"}
-    other = {r["task_id"]: r["seconds"] for r in runs if r["mode"] == mode}
-    ids = sorted(serial, key=serial.get)
-    x = np.arange(len(ids))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar(x - 0.2, [serial[i] for i in ids], 0.4, label="serial")
-    ax.bar(x + 0.2, [other.get(i, np.nan) for i in ids], 0.4, label=mode.upper())
     s = result["summary"]
-    if mode in s and "mean_reduction" in s[mode]:
-        ax.set_title(
-            f"BFCL multi-turn test tasks: mean {s['serial']['mean_s']:.2f} s serial vs "
-            f"{s[mode]['mean_s']:.2f} s {mode.upper()} ({100 * s[mode]['mean_reduction']:.1f}% less)"
+    modes = [m for m in modes if m in s and m != "serial"]
+    times = {
+        m: {r["task_id"]: r["seconds"] for r in runs if r["mode"] == m} for m in ["serial", *modes]
+    }
+    ids = sorted(times["serial"], key=times["serial"].get)
+    x = np.arange(len(ids))
+    width = 0.8 / (len(modes) + 1)
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    for i, m in enumerate(["serial", *modes]):
+        label = m if m == "serial" else f"{m} ({-100 * s[m].get('mean_reduction', 0):+.1f}% mean)"
+        ax.bar(
+            x + (i - len(modes) / 2) * width,
+            [times[m].get(t, np.nan) for t in ids],
+            width,
+            label=label,
         )
+    ax.set_title(
+        f"BFCL multi-turn test tasks ({len(ids)}): completion time per task, "
+        f"serial mean {s['serial']['mean_s']:.2f} s"
+    )
     ax.set_xlabel("task (sorted by serial completion time)")
     ax.set_ylabel("completion time (s)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -279,6 +279,7 @@ _STATS = (
     "window_hits",
     "launched",
     "chained",
+    "chain_promoted",
     "sandboxed",
     "mutating_blocked",
     "discarded",
@@ -480,6 +481,21 @@ class SpeculativeExecutor:
                 continue
         return out
 
+    def _make_room(self, utility: float) -> bool:
+        """Frees a place in the budget for a candidate for the model's next call: discards the
+        least useful running speculation further ahead (and what follows it), if one is less
+        useful than ``utility``."""
+        further = [
+            s for s in self.pending if not (s.arrived or s.job.done.is_set()) and not s.on_frontier
+        ]
+        if not further:
+            return False
+        worst = min(further, key=lambda s: s.job.utility)
+        if worst.job.utility >= utility:
+            return False
+        self._discard(worst)
+        return True
+
     def _state_source(self, parent: _Spec | None, key: str) -> _Spec | None:
         """The latest unconfirmed speculation up the chain that changed state ``key`` on a copy
         (None: the real state is the chain's starting point for ``key``)."""
@@ -509,11 +525,13 @@ class SpeculativeExecutor:
             ):
                 self.stats["mutating_blocked"] += 1
                 continue
-            if self._running() >= self.config.budget:
-                continue
             mean = tool.latency.mean if tool.latency is not None else 0.0
             utility = probability * min(mean, decode_estimate) - self.config.cost_weight * mean
             if utility <= 0 and mean > 0:
+                continue
+            if self._running() >= self.config.budget and not (
+                frontier and self._make_room(utility)
+            ):
                 continue
             key = tool.state_key
             source = self._state_source(parent, key) if key is not None else None
@@ -607,6 +625,7 @@ class SpeculativeExecutor:
                     ok = self.state.replace(spec.state_key, job.obj, spec.version)
                 if ok:
                     spec.promoted = True
+                    self.stats["chain_promoted"] += spec.parent is not None
                     self.stats["window_hits"] += 1
                     self.stats["promoted"] += 1
                     self.stats["saved_tool_seconds"] += max(0.0, min(job.end, t0) - job.start)
