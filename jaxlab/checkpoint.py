@@ -187,6 +187,11 @@ class Checkpointer:
         self.damaged_steps: list[int] = []  # steps a restore found damaged and set aside
         atexit.register(self._close_at_exit)
 
+    @classmethod
+    def from_config(cls, directory: str | Path, cfg: CheckpointConfig) -> Checkpointer:
+        """A trainer's checkpointer: saves every ``cfg.save_every`` steps, keeps ``cfg.keep``."""
+        return cls(directory, save_every=cfg.save_every, keep=cfg.keep, async_save=cfg.async_save)
+
     # -- saving ----------------------------------------------------------------------------------
     def save(
         self,

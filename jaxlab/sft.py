@@ -261,12 +261,7 @@ def train_sft(cfg: SFTConfig, workdir: str | Path, *, progress: bool = True) -> 
     optimizer = nnx.Optimizer(model, make_optimizer(cfg.train), wrt=trainable(model))
     metrics: dict[str, float] = {}
     assistant_tokens = int(rows["loss_mask"].sum())
-    with Checkpointer(
-        workdir / "checkpoints",
-        save_every=cfg.checkpoint.save_every,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    ) as ckpt:
+    with Checkpointer.from_config(workdir / "checkpoints", cfg.checkpoint) as ckpt:
         start = ckpt.restore_or(0, model=model, optimizer=optimizer, data_iter=data)
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         log = MetricWriter(workdir, append=True, tensorboard=cfg.tensorboard, step_key="step")

@@ -369,12 +369,7 @@ def _train_lm(cfg, workdir, mesh, progress):
         data = iter(counting_dataset(cfg.data, cfg.model.vocab_size))
     workdir.mkdir(parents=True, exist_ok=True)  # only once the model and the data are good
     metrics: dict[str, float] = {}
-    with Checkpointer(
-        workdir / "checkpoints",
-        save_every=cfg.checkpoint.save_every,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    ) as ckpt:
+    with Checkpointer.from_config(workdir / "checkpoints", cfg.checkpoint) as ckpt:
         start = ckpt.restore_or(0, model=model, optimizer=optimizer, data_iter=data)
         (workdir / "config.json").write_text(
             json.dumps(dataclasses.asdict(cfg), indent=2)

@@ -422,12 +422,7 @@ class MultiTurnTrainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.update_index = 0
         self.totals = {"env_steps": 0, "sampled_tokens": 0, "episodes": 0, "crashed": 0}
-        self.checkpointer = Checkpointer(
-            self.workdir / "checkpoints",
-            save_every=cfg.checkpoint.save_every,
-            keep=cfg.checkpoint.keep,
-            async_save=cfg.checkpoint.async_save,
-        )
+        self.checkpointer = Checkpointer.from_config(self.workdir / "checkpoints", cfg.checkpoint)
         self.resumed_from = self._restore()
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -407,12 +407,7 @@ class RLTrainer:
         self.rewards_seen: list[float] = []
         self.trained_samples = 0
         self._last_update_end = 0.0  # timeline seconds
-        self.checkpointer = Checkpointer(
-            self.workdir / "checkpoints",
-            save_every=cfg.checkpoint.save_every,
-            keep=cfg.checkpoint.keep,
-            async_save=cfg.checkpoint.async_save,
-        )
+        self.checkpointer = Checkpointer.from_config(self.workdir / "checkpoints", cfg.checkpoint)
         self.resumed_from = self._restore()
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
