@@ -6,7 +6,9 @@ target model in the system prompt as a jailbreak defense (paper 10).
 - :mod:`~jaxlab.security.compressor`: the keep/drop token classifier on a BERT-style encoder,
   its training and extraction;
 - :mod:`~jaxlab.security.defense`: the server's defenses (``none``, ``self-reminder``,
-  ``guardrail``, ``securitylingua``).
+  ``guardrail``, ``securitylingua``) of the chat and completions endpoints;
+- :mod:`~jaxlab.security.judge`: a model judge of compliance, scored from the logits of two
+  answer words through any OpenAI-compatible endpoint.
 
 ``extract_intention(texts)`` uses the compressor that ``python -m jaxlab security train`` writes
 by default (``$JAXLAB_CACHE_DIR/security/compressor``), or the one given.
@@ -33,6 +35,7 @@ __all__ = [
     "DEFENSES",
     "build_dataset",
     "SecurityDataConfig",
+    "ModelJudge",
 ]
 
 _LAZY = {
@@ -44,6 +47,7 @@ _LAZY = {
     "DEFENSES": "jaxlab.security.defense",
     "build_dataset": "jaxlab.security.data",
     "SecurityDataConfig": "jaxlab.security.data",
+    "ModelJudge": "jaxlab.security.judge",
 }
 
 
