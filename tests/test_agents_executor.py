@@ -312,13 +312,23 @@ def _serial_outputs(calls):
 CHAIN = [("incr", {"by": 1}), ("incr", {"by": 2}), ("get", {})]
 
 
+def _wait_chain(ex, n, timeout=3.0):
+    """Waits until ``n`` speculations are pending and every result has arrived."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if len(ex.pending) == n and all(s.arrived for s in ex.pending):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the chain did not reach {n} speculations: {ex.pending}")
+
+
 def test_window_chain_runs_ahead_on_copies_and_is_promoted_in_order(scheduler):
     ex, state = _executor(
         scheduler, Sequence_(*(ToolCall(n, a) for n, a in CHAIN)), window=3, latency=0.05
     )
     real = state.objects["c"]
     ex.speculate(decode_estimate=1.0)  # the user's message arrived: the chain starts
-    time.sleep(0.3)  # three calls of 0.05 s, one after the other
+    _wait_chain(ex, 3)  # three calls of 0.05 s, one after the other
     assert [s.job.call.name for s in ex.pending] == ["incr", "incr", "get"]
     a, b, c = ex.pending
     assert (a.parent, b.parent, c.parent) == (None, a, b) and (b.source, c.source) == (a, b)
@@ -340,7 +350,7 @@ def test_window_miss_discards_the_dependent_chain(scheduler):
         scheduler, Sequence_(*(ToolCall(n, a) for n, a in CHAIN)), window=3, latency=0.05
     )
     ex.speculate(decode_estimate=1.0)
-    time.sleep(0.3)
+    _wait_chain(ex, 3)
     first, second, third = ex.pending
     real_calls = [("incr", {"by": 1}), ("incr", {"by": 5}), ("get", {})]
     events = [ex.execute(n, args) for n, args in real_calls]
@@ -370,7 +380,7 @@ def test_window_arguments_come_from_speculative_outputs(scheduler):
     )
     ex.execute("incr", {"by": 2})  # real: value 2
     ex.speculate(decode_estimate=1.0)  # predicts set_to(12) from the real output
-    time.sleep(0.2)  # set_to(12) ran on a copy; its child set_to(22) from that copy's output
+    _wait_chain(ex, 2)  # set_to(12) ran on a copy; its child set_to(22) from that copy's output
     assert [s.job.call.arguments["value"] for s in ex.pending] == [12, 22]
     assert state.objects["c"].calls == [("incr", 2)]
     assert ex.execute("set_to", {"value": 12}).served == "speculative"

@@ -2,7 +2,8 @@
 endpoint, with the server's tool-call format.
 
 Each step :func:`run_agent` lets the executor speculate (PASTE) and then asks the model for its
-reply; every call in the reply runs through :meth:`SpeculativeExecutor.execute` (promoted from a
+reply (so a turn's first call is speculated the moment the user's message arrives, in parallel
+with the model's first decode); every call in the reply runs through :meth:`SpeculativeExecutor.execute` (promoted from a
 speculation or run for real) and its result goes back as a ``tool`` message; a reply without calls
 ends the user turn. Backends:
 
