@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from jaxlab.config import check
+from jaxlab.errors import ConfigError
 
 __all__ = ["AXES", "MeshConfig", "make_mesh", "auto_axes", "shard_inputs"]
 
@@ -60,14 +61,14 @@ class MeshConfig:
         rest = [a for a, v in given.items() if v == -1]
         if rest:
             if num_devices % fixed:
-                raise ValueError(
+                raise ConfigError(
                     f"mesh {self._describe()}: {num_devices} devices do not split by the other "
                     f"axes' {fixed}"
                 )
             given[rest[0]] = num_devices // fixed
         n = math.prod(given.values())
         if n > num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh {self._describe()} needs {n} devices, but {num_devices} are visible (on "
                 "CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)"
             )

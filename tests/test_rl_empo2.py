@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxlab import rl
 from jaxlab.config import load_config
+from jaxlab.errors import UserError
 from jaxlab.models import Decoder
 from jaxlab.rl.empo2 import (
     MODE_PROBS,
@@ -249,17 +250,9 @@ def test_multiturn_lora_trains_only_adapters_in_the_config_dtype(tmp_path):
         opt = jax.tree.leaves(nnx.state(trainer.optimizer, nnx.OptState))
         assert n_lora > 0 and sum(a.size for a in opt if a.ndim) == 2 * n_lora
 
-        rng = np.random.default_rng(0)
-        b, t = cfg.micro_batch, 32
-        tokens = jnp.asarray(rng.integers(3, 60, (b, t)), jnp.int32)
-        mask = jnp.ones((b, t), jnp.int32)
-        loss_mask = jnp.asarray(np.arange(t - 1)[None] >= 20, jnp.float32) * jnp.ones((b, 1))
-        behaviour = jnp.full((b, t - 1), -4.0)
-        adv = jnp.asarray([1.0, -1.0, 0.5, -0.5][:b], jnp.float32)
-        metrics = trainer.update_fn(
-            trainer.model, trainer.optimizer, tokens, mask, loss_mask, behaviour, adv
-        )
-        assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+        tokens, mask, loss_mask, behaviour, adv = _update_batch(cfg.micro_batch)
+        metrics = trainer.apply_update(tokens, mask, loss_mask, behaviour, adv)
+        assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
         after = jax.tree.map(np.asarray, nnx.state(trainer.model, nnx.Not(nnx.LoRAParam)))
         jax.tree.map(np.testing.assert_array_equal, base, after)
         moved = jax.tree.map(
@@ -270,3 +263,47 @@ def test_multiturn_lora_trains_only_adapters_in_the_config_dtype(tmp_path):
         assert max(jax.tree.leaves(moved)) > 0
     finally:
         trainer.close()
+
+
+def _update_batch(micro_batch: int, n: int = 8, t: int = 32):
+    """A padded training batch of ``n`` rows (the last two padding) for ``apply_update``."""
+    rng = np.random.default_rng(0)
+    assert n % micro_batch == 0
+    tokens = rng.integers(3, 60, (n, t)).astype(np.int32)
+    mask = np.ones((n, t), np.int32)
+    loss_mask = np.broadcast_to(np.arange(t - 1) >= 20, (n, t - 1)).astype(np.float32).copy()
+    mask[-2:], loss_mask[-2:] = 0, 0
+    behaviour = np.full((n, t - 1), -4.0, np.float32)
+    adv = rng.normal(size=n).astype(np.float32)
+    return tokens, mask, loss_mask, behaviour, adv
+
+
+def test_multiturn_update_on_a_two_way_data_mesh_equals_the_single_device_update(tmp_path):
+    """``mesh.data=2``: weights replicated over 2 devices, rows split; the loss, the gradient norm
+    and the weights after the step equal those of the single-device update."""
+    cfg = load_config("rl/empo2_tiny", cls=MultiTurnConfig)
+    one = MultiTurnTrainer(cfg, tmp_path / "one")
+    two = MultiTurnTrainer(
+        load_config("rl/empo2_tiny", ["mesh.data=2"], cls=MultiTurnConfig), tmp_path / "two"
+    )
+    try:
+        assert len(jax.tree.leaves(nnx.state(two.model))[0].sharding.device_set) == 2
+        batch = _update_batch(cfg.micro_batch)
+        a, b = one.apply_update(*batch), two.apply_update(*batch)
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] > 0
+        # one AdamW step is ~lr·sign(g): entries whose gradient is near Adam's eps move by a
+        # reduction-order-dependent fraction of lr; bound that by 1% of lr
+        lr = cfg.optim.lr
+        for x, y in zip(
+            jax.tree.leaves(nnx.state(one.model)), jax.tree.leaves(nnx.state(two.model))
+        ):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-2 * lr)
+        with pytest.raises(UserError, match="multiple of mesh data x fsdp"):
+            MultiTurnTrainer(
+                load_config("rl/empo2_tiny", ["mesh.data=8"], cls=MultiTurnConfig), tmp_path / "x"
+            )
+    finally:
+        one.close()
+        two.close()

@@ -50,6 +50,7 @@ from jaxlab.envs import ENVS, EnvCrashed, EnvWorker, make_env
 from jaxlab.errors import UserError
 from jaxlab.generation import Engine, SamplingParams
 from jaxlab.generation.core import sampling_logprobs
+from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import Decoder, DecoderConfig
 from jaxlab.models.lora import LoRAConfig, add_lora, trainable
@@ -68,6 +69,7 @@ from jaxlab.rl.empo2 import (
 )
 from jaxlab.rl.memory import EMBEDDERS, MemoryStore, make_embedder
 from jaxlab.rl.trainer import RLOptimConfig, load_policy
+from jaxlab.sharding import pin, shard_model
 from jaxlab.tokenization import bucket_length
 
 __all__ = [
@@ -179,6 +181,10 @@ class MultiTurnConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    # the policy update on a mesh, as in rl_train: rows split over data x fsdp (micro_batch must
+    # be a multiple of data * fsdp), weights and optimizer state by jaxlab.sharding's rules;
+    # rollouts decode a single-device copy of the weights
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
         check_dtype(self.dtype, "dtype")
@@ -270,7 +276,9 @@ def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, m
             )  # fmt: skip
 
         k = tokens.shape[0] // micro_batch
-        split = lambda x: x.reshape(k, micro_batch, *x.shape[1:])  # noqa: E731
+        # micro-batch i holds rows i, i+k, i+2k, ...: with the rows split over the mesh's batch
+        # axes in contiguous blocks, every micro-batch spans all devices
+        split = lambda x: jnp.swapaxes(x.reshape(micro_batch, k, *x.shape[1:]), 0, 1)  # noqa: E731
         micro = tuple(map(split, (tokens, mask, loss_mask, behaviour_logp, advantages)))
 
         def add(carry, x):
@@ -282,6 +290,7 @@ def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, m
         (loss, grads), per_micro = jax.lax.scan(add, zeros, micro)
         grads = poison_if_nonfinite(loss, grads)
         optimizer.update(model, grads)
+        pin(model, optimizer)  # weights and optimizer state stay in their shardings
         # micro-batches that hold no response tokens (padding rows) do not count in the metrics
         used = jnp.sum(split(loss_mask), axis=(1, 2)) > 0
         weight = used / jnp.maximum(jnp.sum(used), 1)
@@ -375,9 +384,20 @@ class MultiTurnTrainer:
         self.workdir = Path(workdir)
         self.model, self.tokenizer = load_policy(cfg)
         self.model = add_lora(self.model, cfg.lora, rngs=nnx.Rngs(cfg.optim.seed))
+        self.mesh = make_mesh(cfg.mesh)
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if cfg.micro_batch % shards:
+            raise UserError(
+                f"micro_batch {cfg.micro_batch} must be a multiple of mesh data x fsdp ({shards})"
+            )
+        self.batch_sharding = jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec(("data", "fsdp"))
+        )
+        shard_model(self.model, self.mesh)  # placed as the update keeps them: one compilation
         self.optimizer = nnx.Optimizer(
             self.model, make_optimizer(**cfg.optim.optimizer_settings()), wrt=trainable(self.model)
         )
+        shard_model(self.optimizer, self.mesh)
         self.update_fn = _make_update_fn(
             cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.agg, cfg.temperature,
             float(cfg.max_new_tokens), cfg.micro_batch,
@@ -656,16 +676,23 @@ class MultiTurnTrainer:
             loss_mask *= keep[:, None]
         adv_full = np.zeros((n,), np.float32)
         adv_full[: len(rows)] = adv
-        metrics = self.update_fn(
-            self.model, self.optimizer, tokens, mask, loss_mask, behaviour, adv_full
-        )
-        out = {k: float(v) for k, v in metrics.items()}
+        out = self.apply_update(tokens, mask, loss_mask, behaviour, adv_full)
         if cfg.optim.on_nonfinite == "stop":
             check_finite_step(
                 self.update_index + 1, out["loss"], out["grad_norm"], key="optim.on_nonfinite"
             )
         out.update(masked_responses=masked, batch_rows=len(rows))
         return out
+
+    def apply_update(self, tokens, mask, loss_mask, behaviour, advantages) -> dict[str, float]:
+        """One optimizer step on a padded batch (``tokens, mask [N, W]``, ``loss_mask, behaviour
+        [N, W-1]``, ``advantages [N]``; N a multiple of ``micro_batch``), on the run's mesh."""
+        batch = jax.device_put(
+            (tokens, mask, loss_mask, behaviour, advantages), self.batch_sharding
+        )
+        with jax.set_mesh(self.mesh):
+            metrics = self.update_fn(self.model, self.optimizer, *batch)
+        return {k: float(v) for k, v in metrics.items()}
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, max_updates: int | None = None, *, progress: bool = True) -> dict[str, Any]:
