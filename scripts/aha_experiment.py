@@ -40,6 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--terms", type=int, default=3)
     p.add_argument("--ops", default="+")
+    p.add_argument(
+        "--check", default="columns", choices=("columns", "tens"),
+        help="how the epistemic / synonym traces check a step (jaxlab.analysis.traces.check_of)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=30, help="SFT updates per model")
     p.add_argument("--batch-size", type=int, default=4, help="packed rows per update")
     p.add_argument("--seq-len", type=int, default=512)
@@ -74,8 +78,9 @@ def make_data(args, out: Path) -> dict[str, Path]:
     paths = {}
     for style in args.styles:
         data = trace_dataset(
-            style, args.train_problems, digits=args.digits, terms=args.terms, ops=args.ops
-        )
+            style, args.train_problems, digits=args.digits, terms=args.terms, ops=args.ops,
+            check=args.check,
+        )  # fmt: skip
         paths[style] = write_sft_jsonl(data, out / "data" / f"{style}.jsonl")
     return paths
 

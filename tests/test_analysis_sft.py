@@ -227,6 +227,24 @@ def test_trace_styles_share_the_solver_and_check_the_hard_steps():
     assert n_checks > 40 and 0.3 < n_slips / n_checks < 0.7
 
 
+def test_tens_first_checks_are_true_and_match_the_column_traces():
+    task = ArithmeticTask(digits=2, terms=3, ops="+", seed=0)
+    for i in range(30):
+        p = task.problem(i)
+        cols = analysis.write_trace(p, "epistemic", index=i).splitlines()
+        tens = analysis.write_trace(p, "epistemic", index=i, check="tens").splitlines()
+        assert len(cols) == len(tens)
+        for a, b in zip(cols, tens):
+            if not b.startswith("Wait, let me check: "):
+                assert a == b  # the same steps, slips and answer; only the check differs
+                continue
+            assert a.split(". So it is ")[1] == b.split(". So it is ")[1]
+            chain = b.split(": ", 1)[1].split(". ")[0].split(" = ")
+            assert len(chain) == 4 and len({eval(x) for x in chain}) == 1, b  # noqa: S307
+    with pytest.raises(ValueError):
+        analysis.write_trace(task.problem(0), "epistemic", check="digits")
+
+
 def test_check_outcomes_by_hand():
     from jaxlab.analysis.traces import check_outcomes
 

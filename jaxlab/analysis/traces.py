@@ -139,10 +139,17 @@ def is_hard(step: Step) -> bool:
     return a >= 10 and b >= 10
 
 
-def check_of(step: Step) -> str:
-    """The check written for ``step``: :func:`column_check` for additions of non-negative numbers,
-    :func:`decompose` otherwise."""
-    if step.op == "+" and step.left >= 0 and step.right >= 0:
+CHECKS = ("columns", "tens")
+
+
+def check_of(step: Step, check: str = "columns") -> str:
+    """The check written for ``step``: with ``check="columns"`` :func:`column_check` for additions
+    of non-negative numbers, :func:`decompose` otherwise; with ``check="tens"`` always
+    :func:`decompose` (``94 + 39 = 94 + 30 + 9 = 124 + 9 = 133``: whole numbers, the tens of one
+    operand added first)."""
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+    if check == "columns" and step.op == "+" and step.left >= 0 and step.right >= 0:
         return column_check(step)
     return decompose(step)
 
@@ -174,6 +181,7 @@ def write_trace(
     index: int = 0,
     slip_prob: float = 0.5,
     easy_check_prob: float = 0.0,
+    check: str = "columns",
     seed: int = 0,
 ) -> str:
     """The ``style`` trace (:data:`TRACE_STYLES`) of an arithmetic ``problem`` (its
@@ -182,8 +190,11 @@ def write_trace(
     Epistemic and synonym traces check every hard step (:func:`is_hard`) and, with probability
     ``easy_check_prob``, an easy one; at a checked step a slip (:func:`_slip`) is planted with
     probability ``slip_prob``, and the check's result, not the line above it, is what the trace
-    goes on with. ``index`` and ``seed`` seed the draws (the same for every style)."""
+    goes on with; ``check`` picks how a step is checked (:func:`check_of`). ``index`` and ``seed``
+    seed the draws (the same for every style)."""
     TRACE_STYLES.get(style)
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     expr = problem.meta.get("expression")
     if expr is None:
         raise ValueError("write_trace needs an arithmetic problem (meta['expression'])")
@@ -193,16 +204,16 @@ def write_trace(
     phrases = _EPISTEMIC if style == "epistemic" else _SYNONYM
     for k, s in enumerate(steps):
         head = "First" if k == 0 else ("Finally" if k == len(steps) - 1 and k > 0 else "Then")
-        check = is_hard(s) or rng.random() < easy_check_prob
-        slip = check and rng.random() < slip_prob
+        checked = is_hard(s) or rng.random() < easy_check_prob
+        slip = checked and rng.random() < slip_prob
         wrong = _slip(s, rng)
-        if style == "procedural" or not check:
+        if style == "procedural" or not checked:
             lines.append(f"{head}, {s.left} {s.op} {s.right} = {s.result}.")
             continue
         written = wrong if slip else s.result
         lines.append(f"{head}, {s.left} {s.op} {s.right} = {written}.")
         end = phrases["fix" if slip else "confirm"].format(r=s.result, w=wrong)
-        lines.append(f"{phrases['check']}{check_of(s)}. {end}")
+        lines.append(f"{phrases['check']}{check_of(s, check)}. {end}")
     lines.append(f"<answer>{steps[-1].result}</answer>")
     return "\n".join(lines)
 
@@ -247,6 +258,7 @@ def trace_dataset(
     digits: int = 2,
     terms: int = 3,
     ops: str = "+-*",
+    check: str = "columns",
     seed: int = 0,
 ) -> list[dict]:
     """``num_problems`` chat examples ``{"messages": [user, assistant], "answer", "index"}`` of
@@ -262,7 +274,10 @@ def trace_dataset(
                 "answer": p.answer,
                 "messages": [
                     {"role": "user", "content": p.prompt},
-                    {"role": "assistant", "content": write_trace(p, style, index=i, seed=seed)},
+                    {
+                        "role": "assistant",
+                        "content": write_trace(p, style, index=i, check=check, seed=seed),
+                    },
                 ],
             }
         )
