@@ -3,8 +3,8 @@
 Replays each test task's gold calls with real decoding on SmolLM2-135M between calls (see
 jaxlab/agents/bench.py), prints the table and writes the numbers and a per-task plot:
 
-    python scripts/bench_paste.py                      # 12 test tasks, 6 modes: ~15 min, busy 2 cores
-    python scripts/bench_paste.py --test-tasks 0       # all 60 test tasks
+    python scripts/bench_paste.py                 # 12 test tasks, 6 modes: ~15 min, busy 2 cores
+    python scripts/bench_paste.py --test-tasks 0  # all 60 test tasks
 
 Takes every option of `python -m jaxlab agents bench`; writes docs/results/paste_bfcl.{json,png}
 unless --json / --plot say otherwise.
