@@ -31,8 +31,12 @@ real state; it is valid once that call is promoted and nothing else changed the 
 the version the real call will see. Promotion goes in order: only a speculation whose parent is
 confirmed (or that has none) can serve the model's call, and when the model makes another call
 where a chain expected one, that chain is discarded with everything predicted after it. The first
-call of a user turn is speculated when the message arrives, as the model starts its first decode. Every call's latency is a function of (seed, task,
-canonical call, state version), so a promoted result took exactly as long as the real call would.
+call of a user turn is speculated when the message arrives, as the model starts its first decode.
+When the budget is full, a candidate for the model's next call displaces the least useful running
+speculation further ahead (joint scheduling).
+
+Every call's latency is a function of (seed, task, canonical call, state version), so a promoted
+result took exactly as long as the real call would.
 """
 
 from __future__ import annotations
