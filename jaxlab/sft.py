@@ -96,7 +96,9 @@ class SFTConfig:
 
 def chat_example_tokens(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
     """``(token ids, loss mask)`` of one conversation: mask 1 on the tokens each assistant turn adds
-    to the rendered template (content and end-of-turn), 0 elsewhere.
+    to the rendered template (content and end-of-turn), 0 elsewhere. An assistant message may carry
+    ``"no_loss": [[a, b], ...]``, character spans of its content whose tokens get mask 0 (text the
+    model should read but not learn to write, such as a planted slip).
 
     The rendering up to turn i (with the generation prompt) must tokenize to a prefix of the
     rendering through turn i, as it does for ChatML-style templates; otherwise a UserError.
@@ -135,9 +137,30 @@ def chat_example_tokens(tokenizer, messages: Sequence[dict]) -> tuple[list[int],
             if t in eos:
                 keep = k + 1
                 break
-        mask += [1] * keep + [0] * (len(new) - keep)
+        turn = [1] * keep + [0] * (len(new) - keep)
+        if m.get("no_loss"):
+            turn = _mask_spans(tokenizer, new, turn, m["content"], m["no_loss"])
+        mask += turn
         ids = through
     return ids, mask
+
+
+def _mask_spans(tokenizer, new, turn, content, spans):
+    """``turn`` with 0 on the tokens of ``new`` (one assistant turn) that overlap a character span
+    ``[a, b)`` of the turn's ``content``."""
+    from jaxlab.analysis.markers import spans_to_token_mask, token_char_offsets
+
+    offsets = token_char_offsets(tokenizer, new)
+    start = tokenizer.decode(list(new)).find(content)
+    if start < 0:
+        raise UserError("an assistant turn with no_loss spans must render its content verbatim")
+    for a, b in spans:
+        if not 0 <= a < b <= len(content):
+            raise UserError(
+                f"no_loss span [{a}, {b}) is outside the content ({len(content)} chars)"
+            )
+    hit = spans_to_token_mask([(a + start, b + start) for a, b in spans], offsets)
+    return [0 if h else t for t, h in zip(turn, hit)]
 
 
 def pack_examples(

@@ -47,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="SFT updates per model")
     p.add_argument("--batch-size", type=int, default=4, help="packed rows per update")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument(
+        "--mask-slips", action="store_true",
+        help="no loss on the planted wrong results (the model reads slips, it is not taught them)",
+    )  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--eval-problems", type=int, default=48)
@@ -79,7 +83,7 @@ def make_data(args, out: Path) -> dict[str, Path]:
     for style in args.styles:
         data = trace_dataset(
             style, args.train_problems, digits=args.digits, terms=args.terms, ops=args.ops,
-            check=args.check,
+            check=args.check, mask_slips=args.mask_slips,
         )  # fmt: skip
         paths[style] = write_sft_jsonl(data, out / "data" / f"{style}.jsonl")
     return paths

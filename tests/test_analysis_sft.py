@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxlab import analysis, sft
+from jaxlab.analysis.traces import solve_steps
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained, save_pretrained
 from jaxlab.rl.tasks import ArithmeticTask
 from jaxlab.testing.char_tokenizer import char_tokenizer
@@ -51,6 +52,40 @@ def test_assistant_mask_on_the_chat_template(smol_tokenizer):
     # and nothing of the system / user turns or the role headers
     context = tok.decode(ids[~mask], skip_special_tokens=False)
     assert "What is 2 + 3?" in context and "assistant\n" in context and "= 5" not in context
+
+
+def test_no_loss_spans_mask_exactly_the_slip_tokens(smol_tokenizer):
+    tok = smol_tokenizer
+    task = ArithmeticTask(digits=2, terms=3, ops="+", seed=0)
+    data = analysis.trace_dataset("epistemic", 6, ops="+", mask_slips=True)
+    n_masked = 0
+    for ex, plain in zip(data, analysis.trace_dataset("epistemic", 6, ops="+")):
+        reply = ex["messages"][1]
+        assert reply["content"] == plain["messages"][1]["content"]
+        ids, mask = sft.chat_example_tokens(tok, ex["messages"])
+        ids0, mask0 = sft.chat_example_tokens(tok, plain["messages"])
+        assert ids == ids0
+        # the tokens that lost their loss spell the planted wrong results, in order
+        dropped = [i for i, (m, m0) in enumerate(zip(mask, mask0)) if m != m0]
+        assert all(mask0[i] == 1 and mask[i] == 0 for i in dropped)
+        wrong = [reply["content"][a:b] for a, b in reply["no_loss"]]
+        assert tok.decode([ids[i] for i in dropped]) == "".join(wrong)
+        for w in wrong:  # each span is a slip: the check line below it says "not w"
+            assert f", not {w}." in reply["content"]
+            assert int(w) not in [
+                s.result for s in solve_steps(task.problem(ex["index"]).meta["expression"])
+            ]
+        n_masked += len(dropped)
+    assert n_masked > 0
+    bad = {"role": "assistant", "content": "2 + 3 = 5.", "no_loss": [[4, 40]]}
+    with pytest.raises(ValueError, match="outside"):
+        sft.chat_example_tokens(tok, [CONV[1], bad])
+
+
+def test_slip_spans_by_hand():
+    text = "First, 63 + 77 = 130.\nWait: so 140. So it is 140, not 130.\nThen, 140 + 1 = 141."
+    assert analysis.traces.slip_spans(text) == [(17, 20)]
+    assert analysis.traces.slip_spans(text.replace("not 130", "not 131")) == []
 
 
 def test_conversation_without_assistant_is_an_error(smol_tokenizer):

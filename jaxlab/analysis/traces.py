@@ -40,6 +40,7 @@ __all__ = [
     "column_check",
     "is_hard",
     "check_outcomes",
+    "slip_spans",
     "write_trace",
     "trace_dataset",
     "write_sft_jsonl",
@@ -249,6 +250,27 @@ def check_outcomes(text: str) -> dict[str, int]:
     return out
 
 
+_FIX = re.compile(r"So it is (-?\d+), not (-?\d+)\.")
+
+
+def slip_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``[a, b)`` of the planted slips of a trace: the wrong result ``w`` at the
+    end of each step line whose check ends "So it is r, not w." (for ``no_loss`` in SFT data)."""
+    spans, pos = [], 0
+    lines = text.split("\n")
+    starts = []
+    for line in lines:
+        starts.append(pos)
+        pos += len(line) + 1
+    for j in range(1, len(lines)):
+        fix = _FIX.search(lines[j])
+        step = _STEP_LINE.search(lines[j - 1])
+        if fix is None or step is None or step[4] != fix[2]:
+            continue
+        spans.append((starts[j - 1] + step.start(4), starts[j - 1] + step.end(4)))
+    return spans
+
+
 def trace_dataset(
     style: str,
     num_problems: int,
@@ -259,26 +281,27 @@ def trace_dataset(
     terms: int = 3,
     ops: str = "+-*",
     check: str = "columns",
+    mask_slips: bool = False,
     seed: int = 0,
 ) -> list[dict]:
     """``num_problems`` chat examples ``{"messages": [user, assistant], "answer", "index"}`` of
     arithmetic problems ``start .. start + num_problems - 1`` (``ArithmeticTask`` with these
-    settings) answered in ``style``."""
+    settings) answered in ``style``. With ``mask_slips`` the assistant message carries
+    ``"no_loss"``: the :func:`slip_spans` of its trace, so SFT trains the model to read a slip and
+    correct it, not to write it."""
     task = ArithmeticTask(digits=digits, terms=terms, ops=ops, seed=task_seed)
     out = []
     for i in range(start, start + num_problems):
         p = task.problem(i)
+        trace = write_trace(p, style, index=i, check=check, seed=seed)
+        reply = {"role": "assistant", "content": trace}
+        if mask_slips:
+            reply["no_loss"] = [list(s) for s in slip_spans(trace)]
         out.append(
             {
                 "index": i,
                 "answer": p.answer,
-                "messages": [
-                    {"role": "user", "content": p.prompt},
-                    {
-                        "role": "assistant",
-                        "content": write_trace(p, style, index=i, check=check, seed=seed),
-                    },
-                ],
+                "messages": [{"role": "user", "content": p.prompt}, reply],
             }
         )
     return out
