@@ -5,9 +5,12 @@ jaxlab/agents/bench.py), prints the table and writes the numbers and a per-task 
 
     python scripts/bench_paste.py                 # 12 test tasks, 6 modes: ~15 min, busy 2 cores
     python scripts/bench_paste.py --test-tasks 0  # all 60 test tasks
+    python scripts/bench_paste.py --workload research --test-tasks 0 --sleep-per-token 3.5 \
+        --sleep-fixed 3                           # scripted research tasks (search / fetch chains)
 
 Takes every option of `python -m jaxlab agents bench`; writes docs/results/paste_bfcl.{json,png}
-unless --json / --plot say otherwise.
+(with --workload research: docs/results/paste_research.{json,png}) unless --json / --plot say
+otherwise.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from jaxlab.cli import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    research = "research" in argv or "--workload=research" in argv
+    name = "docs/results/paste_research" if research else "docs/results/paste_bfcl"
     if "--json" not in argv:
-        argv += ["--json", "docs/results/paste_bfcl.json"]
+        argv += ["--json", f"{name}.json"]
     if "--plot" not in argv:
-        argv += ["--plot", "docs/results/paste_bfcl.png"]
+        argv += ["--plot", f"{name}.png"]
     if "--overwrite" not in argv:
         argv.append("--overwrite")
     sys.exit(main(["agents", "bench", *argv]))

@@ -1,4 +1,6 @@
-"""Replay benchmark of PASTE on BFCL multi-turn tasks (``python -m jaxlab agents bench``).
+"""Replay benchmark of PASTE on BFCL multi-turn tasks (``python -m jaxlab agents bench``), or on
+scripted deep-research tasks (``--workload research``, :mod:`jaxlab.agents.workloads`: search and
+fetch chains with the ``web_search`` / ``fetch`` latency profiles in place of BFCL's).
 
 Each task's tool calls come from its gold trace, one call per model step; each step's thinking is a
 real decode (:class:`DecodeThinker`: greedy, end tokens ignored, on the in-process Engine) of a
@@ -39,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlab.agents.bfcl import BFCLTask, bfcl_registry, bfcl_state, load_bfcl_tasks
+from jaxlab.agents.bfcl import BFCLTask
 from jaxlab.agents.events import Event, EventLog
 from jaxlab.agents.executor import SpeculationConfig, SpeculativeExecutor, ToolScheduler, run_tool
 from jaxlab.agents.latency import Z95, LatencyModel, latency_profile
@@ -52,6 +54,7 @@ from jaxlab.agents.miner import (
 )
 from jaxlab.agents.runtime import ReplayLLM, run_agent
 from jaxlab.agents.tools import Effect, output_status
+from jaxlab.agents.workloads import WORKLOADS, Workload
 from jaxlab.registry import Registry
 
 __all__ = [
@@ -106,8 +109,10 @@ class BenchConfig:
     max_context: int = 3
     min_support: int = 2
     min_accuracy: float = 0.2
+    workload: str = "bfcl"
 
     def __post_init__(self):
+        WORKLOADS.check(self.workload, "workload")
         for m in self.modes:
             MODES.check(m, "modes")
         if "serial" not in self.modes:
@@ -204,11 +209,13 @@ def split_tasks(tasks: Sequence[BFCLTask], train_fraction: float, seed: int):
     return train, test
 
 
-def training_logs(tasks: Sequence[BFCLTask]) -> list[EventLog]:
-    """Event logs of the tasks' gold calls, run once in order without latency."""
+def training_logs(tasks: Sequence[BFCLTask], workload: Workload | None = None) -> list[EventLog]:
+    """Event logs of the tasks' gold calls, run once in order without latency (``workload``:
+    the tasks' tools and state, default BFCL's)."""
+    workload = workload or WORKLOADS.get("bfcl")()
     logs = []
     for task in tasks:
-        registry, state = bfcl_registry(task), bfcl_state(task)
+        registry, state = workload.registry(task, 1.0), workload.state(task)
         log = EventLog(task.id)
         for text, calls in zip(task.turns, task.gold_calls(registry)):
             log.user_turn(text)
@@ -246,10 +253,6 @@ class TaskRun:
         return d
 
 
-def _latencies(scale: float) -> dict[str, LatencyModel]:
-    return {k: latency_profile(k, scale) for k in ("api_read", "api_write")}
-
-
 def replay_task(
     task: BFCLTask,
     mode: str,
@@ -264,7 +267,8 @@ def replay_task(
 ) -> TaskRun:
     """One task under one mode; returns its :class:`TaskRun`."""
     MODES.check(mode, "mode")
-    registry, state = bfcl_registry(task, _latencies(scale)), bfcl_state(task)
+    workload = WORKLOADS.get(config.workload)()
+    registry, state = workload.registry(task, scale), workload.state(task)
     gold = task.gold_calls(registry)
     oracle = OraclePredictor(gold, within_turn=mode == "oracle_turn")
     predictor = {
@@ -363,7 +367,8 @@ def task_timeline(
 ) -> tuple[list[list[float]], list[list[float]]]:
     """``(tools, decodes)`` of a task as the serial loop meets them (see :func:`chain_bound`):
     each gold call's latency at the state version it runs at, each step's decode time."""
-    registry, state = bfcl_registry(task, _latencies(scale)), bfcl_state(task)
+    workload = WORKLOADS.get(config.workload)()
+    registry, state = workload.registry(task, scale), workload.state(task)
     fixed, per = seconds_per_token
     tools, decodes, step = [], [], 0
     for calls in task.gold_calls(registry):
@@ -489,14 +494,15 @@ def run_bench(
     """The whole benchmark; returns ``{"config", "calibration", "summary", "runs"}``."""
     from jaxlab.progress import progress as bar
 
-    tasks = list(tasks) if tasks is not None else load_bfcl_tasks()
+    workload = WORKLOADS.get(config.workload)()
+    tasks = list(tasks) if tasks is not None else workload.load()
     train, test = split_tasks(tasks, config.train_fraction, config.seed)
     if config.test_tasks is not None and config.test_tasks < len(test):
         # evenly spaced over the test split: task ids are grouped by domain (file system, vehicle,
         # trading, travel, ...), so a prefix would cover one or two domains only
         idx = np.unique(np.linspace(0, len(test) - 1, config.test_tasks).round().astype(int))
         test = [test[i] for i in idx]
-    logs = training_logs(train)
+    logs = training_logs(train, workload)
     t0 = time.perf_counter()
     table = mine_patterns(
         logs,
@@ -524,7 +530,7 @@ def run_bench(
     )
     unit = 0.0
     for t, log in zip(train, logs):
-        registry = bfcl_registry(t)
+        registry = workload.registry(t, 1.0)
         for e in log.tool_events():
             unit += registry.get(e.tool).latency.mean
     scale = decode_s / unit * config.tool_share / (1 - config.tool_share)
@@ -558,8 +564,7 @@ def run_bench(
             "mean_tokens_per_step": config.mean_tokens,
             "train_steps": steps,
             "latency_scale": scale,
-            "api_read_median_s": latency_profile("api_read", scale).median * scale,
-            "api_write_median_s": latency_profile("api_write", scale).median * scale,
+            **{f"{p}_median_s": latency_profile(p).median * scale for p in workload.profiles},
             "patterns": len(table.patterns()),
             "mine_seconds": mine_s,
         },
@@ -582,6 +587,7 @@ def plot_runs(
 
     runs = result["runs"]
     s = result["summary"]
+    title = WORKLOADS.get(result["config"].get("workload", "bfcl"))().title
     modes = [m for m in modes if m in s and m != "serial"]
     times = {
         m: {r["task_id"]: r["seconds"] for r in runs if r["mode"] == m} for m in ["serial", *modes]
@@ -599,8 +605,7 @@ def plot_runs(
             label=label,
         )
     ax.set_title(
-        f"BFCL multi-turn test tasks ({len(ids)}): completion time per task, "
-        f"serial mean {s['serial']['mean_s']:.2f} s"
+        f"{title} ({len(ids)}): completion time per task, serial mean {s['serial']['mean_s']:.2f} s"
     )
     ax.set_xlabel("task (sorted by serial completion time)")
     ax.set_ylabel("completion time (s)")

@@ -1,5 +1,5 @@
-"""``agents bench``: PASTE's replay benchmark on BFCL multi-turn tasks (serial / PASTE / bigram /
-oracle), and ``agents run``: the agent loop on one BFCL task with a model choosing the calls."""
+"""``agents bench``: PASTE's replay benchmark on BFCL multi-turn tasks or scripted research tasks
+(serial / PASTE / bigram / oracle), and ``agents run``: the agent loop on one BFCL task with a model choosing the calls."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def _config(args):
             lookahead=not args.no_lookahead,
             window=args.window,
             seed=args.seed,
+            workload=args.workload,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -161,7 +162,14 @@ def _args(p):
         "oracle speculation (completion time, stall, hit rates, lossless check)",
     )
     b.add_argument("--model", default="smollm2-135m-instruct", help="the thinking model")
-    b.add_argument("--test-tasks", type=int, default=12, help="test tasks to run (0: all 60)")
+    b.add_argument(
+        "--workload",
+        default="bfcl",
+        choices=("bfcl", "research"),
+        help="BFCL multi-turn gold traces, or scripted deep-research tasks (search / fetch chains "
+        "over the Python docs; jaxlab.agents.workloads)",
+    )
+    b.add_argument("--test-tasks", type=int, default=12, help="test tasks to run (0: all)")
     b.add_argument("--train-fraction", type=float, default=0.7, help="tasks mined from")
     b.add_argument(
         "--modes",
