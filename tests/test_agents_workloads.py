@@ -1,0 +1,150 @@
+"""The research-agent workload: the docstring corpus, the scripted policy's traces (deterministic,
+valid against the tools, following the documented rules, checked by an independent walk of the
+rules), and lossless replay of a few research tasks (small latencies)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+
+from jaxlab.agents.search import tokenize
+from jaxlab.agents.workloads import (
+    STOP_WORDS,
+    WORKLOADS,
+    ResearchConfig,
+    docstring_corpus,
+    research_registry,
+    research_tasks,
+)
+
+CONFIG = ResearchConfig(tasks=40)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return research_tasks(CONFIG)
+
+
+def test_corpus_pages_are_the_docstrings():
+    import textwrap
+
+    corpus = docstring_corpus()
+    assert len(corpus.pages) > 300
+    page = corpus.by_url["py://textwrap.dedent"]
+    assert page.title == "textwrap.dedent" and page.text == inspect.getdoc(textwrap.dedent)
+    assert all(len(p.text) >= 40 for p in corpus.pages)
+
+
+def test_tasks_are_deterministic_and_depend_on_the_seed(tasks):
+    again = research_tasks(CONFIG)
+    assert [(t.id, t.turns, t.targets, t.gold, t.found) for t in tasks] == [
+        (t.id, t.turns, t.targets, t.gold, t.found) for t in again
+    ]
+    other = research_tasks(ResearchConfig(tasks=40, seed=1))
+    assert [t.turns for t in other] != [t.turns for t in tasks]
+    with pytest.raises(ValueError):
+        ResearchConfig(keep=0.0)
+
+
+def test_traces_are_valid_and_follow_the_policy(tasks):
+    """Re-walk each gold turn with the tools: the query is the question's words less stop words;
+    every fetch is the best-ranked unread result of the latest search; a turn stops exactly when
+    the rules say (target read and min_reads pages, or the fetch limits reached)."""
+    registry = research_registry(0.0)
+    search, fetch = registry.get("web_search").fn, registry.get("fetch").fn
+    c = CONFIG
+    n_calls = n_refined = 0
+    for task in tasks:
+        assert len(task.turns) == len(task.gold) == len(task.targets) <= c.max_turns
+        for question, target, calls, found in zip(task.turns, task.targets, task.gold, task.found):
+            for name, args, kwargs in calls:
+                registry.canonical(name, args, kwargs)  # valid against the tools' signatures
+            words = [
+                w
+                for w in tokenize(question)
+                if w not in STOP_WORDS and len(w) > 1 and not w.isdigit()
+            ]
+            words = list(dict.fromkeys(words))
+            assert calls[0] == ("web_search", (), {"query": " ".join(words), "k": c.k})
+            read: list[str] = []
+            results: list[str] = []
+            per_search = 0
+            searches = 0
+            for i, (name, _, kw) in enumerate(calls):
+                if name == "web_search":
+                    searches += 1
+                    if searches == 2:
+                        n_refined += 1
+                        assert kw["query"].startswith(" ".join(words) + " ")
+                        assert len(kw["query"].split()) == len(words) + 2
+                    results = [r["url"] for r in search(**kw)["results"]]
+                    per_search = 0
+                    continue
+                unread = [u for u in results if u not in read]
+                assert kw == {"url": unread[0]}  # best-ranked unread result
+                assert "content" in fetch(**kw)
+                read.append(kw["url"])
+                per_search += 1
+                done = target in read and len(read) >= c.min_reads
+                last = i == len(calls) - 1
+                limit = c.max_fetch if searches == 1 else c.max_refetch
+                if done:
+                    assert last  # stops as soon as the rule is met
+                elif last:
+                    assert searches == 2  # not found after the first search: it refined
+                else:
+                    nxt = calls[i + 1][0]
+                    # another fetch while under the limit and results remain, else a refinement
+                    if per_search < limit and len(unread) > 1:
+                        assert nxt == "fetch"
+                    else:
+                        assert nxt == "web_search" and searches == 1
+            assert searches <= 2
+            assert found == (target in read)
+            n_calls += len(calls)
+    assert n_calls > 4 * sum(len(t.turns) for t in tasks)  # long chains: search + >= 3 fetches
+    assert n_refined >= 1  # the refinement path is exercised
+
+
+def test_research_replay_is_lossless_and_speculation_pays():
+    from jaxlab.agents.bench import BenchConfig, SleepThinker, replay_task, training_logs
+    from jaxlab.agents.executor import ToolScheduler
+    from jaxlab.agents.miner import MinerConfig, mine_patterns
+
+    workload = WORKLOADS.get("research")()
+    all_tasks = research_tasks(ResearchConfig(tasks=40))
+    train, chosen = all_tasks[:37], all_tasks[37:]
+    table = mine_patterns(training_logs(train, workload), MinerConfig())
+    direct = {log.task_id: log for log in training_logs(chosen, workload)}
+    config = BenchConfig(seed=0, workload="research")
+    think = SleepThinker(0.0005)
+    promoted = 0
+    with ToolScheduler(workers=8) as sched:
+        for task in chosen:
+            runs = {
+                mode: replay_task(
+                    task,
+                    mode,
+                    think=think,
+                    config=config,
+                    scale=0.01,
+                    scheduler=sched,
+                    table=table,
+                    seconds_per_token=(0.0, 0.0005),
+                )
+                for mode in ("serial", "paste", "oracle")
+            }
+            want = [
+                json.dumps(e.output, sort_keys=True, default=str)
+                for e in direct[task.id].tool_events()
+            ]
+            assert runs["serial"].outputs == want
+            assert runs["serial"].calls == task.num_calls
+            for mode in ("paste", "oracle"):
+                assert runs[mode].outputs == want, (task.id, mode)
+            promoted += runs["paste"].stats["promoted"]
+            assert runs["oracle"].stats["promoted"] == runs["oracle"].calls
+    # the fetches after a search are predicted from its output (results[i].url)
+    assert promoted >= sum(t.num_calls - len(t.turns) for t in chosen) // 2
