@@ -374,8 +374,8 @@ def family_report(out: Path):
         ax.set_yticks(range(len(trains)), trains)
         ax.set_xlabel("tested on")
         ax.set_ylabel("trained on (self-supervised)")
-        ax.set_title(f"{m} sky error / best baseline's (all wavelengths)")
-    fig.colorbar(im, ax=axes, label="log2 ratio (blue: better than the better of Super Sky, PCA)")
+        ax.set_title(f"{m} / best of Super Sky, PCA (sky error, all)")
+    fig.colorbar(im, ax=axes, label="log2 ratio (blue: better)")
     fig.savefig(out / "bench_sky_families.png", dpi=110)
     print(f"wrote {out / 'bench_sky_families.png'}")
 

@@ -1,12 +1,15 @@
 """SMI training with 1 and with 8 visible (virtual CPU) devices gives the same sky error.
 
-    python scripts/sky_device_check.py [--train 16] [--steps 300] [--seeds 0] [--test 3] [--lr 2e-3]
+    python scripts/sky_device_check.py [--train 16] [--steps 300] [--seeds 0 1 2 3 4] [--test 3]
+        [--lr 2e-3] [--json docs/results/sky/sky_device_check.json]
 
 Each run is a fresh process with XLA_FLAGS=--xla_force_host_platform_device_count=N (which changes
 how XLA partitions work on the CPU, so float rounding differs); it trains SMI on `--train`
 simulated plates (seeds 1000+) with each model seed in `--seeds` and measures the sky error on
-`--test` held-out plates (seeds 0..). Prints the CLUB range of the individual stage and the relative
-difference of the mean sky error between the device counts; exits 1 if it is above 5 %.
+`--test` held-out plates (seeds 0..). Prints the CLUB range of the individual stage, each seed's
+relative difference between the device counts, and the relative difference of the mean over seeds
+with the seeds' spread; exits 1 if the latter is above 5 %. A change of rounding moves one seed's
+result about as much as a change of seed does, so the criterion is on the mean over seeds.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import numpy as np
 
 
 def worker(args) -> dict:
@@ -65,8 +71,9 @@ def main():
     ap.add_argument("--train", type=int, default=16)
     ap.add_argument("--test", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--lr", type=float, default=SMIConfig_lr(), help="SMIConfig.learning_rate")
+    ap.add_argument("--json", help="write the runs and the summary to this JSON file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -96,8 +103,9 @@ def main():
         if proc.returncode:
             sys.exit(f"worker with {n} device(s) failed ({proc.returncode})")
         results[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, eight = results[1]["runs"], results[8]["runs"]
     worst = 0.0
-    for a, b in zip(results[1]["runs"], results[8]["runs"]):
+    for a, b in zip(one, eight):
         for key in ("sky_error_all", "sky_error_blue"):
             rel = abs(a[key] - b[key]) / a[key]
             worst = max(worst, rel)
@@ -109,8 +117,44 @@ def main():
             f"  CLUB range: 1 device [{a['club_min']:.3f}, {a['club_max']:.3f}], "
             f"8 devices [{b['club_min']:.3f}, {b['club_max']:.3f}]"
         )
-    print(f"largest relative difference {100 * worst:.2f} % (limit 5 %)")
-    sys.exit(0 if worst <= 0.05 else 1)
+    # The criterion: the mean over model seeds. A change of float rounding (the device count) is a
+    # perturbation like a change of seed; one seed's difference is compared with the seeds' spread.
+    summary = {"per_seed_worst_relative": worst, "mean_over_seeds": {}}
+    mean_worst = 0.0
+    for key in ("sky_error_all", "sky_error_blue"):
+        m1, m8 = (float(np.mean([r[key] for r in runs])) for runs in (one, eight))
+        s1, s8 = (
+            float(np.std([r[key] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+            for runs in (one, eight)
+        )
+        diffs = [b[key] - a[key] for a, b in zip(one, eight)]
+        rel = abs(m8 - m1) / m1
+        mean_worst = max(mean_worst, rel)
+        summary["mean_over_seeds"][key] = {
+            "1 device": m1,
+            "8 devices": m8,
+            "relative difference": rel,
+            "seed std, 1 device": s1,
+            "seed std, 8 devices": s8,
+            "std of the per-seed differences": float(np.std(diffs, ddof=1))
+            if len(diffs) > 1
+            else 0.0,
+        }
+        print(
+            f"mean over {len(one)} seeds {key}: 1 device {m1:.3f} % (seed std {s1:.3f}), "
+            f"8 devices {m8:.3f} % (seed std {s8:.3f}), relative difference {100 * rel:.2f} %"
+        )
+    summary["mean_worst_relative"] = mean_worst
+    print(
+        f"largest relative difference: per seed {100 * worst:.2f} %, of the mean over seeds "
+        f"{100 * mean_worst:.2f} % (limit 5 %, on the mean)"
+    )
+    if args.json:
+        cmd = "python scripts/sky_device_check.py " + " ".join(sys.argv[1:])
+        report = {"command": cmd, "results": results, "summary": summary}
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    sys.exit(0 if mean_worst <= 0.05 else 1)
 
 
 if __name__ == "__main__":

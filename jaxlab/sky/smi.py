@@ -352,19 +352,20 @@ def _throughput(pred, features, ivar):
     return jnp.clip(t, 0.5, 1.5)
 
 
-def _codes(model: SMIModel, t: _PlateTensors, *, individual: bool):
+def _codes(model: SMIModel, t: _PlateTensors, *, individual: bool, degree: int | None = None):
     """Sky codes [F, K+1] of every fibre, the individual codes z (None at stage a), the shared ones.
 
     Stage (a): each fibre's own shared code. Stage (b): c_i = t_i * field(x_i) + z_i, where the
     field is the plate's common code plus a smooth fit over the sky fibres (their codes divided
-    by their throughputs) and t_i is fibre i's sky-line throughput against the field.
+    by their throughputs) and t_i is fibre i's sky-line throughput against the field. `degree`
+    overrides the config's `spatial_degree` of the field's polynomial.
     """
     shared = model.shared(t.features)
     if not individual:
         return shared, None, shared
     hpb = model.hp_basis[...]
     common = jnp.mean(shared, 0)
-    phi = _spatial_features(t.pos, model.config.spatial_degree)
+    phi = _spatial_features(t.pos, model.config.spatial_degree if degree is None else degree)
     rows, ridge = t.sky_rows, model.config.ridge
     field = _field(common, t.sky_codes, phi, rows, ridge)
     thr = _throughput(field @ hpb, t.features, t.ivar_lines)
@@ -633,31 +634,38 @@ def _rebuild(model, config, n_pix, line_pix, anchors, basis, rngs) -> SMIModel:
 # -- applying --------------------------------------------------------------------------------------
 
 
-def smi_sky(model: SMIModel, plate: Plate) -> np.ndarray:
-    """Sky estimate [F, W] (counts, each fibre in its own wavelength frame) for a new plate."""
+def smi_sky(model: SMIModel, plate: Plate, *, spatial_degree: int | None = None) -> np.ndarray:
+    """Sky estimate [F, W] (counts, each fibre in its own wavelength frame) for a new plate.
+
+    `spatial_degree` overrides the model's degree of the focal-plane field (fitted in closed form
+    on the plate's sky fibres, so any degree applies to a trained model; >= 0, and the plate needs
+    more sky fibres than the polynomial has terms for it to be determined by more than the ridge).
+    """
     config = model.config
     prep = _prepare(plate, config)
     if plate.n_pix != model.basis.shape[1]:
         raise UserError(
             f"the model was trained on {model.basis.shape[1]} pixels, the plate has {plate.n_pix}"
         )
-    return np.asarray(_apply(model, prep)) * prep.scale
+    if spatial_degree is not None and spatial_degree < 0:
+        raise UserError(f"spatial_degree must be >= 0, got {spatial_degree}")
+    return np.asarray(_apply(model, prep, spatial_degree)) * prep.scale
 
 
-@nnx.jit
-def _apply_jit(model, flux, ivar, highpass, pos, sky_rows, neighbour):
+@nnx.jit(static_argnames=("degree",))
+def _apply_jit(model, flux, ivar, highpass, pos, sky_rows, neighbour, degree=None):
     prep = _Prepared(1.0, flux, ivar, highpass, pos, None, neighbour)  # type: ignore[arg-type]
     shift, a_flux, a_ivar, a_hp = _aligned(model, prep)
     lp = model.line_pixels[...]
     basis = model.basis[...]
     codes_sky = _sky_codes(basis, a_flux[sky_rows], a_ivar[sky_rows])
     t = _PlateTensors(a_hp[:, lp], a_ivar[:, lp], pos, neighbour, codes_sky, sky_rows)
-    codes, _, _ = _codes(model, t, individual=True)
+    codes, _, _ = _codes(model, t, individual=True, degree=degree)
     sky_ref = codes @ basis
     return resample(sky_ref, -shift), shift
 
 
-def _apply(model: SMIModel, prep: _Prepared):
+def _apply(model: SMIModel, prep: _Prepared, degree: int | None = None):
     sky, _ = _apply_jit(
         model,
         jnp.asarray(prep.flux),
@@ -666,6 +674,7 @@ def _apply(model: SMIModel, prep: _Prepared):
         jnp.asarray(prep.pos),
         jnp.asarray(np.nonzero(prep.is_sky)[0]),
         jnp.asarray(prep.neighbour),
+        degree=degree,
     )
     return sky
 
