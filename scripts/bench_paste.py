@@ -21,7 +21,7 @@ from jaxlab.cli import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    research = "research" in argv or "--workload=research" in argv
+    research = any(a.startswith(("research", "--workload=research")) for a in argv)
     name = "docs/results/paste_research" if research else "docs/results/paste_bfcl"
     if "--json" not in argv:
         argv += ["--json", f"{name}.json"]

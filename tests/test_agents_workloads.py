@@ -48,13 +48,17 @@ def test_tasks_are_deterministic_and_depend_on_the_seed(tasks):
         ResearchConfig(keep=0.0)
 
 
-def test_traces_are_valid_and_follow_the_policy(tasks):
+@pytest.mark.parametrize("order", ["rank", "snippet"])
+def test_traces_are_valid_and_follow_the_policy(order):
     """Re-walk each gold turn with the tools: the query is the question's words less stop words;
-    every fetch is the best-ranked unread result of the latest search; a turn stops exactly when
-    the rules say (target read and min_reads pages, or the fetch limits reached)."""
+    every fetch is the first unread result of the latest search in reading order (rank, or most
+    question words in title + snippet); a turn stops exactly when the rules say (target read and
+    min_reads pages, or the fetch limits reached)."""
+    c = ResearchConfig(tasks=40, order=order)
+    tasks = research_tasks(c)
     registry = research_registry(0.0)
     search, fetch = registry.get("web_search").fn, registry.get("fetch").fn
-    c = CONFIG
+    n_reordered = 0
     n_calls = n_refined = 0
     for task in tasks:
         assert len(task.turns) == len(task.gold) == len(task.targets) <= c.max_turns
@@ -79,7 +83,21 @@ def test_traces_are_valid_and_follow_the_policy(tasks):
                         n_refined += 1
                         assert kw["query"].startswith(" ".join(words) + " ")
                         assert len(kw["query"].split()) == len(words) + 2
-                    results = [r["url"] for r in search(**kw)["results"]]
+                    hits = search(**kw)["results"]
+                    results = [r["url"] for r in hits]
+                    if order == "snippet":
+                        score = {
+                            r["url"]: len(
+                                set(words) & set(tokenize(r["title"] + " " + r["snippet"]))
+                            )
+                            for r in hits
+                        }
+                        # a stable sort by score, written out: highest first, then by rank
+                        results = [
+                            u
+                            for _, _, u in sorted((-score[u], i, u) for i, u in enumerate(results))
+                        ]
+                        n_reordered += results != [r["url"] for r in hits]
                     per_search = 0
                     continue
                 unread = [u for u in results if u not in read]
@@ -106,6 +124,7 @@ def test_traces_are_valid_and_follow_the_policy(tasks):
             n_calls += len(calls)
     assert n_calls > 4 * sum(len(t.turns) for t in tasks)  # long chains: search + >= 3 fetches
     assert n_refined >= 1  # the refinement path is exercised
+    assert (n_reordered > 0) == (order == "snippet")
 
 
 def test_research_replay_is_lossless_and_speculation_pays():

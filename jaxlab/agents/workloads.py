@@ -24,7 +24,9 @@ factor, and a task's fresh state.
     :func:`research_policy` does with the real tools' outputs:
 
     1. ``web_search(query=<the question's content words>, k=5)``;
-    2. ``fetch`` the results in rank order, at most ``max_fetch``, stopping once the target has
+    2. ``fetch`` the results in rank order (workload ``research_snippet``: in the order of how
+       many of the question's words their title and snippet hold, ties by rank), at most
+       ``max_fetch``, stopping once the target has
        been read (the reader recognises the answer when it reads it) and at least ``min_reads``
        pages have (other sources);
     3. if not found: one refined ``web_search`` whose query is the question's words plus the two
@@ -138,7 +140,9 @@ class ResearchConfig:
     """The task set: ``tasks`` tasks of one to ``max_turns`` questions, ``keep`` the chance a
     description word stays in a question, ``max_fetch`` / ``max_refetch`` pages read after the
     first / refined search, ``min_reads`` the fewest pages read before answering (a researcher
-    checks other sources), ``k`` results per search, ``seed`` the words' generator."""
+    checks other sources), ``k`` results per search, ``order`` the reading order of a search's
+    results (``"rank"``; ``"snippet"``: most question words in title and snippet first), ``seed``
+    the words' generator."""
 
     tasks: int = 200
     max_turns: int = 3
@@ -147,11 +151,14 @@ class ResearchConfig:
     max_refetch: int = 2
     min_reads: int = 3
     k: int = 5
+    order: str = "rank"
     seed: int = 0
 
     def __post_init__(self):
         if self.tasks < 1 or self.max_turns < 1:
             raise ValueError("tasks and max_turns must be >= 1")
+        if self.order not in ("rank", "snippet"):
+            raise ValueError(f"order must be 'rank' or 'snippet', got {self.order!r}")
         if not 0 < self.keep <= 1:
             raise ValueError(f"keep must be in (0, 1], got {self.keep}")
         if self.max_fetch < 1 or self.max_refetch < 0 or self.k < 1 or self.min_reads < 1:
@@ -204,6 +211,13 @@ def research_policy(
         # reads until the target has been read and at least min_reads pages in all
         nonlocal first_page, found
         n = 0
+        if config.order == "snippet":
+            # most question words in title and snippet first (ties: rank), as a reader who
+            # judges the results by their snippets
+            def overlap(r: dict) -> int:
+                return len(set(words) & set(tokenize(r["title"] + " " + r["snippet"])))
+
+            results = sorted(results, key=lambda r: -overlap(r))  # stable: ties keep rank
         for r in results:
             if n >= limit or (found and len(fetched) >= config.min_reads):
                 break
@@ -311,16 +325,21 @@ def _bfcl() -> Workload:
     )
 
 
-def _research() -> Workload:
+def _research(config: ResearchConfig | None = None, note: str = "") -> Workload:
     return Workload(
-        research_tasks,
+        functools.partial(research_tasks, config),
         lambda task, scale: research_registry(scale),
         lambda task: ToolState({}),
         ("web_search", "fetch"),
-        f"research tasks (Python {sys.version_info.major}.{sys.version_info.minor} docs)",
+        f"research tasks (Python {sys.version_info.major}.{sys.version_info.minor} docs"
+        + (f"; {note})" if note else ")"),
     )
 
 
 WORKLOADS: Registry[Callable[[], Workload]] = Registry("workload")
 WORKLOADS.register("bfcl", _bfcl)
 WORKLOADS.register("research", _research)
+WORKLOADS.register(
+    "research_snippet",
+    lambda: _research(ResearchConfig(order="snippet"), "results read by snippet"),
+)

@@ -165,9 +165,10 @@ def _args(p):
     b.add_argument(
         "--workload",
         default="bfcl",
-        choices=("bfcl", "research"),
+        choices=("bfcl", "research", "research_snippet"),
         help="BFCL multi-turn gold traces, or scripted deep-research tasks (search / fetch chains "
-        "over the Python docs; jaxlab.agents.workloads)",
+        "over the Python docs; research_snippet: results read by their snippets; "
+        "jaxlab.agents.workloads)",
     )
     b.add_argument("--test-tasks", type=int, default=12, help="test tasks to run (0: all)")
     b.add_argument("--train-fraction", type=float, default=0.7, help="tasks mined from")
