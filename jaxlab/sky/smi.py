@@ -31,7 +31,7 @@ Training is self-supervised (no truth is read), so it can run on the user's own 
 plates). Stability: AdamW with gradient clipping and a warmup-cosine schedule in every stage, CLUB on
 the bounded corrections with a variance-floored q, and a non-finite value stops training with
 `jaxlab.optim.NonFiniteError`. A model does not transfer between unlike skies; `jaxlab.sky.safety`
-blends it towards Super Sky where held-out sky fibres say it is worse.
+blends it towards the better of Super Sky and PCA where held-out sky fibres say it is worse.
 """
 
 from __future__ import annotations
