@@ -50,6 +50,17 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SMI model seeds")
     ap.add_argument("--only-train", nargs="*", help="training families (default: all)")
     ap.add_argument(
+        "--same-family",
+        action="store_true",
+        help="test each model on its training family only (writes bench_sky_level_seeds*.json)",
+    )
+    ap.add_argument(
+        "--report-level",
+        action="store_true",
+        help="merge the bench_sky_level_seeds*.json under --out: SMI-safe before (one level model)"
+        " and after (level model per band) on each family",
+    )
+    ap.add_argument(
         "--report",
         action="store_true",
         help="merge the bench_sky_families*.json under --out into a markdown table and a PNG",
@@ -64,6 +75,8 @@ def main():
         return incremental(args)
     if args.report:
         return family_report(Path(args.out))
+    if args.report_level:
+        return level_report(Path(args.out))
     if args.families:
         return cross_family(args)
     t0 = time.perf_counter()
@@ -151,6 +164,7 @@ def cross_family(args):
     from sky_families import FAMILIES, make_plate
 
     from jaxlab.sky.safety import cross_validate, default_baselines, safe_sky
+    from jaxlab.sky.smi import smi_level_candidates
 
     names = ["jaxlab-sim", *FAMILIES]
 
@@ -182,17 +196,27 @@ def cross_family(args):
             model, hist = train_smi(train, cfg, progress=False)
             line = [f"train {train_fam} seed {seed} ({hist['seconds']:.0f} s):"]
             for test_fam, ps in tests.items():
+                if args.same_family and test_fam != train_fam:
+                    continue
                 for k, p in enumerate(ps):
                     smi = smi_sky(model, p)
-                    safe, rep = safe_sky(
+                    # Before: one level model (SMI as trained, throughput power 1).
+                    safe_p1, _ = safe_sky(
                         p, functools.partial(smi_sky, model), baselines=cv_base[test_fam][k]
+                    )
+                    # Now: per band, the level model (throughput power 1, 0.5, 0) and baseline
+                    # blend that best predict the held-out sky fibres.
+                    safe, rep = safe_sky(
+                        p, smi_level_candidates(model), baselines=cv_base[test_fam][k]
                     )
                     res = dict(baseline[test_fam][k])
                     res["smi"] = evaluate_sky(p, smi)["sky_error_pct"]
+                    res["smi-safe-p1"] = evaluate_sky(p, safe_p1)["sky_error_pct"]
                     res["smi-safe"] = evaluate_sky(p, safe)["sky_error_pct"]
                     res["fallback_fraction_bands"] = rep["fallback_fraction_bands"]
                     res["weights"] = rep["weights"]
                     res["baselines"] = rep["baselines"]
+                    res["level"] = rep["learned"]
                     results.append(
                         {"train": train_fam, "seed": seed, "test": test_fam, "plate": k, **res}
                     )
@@ -215,9 +239,13 @@ def cross_family(args):
     )
     if args.only_train:
         cmd += " --only-train " + " ".join(args.only_train)
+    if args.same_family:
+        cmd += " --same-family"
     report = {"command": cmd, "seconds": time.perf_counter() - t0, "table": table}
     report["per_plate"] = results
     name = "bench_sky_families" + ("_" + "+".join(args.only_train) if args.only_train else "")
+    if args.same_family:
+        name = "bench_sky_level_seeds" + "-".join(map(str, args.seeds))
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / name}.json ({time.perf_counter() - t0:.0f} s)")
 
@@ -233,7 +261,7 @@ def summarise(results, names, train_names, seeds):
             if not rows:
                 continue
             entry = {"train": tr, "test": te}
-            for m in ("supersky", "pca", "smi", "smi-safe"):
+            for m in ("supersky", "pca", "smi", "smi-safe-p1", "smi-safe"):
                 for region in ("blue", "all"):
                     per_seed = [
                         np.mean([r[m][region] for r in rows if r["seed"] == s]) for s in seeds
@@ -256,7 +284,7 @@ def summarise(results, names, train_names, seeds):
                 + "  ".join(
                     f"{m} {entry[f'{m}_blue']:.2f}/{entry[f'{m}_all']:.2f}"
                     + (f"±{entry[f'{m}_all_std']:.2f}" if m.startswith("smi") else "")
-                    for m in ("supersky", "pca", "smi", "smi-safe")
+                    for m in ("supersky", "pca", "smi", "smi-safe-p1", "smi-safe")
                 )
                 + f"  fallback {entry['fallback_fraction_bands']:.2f}"
             )
@@ -317,6 +345,62 @@ def incremental(args):
     report = {"command": cmd, "seconds": time.perf_counter() - t0, "results": rows}
     (out / f"bench_sky_incremental_{fam}.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / f'bench_sky_incremental_{fam}.json'}")
+
+
+def level_report(out: Path):
+    """Markdown table (stdout) of the same-family runs: per family the mean over seeds and plates
+    (± std over seeds) of Super Sky, PCA, SMI, SMI-safe with one level model (before) and with a
+    level model per band (after), and the ratios of the latter two to Super Sky and to the better
+    baseline; plus how often each level model was chosen per band."""
+    rows = []
+    for f in sorted(out.glob("bench_sky_level_seeds*.json")):
+        rows += json.loads(f.read_text())["per_plate"]
+    fams = list(dict.fromkeys(r["test"] for r in rows))
+    methods = ("supersky", "pca", "smi", "smi-safe-p1", "smi-safe")
+    print(
+        "| family | seeds | Super Sky blue / all | PCA blue / all | SMI blue / all | "
+        "SMI-safe before blue / all | SMI-safe after blue / all | before / Super Sky blue, all | "
+        "after / Super Sky blue, all | after / best baseline blue, all |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    picks = {}
+    for fam in fams:
+        mine = [r for r in rows if r["test"] == fam and r["train"] == fam]
+        seeds = sorted({r["seed"] for r in mine})
+        mean, std = {}, {}
+        for m in methods:
+            for reg in ("blue", "all"):
+                per = [np.mean([r[m][reg] for r in mine if r["seed"] == s]) for s in seeds]
+                mean[m, reg], std[m, reg] = float(np.mean(per)), float(np.std(per))
+
+        def pm(m, mean=mean, std=std):
+            return " / ".join(
+                f"{mean[m, r]:.2f}" + (f" ± {std[m, r]:.2f}" if m.startswith("smi") else "")
+                for r in ("blue", "all")
+            )
+
+        def ratio(m, ref, mean=mean):
+            return ", ".join(f"{mean[m, r] / ref(r):.2f}" for r in ("blue", "all"))
+
+        def ss(r, mean=mean):
+            return mean["supersky", r]
+
+        def best(r, mean=mean):
+            return min(mean["supersky", r], mean["pca", r])
+
+        print(
+            f"| {fam} | {len(seeds)} | {pm('supersky')} | {pm('pca')} | {pm('smi')} | "
+            f"{pm('smi-safe-p1')} | {pm('smi-safe')} | {ratio('smi-safe-p1', ss)} | "
+            f"{ratio('smi-safe', ss)} | {ratio('smi-safe', best)} |"
+        )
+        for r in mine:
+            for k, lvl in enumerate(r.get("level", [])):
+                picks.setdefault(fam, np.zeros((4, 3)))
+                picks[fam][k, ("smi p=1", "smi p=0.5", "smi p=0").index(lvl)] += 1
+    print("\nlevel model chosen per band (share of plates x seeds; p = 1 / 0.5 / 0):")
+    for fam, c in picks.items():
+        c = c / c.sum(1, keepdims=True)
+        print(f"  {fam}: " + "; ".join("/".join(f"{x:.2f}" for x in row) for row in c))
 
 
 def family_report(out: Path):

@@ -183,3 +183,33 @@ def test_cross_validated_baselines_are_reused_and_checked(plate):
     assert a[1] == b[1]
     with pytest.raises(UserError, match="other folds"):
         safe_sky(plate, lambda p: p.true_sky, baselines=cv, seed=1)
+
+
+def test_safe_sky_picks_a_level_model_per_band(plate):
+    """Several learned skies (e.g. SMI's level models, `smi_level_candidates`): each band keeps the
+    candidate whose blend predicts the held-out sky fibres best. Where the first candidate is right
+    the result is exactly the single-candidate path; a second candidate right only in the blue
+    (the first has a wrong per-fibre blue level there) is taken in the blue band alone."""
+    cv = {"supersky": cross_validate(plate, super_sky, 5, 0)}
+    wave = plate.wavelength
+    blue = wave < 4500.0
+    gain = 1.0 + np.random.default_rng(3).normal(0.0, 0.15, plate.n_fibers)
+
+    def truth(p):
+        return p.true_sky.astype(np.float64)
+
+    def wrong_blue(p):
+        return np.where(blue[None], gain[:, None], 1.0) * truth(p)
+
+    one, rep1 = safe_sky(plate, truth, baselines=cv)
+    both, rep = safe_sky(plate, {"as trained": truth, "other": wrong_blue}, baselines=cv)
+    assert rep["learned"] == ["as trained"] * 4
+    np.testing.assert_array_equal(both, one)
+    assert rep["weights"] == rep1["weights"]
+
+    sky, rep = safe_sky(plate, {"as trained": wrong_blue, "level": truth}, baselines=cv)
+    assert rep["learned"] == ["level", "as trained", "as trained", "as trained"]
+    np.testing.assert_array_equal(sky[:, ~blue], one[:, ~blue])
+    worse, _ = safe_sky(plate, wrong_blue, baselines=cv)
+    e = [evaluate_sky(plate, s)["sky_error_pct"]["blue"] for s in (sky, worse)]
+    assert e[0] < 0.7 * e[1], e

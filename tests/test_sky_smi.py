@@ -278,3 +278,82 @@ def test_cli_simulate_subtract_evaluate(tmp_path, trained, capsys):
         == 2
     )
     assert "bad.fits" in capsys.readouterr().err
+
+
+def _field_ref(prior, codes, phi, rows, ridge):
+    """float64 ridge least squares of the sky fibres' codes on the polynomial features."""
+    a = phi[rows].T @ phi[rows] + ridge * np.eye(phi.shape[1])
+    beta = np.linalg.solve(a, phi[rows].T @ (codes - prior[None]))
+    return prior[None] + phi @ beta
+
+
+def test_throughput_power_level_against_least_squares():
+    """The per-fibre level t_i^p field_p(x_i) of `_codes(..., power=p)` on a hand-built plate:
+    (1) sky fibres of unit throughput on a quadratic field, object fibres with known throughputs
+    tau_i: power p gives every fibre the level tau_i^p exactly; (2) sky fibres with throughputs
+    too: the codes match a float64 re-computation (line-throughput fits and the ridge least-squares
+    field of the sky codes over t^p), for p = 1 (SMI as trained), 0.5, 0 and -1."""
+    from types import SimpleNamespace
+
+    from jaxlab.sky.smi import _codes, _PlateTensors, _spatial_features
+
+    cfg = SMIConfig(n_basis=3, ridge=0.0)
+    rng = np.random.default_rng(0)
+    n_f, n_s, n_feat = 40, 12, 30
+    hpb = rng.normal(size=(4, n_feat))
+    w_shared = jnp.asarray(rng.normal(0, 0.1, (n_feat, 4)), jnp.float32)
+    # What `_codes` reads of a model: the shared encoder (a fixed linear map here), the individual
+    # encoder (z = 0, as a model starts stage b), the high-passed basis and the config.
+    model = SimpleNamespace(
+        config=cfg,
+        hp_basis=jnp.asarray(hpb, jnp.float32),
+        shared=lambda f: f @ w_shared,
+        individual=lambda x: jnp.zeros((x.shape[0], 4), x.dtype),
+    )
+    pos = rng.uniform(-0.9, 0.9, (n_f, 2))
+    phi = _spatial_features(pos, 2)
+    field = np.array([1.0, 0.2, -0.1, 0.05]) + phi @ rng.normal(0, 0.1, (6, 4))  # [F, K+1]
+    rows = np.arange(n_s)
+    tau = rng.uniform(0.7, 1.3, n_f)
+
+    def tensors(tau_sky):
+        t = np.concatenate([tau_sky, tau[n_s:]])
+        feats = t[:, None] * (field @ hpb)
+        return t, _PlateTensors(
+            jnp.asarray(feats, jnp.float32),
+            jnp.ones((n_f, n_feat), jnp.float32),
+            jnp.asarray(pos, jnp.float32),
+            jnp.zeros(n_f, jnp.int32),
+            jnp.asarray(t[rows, None] * field[rows], jnp.float32),  # the sky fibres' codes
+            jnp.asarray(rows),
+        )
+
+    @jax.jit
+    def codes_of(plate, p):  # one compile for all powers
+        return _codes(model, plate, individual=True, power=p)[0]
+
+    def run(plate, p):
+        return np.asarray(codes_of(plate, jnp.float32(p)), np.float64)
+
+    t_unit, plate = tensors(np.ones(n_s))
+    for p in (1.0, 0.5, 0.0, -1.0):
+        np.testing.assert_allclose(
+            run(plate, p), t_unit[:, None] ** p * field, rtol=2e-3, atol=2e-4
+        )
+
+    _, plate = tensors(rng.uniform(0.8, 1.2, n_s))
+    common = np.asarray(model.shared(plate.features), np.float64).mean(0)
+    sky_codes = np.asarray(plate.sky_codes, np.float64)
+    feats = np.asarray(plate.features, np.float64)
+
+    def thr(pred):
+        return np.clip(np.sum(pred * feats, 1) / (np.sum(pred * pred, 1) + 1e-9), 0.5, 1.5)
+
+    f1 = _field_ref(common, sky_codes, phi, rows, 0.0)
+    t1 = thr(f1 @ hpb)
+    f2 = _field_ref(common, sky_codes / t1[rows, None], phi, rows, 0.0)
+    t2 = thr(f2 @ hpb)
+    for p in (1.0, 0.5, 0.0, -1.0):
+        level = t2**p
+        want = level[:, None] * _field_ref(common, sky_codes / level[rows, None], phi, rows, 0.0)
+        np.testing.assert_allclose(run(plate, p), want, rtol=2e-3, atol=2e-4)

@@ -100,8 +100,10 @@ def _subtract(args):
         from jaxlab.sky.methods import LAST_REPORT as rep
 
         bands = ", ".join(
-            f"{lo:.0f}-{hi:.0f} Å {w:.2f} (else {b})"
-            for (lo, hi), w, b in zip(rep["bands_angstrom"], rep["weights"], rep["baselines"])
+            f"{lo:.0f}-{hi:.0f} Å {w:.2f} ({lvl}; else {b})"
+            for (lo, hi), w, b, lvl in zip(
+                rep["bands_angstrom"], rep["weights"], rep["baselines"], rep["learned"]
+            )
         )
         print(
             f"safety net: SMI weight per band {bands}; fallback to a baseline in "

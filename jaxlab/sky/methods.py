@@ -62,11 +62,11 @@ METHODS.register(
 
 def _smi_safe(plate: Plate, model) -> np.ndarray:
     from jaxlab.sky.safety import safe_sky
-    from jaxlab.sky.smi import load_smi, smi_sky
+    from jaxlab.sky.smi import load_smi, smi_level_candidates
 
     if isinstance(model, str | os.PathLike):
         model = load_smi(model)
-    sky, report = safe_sky(plate, lambda p: smi_sky(model, p))
+    sky, report = safe_sky(plate, smi_level_candidates(model))
     LAST_REPORT.clear()
     LAST_REPORT.update(report)
     return sky
@@ -80,7 +80,8 @@ METHODS.register(
         _smi_safe,
         needs_model=True,
         description="SMI blended towards the better of Super Sky and PCA by sky-fibre "
-        "cross-validation (jaxlab.sky.safety)",
+        "cross-validation (jaxlab.sky.safety), with each band's per-fibre level model "
+        "(throughput power 1, 0.5, 0) chosen the same way",
     ),
 )
 

@@ -20,6 +20,12 @@ a small positive weight fitted on them still added a visible error on the object
 the held-out chi^2 of every method and of the blend, and the fallback fraction (the share of bands
 and of pixels where the weight is 0).
 
+The learned sky may also be several candidates (name -> estimator, e.g. SMI's per-fibre level
+models `jaxlab.sky.smi.smi_level_candidates`: the sky-line throughput to the power 1, 0.5 or 0);
+each is cross-validated on the same folds and every band keeps the candidate whose best blend has
+the smallest held-out chi^2 (ties: the first candidate, so a candidate that does not help leaves
+the first one's result unchanged).
+
 Letters: F fibres, N held-out fibres (all folds), W wavelength pixels, B bands, M baselines.
 """
 
@@ -177,7 +183,7 @@ def select_blend(
 
 def safe_sky(
     plate: Plate,
-    learned: SkyEstimator,
+    learned: SkyEstimator | Mapping[str, SkyEstimator],
     *,
     baselines: Mapping[str, SkyEstimator | CrossValidated] | None = None,
     folds: int = 5,
@@ -189,7 +195,11 @@ def safe_sky(
 
     Args:
       plate: the plate (sky fibres flagged; no truth is read).
-      learned: plate -> sky [F, W], e.g. ``lambda p: smi_sky(model, p)``.
+      learned: plate -> sky [F, W], e.g. ``lambda p: smi_sky(model, p)``; or name -> such
+        estimator (L candidates, e.g. `jaxlab.sky.smi.smi_level_candidates(model)`): per band the
+        candidate and baseline whose floored blend has the smallest held-out chi^2 are kept (ties
+        go to the first candidate, then the first baseline); the report adds "learned" [B], each
+        band's candidate.
       baselines: name -> plate -> sky [F, W] to fall back to, or its `cross_validate` result on
         this plate with the same `folds` and `seed` (default: `default_baselines()`, Super Sky and
         PCA cleaning).
@@ -202,7 +212,13 @@ def safe_sky(
     good = (plate.mask == 0) & (plate.ivar > 0) & np.isfinite(plate.flux)
     flux = np.where(good, plate.flux, 0.0).astype(np.float64)
     ivar = np.where(good, plate.ivar, 0.0).astype(np.float64)
-    cv_l = cross_validate(plate, learned, folds, seed, full=False)
+    candidates = dict(learned) if isinstance(learned, Mapping) else {"learned": learned}
+    if not candidates:
+        raise UserError("the safety net needs at least one learned sky")
+    cv_ls = {
+        n: cross_validate(plate, est, folds, seed, full=False) for n, est in candidates.items()
+    }
+    cv_l = next(iter(cv_ls.values()))
     cv_b = {}
     for name, est in (baselines if baselines is not None else default_baselines()).items():
         cv = est if isinstance(est, CrossValidated) else cross_validate(plate, est, folds, seed)
@@ -212,8 +228,26 @@ def safe_sky(
             )
         cv_b[name] = cv
     rows = cv_l.rows
-    hf, hi, hl = flux[rows], ivar[rows], cv_l.held
-    sel = select_blend(hf, hi, hl, {n: cv.held for n, cv in cv_b.items()}, bands, min_weight)
+    hf, hi = flux[rows], ivar[rows]
+    held_b = {n: cv.held for n, cv in cv_b.items()}
+    sels = {n: select_blend(hf, hi, cv.held, held_b, bands, min_weight) for n, cv in cv_ls.items()}
+
+    def band_chi2(sel, k):
+        return sel["chi2"][sel["baseline"][k]][k]
+
+    names = list(cv_ls)
+    pick_l = [
+        names[int(np.argmin([band_chi2(sels[n], k) for n in names]))] for k in range(len(bands))
+    ]
+    sel = {
+        "baseline": [sels[n]["baseline"][k] for k, n in enumerate(pick_l)],
+        "weight": np.asarray([sels[n]["weight"][k] for k, n in enumerate(pick_l)]),
+        "fitted": np.asarray([sels[n]["fitted"][k] for k, n in enumerate(pick_l)]),
+        "chi2": {b: [sels[n]["chi2"][b][k] for k, n in enumerate(pick_l)] for b in held_b},
+    }
+    hl = np.zeros_like(cv_l.held)
+    for m, n in zip(bands, pick_l):
+        hl[:, m] = cv_ls[n].held[:, m]
     w_pix = np.zeros(wave.size)
     base_held = np.zeros_like(hl)
     sky_b = np.zeros(plate.flux.shape)
@@ -229,13 +263,19 @@ def safe_sky(
             for name, m in (("blue", wave < 4500.0), ("all", np.ones(wave.size, bool)))
         }
 
-    sky_l = np.asarray(learned(plate), np.float64)
+    sky_l = np.zeros(plate.flux.shape)
+    for n in dict.fromkeys(pick_l):
+        full_n = np.asarray(candidates[n](plate), np.float64)
+        for m, nb in zip(bands, pick_l):
+            if nb == n:
+                sky_l[:, m] = full_n[:, m]
     sky = sky_b + w_pix[None, :] * (sky_l - sky_b)
     bounds = [float(wave[0]), *map(float, band_edges), float(wave[-1])]
     w = sel["weight"]
     report = {
         "bands_angstrom": [[lo, hi] for lo, hi in zip(bounds[:-1], bounds[1:])],
         "baselines": list(sel["baseline"]),
+        "learned": list(pick_l),
         "weights": [float(x) for x in w],
         "fitted_weights": [float(x) for x in sel["fitted"]],
         "fallback_fraction_bands": float(np.mean(w == 0)),

@@ -25,6 +25,10 @@ The paper (papers.md #9) fixes the structure, not the architecture; jaxlab's SMI
        plane), which pushes what neighbours share into s and the smooth field, leaving z the truly
        individual part (throughput, local line strengths).
 Applying a trained model to a plate is a forward pass plus two small least-squares solves.
+`smi_sky(..., throughput_power=p)` changes how a fibre's level follows its sky-line throughput
+(t_i^p field_p(x_i); p = 1 as trained, 0 the field alone): on cloudy or moonlit plates the blue
+continuum (scattered light) does not dim with the emission lines, and `smi-safe` picks p per band
+by held-out sky fibres (`smi_level_candidates`, `jaxlab.sky.safety.safe_sky`).
 
 Training is self-supervised (no truth is read), so it can run on the user's own plates, and
 `train_smi(..., init=model)` continues from a trained model (incremental training on a night's
@@ -352,13 +356,24 @@ def _throughput(pred, features, ivar):
     return jnp.clip(t, 0.5, 1.5)
 
 
-def _codes(model: SMIModel, t: _PlateTensors, *, individual: bool, degree: int | None = None):
+def _codes(
+    model: SMIModel,
+    t: _PlateTensors,
+    *,
+    individual: bool,
+    degree: int | None = None,
+    power: jax.Array | float = 1.0,
+):
     """Sky codes [F, K+1] of every fibre, the individual codes z (None at stage a), the shared ones.
 
     Stage (a): each fibre's own shared code. Stage (b): c_i = t_i * field(x_i) + z_i, where the
     field is the plate's common code plus a smooth fit over the sky fibres (their codes divided
     by their throughputs) and t_i is fibre i's sky-line throughput against the field. `degree`
-    overrides the config's `spatial_degree` of the field's polynomial.
+    overrides the config's `spatial_degree` of the field's polynomial. `power` (scalar, default 1)
+    is the exponent p of the level: c_i = t_i^p field_p(x_i) (1 + 0.1 tanh z_i), with field_p fitted
+    to the sky fibres' codes divided by t^p, so p = 0 is the field alone (the continuum does not
+    follow the sky lines) and p < 0 a continuum that rises where the lines fade (scattered light
+    under a cloud); z is the same for every p.
     """
     shared = model.shared(t.features)
     if not individual:
@@ -376,6 +391,9 @@ def _codes(model: SMIModel, t: _PlateTensors, *, individual: bool, degree: int |
     # Individual corrections are relative and bounded (+-10 % of each code entry): unbounded ones
     # diverged on some training sets and undid the field.
     base = thr[:, None] * field
+    if not (isinstance(power, float | int) and power == 1.0):
+        level = thr**power
+        base = level[:, None] * _field(common, t.sky_codes / level[rows, None], phi, rows, ridge)
     return base * (1.0 + 0.1 * jnp.tanh(z)), z, shared
 
 
@@ -634,12 +652,22 @@ def _rebuild(model, config, n_pix, line_pix, anchors, basis, rngs) -> SMIModel:
 # -- applying --------------------------------------------------------------------------------------
 
 
-def smi_sky(model: SMIModel, plate: Plate, *, spatial_degree: int | None = None) -> np.ndarray:
+def smi_sky(
+    model: SMIModel,
+    plate: Plate,
+    *,
+    spatial_degree: int | None = None,
+    throughput_power: float = 1.0,
+) -> np.ndarray:
     """Sky estimate [F, W] (counts, each fibre in its own wavelength frame) for a new plate.
 
     `spatial_degree` overrides the model's degree of the focal-plane field (fitted in closed form
     on the plate's sky fibres, so any degree applies to a trained model; >= 0, and the plate needs
     more sky fibres than the polynomial has terms for it to be determined by more than the ridge).
+    `throughput_power` p sets how fibre i's level follows its sky-line throughput t_i: the sky is
+    t_i^p field_p(x_i) with field_p fitted to the sky fibres' codes over t^p (see `_codes`); 1, the
+    default, is SMI as trained, 0 the focal-plane field alone. `smi_level_candidates` gives the
+    skies for several p, for a per-band choice by held-out sky fibres (`jaxlab.sky.safety`).
     """
     config = model.config
     prep = _prepare(plate, config)
@@ -649,23 +677,40 @@ def smi_sky(model: SMIModel, plate: Plate, *, spatial_degree: int | None = None)
         )
     if spatial_degree is not None and spatial_degree < 0:
         raise UserError(f"spatial_degree must be >= 0, got {spatial_degree}")
-    return np.asarray(_apply(model, prep, spatial_degree)) * prep.scale
+    if not np.isfinite(throughput_power):
+        raise UserError(f"throughput_power must be finite, got {throughput_power}")
+    return np.asarray(_apply(model, prep, spatial_degree, throughput_power)) * prep.scale
+
+
+def smi_level_candidates(
+    model: SMIModel, powers: Sequence[float] = (1.0, 0.5, 0.0)
+) -> dict[str, Callable[[Plate], np.ndarray]]:
+    """name -> plate -> SMI sky [F, W] with each throughput power p of `smi_sky` (first: p = 1).
+
+    For `jaxlab.sky.safety.safe_sky(plate, smi_level_candidates(model))`: per wavelength band the
+    held-out sky fibres pick the level model (and baseline blend) that predicts them best, so a band
+    whose continuum does not follow the sky-line throughput gets its own per-fibre level.
+    """
+    return {
+        f"smi p={p:g}": (lambda plate, p=float(p): smi_sky(model, plate, throughput_power=p))
+        for p in powers
+    }
 
 
 @nnx.jit(static_argnames=("degree",))
-def _apply_jit(model, flux, ivar, highpass, pos, sky_rows, neighbour, degree=None):
+def _apply_jit(model, flux, ivar, highpass, pos, sky_rows, neighbour, power, degree=None):
     prep = _Prepared(1.0, flux, ivar, highpass, pos, None, neighbour)  # type: ignore[arg-type]
     shift, a_flux, a_ivar, a_hp = _aligned(model, prep)
     lp = model.line_pixels[...]
     basis = model.basis[...]
     codes_sky = _sky_codes(basis, a_flux[sky_rows], a_ivar[sky_rows])
     t = _PlateTensors(a_hp[:, lp], a_ivar[:, lp], pos, neighbour, codes_sky, sky_rows)
-    codes, _, _ = _codes(model, t, individual=True, degree=degree)
+    codes, _, _ = _codes(model, t, individual=True, degree=degree, power=power)
     sky_ref = codes @ basis
     return resample(sky_ref, -shift), shift
 
 
-def _apply(model: SMIModel, prep: _Prepared, degree: int | None = None):
+def _apply(model: SMIModel, prep: _Prepared, degree: int | None = None, power: float = 1.0):
     sky, _ = _apply_jit(
         model,
         jnp.asarray(prep.flux),
@@ -674,6 +719,7 @@ def _apply(model: SMIModel, prep: _Prepared, degree: int | None = None):
         jnp.asarray(prep.pos),
         jnp.asarray(np.nonzero(prep.is_sky)[0]),
         jnp.asarray(prep.neighbour),
+        jnp.asarray(power, jnp.float32),
         degree=degree,
     )
     return sky
