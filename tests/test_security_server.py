@@ -326,8 +326,12 @@ def _last_logits(setup, ids):
     from jaxlab.models import from_pretrained
 
     if "model" not in setup:
-        setup["model"] = from_pretrained(str(setup["path"]))[0]
-    return np.asarray(setup["model"](np.asarray([ids], np.int32))[0, -1], np.float64)
+        setup["model"], setup["logits"] = from_pretrained(str(setup["path"]))[0], {}
+    key = tuple(ids)
+    if key not in setup["logits"]:
+        z = setup["model"](np.asarray([ids], np.int32))[0, -1]
+        setup["logits"][key] = np.asarray(z, np.float64)
+    return setup["logits"][key]
 
 
 def _two_way(z, a, b):
