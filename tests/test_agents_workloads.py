@@ -167,3 +167,23 @@ def test_research_replay_is_lossless_and_speculation_pays():
             assert runs["oracle"].stats["promoted"] == runs["oracle"].calls
     # the fetches after a search are predicted from its output (results[i].url)
     assert promoted >= sum(t.num_calls - len(t.turns) for t in chosen) // 2
+
+
+def test_agents_bench_command_on_research_tasks(tmp_path):
+    from jaxlab.agents.bench import BenchConfig
+    from jaxlab.cli import main
+
+    out = tmp_path / "r.json"
+    argv = ["agents", "bench", "--workload", "research", "--sleep-per-token", "0.2"]
+    argv += ["--test-tasks", "2", "--quiet", "--modes", "serial,paste", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["workload"] == "research"
+    cal = result["calibration"]
+    assert cal["test_tasks"] == 2 and cal["train_tasks"] == 140
+    assert cal["fetch_median_s"] == pytest.approx(1.0 * cal["latency_scale"])
+    assert result["summary"]["paste"]["lossless"]
+    with pytest.raises(SystemExit):  # argparse rejects an unknown workload
+        main(["agents", "bench", "--workload", "nope", "--quiet"])
+    with pytest.raises(ValueError, match="workload"):
+        BenchConfig(workload="nope")
