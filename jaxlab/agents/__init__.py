@@ -12,6 +12,7 @@
 - :mod:`~jaxlab.agents.runtime`: the LLM -> tool -> LLM loop (in-process Engine or an
   OpenAI-compatible endpoint).
 - :mod:`~jaxlab.agents.bench`: the replay benchmark (``python -m jaxlab agents bench``).
+- :mod:`~jaxlab.agents.workloads`: the benchmark's workloads (BFCL; scripted research tasks).
 """
 
 from jaxlab.agents.events import PENDING as PENDING

@@ -158,8 +158,9 @@ def _args(p):
     b = add_parser(
         sub,
         "bench",
-        "replay BFCL multi-turn gold traces with real decoding: serial vs PASTE vs bigram vs "
-        "oracle speculation (completion time, stall, hit rates, lossless check)",
+        "replay BFCL multi-turn gold traces (or scripted research tasks) with real decoding: "
+        "serial vs PASTE vs bigram vs oracle speculation (completion time, stall, hit rates, "
+        "lossless check)",
     )
     b.add_argument("--model", default="smollm2-135m-instruct", help="the thinking model")
     b.add_argument(
