@@ -33,7 +33,7 @@ def main() -> None:
     mb = sum(a.nbytes for a in tree.values()) / 2**20
 
     hash_s, save_s, restore_s = [], [], []
-    for r in range(args.repeats):
+    for _ in range(args.repeats):
         t = time.perf_counter()
         array_checksums(tree)
         hash_s.append(time.perf_counter() - t)

@@ -70,7 +70,9 @@ def test_adapters_start_as_the_base_and_merge_into_the_same_function():
     want = np.asarray(q.kernel[...], np.float64) + (LORA.alpha / LORA.rank) * np.einsum(
         "lir,lro->lio", np.asarray(q.lora_a[...], np.float64), np.asarray(q.lora_b[...], np.float64)
     )
-    np.testing.assert_allclose(merged.layers.self_attn.q_proj.kernel[...], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        merged.layers.self_attn.q_proj.kernel[...], want, rtol=1e-6, atol=1e-6
+    )
     only_q = add_lora(base, LoRAConfig(rank=2, targets=("q_proj",)), rngs=nnx.Rngs(0))
     assert isinstance(only_q.layers.self_attn.q_proj, LoRADense)
     assert not isinstance(only_q.layers.mlp.up_proj, LoRADense)
