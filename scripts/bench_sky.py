@@ -204,8 +204,9 @@ def cross_family(args):
                     safe_p1, _ = safe_sky(
                         p, functools.partial(smi_sky, model), baselines=cv_base[test_fam][k]
                     )
-                    # Now: per band, the level model (throughput power 1, 0.5, 0) and baseline
-                    # blend that best predict the held-out sky fibres.
+                    # Now: per band, the level model (throughput power 1, 0.5, 0; each with and
+                    # without the neighbouring sky fibres' level) and baseline blend that best
+                    # predict the held-out sky fibres.
                     safe, rep = safe_sky(
                         p, smi_level_candidates(model), baselines=cv_base[test_fam][k]
                     )
@@ -347,6 +348,16 @@ def incremental(args):
     print(f"wrote {out / f'bench_sky_incremental_{fam}.json'}")
 
 
+LEVELS = (
+    "smi p=1",
+    "smi p=0.5",
+    "smi p=0",
+    "smi p=1 + neighbours",
+    "smi p=0.5 + neighbours",
+    "smi p=0 + neighbours",
+)
+
+
 def level_report(out: Path):
     """Markdown table (stdout) of the same-family runs: per family the mean over seeds and plates
     (± std over seeds) of Super Sky, PCA, SMI, SMI-safe with one level model (before) and with a
@@ -395,9 +406,9 @@ def level_report(out: Path):
         )
         for r in mine:
             for k, lvl in enumerate(r.get("level", [])):
-                picks.setdefault(fam, np.zeros((4, 3)))
-                picks[fam][k, ("smi p=1", "smi p=0.5", "smi p=0").index(lvl)] += 1
-    print("\nlevel model chosen per band (share of plates x seeds; p = 1 / 0.5 / 0):")
+                picks.setdefault(fam, np.zeros((4, 6)))
+                picks[fam][k, LEVELS.index(lvl)] += 1
+    print(f"\nlevel model chosen per band (share of plates x seeds; {' / '.join(LEVELS)}):")
     for fam, c in picks.items():
         c = c / c.sum(1, keepdims=True)
         print(f"  {fam}: " + "; ".join("/".join(f"{x:.2f}" for x in row) for row in c))

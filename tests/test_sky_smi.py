@@ -357,3 +357,44 @@ def test_throughput_power_level_against_least_squares():
         level = t2**p
         want = level[:, None] * _field_ref(common, sky_codes / level[rows, None], phi, rows, 0.0)
         np.testing.assert_allclose(run(plate, p), want, rtol=2e-3, atol=2e-4)
+
+
+def test_neighbour_level_against_brute_force():
+    """`neighbour_level`: each band's level from the sky fibres' residual ratios, kernel-weighted
+    over the focal plane, against a float64 loop; with no shrinkage a level common to all sky
+    fibres (+8 % in the blue, -5 % in the red) is recovered on every fibre exactly."""
+    import dataclasses
+
+    from jaxlab.sky.smi import neighbour_level
+
+    p = simulate_plate(4, n_fibers=40, n_sky=10)
+    wave = p.wavelength
+    edges = (4500.0, 5700.0, 7000.0)
+    levels = np.select([wave < 4500.0, wave >= 7000.0], [1.08, 0.95], 1.0)
+    est = p.true_sky.astype(np.float64)
+    q = dataclasses.replace(p, flux=(est * levels[None]).astype(np.float32))
+    got = neighbour_level(q, est, 0.3, edges, shrink=0.0)
+    np.testing.assert_allclose(got / est, np.broadcast_to(levels, est.shape), rtol=1e-5)
+
+    rng = np.random.default_rng(0)
+    est = est * rng.uniform(0.9, 1.1, (p.n_fibers, 1))  # a level off by fibre: noisy residuals
+    got = neighbour_level(p, est, 0.3, edges, shrink=1.0)
+    pos = p.positions / 875.0
+    sky = np.nonzero(p.is_sky)[0]
+    good = (p.mask == 0) & (p.ivar > 0)
+    flux = np.where(good, p.flux, 0.0).astype(np.float64)
+    want = est.copy()
+    for lo, hi in zip([-np.inf, *edges], [*edges, np.inf]):
+        m = (wave >= lo) & (wave < hi)
+        r = {}
+        for j in sky:
+            den = np.sum(np.where(good[j, m], est[j, m], 0.0))
+            r[j] = np.clip(
+                np.sum(flux[j, m] - np.where(good[j, m], est[j, m], 0.0)) / den, -0.3, 0.3
+            )
+        for i in range(p.n_fibers):
+            k = {j: np.exp(-0.5 * np.sum((pos[i] - pos[j]) ** 2) / 0.09) for j in sky}
+            g = sum(k[j] * r[j] for j in sky) / (sum(k.values()) + 1.0)
+            want[i, m] *= 1.0 + g
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    assert np.abs(got / est - 1).max() > 0.01  # the residual levels are not all zero

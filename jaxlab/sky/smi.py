@@ -683,18 +683,63 @@ def smi_sky(
 
 
 def smi_level_candidates(
-    model: SMIModel, powers: Sequence[float] = (1.0, 0.5, 0.0)
+    model: SMIModel,
+    powers: Sequence[float] = (1.0, 0.5, 0.0),
+    neighbour_length: float | None = 0.3,
 ) -> dict[str, Callable[[Plate], np.ndarray]]:
-    """name -> plate -> SMI sky [F, W] with each throughput power p of `smi_sky` (first: p = 1).
+    """name -> plate -> SMI sky [F, W]: each throughput power p of `smi_sky` (first: p = 1), and
+    with `neighbour_length` each of them times `neighbour_level` at that kernel length (plate radii).
 
     For `jaxlab.sky.safety.safe_sky(plate, smi_level_candidates(model))`: per wavelength band the
     held-out sky fibres pick the level model (and baseline blend) that predicts them best, so a band
     whose continuum does not follow the sky-line throughput gets its own per-fibre level.
     """
-    return {
+    out = {
         f"smi p={p:g}": (lambda plate, p=float(p): smi_sky(model, plate, throughput_power=p))
         for p in powers
     }
+    if neighbour_length is not None:
+        radius = model.config.focal_radius_mm
+        for name, est in list(out.items()):
+            out[f"{name} + neighbours"] = lambda plate, est=est: neighbour_level(
+                plate, est(plate), neighbour_length, focal_radius_mm=radius
+            )
+    return out
+
+
+def neighbour_level(
+    plate: Plate,
+    sky: np.ndarray,
+    length: float,
+    band_edges: Sequence[float] = (4500.0, 5700.0, 7000.0),
+    focal_radius_mm: float = 875.0,
+    shrink: float = 1.0,
+    clip: float = 0.3,
+) -> np.ndarray:
+    """`sky` [F, W] times a per-fibre, per-band level from the neighbouring sky fibres.
+
+    For sky fibre j and band b, r_jb = sum_b (flux - sky) / sum_b sky (good pixels, clipped to
+    +-clip); fibre i's factor is 1 + sum_j K_ij r_jb / (sum_j K_ij + shrink), with a Gaussian kernel
+    K_ij = exp(-|x_i - x_j|^2 / 2 length^2) over the focal plane (positions in units of
+    `focal_radius_mm`), so a fibre far from every sky fibre keeps its level. What the sky's smooth
+    field cannot follow (a cloud patch between sky fibres) is taken from the sky fibres near it.
+    """
+    good = (plate.mask == 0) & (plate.ivar > 0) & np.isfinite(plate.flux)
+    flux = np.where(good, plate.flux, 0.0).astype(np.float64)
+    est = np.where(good, sky, 0.0)
+    rows = np.nonzero(plate.is_sky)[0]
+    pos = plate.positions / focal_radius_mm
+    d2 = np.sum((pos[:, None] - pos[None, rows]) ** 2, -1)
+    kern = np.exp(-0.5 * d2 / length**2)  # [F, S]
+    bounds = [-np.inf, *band_edges, np.inf]
+    out = np.array(sky, np.float64)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        m = (plate.wavelength >= lo) & (plate.wavelength < hi)
+        num = (flux[rows][:, m] - est[rows][:, m]).sum(1)
+        den = est[rows][:, m].sum(1)
+        r = np.clip(np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), -clip, clip)
+        out[:, m] *= (1.0 + kern @ r / (kern.sum(1) + shrink))[:, None]
+    return out
 
 
 @nnx.jit(static_argnames=("degree",))
