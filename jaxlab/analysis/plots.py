@@ -107,6 +107,8 @@ def plot_interventions(results: dict[str, dict], path: str | Path, *, title: str
     axes[1].set_ylabel("epistemic markers / response")
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
     fig.suptitle(title or "Test-time controls")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
