@@ -5,15 +5,15 @@ left to right) one binary step at a time. Every style writes the same steps and 
 ``<answer>N</answer>``; they differ only in what is said around the steps:
 
 ``procedural``  the steps only.
-``epistemic``   epistemic verbalization that does work: at some steps a slip is planted (a wrong
-                result is written), doubt is stated ("Wait, that seems off."), the step is checked
-                by decomposing it (``23 * 4 = 20 * 4 + 3 * 4 = 80 + 12 = 92``) and the slip is
-                corrected; at other steps a correct result is checked the same way ("Hmm, let me
-                check ... Yes, that is correct."). Later steps use the corrected value.
-``synonym``     exactly the epistemic trace with every marker word replaced by a neutral phrase
-                that keeps its function ("Hold on", "let me verify", "that holds"): the control
-                for "performance follows the function, not the surface tokens". It contains no
-                marker of either counting convention.
+``epistemic``   epistemic verbalization where the work is: every hard step (:func:`is_hard`, e.g.
+                an addition whose units carry) is followed by a check, "Wait, let me check:
+                4 + 9 = 13, 9 + 3 + 1 = 13, so 133. So it is 133[, not 123]." (column by column,
+                :func:`column_check`, or ``check="tens"``: ``94 + 39 = 94 + 30 + 9 = 124 + 9 =
+                133``); at half of the checked steps a slip of a small model's kind (a dropped
+                carry, the units off) is written first, and later steps use the check's result.
+``synonym``     exactly the epistemic trace with "Wait, let me check:" replaced by "Next, let me
+                verify:": the control for "performance follows the function, not the surface
+                tokens". It contains no marker of either counting convention.
 
 Slips and checks are drawn from a generator seeded by the problem index, so the epistemic and
 synonym traces of a problem plant the same slips at the same steps.
