@@ -13,8 +13,12 @@ throughput, shift and field models). For each training family and model seed SMI
 self-supervised on `--train` plates of that family (seeds 1000+, no truth read) and every method is
 evaluated on `--test` held-out plates (seeds 0..) of every family: Super Sky, PCA, SMI, and SMI with
 the sky-fibre cross-validation safety net (`smi-safe`: per band, SMI blended towards the better of
-Super Sky and PCA on held-out sky fibres). Means over seeds and plates, with the spread
-(standard deviation over seeds), go to stdout and `bench_sky_families[_TRAIN+...].json`.
+Super Sky and PCA on held-out sky fibres, and per band the SMI level model of
+`jaxlab.sky.smi.smi_level_candidates`; `smi-safe-p1` is the net with SMI's own level only). Means
+over seeds and plates, with the spread (standard deviation over seeds), go to stdout and
+`bench_sky_families[_TRAIN+...].json`. `--same-family` tests each model on its own family only
+(`bench_sky_level_seeds*.json`); `--report-level` tabulates those runs, before and after the level
+models.
 """
 
 from __future__ import annotations
