@@ -3,7 +3,6 @@ scheduler's priorities, and the lossless property on BFCL tasks (small latencies
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -207,48 +206,29 @@ LOSSLESS_TASKS = ("multi_turn_base_3", "multi_turn_base_24", "multi_turn_base_11
 def test_lossless_on_bfcl_tasks():
     """Serial, PASTE (mined on the other tasks) and oracle runs give the same outputs, final states
     and state versions; the serial outputs are those of running the gold calls directly."""
-    from jaxlab.agents.bench import BenchConfig, SleepThinker, replay_task, training_logs
+    from jaxlab.agents.bench import BenchConfig, training_logs
     from jaxlab.agents.bfcl import load_bfcl_tasks
     from jaxlab.agents.miner import MinerConfig, mine_patterns
+    from jaxlab.testing import replay_modes
 
     tasks = load_bfcl_tasks()
     chosen = [t for t in tasks if t.id in LOSSLESS_TASKS]
     table = mine_patterns(
         training_logs([t for t in tasks if t.id not in LOSSLESS_TASKS]), MinerConfig()
     )
-    direct = {log.task_id: log for log in training_logs(chosen)}
     config = BenchConfig(seed=0)
-    think = SleepThinker(0.0005)
     totals = {"paste": 0, "oracle": 0}
     sandboxed = 0
-    with ToolScheduler(workers=8) as sched:
-        for task in chosen:
-            runs = {
-                mode: replay_task(
-                    task,
-                    mode,
-                    think=think,
-                    config=config,
-                    scale=0.02,
-                    scheduler=sched,
-                    table=table,
-                    seconds_per_token=(0.0, 0.0005),
-                )
-                for mode in ("serial", "paste", "oracle")
-            }
-            want = [
-                json.dumps(e.output, sort_keys=True, default=str)
-                for e in direct[task.id].tool_events()
-            ]
-            assert runs["serial"].outputs == want
-            for mode in ("paste", "oracle"):
-                r = runs[mode]
-                assert r.outputs == runs["serial"].outputs, (task.id, mode)
-                assert r.fingerprint == runs["serial"].fingerprint, (task.id, mode)
-                assert r.versions == runs["serial"].versions, (task.id, mode)
-                totals[mode] += r.stats["promoted"]
-                sandboxed += r.stats["sandboxed"]
-            assert runs["oracle"].stats["promoted"] == runs["oracle"].calls
+    for task, runs, want in replay_modes(chosen, table, config, scale=0.02):
+        assert runs["serial"].outputs == want
+        for mode in ("paste", "oracle"):
+            r = runs[mode]
+            assert r.outputs == runs["serial"].outputs, (task.id, mode)
+            assert r.fingerprint == runs["serial"].fingerprint, (task.id, mode)
+            assert r.versions == runs["serial"].versions, (task.id, mode)
+            totals[mode] += r.stats["promoted"]
+            sandboxed += r.stats["sandboxed"]
+        assert runs["oracle"].stats["promoted"] == runs["oracle"].calls
     assert totals["paste"] >= 3 and sandboxed > 0  # speculation really happened
 
 

@@ -128,43 +128,23 @@ def test_traces_are_valid_and_follow_the_policy(order):
 
 
 def test_research_replay_is_lossless_and_speculation_pays():
-    from jaxlab.agents.bench import BenchConfig, SleepThinker, replay_task, training_logs
-    from jaxlab.agents.executor import ToolScheduler
+    from jaxlab.agents.bench import BenchConfig, training_logs
     from jaxlab.agents.miner import MinerConfig, mine_patterns
+    from jaxlab.testing import replay_modes
 
     workload = WORKLOADS.get("research")()
     all_tasks = research_tasks(ResearchConfig(tasks=40))
     train, chosen = all_tasks[:37], all_tasks[37:]
     table = mine_patterns(training_logs(train, workload), MinerConfig())
-    direct = {log.task_id: log for log in training_logs(chosen, workload)}
     config = BenchConfig(seed=0, workload="research")
-    think = SleepThinker(0.0005)
     promoted = 0
-    with ToolScheduler(workers=8) as sched:
-        for task in chosen:
-            runs = {
-                mode: replay_task(
-                    task,
-                    mode,
-                    think=think,
-                    config=config,
-                    scale=0.01,
-                    scheduler=sched,
-                    table=table,
-                    seconds_per_token=(0.0, 0.0005),
-                )
-                for mode in ("serial", "paste", "oracle")
-            }
-            want = [
-                json.dumps(e.output, sort_keys=True, default=str)
-                for e in direct[task.id].tool_events()
-            ]
-            assert runs["serial"].outputs == want
-            assert runs["serial"].calls == task.num_calls
-            for mode in ("paste", "oracle"):
-                assert runs[mode].outputs == want, (task.id, mode)
-            promoted += runs["paste"].stats["promoted"]
-            assert runs["oracle"].stats["promoted"] == runs["oracle"].calls
+    for task, runs, want in replay_modes(chosen, table, config, scale=0.01, workload=workload):
+        assert runs["serial"].outputs == want
+        assert runs["serial"].calls == task.num_calls
+        for mode in ("paste", "oracle"):
+            assert runs[mode].outputs == want, (task.id, mode)
+        promoted += runs["paste"].stats["promoted"]
+        assert runs["oracle"].stats["promoted"] == runs["oracle"].calls
     # the fetches after a search are predicted from its output (results[i].url)
     assert promoted >= sum(t.num_calls - len(t.turns) for t in chosen) // 2
 
