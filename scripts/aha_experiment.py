@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--terms", type=int, default=3)
     p.add_argument("--ops", default="+")
     p.add_argument(
-        "--check", default="columns", choices=("columns", "tens"),
+        "--check", default="columns", choices=("columns", "tens", "carry"),
         help="how the epistemic / synonym traces check a step (jaxlab.analysis.traces.check_of)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=30, help="SFT updates per model")
@@ -115,10 +115,11 @@ def finetune(args, style: str, data: Path, out: Path) -> Path:
 
 def evaluate(model, tok, problems, task, modes, args):
     """``{mode: InterventionResult.to_dict() + correct, accuracy_ci (Wilson 95%), checks}``;
-    ``checks`` sums :func:`jaxlab.analysis.traces.check_outcomes` over the responses (before any
-    injected "Wait")."""
+    ``checks`` sums :func:`jaxlab.analysis.traces.check_outcomes` and ``steps``
+    :func:`~jaxlab.analysis.traces.step_outcomes` over the responses (before any injected
+    "Wait")."""
     from jaxlab.analysis import run_intervention, wilson_interval
-    from jaxlab.analysis.traces import check_outcomes
+    from jaxlab.analysis.traces import check_outcomes, step_outcomes
 
     res = {}
     for mode in modes:
@@ -130,16 +131,21 @@ def evaluate(model, tok, problems, task, modes, args):
         k = sum(x == 1.0 for x in r.rewards)
         d["correct"], d["accuracy_ci"] = k, wilson_interval(k, len(r.rewards))
         checks: dict[str, int] = {}
+        steps: dict[str, int] = {}
         for text in r.responses:
-            for key, v in check_outcomes(text.split("\n\nWait ")[0]).items():
+            first = text.split("\n\nWait ")[0]
+            for key, v in check_outcomes(first).items():
                 checks[key] = checks.get(key, 0) + v
-        d["checks"] = checks
+            for key, v in step_outcomes(first).items():
+                steps[key] = steps.get(key, 0) + v
+        d["checks"], d["steps"] = checks, steps
         res[mode] = d
         lo, hi = d["accuracy_ci"]
         log(
             f"  {mode:11s} acc {r.accuracy:.3f} ({k}/{len(r.rewards)}, 95% CI {lo:.2f}-{hi:.2f}) "
             f"markers/resp {r.markers_per_response:.2f} tokens/resp {r.tokens_per_response:.0f} "
-            f"checks {json.dumps(checks)} ({time.perf_counter() - t0:.0f} s)"
+            f"checks {json.dumps(checks)} steps {json.dumps(steps)} "
+            f"({time.perf_counter() - t0:.0f} s)"
         )
     return res
 

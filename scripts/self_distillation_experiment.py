@@ -40,15 +40,34 @@ def _fam(label, digits, terms, ops):
     }
 
 
-FAMILIES = {
-    "add1": _fam("add1", 1, 2, "+"),
-    "addsub2": _fam("addsub2", 2, 2, "+-"),
-    "mix3": _fam("mix3", 1, 3, "+-*"),
-    "sub1": _fam("sub1", 1, 2, "-"),
-    "mul1": _fam("mul1", 1, 2, "*"),
+# Family sets: ``arith`` (the mixed-operation set) and ``carry`` (additions only, for a model
+# fine-tuned on 2-digit 3-term sums, e.g. the "aha" experiment's ``--check carry`` model: in-domain
+# its own family and other sizes, OOD longer sums and wider operands).
+FAMILY_SETS = {
+    "arith": (
+        {
+            "add1": _fam("add1", 1, 2, "+"),
+            "addsub2": _fam("addsub2", 2, 2, "+-"),
+            "mix3": _fam("mix3", 1, 3, "+-*"),
+            "sub1": _fam("sub1", 1, 2, "-"),
+            "mul1": _fam("mul1", 1, 2, "*"),
+        },
+        {"one": ["add1"], "several": ["add1", "addsub2", "mix3"]},
+        ["sub1", "mul1"],
+    ),
+    "carry": (
+        {
+            "add2x3": _fam("add2x3", 2, 3, "+"),
+            "add2x2": _fam("add2x2", 2, 2, "+"),
+            "add3x2": _fam("add3x2", 3, 2, "+"),
+            "add2x5": _fam("add2x5", 2, 5, "+"),
+            "add3x3": _fam("add3x3", 3, 3, "+"),
+        },
+        {"one": ["add2x3"], "several": ["add2x3", "add2x2", "add3x2"]},
+        ["add2x5", "add3x3"],
+    ),
 }
-COVERAGES = {"one": ["add1"], "several": ["add1", "addsub2", "mix3"]}
-OOD = ["sub1", "mul1"]
+FAMILIES, COVERAGES, OOD = FAMILY_SETS["arith"]
 
 
 def parse_args(argv=None):
@@ -59,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="HF directory of the epistemic SFT model")
     p.add_argument("--contexts", nargs="+", default=list(CONTEXTS), choices=CONTEXTS)
     p.add_argument("--coverages", nargs="+", default=list(COVERAGES), choices=list(COVERAGES))
+    p.add_argument(
+        "--family-set", default="arith", choices=list(FAMILY_SETS),
+        help="task families: in-domain coverages and OOD (FAMILY_SETS)",
+    )  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--updates", type=int, default=3, help="policy updates per cell")
     p.add_argument("--groups", type=int, default=2, help="prompts (groups) per update")
@@ -381,16 +404,23 @@ def report(results: dict, out: Path, docs: Path | None) -> None:
     log(f"wrote {out / 'sdpo_final.png'} and {out / 'sdpo_training.png'}")
 
 
+def use_family_set(name: str) -> None:
+    global FAMILIES, COVERAGES, OOD
+    FAMILIES, COVERAGES, OOD = FAMILY_SETS[name]
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
+        use_family_set(args.family_set)
         t0 = time.perf_counter()
         results = run_grid(args, out)
         log(f"grid done in {time.perf_counter() - t0:.0f} s")
     else:
         results = json.loads((out / "sdpo.json").read_text())
+        use_family_set(results["settings"].get("family_set", "arith"))
     report(results, out, Path(args.docs) if args.docs else None)
     return 0
 

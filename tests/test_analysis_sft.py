@@ -305,6 +305,56 @@ def test_check_outcomes_by_hand():
         assert c["missed"] == c["broken"] == c["unchecked_wrong"] == 0
 
 
+def test_carry_traces_doubt_the_hard_steps_before_their_result():
+    from jaxlab.analysis.traces import Step, carry_note, is_hard, solve_steps, step_outcomes
+
+    assert carry_note(Step(94, "+", 39, 133)) == "4 + 9 = 13"
+    assert carry_note(Step(53, "-", 29, 24)) == "13 - 9 = 4"
+    assert carry_note(Step(23, "*", 45, 1035)) == "23 * 45 = 40 * 23 + 5 * 23 = 920 + 115 = 1035"
+    task = ArithmeticTask(digits=2, terms=3, ops="+-*", seed=0)
+    n_doubts = 0
+    for i in range(60):
+        p = task.problem(i)
+        ep, syn, proc = (
+            analysis.write_trace(p, s, index=i, check="carry")
+            for s in ("epistemic", "synonym", "procedural")
+        )
+        assert task.reward(p, ep) == task.reward(p, syn) == 1.0
+        assert syn.replace("Note, ", "Wait, ") == ep
+        assert analysis.count_epistemic(syn, "word_boundary") == 0
+        assert proc == analysis.write_trace(p, "procedural", index=i)
+        steps = solve_steps(p.meta["expression"])
+        lines = ep.splitlines()[:-1]
+        assert len(lines) == len(steps)  # one line per step, nothing planted
+        for s, line in zip(steps, lines):
+            expr = f"{s.left} {s.op} {s.right}"
+            if is_hard(s):
+                n_doubts += 1
+                note = line.split(". Wait, ", 1)[1].rsplit(", so ", 1)
+                assert note[1] == f"{expr} = {s.result}."
+                stages = note[0].split(" = ")  # every stage of the shown work is true
+                assert len(stages) >= 2 and len({eval(x) for x in stages}) == 1, line  # noqa: S307
+                assert analysis.count_epistemic(line, "word_boundary") == 1
+            else:
+                assert line.endswith(f"{expr} = {s.result}.") and "Wait" not in line
+        c = step_outcomes(ep)
+        hard = sum(is_hard(s) for s in steps)
+        assert c["hard_doubted_right"] == hard and c["easy_plain_right"] == len(steps) - hard
+        assert sum(c.values()) == len(steps)
+    assert n_doubts > 40
+    # generated text: judged on the operands it wrote, any wording
+    assert step_outcomes(
+        "First, 94 + 39. Hmm, 4 + 9 = 13, so 94 + 39 = 123.\n"  # hard, doubted, wrong
+        "Then, 123 + 41 = 164.\n"  # easy, plain, right
+        "Then, 164 + 28 = 182.\n"  # hard, plain, wrong
+        "Finally, 192 + 3. Note, 2 + 3 = 5, so 192 + 3 = 195.\n<answer>195</answer>"
+    ) == {
+        "hard_doubted_right": 0, "hard_doubted_wrong": 1, "hard_plain_right": 0,
+        "hard_plain_wrong": 1, "easy_doubted_right": 1, "easy_doubted_wrong": 0,
+        "easy_plain_right": 1, "easy_plain_wrong": 0,
+    }  # fmt: skip
+
+
 def test_analyze_count_and_traces_commands(tmp_path, capsys):
     from jaxlab.cli import main
 

@@ -11,8 +11,11 @@ left to right) one binary step at a time. Every style writes the same steps and 
                 :func:`column_check`, or ``check="tens"``: ``94 + 39 = 94 + 30 + 9 = 124 + 9 =
                 133``); at half of the checked steps a slip of a small model's kind (a dropped
                 carry, the units off) is written first, and later steps use the check's result.
+                With ``check="carry"`` the doubt comes before the result instead and there are
+                no slips: "Then, 94 + 39. Wait, 4 + 9 = 13, so 94 + 39 = 133." (the units column
+                that decides the carry is worked out loud, :func:`carry_note`).
 ``synonym``     exactly the epistemic trace with "Wait, let me check:" replaced by "Next, let me
-                verify:": the control for "performance follows the function, not the surface
+                verify:" (with ``check="carry"``: "Wait," by "Note,"): the control for "performance follows the function, not the surface
                 tokens". It contains no marker of either counting convention.
 
 Slips and checks are drawn from a generator seeded by the problem index, so the epistemic and
@@ -38,8 +41,10 @@ __all__ = [
     "solve_steps",
     "decompose",
     "column_check",
+    "carry_note",
     "is_hard",
     "check_outcomes",
+    "step_outcomes",
     "slip_spans",
     "write_trace",
     "trace_dataset",
@@ -129,6 +134,19 @@ def column_check(step: Step) -> str:
     return ", ".join(parts) + f", so {value}"
 
 
+def carry_note(step: Step) -> str:
+    """The work a doubted step shows before its result with ``check="carry"``: the units column
+    that decides the carry (``94 + 39`` -> ``4 + 9 = 13``) or the borrow (``53 - 29`` -> ``13 - 9
+    = 4``); for products and negative operands :func:`decompose`."""
+    a, b = step.left, step.right
+    if a >= 0 and b >= 0 and step.op == "+":
+        return f"{a % 10} + {b % 10} = {a % 10 + b % 10}"
+    if a >= 0 and b >= 0 and step.op == "-" and a >= b:
+        ua = a % 10 + (10 if a % 10 < b % 10 else 0)
+        return f"{ua} - {b % 10} = {ua - b % 10}"
+    return decompose(step)
+
+
 def is_hard(step: Step) -> bool:
     """Where a check goes: an addition whose units carry, a subtraction whose units borrow, a
     product of two numbers of two or more digits (the steps a small model gets wrong)."""
@@ -140,16 +158,18 @@ def is_hard(step: Step) -> bool:
     return a >= 10 and b >= 10
 
 
-CHECKS = ("columns", "tens")
+CHECKS = ("columns", "tens", "carry")
 
 
 def check_of(step: Step, check: str = "columns") -> str:
     """The check written for ``step``: with ``check="columns"`` :func:`column_check` for additions
     of non-negative numbers, :func:`decompose` otherwise; with ``check="tens"`` always
     :func:`decompose` (``94 + 39 = 94 + 30 + 9 = 124 + 9 = 133``: whole numbers, the tens of one
-    operand added first)."""
+    operand added first); with ``check="carry"`` :func:`carry_note`."""
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+    if check == "carry":
+        return carry_note(step)
     if check == "columns" and step.op == "+" and step.left >= 0 and step.right >= 0:
         return column_check(step)
     return decompose(step)
@@ -164,11 +184,13 @@ def _slip(step: Step, rng: np.random.Generator) -> int:
 
 
 _EPISTEMIC = {
+    "doubt": "Wait, ",
     "check": "Wait, let me check: ",
     "fix": "So it is {r}, not {w}.",
     "confirm": "So it is {r}.",
 }
 _SYNONYM = {
+    "doubt": "Note, ",
     "check": "Next, let me verify: ",
     "fix": "So it is {r}, not {w}.",
     "confirm": "So it is {r}.",
@@ -191,8 +213,10 @@ def write_trace(
     Epistemic and synonym traces check every hard step (:func:`is_hard`) and, with probability
     ``easy_check_prob``, an easy one; at a checked step a slip (:func:`_slip`) is planted with
     probability ``slip_prob``, and the check's result, not the line above it, is what the trace
-    goes on with; ``check`` picks how a step is checked (:func:`check_of`). ``index`` and ``seed``
-    seed the draws (the same for every style)."""
+    goes on with; ``check`` picks how a step is checked (:func:`check_of`). With
+    ``check="carry"`` the hard steps are doubted before their result instead ("Then, 94 + 39.
+    Wait, 4 + 9 = 13, so 94 + 39 = 133.") and nothing is planted. ``index`` and ``seed`` seed the
+    draws (the same for every style)."""
     TRACE_STYLES.get(style)
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
@@ -210,6 +234,11 @@ def write_trace(
         wrong = _slip(s, rng)
         if style == "procedural" or not checked:
             lines.append(f"{head}, {s.left} {s.op} {s.right} = {s.result}.")
+            continue
+        if check == "carry":
+            expr = f"{s.left} {s.op} {s.right}"
+            note = carry_note(s)
+            lines.append(f"{head}, {expr}. {phrases['doubt']}{note}, so {expr} = {s.result}.")
             continue
         written = wrong if slip else s.result
         lines.append(f"{head}, {s.left} {s.op} {s.right} = {written}.")
@@ -247,6 +276,33 @@ def check_outcomes(text: str) -> dict[str, int]:
             out["fixed" if int(end[1]) == true else "missed"] += 1
         else:
             out["kept" if int(end[1]) == true else "broken"] += 1
+    return out
+
+
+STEP_OUTCOMES = tuple(
+    f"{h}_{d}_{r}"
+    for h in ("hard", "easy")
+    for d in ("doubted", "plain")
+    for r in ("right", "wrong")
+)
+
+
+def step_outcomes(text: str) -> dict[str, int]:
+    """Every step line ``..., a op b = w.`` of a trace (written or generated, any wording; check
+    lines with ``": "`` are skipped) counted by whether the step is hard (:func:`is_hard` on the
+    operands the trace wrote), whether the line shows work before its result (a second ``=``, as
+    ``check="carry"`` traces do: ``Then, 94 + 39. Wait, 4 + 9 = 13, so 94 + 39 = 133.``) and
+    whether ``w`` is right: keys :data:`STEP_OUTCOMES`, e.g. ``hard_doubted_right``."""
+    out = dict.fromkeys(STEP_OUTCOMES, 0)
+    for line in text.splitlines():
+        m = _STEP_LINE.search(line)
+        if m is None or ": " in line:
+            continue
+        a, op, b, w = int(m[1]), m[2], int(m[3]), int(m[4])
+        true = _OPS[op](a, b)
+        hard = "hard" if is_hard(Step(a, op, b, true)) else "easy"
+        doubted = "doubted" if line.count("=") >= 2 else "plain"
+        out[f"{hard}_{doubted}_{'right' if w == true else 'wrong'}"] += 1
     return out
 
 
