@@ -335,3 +335,55 @@ def test_security_cli_extract_and_missing_compressor(
     assert main(["security", "extract", "hello"]) == 2
     assert "security train" in capsys.readouterr().err
     assert main(["security", "eval", "--compressor", str(tmp_path / "nothing")]) == 2
+
+
+def _pow2_word_probs(comp, texts):
+    """The straightforward batching: all chunks at ``[2^k, max_length]`` (the power of two that
+    holds them, at most ``batch_size``), in order."""
+    from jaxlab.security.compressor import _probs_fn
+
+    per_text = [comp.chunks(t) for t in texts]
+    flat = [(k, c) for k, (_, cs, _) in enumerate(per_text) for c in cs]
+    probs = [np.zeros(len(w), np.float32) for w, _, _ in per_text]
+    t = comp.max_length
+    for s in range(0, len(flat), comp.batch_size):
+        part = flat[s : s + comp.batch_size]
+        rows = min(comp.batch_size, 1 << (len(part) - 1).bit_length())
+        ids = np.full((rows, t), comp.pad_id, np.int32)
+        mask, words = np.zeros((rows, t), np.int32), np.full((rows, t), -1, np.int32)
+        for i, (_, c) in enumerate(part):
+            base = min(w for w in c.words if w >= 0)
+            ids[i, : len(c.ids)], mask[i, : len(c.ids)] = c.ids, 1
+            words[i, : len(c.ids)] = [w - base if w >= 0 else -1 for w in c.words]
+        out = np.asarray(_probs_fn(comp._graphdef)(comp._state, ids, mask, words))
+        for i, (k, c) in enumerate(part):
+            owned = [w for w in c.words if w >= 0]
+            probs[k][min(owned) : max(owned) + 1] = out[i, : max(owned) - min(owned) + 1]
+    return probs
+
+
+def test_bucketed_shapes_extract_the_same_words_as_power_of_two_padding(tiny_compressor):
+    from jaxlab.security.compressor import keep_mask
+
+    comp = tiny_compressor  # max_length 16, batch 4: lengths 4, 8, 12, 16
+    assert comp.lengths() == (4, 8, 12, 16)
+    assert [comp.rows(n) for n in (1, 3, 4)] == [1, 3, 4]
+    # a chunk goes to the shortest length that holds it; 6 full chunks run as 4 + 2 rows
+    assert comp.shapes([16] * 6 + [5, 3, 12]) == [(1, 4), (1, 8), (1, 12), (4, 16), (2, 16)]
+    rng = random.Random(0)
+    vocab = " ".join(TEXTS).replace(",", " ,").split()
+    texts = [" ".join(rng.choices(vocab, k=rng.randint(1, 60))) for _ in range(12)]
+    texts += TEXTS
+    want = _pow2_word_probs(comp, texts)
+    got = comp.word_probs(texts)
+    alone = [comp.word_probs([t])[0] for t in texts]  # one request at a time: other shapes
+    assert len({s for t in texts for s in comp.shapes([len(c.ids) for c in comp.chunks(t)[1]])}) > 4
+    for t, p, (words, q, _), (_, r, _) in zip(texts, want, got, alone, strict=True):
+        np.testing.assert_allclose(q, p, rtol=0, atol=2e-6)
+        np.testing.assert_allclose(r, p, rtol=0, atol=2e-6)
+        assert np.abs(p - 0.5).min() > 1e-4  # no word so near the threshold that rounding tips it
+        assert comp.extract([t]) == [" ".join(w for w, k in zip(words, keep_mask(p)) if k)]
+    assert comp.extract(texts) == [
+        " ".join(w for w, k in zip(ws, keep_mask(p)) if k) for (ws, _, _), p in zip(got, want)
+    ]
+    assert (4, 16) in comp.warmup(max_chunks=4) and (1, 4) in comp.warmup(max_chunks=1)

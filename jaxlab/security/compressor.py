@@ -223,8 +223,14 @@ def _probs_fn(graphdef):
 class Compressor:
     """A trained (or any) :class:`TokenClassifier` with its tokenizer, ready to extract.
 
-    ``extract(texts)`` is batched over all the texts' chunks (a fixed ``[B, max_length]`` shape
-    per power-of-two batch size: few compiles) and runs one jitted forward per batch.
+    ``extract(texts)`` is batched over all the texts' chunks and runs one jitted forward per
+    batch. The forward's cost on a CPU grows with the padded tokens (rows x length), so batches
+    are cut to few fixed shapes that waste little (:meth:`shapes`): each chunk goes to the
+    shortest of four lengths (quarters of ``max_length``) that holds it, and a batch has exactly
+    as many rows as chunks up to 8, then a multiple of 8 (at most ``batch_size``). One request's
+    text of ``n`` chunks thus runs as ``[n - 1, max_length]`` and ``[1, L]`` (or ``[n,
+    max_length]``); :meth:`warmup` compiles those shapes ahead. Padding never changes a chunk's
+    result (masked keys, row-wise everything else) beyond float rounding.
     """
 
     def __init__(
@@ -295,17 +301,61 @@ class Compressor:
         chunks = chunk_words(ids, owner, self.max_length, self.cls_id, self.sep_id)
         return words, chunks, np.bincount(np.asarray(owner, int), minlength=len(words))
 
-    def _batch(self, chunks: Sequence[Chunk], rows: int) -> tuple[np.ndarray, ...]:
+    def lengths(self) -> tuple[int, ...]:
+        """The padded chunk lengths: the quarters of ``max_length`` (at least 3 tokens)."""
         t = self.max_length
+        return tuple(sorted({max(-(-t * k // 4), 3) for k in (1, 2, 3)} | {t}))
+
+    def rows(self, n: int) -> int:
+        """Rows of a batch of ``n <= batch_size`` chunks: ``n`` up to 8, then a multiple of 8."""
+        return n if n <= 8 else min(-(-n // 8) * 8, self.batch_size)
+
+    def shapes(self, counts: Sequence[int]) -> list[tuple[int, int]]:
+        """The ``(rows, length)`` batches that chunks of these token counts run in."""
+        return [(rows, t) for t, idx in self._plan(counts) for rows, _ in idx]
+
+    def _plan(self, counts: Sequence[int]) -> list[tuple[int, list[tuple[int, list[int]]]]]:
+        """``[(length, [(rows, chunk indices), ...]), ...]``: chunks grouped by padded length,
+        each group cut into batches of at most ``batch_size``."""
+        lengths = self.lengths()
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(counts):
+            groups.setdefault(lengths[bisect.bisect_left(lengths, n)], []).append(i)
+        plan = []
+        for t in sorted(groups):
+            idx = groups[t]
+            parts = [idx[s : s + self.batch_size] for s in range(0, len(idx), self.batch_size)]
+            plan.append((t, [(self.rows(len(p)), p) for p in parts]))
+        return plan
+
+    def _batch(
+        self, chunks: Sequence[Chunk], rows: int, length: int | None = None
+    ) -> tuple[np.ndarray, ...]:
+        """``ids, mask, words [rows, length]`` (``length`` defaults to ``max_length``); the words
+        chunk-local (the chunk's first word is 0)."""
+        t = self.max_length if length is None else length
         ids = np.full((rows, t), self.pad_id, np.int32)
         mask = np.zeros((rows, t), np.int32)
         words = np.full((rows, t), -1, np.int32)
         for i, c in enumerate(chunks):
             n = len(c.ids)
             ids[i, :n], mask[i, :n] = c.ids, 1
-            base = min((w for w in c.words if w >= 0), default=0)
-            words[i, :n] = [w - base if w >= 0 else -1 for w in c.words]
+            w = np.asarray(c.words, np.int32)
+            owned = w >= 0
+            words[i, :n] = np.where(owned, w - (w[owned].min() if owned.any() else 0), -1)
         return ids, mask, words
+
+    def warmup(self, max_chunks: int = 8) -> list[tuple[int, int]]:
+        """Compiles the forward for every shape one text of up to ``max_chunks`` chunks uses
+        (``[r, max_length]`` for ``r <= max_chunks`` and ``[1, L]`` for the shorter lengths), so
+        that no request pays a compile; returns the shapes."""
+        run = _probs_fn(self._graphdef)
+        shapes = [(self.rows(r), self.max_length) for r in range(1, max_chunks + 1)]
+        shapes = sorted(set(shapes) | {(1, t) for t in self.lengths()})
+        for rows, t in shapes:
+            z = np.zeros((rows, t), np.int32)
+            jax.block_until_ready(run(self._state, z, z, z))
+        return shapes
 
     def word_probs(self, texts: Sequence[str]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
         """Per text: ``(words, keep probabilities [W], tokens per word [W])``; a word without
@@ -316,18 +366,17 @@ class Compressor:
         flat = [(k, c) for k, (_, cs, _) in enumerate(per_text) for c in cs]
         probs = [np.zeros(len(w), np.float32) for w, _, _ in per_text]
         run = _probs_fn(self._graphdef)
-        for start in range(0, len(flat), self.batch_size):
-            part = flat[start : start + self.batch_size]
-            rows = min(self.batch_size, 1 << (len(part) - 1).bit_length())
-            ids, mask, words = self._batch([c for _, c in part], rows)
-            out = np.asarray(run(self._state, ids, mask, words))
-            for i, (k, c) in enumerate(part):
-                owned = [w for w in c.words if w >= 0]
-                if not owned:
-                    continue
-                base = min(owned)
-                span = min(max(owned) - base + 1, self.max_length)
-                probs[k][base : base + span] = out[i, :span]
+        for t, batches in self._plan([len(c.ids) for _, c in flat]):
+            for rows, idx in batches:
+                part = [flat[i] for i in idx]
+                out = np.asarray(run(self._state, *self._batch([c for _, c in part], rows, t)))
+                for i, (k, c) in enumerate(part):
+                    owned = [w for w in c.words if w >= 0]
+                    if not owned:
+                        continue
+                    base = min(owned)
+                    span = min(max(owned) - base + 1, t)
+                    probs[k][base : base + span] = out[i, :span]
         return [(w, p, n) for (w, _, n), p in zip(per_text, probs)]
 
     def extract(

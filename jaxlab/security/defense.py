@@ -6,8 +6,10 @@ handler before its prompts are submitted): it may rewrite the messages (prefix t
 answer the request itself (a refusal). ``none`` does nothing; the others:
 
 ``securitylingua``
-  The compressor extracts the intention of the last user message; the system prompt becomes
-  :data:`SECURITYLINGUA_TEMPLATE` filled with the request's own system prompt (or
+  The compressor extracts the intention of the last user message (in a worker thread, one
+  extraction at a time, while the event loop and the engine go on; a compressor loaded from a
+  directory first compiles the shapes of one request, ``Compressor.warmup``); the system prompt
+  becomes :data:`SECURITYLINGUA_TEMPLATE` filled with the request's own system prompt (or
   :data:`DEFAULT_SYSTEM_PROMPT` when it has none) and the intention. Every other message,
   the user's prompt included, is passed on byte for byte.
 ``self-reminder``
@@ -607,6 +609,7 @@ def _securitylingua(*, compressor: Any = None, threshold: float = 0.5, rate=None
         raise UserError("--defense securitylingua needs --compressor DIR (a trained compressor)")
     if isinstance(compressor, str | Path):
         compressor = Compressor.load(compressor)
+        compressor.warmup()  # compile one request's shapes now, not on the first requests
     return SecurityLingua(compressor, threshold=threshold, rate=rate)
 
 
