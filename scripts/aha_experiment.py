@@ -118,14 +118,18 @@ def evaluate(model, tok, problems, task, modes, args):
     ``checks`` sums :func:`jaxlab.analysis.traces.check_outcomes` and ``steps``
     :func:`~jaxlab.analysis.traces.step_outcomes` over the responses (before any injected
     "Wait")."""
-    from jaxlab.analysis import run_intervention, wilson_interval
+    from jaxlab.analysis import EPISTEMIC_WORDS, run_intervention, wilson_interval
     from jaxlab.analysis.traces import check_outcomes, step_outcomes
 
     res = {}
     for mode in modes:
         t0 = time.perf_counter()
+        # "suppress_synonym": the synonym model with its own phrase's first word banned instead
+        own = mode == "suppress_synonym"
         r = run_intervention(
-            model, tok, task, problems, mode, max_new_tokens=args.max_new_tokens, wait_when="wrong",
+            model, tok, task, problems, "suppress" if own else mode,
+            max_new_tokens=args.max_new_tokens, wait_when="wrong",
+            suppress_words=("note", "next") if own else EPISTEMIC_WORDS,
         )  # fmt: skip
         d = r.to_dict()
         k = sum(x == 1.0 for x in r.rewards)
@@ -296,7 +300,8 @@ def main(argv=None):
     results = {"args": vars(args), "eval": {}, "curves": {}, "summary": {}}
     plan = {"procedural": ["baseline", "insert_wait"],
             "epistemic": ["baseline", "suppress", "insert_wait"],
-            "synonym": ["baseline", "suppress"], "base": ["baseline", "induce"]}  # fmt: skip
+            "synonym": ["baseline", "suppress", "suppress_synonym"],
+            "base": ["baseline", "induce"]}  # fmt: skip
     names = list(args.styles) + ([] if args.skip_base else ["base"])
     summary, info_examples = results["summary"], {}
     for name in names:  # each model is trained, then evaluated; results are saved as they come

@@ -12,8 +12,9 @@ rate 0) given the re-prompt; the loss is pure distillation (w = 1), full-logit g
     python scripts/self_distillation_experiment.py --init runs/aha/epistemic/model --out runs/sdpo_exp
     python scripts/self_distillation_experiment.py --out runs/sdpo_exp --report-only --docs docs/results/sdpo
 
-Without --init the epistemic SFT model is made first under OUT/sft (the settings of the "aha"
-experiment: 300 problems, 15 updates; about 15 minutes on a loaded 2-core CPU). Results go to
+Without --init the epistemic SFT model is made first under OUT/sft (make_sft_model: with
+``--family-set carry`` on carry-doubting traces of all five addition families, e.g.
+``--sft-steps 120``, about 17 minutes on a 2-core CPU). Results go to
 OUT/sdpo.json (and DOCS with --docs), plots next to them; finished cells are reused.
 """
 
@@ -92,6 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--eval-problems", type=int, default=8, help="held-out problems per family")
     p.add_argument("--sft-steps", type=int, default=15)
+    p.add_argument("--sft-problems", type=int, default=400, help="per family (--family-set carry)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--docs", default=None, help="also copy JSON and plots into this directory")
     return p.parse_args(argv)
@@ -110,7 +112,11 @@ def log(msg):
 
 
 def make_sft_model(args, out: Path) -> Path:
-    """The epistemic SFT model of the "aha" experiment, made under OUT/sft unless it exists."""
+    """The epistemic SFT model, made under OUT/sft unless it exists. ``arith``: the settings of
+    the first "aha" run (300 problems of 2-digit 3-term ``+-``, column checks, 15 updates of 4 x
+    384 tokens at lr 1e-4). ``carry``: ``--check carry`` traces of every family of the set
+    (``--sft-problems`` each, interleaved), ``--sft-steps`` updates of 2 x 256 tokens at lr 2e-4,
+    so the starting model can do the OOD families too and only the RL coverage differs."""
     from jaxlab.analysis import trace_dataset, write_sft_jsonl
     from jaxlab.checkpoint import CheckpointConfig
     from jaxlab.sft import SFTConfig, SFTDataConfig, train_sft
@@ -119,18 +125,32 @@ def make_sft_model(args, out: Path) -> Path:
     work = out / "sft"
     if (work / "model" / "config.json").is_file():
         return work / "model"
-    data = write_sft_jsonl(
-        trace_dataset("epistemic", 300, digits=2, terms=3, ops="+-"), work / "epistemic.jsonl"
-    )
+    if args.family_set == "carry":
+        parts = [  # other problem indices per family (the same index draws the same numbers)
+            trace_dataset(
+                "epistemic", args.sft_problems, start=k * 10_000, check="carry", **f["kwargs"]
+            )
+            for k, f in enumerate(FAMILIES.values())
+        ]
+        mixed = [ex for group in zip(*parts) for ex in group]
+        data = write_sft_jsonl(mixed, work / "epistemic.jsonl")
+        rows, lr = SFTDataConfig(path=str(data), seq_len=256, batch_size=2), 2e-4
+    else:
+        data = write_sft_jsonl(
+            trace_dataset("epistemic", 300, digits=2, terms=3, ops="+-"), work / "epistemic.jsonl"
+        )
+        rows, lr = SFTDataConfig(path=str(data), seq_len=384, batch_size=4), 1e-4
     cfg = SFTConfig(
         model="smollm2-135m-instruct",
-        data=SFTDataConfig(path=str(data), seq_len=384, batch_size=4),
-        train=OptimConfig(lr=1e-4, warmup_steps=3, steps=args.sft_steps, grad_clip=1.0),
+        data=rows,
+        train=OptimConfig(lr=lr, warmup_steps=3, steps=args.sft_steps, grad_clip=1.0),
         checkpoint=CheckpointConfig(save_every=10**6, keep=1, async_save=False),
         log_every=5,
     )
     log(f"SFT of the epistemic model ({args.sft_steps} updates) ...")
-    train_sft(cfg, work, progress=False)
+    t0 = time.perf_counter()
+    m = train_sft(cfg, work, progress=False)
+    log(f"SFT done in {time.perf_counter() - t0:.0f} s, last loss {m['loss']:.3f}")
     return work / "model"
 
 

@@ -462,6 +462,47 @@ def test_suppression_logit_bias_removes_the_marker_tokens(smol_tokenizer, tmp_pa
         assert not set(out.tokens.ravel().tolist()) & set(ids)
 
 
+def test_run_intervention_bans_the_chosen_words_and_injects_wait(smol_tokenizer, tmp_path):
+    from jaxlab.analysis import run_intervention, wait_message
+    from jaxlab.models import from_pretrained
+    from jaxlab.rl.tasks import ArithmeticTask, Problem
+    from jaxlab.testing.tiny_llama import chain_bigrams, write_tiny_llama
+
+    tok = smol_tokenizer
+    problem = Problem("What is 2 + 3?", 5, {"expression": "2 + 3"})
+    prompt = tok.encode(problem.prompt, add_special_tokens=False)
+    chain = [tok.encode(s, add_special_tokens=False)[0] for s in (" Note", " Wait", " maybe")]
+    path = write_tiny_llama(
+        tmp_path / "m", tok, bigrams=chain_bigrams(prompt[-1], chain), context=128
+    )
+    model, _ = from_pretrained(path)
+    task = ArithmeticTask(digits=1, terms=2, ops="+")
+
+    def run(mode, **kw):
+        return run_intervention(
+            model, tok, task, [problem], mode, max_new_tokens=3, chat=False, **kw
+        )
+
+    base = run("baseline")
+    assert base.responses == [" Note Wait maybe"] and base.suppressed_ids == 0
+    assert base.markers_per_response == 2.0 and base.rewards == [0.0]
+    # the default ban leaves " Note" (not a marker) and removes both markers after it
+    sup = run("suppress")
+    assert sup.responses[0].startswith(" Note") and sup.markers_per_response == 0.0
+    assert sup.suppressed_ids == len(analysis.suppression_logit_bias(tok))
+    ids = tok.encode(sup.responses[0], add_special_tokens=False)
+    assert chain[1] not in ids and chain[2] not in ids
+    # another word list bans that word's surface forms instead
+    own = run("suppress", suppress_words=("note",))
+    assert own.suppressed_ids == len(analysis.suppression_logit_bias(tok, ("note",)))
+    assert not own.responses[0].lower().lstrip().startswith("note")
+    # a wrong answer gets the reference's message and a continuation
+    wait = run("insert_wait", wait_when="wrong")
+    head = " Note Wait maybe\n\n" + wait_message(None)
+    assert wait.responses[0].startswith(head) and len(wait.responses[0]) > len(head)
+    assert wait.tokens_per_response > 3
+
+
 def test_wilson_interval_against_scipy_and_by_hand():
     from scipy.stats import binomtest
 

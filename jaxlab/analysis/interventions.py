@@ -143,13 +143,15 @@ def run_intervention(
     wait_when: str = "always",
     wait_max_new_tokens: int | None = None,
     chat: bool = True,
+    suppress_words: Iterable[str] = EPISTEMIC_WORDS,
 ) -> InterventionResult:
     """Runs one control (:data:`INTERVENTIONS`) on ``problems`` and scores the responses with
-    ``task.reward`` (1.0 = correct)."""
+    ``task.reward`` (1.0 = correct). ``suppress`` bans every single-token surface form of
+    ``suppress_words`` (the 13 markers by default; other words for a control, e.g. a synonym's)."""
     INTERVENTIONS.get(mode)
     if wait_when not in ("always", "wrong"):
         raise UserError(f"wait_when must be 'always' or 'wrong', got {wait_when!r}")
-    bias = suppression_logit_bias(tokenizer) if mode == "suppress" else {}
+    bias = suppression_logit_bias(tokenizer, tuple(suppress_words)) if mode == "suppress" else {}
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, logit_bias=bias
     )
