@@ -216,6 +216,10 @@ def run_grid(args, out: Path) -> dict:
     results_path = out / "sdpo.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("cells", {})
+    if results.get("settings", {}).get("init", init) != init:
+        raise SystemExit(
+            f"{results_path} holds results of {results['settings']['init']}, not {init}"
+        )
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("report_only",)}
     results["settings"]["init"] = init
 
