@@ -52,6 +52,7 @@ def parse_args(argv=None):
         help="no loss on the planted wrong results (the model reads slips, it is not taught them)",
     )  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--sft-seed", type=int, default=0, help="order of the packed SFT rows")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--eval-problems", type=int, default=48)
     p.add_argument("--eval-start", type=int, default=100000, help="first held-out problem index")
@@ -100,7 +101,9 @@ def finetune(args, style: str, data: Path, out: Path) -> Path:
         return work / "model"
     cfg = SFTConfig(
         model=args.model,
-        data=SFTDataConfig(path=str(data), seq_len=args.seq_len, batch_size=args.batch_size),
+        data=SFTDataConfig(
+            path=str(data), seq_len=args.seq_len, batch_size=args.batch_size, seed=args.sft_seed
+        ),
         train=OptimConfig(lr=args.lr, warmup_steps=args.warmup, steps=args.steps, grad_clip=1.0),
         checkpoint=CheckpointConfig(save_every=10**6, keep=1, async_save=False),
         log_every=5,
