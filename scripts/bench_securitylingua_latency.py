@@ -63,25 +63,14 @@ def fmt(s: dict) -> str:
 def pow2_compressor(comp):
     """A copy of ``comp`` (same weights) that batches as before the shape buckets: all chunks
     at ``[2^k, max_length]``, ``2^k`` the power of two that holds them (at most batch_size)."""
-    from jaxlab.security.compressor import Compressor, _probs_fn
+    from jaxlab.security.compressor import Compressor
 
     class Pow2Compressor(Compressor):
-        def word_probs(self, texts):
-            per_text = [self.chunks(t) for t in texts]
-            flat = [(k, c) for k, (_, cs, _) in enumerate(per_text) for c in cs]
-            probs = [np.zeros(len(w), np.float32) for w, _, _ in per_text]
-            run = _probs_fn(self._graphdef)
-            for s in range(0, len(flat), self.batch_size):
-                part = flat[s : s + self.batch_size]
-                rows = min(self.batch_size, 1 << (len(part) - 1).bit_length())
-                out = np.asarray(run(self._state, *self._batch([c for _, c in part], rows)))
-                for i, (k, c) in enumerate(part):
-                    owned = [w for w in c.words if w >= 0]
-                    if owned:
-                        base = min(owned)
-                        span = min(max(owned) - base + 1, self.max_length)
-                        probs[k][base : base + span] = out[i, :span]
-            return [(w, p, n) for (w, _, n), p in zip(per_text, probs)]
+        def _plan(self, counts):
+            idx = list(range(len(counts)))
+            parts = [idx[s : s + self.batch_size] for s in range(0, len(idx), self.batch_size)]
+            rows = [min(self.batch_size, 1 << (len(p) - 1).bit_length()) for p in parts]
+            return [(self.max_length, list(zip(rows, parts)))]
 
     c = Pow2Compressor(
         comp.model, comp.tokenizer, max_length=comp.max_length, batch_size=comp.batch_size
