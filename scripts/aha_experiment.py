@@ -122,17 +122,17 @@ def evaluate(model, tok, problems, task, modes, args):
     :func:`~jaxlab.analysis.traces.step_outcomes` over the responses (before any injected
     "Wait")."""
     from jaxlab.analysis import EPISTEMIC_WORDS, run_intervention, wilson_interval
-    from jaxlab.analysis.traces import check_outcomes, step_outcomes
+    from jaxlab.analysis.traces import SYNONYM_WORDS, check_outcomes, step_outcomes
 
     res = {}
     for mode in modes:
         t0 = time.perf_counter()
-        # "suppress_synonym": the synonym model with its own phrase's first word banned instead
+        # "suppress_synonym": the synonym model with its own phrases' lead words banned instead
         own = mode == "suppress_synonym"
         r = run_intervention(
             model, tok, task, problems, "suppress" if own else mode,
             max_new_tokens=args.max_new_tokens, wait_when="wrong",
-            suppress_words=("note", "next") if own else EPISTEMIC_WORDS,
+            suppress_words=SYNONYM_WORDS if own else EPISTEMIC_WORDS,
         )  # fmt: skip
         d = r.to_dict()
         k = sum(x == 1.0 for x in r.rewards)

@@ -306,7 +306,14 @@ def test_check_outcomes_by_hand():
 
 
 def test_carry_traces_doubt_the_hard_steps_before_their_result():
-    from jaxlab.analysis.traces import Step, carry_note, is_hard, solve_steps, step_outcomes
+    from jaxlab.analysis.traces import (
+        SYNONYM_WORDS,
+        Step,
+        carry_note,
+        is_hard,
+        solve_steps,
+        step_outcomes,
+    )
 
     assert carry_note(Step(94, "+", 39, 133)) == "4 + 9 = 13"
     assert carry_note(Step(53, "-", 29, 24)) == "13 - 9 = 4"
@@ -321,6 +328,10 @@ def test_carry_traces_doubt_the_hard_steps_before_their_result():
         )
         assert task.reward(p, ep) == task.reward(p, syn) == 1.0
         assert syn.replace("Note, ", "Wait, ") == ep
+        # the own-word control bans the lead word of every synonym line
+        for line in syn.splitlines():
+            if ". " in line and "<answer>" not in line:
+                assert line.split(". ", 1)[1].split(",")[0].lower() in SYNONYM_WORDS
         assert analysis.count_epistemic(syn, "word_boundary") == 0
         assert proc == analysis.write_trace(p, "procedural", index=i)
         steps = solve_steps(p.meta["expression"])

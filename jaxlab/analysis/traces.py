@@ -37,6 +37,7 @@ from jaxlab.rl.tasks import ArithmeticTask, Problem
 
 __all__ = [
     "TRACE_STYLES",
+    "SYNONYM_WORDS",
     "Step",
     "solve_steps",
     "decompose",
@@ -189,6 +190,8 @@ _EPISTEMIC = {
     "fix": "So it is {r}, not {w}.",
     "confirm": "So it is {r}.",
 }
+# The synonym phrases' lead words: what a ban of the synonym's own surface words suppresses.
+SYNONYM_WORDS: tuple[str, ...] = ("note", "next")
 _SYNONYM = {
     "doubt": "Note, ",
     "check": "Next, let me verify: ",
