@@ -502,17 +502,12 @@ def refusal_response(state, req, text: str):
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from jaxlab.serving.base import SSE_HEADERS, request_id
-    from jaxlab.serving.protocol import SSE_DONE, sse, usage
+    from jaxlab.serving.protocol import SSE_DONE, response_head, sse, usage
 
     rid = request_id("chatcmpl")
     n_out = len(state.tokenizer.encode(text, add_special_tokens=False))
     n_in = _prompt_tokens(state, req, req.messages) or 0
-    head = {
-        "id": rid,
-        "created": int(time.time()),
-        "model": state.model_name,
-        "system_fingerprint": None,
-    }
+    head = response_head(rid, "chat.completion", state.model_name)
     n = req.n or 1
     if not req.stream:
         choices = [
@@ -524,7 +519,7 @@ def refusal_response(state, req, text: str):
             }
             for i in range(n)
         ]
-        body = {**head, "object": "chat.completion", "choices": choices}
+        body = {**head, "choices": choices}
         body["usage"] = usage(n_in, n * n_out)
         return JSONResponse(body)
 
@@ -554,18 +549,12 @@ def completion_refusal_response(state, req, prompts: list[list[int]], text: str)
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from jaxlab.serving.base import SSE_HEADERS, request_id
-    from jaxlab.serving.protocol import SSE_DONE, sse, usage
+    from jaxlab.serving.protocol import SSE_DONE, response_head, sse, usage
 
     rid = request_id("cmpl")
     n_out = len(state.tokenizer.encode(text, add_special_tokens=False))
     count = len(prompts) * (req.n or 1)
-    head = {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": state.model_name,
-        "system_fingerprint": None,
-    }
+    head = response_head(rid, "text_completion", state.model_name)
     n_in = sum(map(len, prompts))
     if not req.stream:
         choices = [

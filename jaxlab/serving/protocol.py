@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -152,6 +153,18 @@ def param_error(e: ValueError, names: dict[str, str] | None = None) -> OpenAIErr
 def finish_reason(engine_reason: str) -> str:
     """The Engine's finish reason in OpenAI's words: an end token or a stop string is ``stop``."""
     return "length" if engine_reason == "length" else "stop"
+
+
+def response_head(rid: str, obj: str, model: str) -> dict:
+    """The fields every OpenAI response and stream chunk starts with: id, object, created, model,
+    system_fingerprint (None: the server does not pin a backend configuration)."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:

@@ -24,6 +24,7 @@ from jaxlab.serving.protocol import (
     completion_token_logprobs,
     delta_logprobs,
     finish_reason,
+    response_head,
     sampling_params,
     sse,
     usage,
@@ -149,15 +150,9 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     cached = None
     if completions and state.prefix_cache:
         cached = getattr(completions[0], "cached_tokens", 0)
-    body = {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": state.model_name,
-        "choices": choices,
-        "usage": usage(len(plan.prompt_ids), sum(len(c.tokens) for c in completions), cached),
-        "system_fingerprint": None,
-    }
+    body = response_head(rid, "chat.completion", state.model_name)
+    body["choices"] = choices
+    body["usage"] = usage(len(plan.prompt_ids), sum(len(c.tokens) for c in completions), cached)
     return JSONResponse(body)
 
 
@@ -175,13 +170,7 @@ async def _stream(
     merged: Merged,
     n: int,
 ) -> AsyncIterator[str]:
-    head = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": state.model_name,
-        "system_fingerprint": None,
-    }
+    head = response_head(rid, "chat.completion.chunk", state.model_name)
     include_usage = req.include_usage
     eos_ids = state.loop.engine.eos_ids
 

@@ -21,6 +21,7 @@ from jaxlab.serving.protocol import (
     completion_token_logprobs,
     delta_logprobs,
     finish_reason,
+    response_head,
     sampling_params,
     sse,
     usage,
@@ -127,15 +128,9 @@ async def create_completion(state: ServerState, req: CompletionRequest, request:
                     "finish_reason": finish_reason(c.finish_reason),
                 }
             )
-    body = {
-        "id": base,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": state.model_name,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens, cached if state.prefix_cache else None),
-        "system_fingerprint": None,
-    }
+    body = response_head(base, "text_completion", state.model_name)
+    body["choices"] = choices
+    body["usage"] = usage(prompt_tokens, completion_tokens, cached if state.prefix_cache else None)
     return JSONResponse(body)
 
 
@@ -148,13 +143,7 @@ async def _stream(
     prompt_tokens: int,
     top_n: int,
 ) -> AsyncIterator[str]:
-    head = {
-        "id": base,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": state.model_name,
-        "system_fingerprint": None,
-    }
+    head = response_head(base, "text_completion", state.model_name)
     include_usage = req.include_usage
     eos_ids = state.loop.engine.eos_ids
     pending: dict[int, list] = {}
