@@ -397,8 +397,9 @@ def report(results: dict, out: Path, docs: Path | None) -> None:
     fig.savefig(out / "sdpo_final.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(2, 2, figsize=(9, 7), squeeze=False)
-    for r, coverage in enumerate(COVERAGES):
+    run = [cv for cv in COVERAGES if any(k.startswith(f"{cv}/") for k in table)]
+    fig, axes = plt.subplots(len(run), 2, figsize=(9, 3.5 * len(run)), squeeze=False)
+    for r, coverage in enumerate(run):
         for c, (key, title) in enumerate(
             (("rollout_epistemic", "markers / rollout"), ("rollout_length", "tokens / rollout"))
         ):
