@@ -40,19 +40,16 @@ $(VENV)/.dev: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) -m jaxlab demo
 
-# The suite runs in two pytest sessions, split alphabetically at test_retrieval.py: in one
+# The suite runs in two pytest processes, split alphabetically at test_retrieval.py: in one
 # process that has compiled the whole suite's programs over 8 virtual devices, XLA's CPU compiler
 # has crashed (a call through a null pointer) late in the run, in a test that passes in a fresh
-# process. Every test still runs; a failure in the first half still fails `make test`. Each half
-# runs its test files over TEST_WORKERS processes (pytest-xdist, a file per worker at a time, so
-# a module's fixtures are built once): most tests compile or run small programs on one core.
+# process. Every test still runs; a failure in the first half still fails `make test`.
 TESTS_FIRST = $(sort $(filter-out tests/test_r% tests/test_s%,$(wildcard tests/test_*.py)))
 TESTS_SECOND = $(sort $(filter tests/test_r% tests/test_s%,$(wildcard tests/test_*.py)))
-TEST_WORKERS ?= 2
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(TESTS_FIRST)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(TESTS_SECOND)
+	$(PY) -m pytest -q --durations=15 $(TESTS_FIRST)
+	$(PY) -m pytest -q --durations=15 $(TESTS_SECOND)
 
 test-fast: $(VENV)/.dev
 	$(PY) -m pytest -q -m "not slow"
