@@ -86,7 +86,7 @@ def main():
     t0 = time.perf_counter()
     train = [simulate_plate(1000 + i) for i in range(args.train)]
     print(f"simulated {args.train} training plates in {time.perf_counter() - t0:.1f} s")
-    cfg = SMIConfig(steps_shift=args.steps, steps_shared=args.steps, steps_individual=args.steps)
+    cfg = SMIConfig().with_steps(args.steps)
     model, history = train_smi(train, cfg, progress=False, log=print)
     print(f"SMI training: {history['seconds']:.1f} s")
     rows, times = [], {"supersky": [], "pca": [], "smi": []}
@@ -191,12 +191,7 @@ def cross_family(args):
     for train_fam in args.only_train or names:
         train = [plate(train_fam, 1000 + i) for i in range(args.train)]
         for seed in args.seeds:
-            cfg = SMIConfig(
-                steps_shift=args.steps,
-                steps_shared=args.steps,
-                steps_individual=args.steps,
-                seed=seed,
-            )
+            cfg = SMIConfig(seed=seed).with_steps(args.steps)
             model, hist = train_smi(train, cfg, progress=False)
             line = [f"train {train_fam} seed {seed} ({hist['seconds']:.0f} s):"]
             for test_fam, ps in tests.items():
@@ -313,7 +308,7 @@ def incremental(args):
     night = [make_plate(fam, 1000 + i) for i in range(args.train)]
 
     def cfg(steps):
-        return SMIConfig(steps_shift=steps, steps_shared=steps, steps_individual=steps)
+        return SMIConfig().with_steps(steps)
 
     base, _ = train_smi(
         [simulate_plate(1000 + i) for i in range(args.train)], cfg(args.steps), progress=False

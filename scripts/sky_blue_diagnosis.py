@@ -249,13 +249,7 @@ def main():
         bands = _band_masks(tests[0].wavelength, (4500.0, 5700.0, 7000.0))
         rows = [{"supersky": both(p, super_sky(p)), "pca": both(p, pca_clean(p))} for p in tests]
         for k in args.bases:
-            cfg = SMIConfig(
-                n_basis=k,
-                steps_shift=args.steps,
-                steps_shared=args.steps,
-                steps_individual=args.steps,
-                seed=args.seed,
-            )
+            cfg = SMIConfig(n_basis=k, seed=args.seed).with_steps(args.steps)
             model, hist = train_smi(train, cfg, progress=False)
             print(f"{fam}: trained n_basis {k} in {hist['seconds']:.0f} s", flush=True)
             for p, row in zip(tests, rows):

@@ -34,13 +34,7 @@ def worker(args) -> dict:
     tests = [simulate_plate(i) for i in range(args.test)]
     out = {"devices": jax.device_count(), "runs": []}
     for seed in args.seeds:
-        cfg = SMIConfig(
-            steps_shift=args.steps,
-            steps_shared=args.steps,
-            steps_individual=args.steps,
-            seed=seed,
-            learning_rate=args.lr,
-        )
+        cfg = SMIConfig(seed=seed, learning_rate=args.lr).with_steps(args.steps)
         model, hist = train_smi(train, cfg, progress=False)
         errs = [evaluate_sky(p, smi_sky(model, p))["sky_error_pct"] for p in tests]
         club = hist["individual"]["club"]

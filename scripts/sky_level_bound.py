@@ -125,13 +125,7 @@ def level_bound(plate, skies: dict[str, np.ndarray], radius_mm: float) -> dict:
 def run(args) -> None:
     t0 = time.perf_counter()
     train = [make_plate(args.family, 1000 + i) for i in range(args.train)]
-    cfg = SMIConfig(
-        steps_shift=args.steps,
-        steps_shared=args.steps,
-        steps_individual=args.steps,
-        seed=args.seed,
-    )
-    model, hist = train_smi(train, cfg, progress=False)
+    model, hist = train_smi(train, SMIConfig(seed=args.seed).with_steps(args.steps), progress=False)
     print(f"{args.family}: SMI trained in {hist['seconds']:.0f} s", flush=True)
     cands = smi_level_candidates(model)
     rows = []

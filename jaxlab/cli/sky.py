@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -57,14 +56,9 @@ def _train(args):
         last = args.seed + args.simulate - 1
         print(f"simulating {args.simulate} training plates (seeds {args.seed}..{last})")
         plates = training_plates(args.simulate, args.seed)
-    config = SMIConfig(steps_shift=args.steps, steps_shared=args.steps, steps_individual=args.steps)
+    config = SMIConfig().with_steps(args.steps)
     if init is not None:  # keep the model's network sizes, take the steps from the command line
-        config = dataclasses.replace(
-            init.config,
-            steps_shift=args.steps,
-            steps_shared=args.steps,
-            steps_individual=args.steps,
-        )
+        config = init.config.with_steps(args.steps)
         print(f"continuing from {args.init} (incremental training)")
     model, history = train_smi(plates, config, progress=not args.quiet, log=print, init=init)
     save_smi(model, args.out, history)

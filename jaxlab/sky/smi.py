@@ -102,6 +102,12 @@ class SMIConfig:
         check(self.ridge >= 0, "ridge", f"must be >= 0, got {self.ridge}")
         check(self.fibers_per_plate >= 2, "fibers_per_plate", "must be >= 2 (InfoNCE pairs)")
 
+    def with_steps(self, steps: int) -> SMIConfig:
+        """This config with `steps` optimizer steps in each of the three training stages."""
+        return dataclasses.replace(
+            self, steps_shift=steps, steps_shared=steps, steps_individual=steps
+        )
+
 
 # -- differentiable resampling ---------------------------------------------------------------------
 
