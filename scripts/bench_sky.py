@@ -14,7 +14,9 @@ self-supervised on `--train` plates of that family (seeds 1000+, no truth read) 
 evaluated on `--test` held-out plates (seeds 0..) of every family: Super Sky, PCA, SMI, and SMI with
 the sky-fibre cross-validation safety net (`smi-safe`: per band, SMI blended towards the better of
 Super Sky and PCA on held-out sky fibres, and per band the SMI level model of
-`jaxlab.sky.smi.smi_level_candidates`; `smi-safe-p1` is the net with SMI's own level only). Means
+`jaxlab.sky.smi.smi_level_candidates`, with the level clip of `jaxlab.sky.safety.clip_levels`;
+`smi-safe-noclip` is the same net without the clip, `smi-safe-p1` the net with SMI's own level
+only). Means
 over seeds and plates, with the spread (standard deviation over seeds), go to stdout and
 `bench_sky_families[_TRAIN+...].json`. `--same-family` tests each model on its own family only
 (`bench_sky_level_seeds*.json`); `--report-level` tabulates those runs, before and after the level
@@ -161,6 +163,20 @@ def main():
     print(f"wrote {out / 'bench_sky.json'}")
 
 
+def _memo(estimator):
+    """`estimator` with its result kept per (plate flux, sky fibres): the sky-fibre folds of one
+    plate share its flux array, so several safety nets on the plate run each fold once."""
+    cache = {}
+
+    def run(plate):
+        key = (id(plate.flux), plate.is_sky.tobytes())
+        if key not in cache:
+            cache[key] = (plate.flux, estimator(plate))
+        return cache[key][1]
+
+    return run
+
+
 def cross_family(args):
     import sys
 
@@ -199,24 +215,26 @@ def cross_family(args):
                     continue
                 for k, p in enumerate(ps):
                     smi = smi_sky(model, p)
-                    # Before: one level model (SMI as trained, throughput power 1).
-                    safe_p1, _ = safe_sky(
-                        p, functools.partial(smi_sky, model), baselines=cv_base[test_fam][k]
-                    )
-                    # Now: per band, the level model (throughput power 1, 0.5, 0; each with and
+                    # Each level model runs once per fold; the nets below reuse its output.
+                    cands = {n: _memo(est) for n, est in smi_level_candidates(model).items()}
+                    cv = cv_base[test_fam][k]
+                    # One level model (SMI as trained, throughput power 1).
+                    safe_p1, _ = safe_sky(p, {"smi p=1": cands["smi p=1"]}, baselines=cv)
+                    # Per band, the level model (throughput power 1, 0.5, 0; each with and
                     # without the neighbouring sky fibres' level) and baseline blend that best
-                    # predict the held-out sky fibres.
-                    safe, rep = safe_sky(
-                        p, smi_level_candidates(model), baselines=cv_base[test_fam][k]
-                    )
+                    # predict the held-out sky fibres; without and with the level clip.
+                    noclip, _ = safe_sky(p, cands, baselines=cv, level_reference=None)
+                    safe, rep = safe_sky(p, cands, baselines=cv)
                     res = dict(baseline[test_fam][k])
                     res["smi"] = evaluate_sky(p, smi)["sky_error_pct"]
                     res["smi-safe-p1"] = evaluate_sky(p, safe_p1)["sky_error_pct"]
+                    res["smi-safe-noclip"] = evaluate_sky(p, noclip)["sky_error_pct"]
                     res["smi-safe"] = evaluate_sky(p, safe)["sky_error_pct"]
                     res["fallback_fraction_bands"] = rep["fallback_fraction_bands"]
                     res["weights"] = rep["weights"]
                     res["baselines"] = rep["baselines"]
                     res["level"] = rep["learned"]
+                    res["level_clipped_fraction"] = rep["level_clipped_fraction"]
                     results.append(
                         {"train": train_fam, "seed": seed, "test": test_fam, "plate": k, **res}
                     )
@@ -261,7 +279,9 @@ def summarise(results, names, train_names, seeds):
             if not rows:
                 continue
             entry = {"train": tr, "test": te}
-            for m in ("supersky", "pca", "smi", "smi-safe-p1", "smi-safe"):
+            for m in ("supersky", "pca", "smi", "smi-safe-p1", "smi-safe-noclip", "smi-safe"):
+                if m not in rows[0]:
+                    continue
                 for region in ("blue", "all"):
                     per_seed = [
                         np.mean([r[m][region] for r in rows if r["seed"] == s]) for s in seeds
@@ -276,6 +296,12 @@ def summarise(results, names, train_names, seeds):
                 entry[f"best_baseline_{region}"] = min(
                     entry[f"supersky_{region}"], entry[f"pca_{region}"]
                 )
+            clip = [
+                np.mean(list(r["level_clipped_fraction"].values()))
+                for r in rows
+                if r.get("level_clipped_fraction")
+            ]
+            entry["level_clipped_fraction"] = float(np.mean(clip)) if clip else 0.0
             fell = [b for r in rows for b, w in zip(r.get("baselines", []), r["weights"]) if w == 0]
             entry["fallback_to_pca"] = float(np.mean([b == "pca" for b in fell])) if fell else 0.0
             table.append(entry)
@@ -284,7 +310,8 @@ def summarise(results, names, train_names, seeds):
                 + "  ".join(
                     f"{m} {entry[f'{m}_blue']:.2f}/{entry[f'{m}_all']:.2f}"
                     + (f"±{entry[f'{m}_all_std']:.2f}" if m.startswith("smi") else "")
-                    for m in ("supersky", "pca", "smi", "smi-safe-p1", "smi-safe")
+                    for m in ("supersky", "pca", "smi", "smi-safe-noclip", "smi-safe")
+                    if f"{m}_blue" in entry
                 )
                 + f"  fallback {entry['fallback_fraction_bands']:.2f}"
             )
@@ -427,9 +454,10 @@ def family_report(out: Path):
     tests = list(dict.fromkeys(e["test"] for e in table))
     print(
         "| trained on | tested on | Super Sky blue / all | PCA blue / all | SMI blue / all | "
-        "SMI-safe blue / all | SMI-safe / best baseline blue, all | fallback (of which PCA) |"
+        "SMI-safe without the level clip blue / all | SMI-safe blue / all | "
+        "SMI-safe / best baseline blue, all | fallback (of which PCA) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for e in table:
 
         def pm(m, r, e=e):
@@ -438,7 +466,12 @@ def family_report(out: Path):
         print(
             f"| {e['train']} | {e['test']} | {e['supersky_blue']:.2f} / {e['supersky_all']:.2f} | "
             f"{e['pca_blue']:.2f} / {e['pca_all']:.2f} | {pm('smi', 'blue')} / {pm('smi', 'all')} | "
-            f"{pm('smi-safe', 'blue')} / {pm('smi-safe', 'all')} | "
+            + (
+                f"{pm('smi-safe-noclip', 'blue')} / {pm('smi-safe-noclip', 'all')} | "
+                if "smi-safe-noclip_blue" in e
+                else "- | "
+            )
+            + f"{pm('smi-safe', 'blue')} / {pm('smi-safe', 'all')} | "
             f"{e['smi-safe_blue'] / e['best_baseline_blue']:.2f}, "
             f"{e['smi-safe_all'] / e['best_baseline_all']:.2f} | "
             f"{e['fallback_fraction_bands']:.2f} ({e['fallback_to_pca']:.2f}) |"

@@ -102,7 +102,9 @@ def _subtract(args):
         print(
             f"safety net: SMI weight per band {bands}; fallback to a baseline in "
             f"{100 * rep['fallback_fraction_pixels']:.0f} % of the pixels (held-out sky fibres: "
-            f"{rep['held_out_fibres']})"
+            f"{rep['held_out_fibres']}); object-fibre bands whose level was clipped to their "
+            "nearest sky fibres' range: "
+            + ", ".join(f"{n} {100 * x:.0f} %" for n, x in rep["level_clipped_fraction"].items())
         )
 
 

@@ -26,6 +26,15 @@ each is cross-validated on the same folds and every band keeps the candidate who
 the smallest held-out chi^2 (ties: the first candidate, so a candidate that does not help leaves
 the first one's result unchanged).
 
+A learned sky is only trusted inside the range the sky fibres show it on (`clip_levels`, on by
+default): in each band, every object fibre's level relative to Super Sky (the sum of the learned
+sky over the band divided by Super Sky's) is clipped to the range of that ratio over its five
+nearest sky fibres. A fitted focal-plane field can run away where no sky fibre pins it down (a
+plate edge without sky fibres: +35-42 % on a paranal-cloud plate, 1.30x Super Sky's blue error;
+1.12x with the range of all sky fibres, 0.98x with the five nearest), and the held-out sky
+fibres, which lie where sky fibres are, cannot see it. The held-out fibres are clipped against
+their fold's sky fibres like any object fibre.
+
 Letters: F fibres, N held-out fibres (all folds), W wavelength pixels, B bands, M baselines.
 """
 
@@ -49,6 +58,7 @@ __all__ = [
     "default_baselines",
     "blend_weights",
     "select_blend",
+    "clip_levels",
     "safe_sky",
 ]
 
@@ -181,6 +191,67 @@ def select_blend(
     }
 
 
+def clip_levels(
+    plate: Plate,
+    sky: np.ndarray,
+    reference: np.ndarray,
+    band_edges: Sequence[float] = DEFAULT_BANDS,
+    nearest: int | None = 5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`sky` [F, W] with each object fibre's per-band level ratio to `reference` clipped to the
+    range of its `nearest` sky fibres (all sky fibres if None), and the clipped mask [F, B].
+
+    In band b the ratio is rho_ib = sum_b sky_i / sum_b reference_i; an object fibre's band is
+    scaled by clip(rho_ib, min_j rho_jb, max_j rho_jb) / rho_ib over the sky fibres j nearest to
+    it on the focal plane (sky fibres are left as they are). Fibres with a non-positive sum in a
+    band are left unchanged there.
+    """
+    sky = np.asarray(sky, np.float64)
+    ref = np.asarray(reference, np.float64)
+    rows = plate.is_sky
+    out = sky.copy()
+    bands = _band_masks(plate.wavelength, band_edges)
+    clipped = np.zeros((plate.n_fibers, len(bands)), bool)
+    for k, m in enumerate(bands):
+        num, den = sky[:, m].sum(1), ref[:, m].sum(1)
+        ok = (den > 0) & (num > 0)
+        if not ok[rows].any():
+            continue
+        rho = np.where(ok, num / np.where(ok, den, 1.0), 1.0)
+        lo, hi = rho[rows & ok].min(), rho[rows & ok].max()
+        if nearest is not None:
+            sr = np.nonzero(rows & ok)[0]
+            d2 = np.sum((plate.positions[:, None] - plate.positions[None, sr]) ** 2, -1)
+            near = sr[np.argsort(d2, 1, kind="stable")[:, :nearest]]  # [F, k]
+            lo, hi = rho[near].min(1), rho[near].max(1)
+        new = np.clip(rho, lo, hi)
+        hit = ok & ~rows & (new != rho)
+        out[np.ix_(hit, m)] *= (new[hit] / rho[hit])[:, None]
+        clipped[:, k] = hit
+    return out, clipped
+
+
+class _LevelClipped:
+    """`estimator` followed by `clip_levels` against `reference`, with the reference computed
+    once per plate (every candidate on a fold sees the same plate's flux and sky fibres), and the
+    clipped share of object (fibre, band) pairs on the last plate with all sky fibres."""
+
+    def __init__(self, estimator, reference, band_edges, nearest, cache: dict, n_sky: int):
+        self.estimator, self.reference, self.band_edges = estimator, reference, band_edges
+        self.nearest, self.cache, self.n_sky, self.fraction = nearest, cache, n_sky, 0.0
+
+    def __call__(self, plate: Plate) -> np.ndarray:
+        key = (id(plate.flux), plate.is_sky.tobytes())
+        if key not in self.cache:
+            self.cache[key] = (plate.flux, np.asarray(self.reference(plate), np.float64))
+        sky, clipped = clip_levels(
+            plate, self.estimator(plate), self.cache[key][1], self.band_edges, self.nearest
+        )
+        if plate.is_sky.sum() == self.n_sky:
+            self.fraction = float(clipped[~plate.is_sky].mean())
+        return sky
+
+
 def safe_sky(
     plate: Plate,
     learned: SkyEstimator | Mapping[str, SkyEstimator],
@@ -190,6 +261,8 @@ def safe_sky(
     band_edges: Sequence[float] = DEFAULT_BANDS,
     min_weight: float = 0.25,
     seed: int = 0,
+    level_reference: SkyEstimator | None = super_sky,
+    level_nearest: int | None = 5,
 ) -> tuple[np.ndarray, dict]:
     """The blended sky [F, W] and a report (baselines, weights, held-out chi^2, fallback fraction).
 
@@ -206,6 +279,10 @@ def safe_sky(
       folds: number of sky-fibre folds.
       band_edges: wavelength band edges (Angstrom) for the per-band choice and weights.
       min_weight: weights below it become 0 (full fallback to the band's baseline).
+      level_reference: the sky each learned candidate's per-band fibre levels are clipped
+        against (`clip_levels`; default Super Sky); None: no clipping.
+      level_nearest: each object fibre's level is clipped to the range of this many nearest sky
+        fibres (None: all of them).
     """
     wave = plate.wavelength
     bands = _band_masks(wave, band_edges)
@@ -215,6 +292,13 @@ def safe_sky(
     candidates = dict(learned) if isinstance(learned, Mapping) else {"learned": learned}
     if not candidates:
         raise UserError("the safety net needs at least one learned sky")
+    if level_reference is not None:
+        cache: dict = {}
+        n_sky = int(plate.is_sky.sum())
+        candidates = {
+            n: _LevelClipped(est, level_reference, band_edges, level_nearest, cache, n_sky)
+            for n, est in candidates.items()
+        }
     cv_ls = {
         n: cross_validate(plate, est, folds, seed, full=False) for n, est in candidates.items()
     }
@@ -287,5 +371,9 @@ def safe_sky(
             "blend": chi2(held_blend),
         },
         "held_out_chi2_bands": {n: [float(x) for x in c] for n, c in sel["chi2"].items()},
+        # Share of the object fibres' bands whose level each kept candidate had clipped.
+        "level_clipped_fraction": {
+            n: getattr(candidates[n], "fraction", 0.0) for n in dict.fromkeys(pick_l)
+        },
     }
     return sky, report
