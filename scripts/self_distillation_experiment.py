@@ -89,6 +89,15 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument(
+        "--advantage",
+        default="grpo",
+        choices=("grpo", "dr_grpo", "rloo"),
+        help="GRPO cells' advantage (dr_grpo: no division by the group's std, the paper's setting)",
+    )
+    p.add_argument(
+        "--kl-coef", type=float, default=0.0, help="GRPO cells' KL penalty to the initial model"
+    )
     p.add_argument("--mode", default="full", help="distillation mode (full / topk / sampled_token)")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--eval-problems", type=int, default=8, help="held-out problems per family")
@@ -177,7 +186,11 @@ def cell_config(args, init: str, context: str, coverage: str, seed: int):
             max_staleness=0,
             num_prompts=args.updates * args.groups,
         ),
-        loss=RLLossConfig(agg="token_mean"),
+        loss=RLLossConfig(
+            agg="token_mean",
+            advantage=args.advantage,
+            kl_coef=args.kl_coef if context == "none" else 0.0,
+        ),
         generation=RLGenerationConfig(
             slots=args.groups * args.group_size,
             max_new_tokens=args.max_new_tokens,
@@ -204,6 +217,27 @@ def cell_config(args, init: str, context: str, coverage: str, seed: int):
         ),
         tensorboard=False,
     )
+
+
+def cell_label(args, context: str) -> str:
+    """The context's name in the results: GRPO cells with a non-default advantage or a KL penalty
+    are told apart ("none[dr_grpo kl0.04]"); distillation cells (w = 1) use neither."""
+    if context != "none" or (args.advantage == "grpo" and args.kl_coef == 0):
+        return context
+    extra = [args.advantage] if args.advantage != "grpo" else []
+    extra += [f"kl{args.kl_coef:g}"] if args.kl_coef else []
+    return f"none[{' '.join(extra)}]"
+
+
+def contexts_in(table: dict) -> list[str]:
+    """The paper's contexts in order, then GRPO variants as they appear."""
+    seen = [k.split("/", 1)[1] for k in table]
+    return [c for c in CONTEXTS if c in seen] + [
+        c for c in dict.fromkeys(seen) if c not in CONTEXTS
+    ]
+
+
+LABELS = {"none": "GRPO", "rollout": "rollout", "solution_no_reasoning": "sol. w/o\nreasoning"}
 
 
 def run_grid(args, out: Path) -> dict:
@@ -250,7 +284,7 @@ def run_grid(args, out: Path) -> dict:
     for coverage in args.coverages:
         for seed in args.seeds:
             for context in args.contexts:
-                name = f"{context}/{coverage}/seed{seed}"
+                name = f"{cell_label(args, context)}/{coverage}/seed{seed}"
                 if name in results["cells"]:
                     continue
                 t0 = time.perf_counter()
@@ -364,7 +398,7 @@ def report(results: dict, out: Path, docs: Path | None) -> None:
             f"{init['eval_ood_tokens']:.1f} | {init['eval_id_epistemic']:.2f} / "
             f"{init['eval_ood_epistemic']:.2f} |"
         )
-        for context in CONTEXTS:
+        for context in contexts_in(table):
             row = table.get(f"{coverage}/{context}")
             if row is None:
                 continue
@@ -375,12 +409,13 @@ def report(results: dict, out: Path, docs: Path | None) -> None:
                 f"{row['eval_ood_epistemic_mean']:.2f} |"
             )
 
+    shown = contexts_in(table)
     fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 7), squeeze=False)
     for r, coverage in enumerate(COVERAGES):
         init = initial_means(results, coverage)
         for c, (key, title) in enumerate(keys):
             ax = axes[r][c]
-            for x, context in enumerate(CONTEXTS):
+            for x, context in enumerate(shown):
                 row = table.get(f"{coverage}/{context}")
                 if row is None:
                     continue
@@ -388,8 +423,10 @@ def report(results: dict, out: Path, docs: Path | None) -> None:
                 ax.bar(x, np.mean(vals), color=f"C{x}", alpha=0.6)
                 ax.scatter([x] * len(vals), vals, color="k", s=12, zorder=3)
             ax.axhline(init[key], color="gray", ls="--", lw=1, label="initial model")
-            ax.set_xticks(range(len(CONTEXTS)))
-            ax.set_xticklabels(["GRPO", "rollout", "sol. w/o\nreasoning", "solution"], fontsize=8)
+            ax.set_xticks(range(len(shown)))
+            ax.set_xticklabels(
+                [LABELS.get(c, c).replace("none[", "GRPO\n[") for c in shown], fontsize=8
+            )
             ax.set_title(f"{title}\ncoverage: {coverage}", fontsize=9)
             if r == 0 and c == 0:
                 ax.legend(fontsize=7)
@@ -404,7 +441,7 @@ def report(results: dict, out: Path, docs: Path | None) -> None:
             (("rollout_epistemic", "markers / rollout"), ("rollout_length", "tokens / rollout"))
         ):
             ax = axes[r][c]
-            for x, context in enumerate(CONTEXTS):
+            for x, context in enumerate(shown):
                 row = table.get(f"{coverage}/{context}")
                 if row is None:
                     continue
