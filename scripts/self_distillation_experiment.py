@@ -410,8 +410,11 @@ def report(results: dict, out: Path, docs: Path | None) -> None:
             )
 
     shown = contexts_in(table)
-    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 7), squeeze=False)
-    for r, coverage in enumerate(COVERAGES):
+    run = [cv for cv in COVERAGES if any(k.startswith(f"{cv}/") for k in table)]
+    fig, axes = plt.subplots(
+        len(run), len(keys), figsize=(4.2 * len(keys), 3.5 * len(run)), squeeze=False
+    )
+    for r, coverage in enumerate(run):
         init = initial_means(results, coverage)
         for c, (key, title) in enumerate(keys):
             ax = axes[r][c]
@@ -434,7 +437,6 @@ def report(results: dict, out: Path, docs: Path | None) -> None:
     fig.savefig(out / "sdpo_final.png", dpi=110)
     plt.close(fig)
 
-    run = [cv for cv in COVERAGES if any(k.startswith(f"{cv}/") for k in table)]
     fig, axes = plt.subplots(len(run), 2, figsize=(9, 3.5 * len(run)), squeeze=False)
     for r, coverage in enumerate(run):
         for c, (key, title) in enumerate(
