@@ -163,27 +163,13 @@ def main():
     print(f"wrote {out / 'bench_sky.json'}")
 
 
-def _memo(estimator):
-    """`estimator` with its result kept per (plate flux, sky fibres): the sky-fibre folds of one
-    plate share its flux array, so several safety nets on the plate run each fold once."""
-    cache = {}
-
-    def run(plate):
-        key = (id(plate.flux), plate.is_sky.tobytes())
-        if key not in cache:
-            cache[key] = (plate.flux, estimator(plate))
-        return cache[key][1]
-
-    return run
-
-
 def cross_family(args):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     from sky_families import FAMILIES, make_plate
 
-    from jaxlab.sky.safety import cross_validate, default_baselines, safe_sky
+    from jaxlab.sky.safety import PerPlate, cross_validate, default_baselines, safe_sky
     from jaxlab.sky.smi import smi_level_candidates
 
     names = ["jaxlab-sim", *FAMILIES]
@@ -216,7 +202,7 @@ def cross_family(args):
                 for k, p in enumerate(ps):
                     smi = smi_sky(model, p)
                     # Each level model runs once per fold; the nets below reuse its output.
-                    cands = {n: _memo(est) for n, est in smi_level_candidates(model).items()}
+                    cands = {n: PerPlate(e) for n, e in smi_level_candidates(model).items()}
                     cv = cv_base[test_fam][k]
                     # One level model (SMI as trained, throughput power 1).
                     safe_p1, _ = safe_sky(p, {"smi p=1": cands["smi p=1"]}, baselines=cv)

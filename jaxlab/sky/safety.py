@@ -61,6 +61,7 @@ __all__ = [
     "blend_weights",
     "select_blend",
     "clip_levels",
+    "PerPlate",
     "safe_sky",
 ]
 
@@ -220,9 +221,10 @@ def clip_levels(
         if not ok[rows].any():
             continue
         rho = np.where(ok, num / np.where(ok, den, 1.0), 1.0)
-        lo, hi = rho[rows & ok].min(), rho[rows & ok].max()
-        if nearest is not None:
-            sr = np.nonzero(rows & ok)[0]
+        sr = np.nonzero(rows & ok)[0]
+        if nearest is None:
+            lo, hi = rho[sr].min(), rho[sr].max()
+        else:
             d2 = np.sum((plate.positions[:, None] - plate.positions[None, sr]) ** 2, -1)
             near = sr[np.argsort(d2, 1, kind="stable")[:, :nearest]]  # [F, k]
             lo, hi = rho[near].min(1), rho[near].max(1)
@@ -233,9 +235,10 @@ def clip_levels(
     return out, clipped
 
 
-class _PerPlate:
+class PerPlate:
     """`estimator` with its result kept per plate (flux array and sky fibres): the folds of one
-    plate share its flux, so a raw candidate and its clipped copy run each fold once."""
+    plate share its flux, so a raw candidate and its clipped copy, or several `safe_sky` calls on
+    one plate, run each fold once. Keep one per plate: the cache holds every result."""
 
     def __init__(self, estimator: SkyEstimator):
         self.estimator, self.cache = estimator, {}
@@ -307,8 +310,8 @@ def safe_sky(
         raise UserError("the safety net needs at least one learned sky")
     if level_reference is not None:
         n_sky = int(plate.is_sky.sum())
-        raw = {n: _PerPlate(est) for n, est in candidates.items()}
-        ref = _PerPlate(level_reference)
+        raw = {n: e if isinstance(e, PerPlate) else PerPlate(e) for n, e in candidates.items()}
+        ref = PerPlate(level_reference)
         candidates = {
             **raw,
             **{
