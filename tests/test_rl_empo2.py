@@ -307,3 +307,50 @@ def test_multiturn_update_on_a_two_way_data_mesh_equals_the_single_device_update
     finally:
         one.close()
         two.close()
+
+
+def test_multiturn_update_is_the_full_batch_gradient_and_skips_zero_advantage_micro_batches(
+    tmp_path,
+):
+    """The update's loss and gradient norm equal those of one ``policy_loss`` over the whole
+    batch, computed here without micro-batches; a micro-batch whose rows all have advantage 0 is
+    not computed, and a batch of zero advantages gives a zero gradient and NaN loss metrics."""
+    from jaxlab.generation.core import sampling_logprobs
+
+    cfg = load_config("rl/empo2_tiny", cls=MultiTurnConfig)
+    trainer = MultiTurnTrainer(cfg, tmp_path)
+    try:
+        tokens, mask, loss_mask, behaviour, adv = _update_batch(cfg.micro_batch)
+        # micro-batch j holds rows j, j + 2, j + 4, j + 6 (8 rows, 4 per micro-batch): zeroing
+        # rows 1, 3, 5 (7 is padding) leaves micro-batch 1 nothing to train
+        adv[[1, 3, 5]] = 0.0
+        behaviour[:] = -4.45  # near the tiny model's log-probs: ratios inside the clip range
+
+        def full_loss(model):
+            logits = model(jnp.asarray(tokens[:, :-1]), attention_mask=jnp.asarray(mask[:, :-1]))
+            logp = sampling_logprobs(
+                logits, jnp.asarray(tokens[:, 1:]), temperature=cfg.temperature
+            )
+            lm = jnp.asarray(loss_mask)
+            loss, _ = rl.policy_loss(
+                logp, jnp.asarray(behaviour), jnp.asarray(adv), lm, clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg,
+                max_len=float(cfg.max_new_tokens),
+                normalizer=rl.loss_normalizer(lm, cfg.agg, max_len=float(cfg.max_new_tokens)),
+            )  # fmt: skip
+            return loss
+
+        want_loss, grads = nnx.jit(nnx.value_and_grad(full_loss))(trainer.model)
+        want_norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
+        got = trainer.apply_update(tokens, mask, loss_mask, behaviour, adv)
+        assert want_norm > 0 and got["trained_micro_batches"] == 1
+        assert got["loss"] == pytest.approx(float(want_loss), rel=1e-5, abs=1e-7)
+        assert got["grad_norm"] == pytest.approx(want_norm, rel=1e-5)
+        assert np.isfinite(got["ratio_mean"])
+
+        nothing = trainer.apply_update(tokens, mask, loss_mask, behaviour, np.zeros_like(adv))
+        assert nothing["trained_micro_batches"] == 0
+        assert nothing["loss"] == 0 and nothing["grad_norm"] == 0
+        assert np.isnan(nothing["ratio_mean"]) and np.isnan(nothing["ratio_max"])
+    finally:
+        trainer.close()

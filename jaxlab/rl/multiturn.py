@@ -258,7 +258,9 @@ def _sequence_logprobs(model: Decoder, tokens, mask, temperature):
 def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, micro_batch):
     """One optimizer step over the batch, its gradient summed over micro-batches of
     ``micro_batch`` rows in a ``lax.scan`` with the aggregation's normaliser taken over the whole
-    batch: the full batch's gradient with one micro-batch's logits in memory."""
+    batch: the full batch's gradient with one micro-batch's logits in memory. A micro-batch with no
+    response token of non-zero advantage contributes exactly nothing and is not computed (in a
+    sparse-reward run most groups have equal rewards, hence zero advantages)."""
 
     @nnx.jit
     def update(model, optimizer, tokens, mask, loss_mask, behaviour_logp, advantages):
@@ -281,27 +283,41 @@ def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, m
         split = lambda x: jnp.swapaxes(x.reshape(micro_batch, k, *x.shape[1:]), 0, 1)  # noqa: E731
         micro = tuple(map(split, (tokens, mask, loss_mask, behaviour_logp, advantages)))
 
+        grad_of = jax.value_and_grad(loss_of, has_aux=True)
+        first = jax.tree.map(lambda x: x[0], micro)
+        nothing = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_of, params, first)
+        )
+
         def add(carry, x):
-            (value, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params, x)
+            _, _, lmask, _, adv = x
+            # the loss is proportional to the advantages: a micro-batch whose response tokens all
+            # have advantage 0 (a group of equal rewards, padding rows) adds exactly 0 to the loss
+            # and the gradient, so its forward and backward are skipped
+            active = jnp.any((lmask > 0) & (adv[:, None] != 0))
+            (value, metrics), grads = jax.lax.cond(
+                active, lambda x: grad_of(params, x), lambda x: nothing, x
+            )
             loss, g = carry
-            return (loss + value, jax.tree.map(jnp.add, g, grads)), metrics
+            return (loss + value, jax.tree.map(jnp.add, g, grads)), (metrics, active)
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), per_micro = jax.lax.scan(add, zeros, micro)
+        (loss, grads), (per_micro, used) = jax.lax.scan(add, zeros, micro)
         grads = poison_if_nonfinite(loss, grads)
         optimizer.update(model, grads)
         pin(model, optimizer)  # weights and optimizer state stay in their shardings
-        # micro-batches that hold no response tokens (padding rows) do not count in the metrics
-        used = jnp.sum(split(loss_mask), axis=(1, 2)) > 0
+        # the loss's metrics are over the micro-batches trained above; NaN when none was
         weight = used / jnp.maximum(jnp.sum(used), 1)
         metrics = {}
         for name, v in per_micro.items():
             if name == "ratio_max":
-                metrics[name] = jnp.max(jnp.where(used, v, -jnp.inf))
+                value = jnp.max(jnp.where(used, v, -jnp.inf))
             elif name == "ratio_min":
-                metrics[name] = jnp.min(jnp.where(used, v, jnp.inf))
+                value = jnp.min(jnp.where(used, v, jnp.inf))
             else:
-                metrics[name] = jnp.sum(weight * v)
+                value = jnp.sum(weight * v)
+            metrics[name] = jnp.where(jnp.any(used), value, jnp.nan)
+        metrics["trained_micro_batches"] = jnp.sum(used)
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.global_norm(grads)
         return metrics
