@@ -9,10 +9,11 @@ One run per invocation (each run is its own process, one at a time on a shared m
 
 A run trains with ``configs/rl/<algo>_textworld.yaml`` (the two configs differ only in ``algo``:
 equal episodes, turns and environment steps per update), then evaluates the final policy on the
-held-out test games (unseen seeds) for ``--trials`` trials each, with memory on and no weight
-updates: trial t sees the tips written after trials < t. Results go to
-``docs/results/empo2/<algo>_s<seed>.json``; ``report`` draws ``learning_curves.png`` (success
-per update, mean and range over seeds, against environment steps) and ``ood.png``.
+held-out test games (unseen seeds): for ``--trials`` trials each with memory on and no weight
+updates (trial t sees the tips written after trials < t), and for one trial with memory off.
+Results go to ``docs/results/empo2/<algo>_s<seed>.json``. ``report`` prints the table and draws
+``learning_curves.png``: training success (a moving mean over ``--window`` updates, mean and range
+over seeds) against environment steps, and held-out success after k trials.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def run(args) -> None:
     t1 = time.perf_counter()
     ood = trainer.evaluate("test", trials=args.trials, memory=True)
     eval_s = time.perf_counter() - t1
+    print("evaluating on held-out games: 1 trial, memory off", flush=True)
+    ood_no_memory = trainer.evaluate("test", trials=1, memory=False)
     trainer.close()
     result = {
         "algo": args.algo,
@@ -57,7 +60,7 @@ def run(args) -> None:
         "config": dataclasses.asdict(cfg),
         "curve": [
             {
-                k: m[k]
+                k: m.get(k)
                 for k in (
                     "update",
                     "mode",
@@ -70,6 +73,8 @@ def run(args) -> None:
                     "turns",
                     "loss",
                     "grad_norm",
+                    "trained_micro_batches",
+                    "intrinsic_mean",
                     "rollout_s",
                     "update_s",
                 )
@@ -77,6 +82,7 @@ def run(args) -> None:
             for m in metrics
         ],  # fmt: skip
         "ood": ood,
+        "ood_no_memory": ood_no_memory,
         "train_s": train_s,
         "eval_s": eval_s,
     }
@@ -85,6 +91,14 @@ def run(args) -> None:
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("algo", "seed", "ood", "train_s", "eval_s")}))
     print(f"wrote {path}")
+
+
+def _smooth(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average along the last axis (the first points average what there is)."""
+    c = np.cumsum(np.pad(x, [(0, 0)] * (x.ndim - 1) + [(1, 0)]), axis=-1)
+    n = np.arange(1, x.shape[-1] + 1)
+    lo = np.maximum(n - window, 0)
+    return (c[..., n] - c[..., lo]) / (n - lo)
 
 
 def report(args) -> None:
@@ -99,9 +113,10 @@ def report(args) -> None:
     by_algo: dict[str, list] = {}
     for r in runs:
         by_algo.setdefault(r["algo"], []).append(r)
+    window = args.window
     print(
-        f"{'algo':6s} {'seeds':>5s} {'success first half':>19s} {'success second half':>20s} "
-        f"{'env steps':>9s} {'tokens':>7s} {'OOD success@k (k=1..)':>24s}"
+        f"{'algo':6s} {'seeds':>5s} {'updates':>7s} {'success first / last':>21s} "
+        f"{'env steps':>9s} {'tokens':>7s} {'held-out success@k, memory':>27s} {'no memory':>9s}"
     )
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     summary = {}
@@ -111,35 +126,47 @@ def report(args) -> None:
         steps = np.mean([[c["env_steps"] for c in r["curve"][:n]] for r in rs], axis=0)
         tokens = np.mean([r["curve"][n - 1]["sampled_tokens"] for r in rs])
         ood = np.array([r["ood"]["success_at"] for r in rs])
-        half = n // 2
+        plain = [r["ood_no_memory"]["success_at"][0] for r in rs if "ood_no_memory" in r]
+        w = min(window, n)
         summary[algo] = {
             "seeds": [r["seed"] for r in rs],
             "updates": n,
-            "success_first_half": float(succ[:, :half].mean()),
-            "success_second_half": float(succ[:, half:].mean()),
+            "episodes_per_update": rs[0]["config"]["episodes"] * rs[0]["config"]["groups"],
+            f"success_first_{w}": float(succ[:, :w].mean()),
+            f"success_last_{w}": float(succ[:, -w:].mean()),
+            f"success_last_{w}_per_seed": succ[:, -w:].mean(axis=1).tolist(),
             "env_steps": float(steps[-1]),
             "sampled_tokens": float(tokens),
             "ood_success_at": ood.mean(axis=0).tolist(),
             "ood_success_at_per_seed": ood.tolist(),
+            "ood_no_memory": float(np.mean(plain)) if plain else None,
+            "ood_no_memory_per_seed": plain,
             "ood_games": rs[0]["ood"]["games"],
         }
         s = summary[algo]
+        first, last = s[f"success_first_{w}"], s[f"success_last_{w}"]
         print(
-            f"{algo:6s} {len(rs):5d} {s['success_first_half']:19.3f} "
-            f"{s['success_second_half']:20.3f} {s['env_steps']:9.0f} {s['sampled_tokens']:7.0f} "
-            f"{' '.join(f'{x:.2f}' for x in s['ood_success_at']):>24s}"
+            f"{algo:6s} {len(rs):5d} {n:7d} {first:10.3f} / {last:.3f} {s['env_steps']:9.0f} "
+            f"{s['sampled_tokens']:7.0f} "
+            f"{' '.join(f'{x:.2f}' for x in s['ood_success_at']):>27s} "
+            f"{s['ood_no_memory'] if plain else float('nan'):9.2f}"
         )
-        mean = succ.mean(axis=0)
-        ax[0].plot(steps, mean, marker="o", label=f"{algo} (mean of {len(rs)} seeds)")
-        ax[0].fill_between(steps, succ.min(axis=0), succ.max(axis=0), alpha=0.2)
+        curve = _smooth(succ, window)
+        ax[0].plot(steps, curve.mean(axis=0), label=f"{algo} (mean of {len(rs)} seeds)")
+        ax[0].fill_between(steps, curve.min(axis=0), curve.max(axis=0), alpha=0.2)
         k = np.arange(1, ood.shape[1] + 1)
         ax[1].errorbar(
             k, ood.mean(axis=0), yerr=[ood.mean(0) - ood.min(0), ood.max(0) - ood.mean(0)],
-            marker="o", capsize=3, label=algo,
+            marker="o", capsize=3, label=f"{algo}, memory on",
         )  # fmt: skip
-    ax[0].set(xlabel="environment steps", ylabel="training success rate (per update)",
-              title="TextWorld coin-collector, SmolLM2-135M")  # fmt: skip
-    ax[1].set(xlabel="trials (memory on, no updates)", ylabel="success after k trials",
+        if plain:
+            ax[1].scatter([1], [np.mean(plain)], marker="x", s=60, label=f"{algo}, memory off")
+    ax[0].set(
+        xlabel="environment steps",
+        ylabel=f"training success (moving mean of {window} updates)",
+        title="TextWorld coin-collector 1-2, SmolLM2-135M",
+    )
+    ax[1].set(xlabel="trials (no weight updates)", ylabel="success after k trials",
               title="held-out games")  # fmt: skip
     for a in ax:
         a.legend()
@@ -160,7 +187,8 @@ def main() -> None:
     r.add_argument("--trials", type=int, default=3)
     r.add_argument("--workdir", default="runs/empo2_experiment")
     r.add_argument("overrides", nargs="*", help="config overrides key=value")
-    sub.add_parser("report", help="table and plots of the finished runs")
+    rep = sub.add_parser("report", help="table and plots of the finished runs")
+    rep.add_argument("--window", type=int, default=10, help="updates per moving mean")
     args = parser.parse_args()
     (run if args.command == "run" else report)(args)
 

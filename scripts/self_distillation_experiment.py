@@ -6,7 +6,8 @@ in-domain accuracy, OOD accuracy, response length and epistemic markers.
 Grid: context {none (GRPO), rollout, solution_no_reasoning, solution} x coverage {one family,
 several families} x seeds, every cell trained on the same number of samples (updates x groups x
 group size). The teacher is the frozen initial model (the paper's main setting, teacher update
-rate 0) given the re-prompt; the loss is pure distillation (w = 1), full-logit generalised JSD
+rate 0; ``--teacher ema --ema-rate 0.05`` is its ablation, ``--teacher live`` the policy itself)
+given the re-prompt; the loss is pure distillation (w = 1), full-logit generalised JSD
 (alpha 0.5) with IS clipping at 2, token-mean.
 
     python scripts/self_distillation_experiment.py --init runs/aha/epistemic/model --out runs/sdpo_exp
@@ -97,6 +98,16 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--kl-coef", type=float, default=0.0, help="GRPO cells' KL penalty to the initial model"
+    )
+    p.add_argument(
+        "--teacher",
+        default="base",
+        choices=("base", "ema", "live"),
+        help="distillation cells' teacher weights: the frozen initial model (the paper's main "
+        "setting), an EMA of the policy (--ema-rate, the paper's ablation: 0.05), or the policy",
+    )
+    p.add_argument(
+        "--ema-rate", type=float, default=0.05, help="teacher update rate (--teacher ema)"
     )
     p.add_argument("--mode", default="full", help="distillation mode (full / topk / sampled_token)")
     p.add_argument("--alpha", type=float, default=0.5)
@@ -201,7 +212,8 @@ def cell_config(args, init: str, context: str, coverage: str, seed: int):
         checkpoint=CheckpointConfig(save_every=10**6, keep=1, async_save=False),
         distill=DistillConfig(
             context=context,
-            teacher="base",
+            teacher=args.teacher,
+            ema_rate=args.ema_rate,
             weight=1.0,
             mode=args.mode,
             alpha=1.0 if args.mode == "sampled_token" else args.alpha,
@@ -221,8 +233,13 @@ def cell_config(args, init: str, context: str, coverage: str, seed: int):
 
 def cell_label(args, context: str) -> str:
     """The context's name in the results: GRPO cells with a non-default advantage or a KL penalty
-    are told apart ("none[dr_grpo kl0.04]"); distillation cells (w = 1) use neither."""
-    if context != "none" or (args.advantage == "grpo" and args.kl_coef == 0):
+    are told apart ("none[dr_grpo kl0.04]"), distillation cells (w = 1, which use neither) with a
+    teacher other than the frozen initial model too ("solution[ema0.05]", "solution[live]")."""
+    if context != "none":
+        if args.teacher == "base":
+            return context
+        return f"{context}[{args.teacher}{f'{args.ema_rate:g}' if args.teacher == 'ema' else ''}]"
+    if args.advantage == "grpo" and args.kl_coef == 0:
         return context
     extra = [args.advantage] if args.advantage != "grpo" else []
     extra += [f"kl{args.kl_coef:g}"] if args.kl_coef else []
@@ -288,7 +305,10 @@ def run_grid(args, out: Path) -> dict:
                 if name in results["cells"]:
                     continue
                 t0 = time.perf_counter()
-                work = out / "cells" / context / coverage / f"seed{seed}"
+                label = (
+                    cell_label(args, context).replace("[", "_").replace("]", "").replace(" ", "_")
+                )
+                work = out / "cells" / label / coverage / f"seed{seed}"
                 shutil.rmtree(work, ignore_errors=True)
                 trainer = Trainer(cell_config(args, init, context, coverage, seed), work)
                 summary = trainer.run(progress=False)
