@@ -64,6 +64,7 @@ def run(args) -> None:
                 for k in (
                     "update",
                     "mode",
+                    "games",
                     "success",
                     "score",
                     "env_steps",

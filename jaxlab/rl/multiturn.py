@@ -661,6 +661,7 @@ class MultiTurnTrainer:
         metrics.update(
             update=self.update_index,
             mode=mode,
+            games=" ".join(f"{t}/{v}" for t, v in pairs),
             success=float(np.mean([e.won for e in done])) if done else 0.0,
             score=float(np.mean([e.score for e in done])) if done else 0.0,
             turns=len(rows),
