@@ -354,3 +354,17 @@ def test_multiturn_update_is_the_full_batch_gradient_and_skips_zero_advantage_mi
         assert np.isnan(nothing["ratio_mean"]) and np.isnan(nothing["ratio_max"])
     finally:
         trainer.close()
+
+
+def test_train_variations_keeps_the_first_games_of_each_task(tmp_path):
+    cfg = load_config("rl/empo2_tiny", ["env.train_variations=2"], cls=MultiTurnConfig)
+    trainer = MultiTurnTrainer(cfg, tmp_path)
+    try:
+        env = trainer.envs[0]
+        want = [(t, v) for t in env.tasks() for v in env.variations(t, "train")[:2]]
+        assert trainer.train_pairs == want
+        assert len(want) < sum(len(env.variations(t, "train")) for t in env.tasks())
+    finally:
+        trainer.close()
+    with pytest.raises(UserError, match="train_variations"):
+        load_config("rl/empo2_tiny", ["env.train_variations=-1"], cls=MultiTurnConfig)

@@ -94,6 +94,9 @@ class MultiTurnEnvConfig:
     tasks: tuple[str, ...] = ()  # training tasks; empty: all of the environment's
     eval_tasks: tuple[str, ...] = ()  # held-out tasks for evaluate(); empty: the training tasks
     split: str = "train"
+    # games per training task: the first N variations of the split (0: all of them); few games
+    # are revisited often, so their memories get used
+    train_variations: int = 0
     workers: str = "process"  # "process": EnvWorker per episode; "inline": in this process
     show_valid_actions: bool = True
     # the assistant's reply starts with this (small models then name an action instead of
@@ -103,6 +106,11 @@ class MultiTurnEnvConfig:
     def __post_init__(self):
         check(self.name in ENVS, "name", f"{self.name!r} is not one of {ENVS.names()}")
         check(self.split in ("train", "dev", "test"), "split", f"unknown split {self.split!r}")
+        check(
+            self.train_variations >= 0,
+            "train_variations",
+            f"must be >= 0 (0: all), got {self.train_variations}",
+        )
         check(
             self.workers in ("process", "inline"),
             "workers",
@@ -444,8 +452,9 @@ class MultiTurnTrainer:
         ]
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=n_slots)
         tasks = list(env_cfg.tasks) or self.envs[0].tasks()
+        keep = env_cfg.train_variations or None
         self.train_pairs = [
-            (t, v) for t in tasks for v in self.envs[0].variations(t, env_cfg.split)
+            (t, v) for t in tasks for v in self.envs[0].variations(t, env_cfg.split)[:keep]
         ]
         if not self.train_pairs:
             raise UserError(f"environment {env_cfg.name!r} has no {env_cfg.split} variations")
