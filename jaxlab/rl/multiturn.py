@@ -753,7 +753,8 @@ class MultiTurnTrainer:
         """Success after 1..k trials on unseen games, no weight updates: trial t sees the memories
         written after trials < t (``memory=True``), in a memory of its own that is then discarded.
 
-        Returns ``{"success_at": [k=1..trials], "per_trial": [...], "games": n}``."""
+        Returns ``{"success_at": [k=1..trials], "per_trial": [...], "games": n, "won": {...}}``,
+        ``won`` mapping each game ("task/variation") to whether each trial won it."""
         if pairs is None:
             pairs = [(t, v) for t in self.eval_tasks for v in self.envs[0].variations(t, split)]
         saved_memory, saved_flag = self.memory, self.empo2
@@ -779,4 +780,5 @@ class MultiTurnTrainer:
             "success_at": [float(won[: k + 1].any(axis=0).mean()) for k in range(trials)],
             "per_trial": [float(w.mean()) for w in won],
             "games": len(pairs),
+            "won": {f"{t}/{v}": won[:, i].tolist() for i, (t, v) in enumerate(pairs)},
         }
