@@ -94,6 +94,62 @@ def run(args) -> None:
     print(f"wrote {path}")
 
 
+def transfer(args) -> None:
+    """Held-out games of other tasks (a harder level) for a finished run: its final checkpoint,
+    no weight updates, ``--trials`` trials with memory on and as many with memory off (k
+    independent tries: what memory adds is the difference)."""
+    from jaxlab.config import load_config
+    from jaxlab.rl.multiturn import MultiTurnConfig, MultiTurnTrainer
+
+    cfg = load_config(f"rl/{args.algo}_textworld", args.overrides, cls=MultiTurnConfig)
+    cfg = dataclasses.replace(
+        cfg, seed=args.seed, optim=dataclasses.replace(cfg.optim, seed=args.seed)
+    )
+    run_dir = Path(args.workdir) / f"{args.algo}_s{args.seed}"
+    if not (run_dir / "checkpoints").is_dir():
+        raise SystemExit(
+            f"no checkpoints in {run_dir}: run `run --algo {args.algo} --seed {args.seed}` first"
+        )
+    kwargs = dict(cfg.env.kwargs)
+    kwargs["tasks"] = list(dict.fromkeys([*kwargs.get("tasks", []), *args.tasks]))
+    kwargs["step_limit"] = args.max_turns
+    env = dataclasses.replace(cfg.env, kwargs=kwargs, eval_tasks=tuple(args.tasks))
+    cfg = dataclasses.replace(cfg, env=env, max_turns=args.max_turns)
+    tag = "_".join(args.tasks) + f"_t{args.max_turns}"
+    work = run_dir / f"transfer_{tag}"  # a config of its own, the run's checkpoints
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "checkpoints").exists():
+        (work / "checkpoints").symlink_to((run_dir / "checkpoints").resolve())
+    trainer = MultiTurnTrainer(cfg, work)
+    if trainer.resumed_from != cfg.updates:
+        raise SystemExit(
+            f"{run_dir} holds update {trainer.resumed_from}, not the final {cfg.updates}"
+        )
+    t0 = time.perf_counter()
+    result = {
+        "algo": args.algo,
+        "seed": args.seed,
+        "tasks": args.tasks,
+        "max_turns": args.max_turns,
+    }
+    for memory in (True, False):
+        print(f"{tag}: {args.trials} trials, memory {'on' if memory else 'off'}", flush=True)
+        result["memory" if memory else "no_memory"] = trainer.evaluate(
+            "test", trials=args.trials, memory=memory
+        )
+    result["eval_s"] = time.perf_counter() - t0
+    trainer.close()
+    out = OUT / "transfer"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{tag}_{args.algo}_s{args.seed}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(
+        f"{args.algo} seed {args.seed}: success after k trials, memory on "
+        f"{result['memory']['success_at']}, off {result['no_memory']['success_at']}"
+    )
+    print(f"wrote {path}")
+
+
 def _smooth(x: np.ndarray, window: int) -> np.ndarray:
     """Trailing moving average along the last axis (the first points average what there is)."""
     c = np.cumsum(np.pad(x, [(0, 0)] * (x.ndim - 1) + [(1, 0)]), axis=-1)
@@ -119,7 +175,11 @@ def report(args) -> None:
         f"{'algo':6s} {'seeds':>5s} {'updates':>7s} {'success first / last':>21s} "
         f"{'env steps':>9s} {'tokens':>7s} {'held-out success@k, memory':>27s} {'no memory':>9s}"
     )
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    transfers: dict[tuple[str, str], list] = {}
+    for p in sorted((OUT / "transfer").glob("*.json")):
+        t = json.loads(p.read_text())
+        transfers.setdefault((p.stem.rsplit("_", 2)[0], t["algo"]), []).append(t)
+    fig, ax = plt.subplots(1, 2 + bool(transfers), figsize=(16 if transfers else 11, 4))
     summary = {}
     for algo, rs in sorted(by_algo.items()):
         n = min(len(r["curve"]) for r in rs)
@@ -169,6 +229,28 @@ def report(args) -> None:
     )
     ax[1].set(xlabel="trials (no weight updates)", ylabel="success after k trials",
               title="held-out games")  # fmt: skip
+    for (tag, algo), ts in sorted(transfers.items()):
+        on = np.array([t["memory"]["success_at"] for t in ts])
+        off = np.array([t["no_memory"]["success_at"] for t in ts])
+        summary.setdefault("transfer", {}).setdefault(tag, {})[algo] = {
+            "seeds": [t["seed"] for t in ts],
+            "games": ts[0]["memory"]["games"],
+            "memory_success_at": on.mean(axis=0).tolist(),
+            "no_memory_success_at": off.mean(axis=0).tolist(),
+            "memory_per_seed": on.tolist(),
+            "no_memory_per_seed": off.tolist(),
+        }
+        print(
+            f"{tag} {algo:6s} seeds {len(ts)}: success after k trials, memory on "
+            f"{' '.join(f'{x:.2f}' for x in on.mean(0))}, off {' '.join(f'{x:.2f}' for x in off.mean(0))}"
+        )
+        k = np.arange(1, on.shape[1] + 1)
+        line = ax[2].plot(k, on.mean(0), marker="o", label=f"{algo}, memory on")[0]
+        ax[2].fill_between(k, on.min(0), on.max(0), alpha=0.15, color=line.get_color())
+        ax[2].plot(k, off.mean(0), marker="x", ls="--", color=line.get_color(),
+                   label=f"{algo}, memory off")  # fmt: skip
+        ax[2].set(xlabel="trials (no weight updates)", ylabel="success after k trials",
+                  title=f"unseen harder games ({tag})")  # fmt: skip
     for a in ax:
         a.legend()
         a.grid(alpha=0.3)
@@ -188,10 +270,18 @@ def main() -> None:
     r.add_argument("--trials", type=int, default=3)
     r.add_argument("--workdir", default="runs/empo2_experiment")
     r.add_argument("overrides", nargs="*", help="config overrides key=value")
+    t = sub.add_parser("transfer", help="a finished run on held-out games of other tasks")
+    t.add_argument("--algo", choices=["grpo", "empo2"], required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--tasks", nargs="+", default=["coin-3"])
+    t.add_argument("--max-turns", type=int, default=5)
+    t.add_argument("--trials", type=int, default=4)
+    t.add_argument("--workdir", default="runs/empo2_experiment")
+    t.add_argument("overrides", nargs="*", help="config overrides key=value")
     rep = sub.add_parser("report", help="table and plots of the finished runs")
     rep.add_argument("--window", type=int, default=10, help="updates per moving mean")
     args = parser.parse_args()
-    (run if args.command == "run" else report)(args)
+    {"run": run, "transfer": transfer, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":  # environment workers are spawned processes: they import this file
