@@ -216,6 +216,7 @@ def report(args) -> None:
         ax[0].plot(steps, curve.mean(axis=0), label=f"{algo} (mean of {len(rs)} seeds)")
         ax[0].fill_between(steps, curve.min(axis=0), curve.max(axis=0), alpha=0.2)
         k = np.arange(1, ood.shape[1] + 1)
+        ax[1].set_xticks(k)
         ax[1].errorbar(
             k, ood.mean(axis=0), yerr=[ood.mean(0) - ood.min(0), ood.max(0) - ood.mean(0)],
             marker="o", capsize=3, label=f"{algo}, memory on",
@@ -245,6 +246,7 @@ def report(args) -> None:
             f"{' '.join(f'{x:.2f}' for x in on.mean(0))}, off {' '.join(f'{x:.2f}' for x in off.mean(0))}"
         )
         k = np.arange(1, on.shape[1] + 1)
+        ax[2].set_xticks(k)
         line = ax[2].plot(k, on.mean(0), marker="o", label=f"{algo}, memory on")[0]
         ax[2].fill_between(k, on.min(0), on.max(0), alpha=0.15, color=line.get_color())
         ax[2].plot(k, off.mean(0), marker="x", ls="--", color=line.get_color(),
