@@ -32,6 +32,7 @@ from jaxlab.rl.multiturn import (
     Turn,
     build_batch,
     group_advantages,
+    pack_rows,
     parse_action,
     training_prompt,
 )
@@ -368,3 +369,20 @@ def test_train_variations_keeps_the_first_games_of_each_task(tmp_path):
         trainer.close()
     with pytest.raises(UserError, match="train_variations"):
         load_config("rl/empo2_tiny", ["env.train_variations=-1"], cls=MultiTurnConfig)
+
+
+@pytest.mark.parametrize("n,micro_batch", [(16, 4), (12, 3), (8, 8), (6, 1)])
+def test_pack_rows_fills_the_fewest_micro_batches(n, micro_batch):
+    """Under the update's layout (micro-batch j holds rows j, j + k, ...), the packed order puts
+    the live rows into ceil(live / micro_batch) micro-batches, and is a permutation."""
+    rng = np.random.default_rng(n + micro_batch)
+    k = n // micro_batch
+    for _ in range(20):
+        live = rng.random(n) < rng.random()
+        order = pack_rows(live, micro_batch)
+        assert sorted(order.tolist()) == list(range(n))
+        packed = live[order]
+        micro = [packed[j::k] for j in range(k)]  # the rows of micro-batch j
+        assert sum(m.any() for m in micro) == -(-int(live.sum()) // micro_batch)
+    with pytest.raises(ValueError, match="multiple of micro_batch"):
+        pack_rows(np.ones(5, bool), 2)

@@ -79,6 +79,7 @@ __all__ = [
     "MultiTurnTrainer",
     "ALGOS",
     "build_batch",
+    "pack_rows",
     "parse_action",
     "training_prompt",
     "group_advantages",
@@ -386,6 +387,22 @@ def build_batch(rows, pad_id: int, multiple: int = 1, shape: tuple[int, int] | N
         loss_mask[r, len(p) - 1 : len(seq) - 1] = 1
         behaviour[r, len(p) - 1 : len(seq) - 1] = t.logprobs
     return tokens, mask, loss_mask, behaviour
+
+
+def pack_rows(live: np.ndarray, micro_batch: int) -> np.ndarray:
+    """A row order (``new = old[order]``) that puts the ``live`` rows ``[N]`` (bool) into the
+    first micro-batches of the update's layout, where micro-batch j holds rows j, j + k, j + 2k,
+    ... (k = N / micro_batch): the update skips micro-batches without a live row, and the loss,
+    a sum over rows, does not depend on their order."""
+    n = live.shape[0]
+    if n % micro_batch:
+        raise ValueError(f"{n} rows are not a multiple of micro_batch {micro_batch}")
+    k = n // micro_batch
+    ranked = np.argsort(~live, kind="stable")  # live rows first
+    r = np.arange(n)
+    order = np.empty(n, np.int64)
+    order[(r % micro_batch) * k + r // micro_batch] = ranked
+    return order
 
 
 def training_prompt(turn: Turn, mode: str, tip_start, tip_end) -> list[int]:
@@ -702,7 +719,11 @@ class MultiTurnTrainer:
             loss_mask *= keep[:, None]
         adv_full = np.zeros((n,), np.float32)
         adv_full[: len(rows)] = adv
-        out = self.apply_update(tokens, mask, loss_mask, behaviour, adv_full)
+        # rows with signal packed into as few micro-batches as possible: the others are skipped
+        src = pack_rows((adv_full != 0) & (loss_mask.sum(1) > 0), cfg.micro_batch)
+        out = self.apply_update(
+            tokens[src], mask[src], loss_mask[src], behaviour[src], adv_full[src]
+        )
         if cfg.optim.on_nonfinite == "stop":
             check_finite_step(
                 self.update_index + 1, out["loss"], out["grad_norm"], key="optim.on_nonfinite"
