@@ -29,18 +29,26 @@ import numpy as np
 OUT = Path("docs/results/empo2")
 
 
-def run(args) -> None:
-    from jaxlab.compilation_cache import enable_compilation_cache
+def _config(args):
+    """The run's config: the algo's TextWorld config, the overrides, the seed, ``--updates``."""
     from jaxlab.config import load_config
-    from jaxlab.rl.multiturn import MultiTurnConfig, MultiTurnTrainer
-
-    enable_compilation_cache()  # the runs share their programs: only the first one compiles
+    from jaxlab.rl.multiturn import MultiTurnConfig
 
     cfg = load_config(f"rl/{args.algo}_textworld", args.overrides, cls=MultiTurnConfig)
     optim = dataclasses.replace(cfg.optim, seed=args.seed)
     cfg = dataclasses.replace(cfg, seed=args.seed, optim=optim)
     if args.updates:
         cfg = dataclasses.replace(cfg, updates=args.updates)
+    return cfg
+
+
+def run(args) -> None:
+    from jaxlab.compilation_cache import enable_compilation_cache
+    from jaxlab.rl.multiturn import MultiTurnTrainer
+
+    enable_compilation_cache()  # the runs share their programs: only the first one compiles
+
+    cfg = _config(args)
     workdir = Path(args.workdir) / f"{args.algo}_s{args.seed}"
     t0 = time.perf_counter()
     trainer = MultiTurnTrainer(cfg, workdir)
@@ -98,13 +106,9 @@ def transfer(args) -> None:
     """Held-out games of other tasks (a harder level) for a finished run: its final checkpoint,
     no weight updates, ``--trials`` trials with memory on and as many with memory off (k
     independent tries: what memory adds is the difference)."""
-    from jaxlab.config import load_config
-    from jaxlab.rl.multiturn import MultiTurnConfig, MultiTurnTrainer
+    from jaxlab.rl.multiturn import MultiTurnTrainer
 
-    cfg = load_config(f"rl/{args.algo}_textworld", args.overrides, cls=MultiTurnConfig)
-    cfg = dataclasses.replace(
-        cfg, seed=args.seed, optim=dataclasses.replace(cfg.optim, seed=args.seed)
-    )
+    cfg = _config(args)
     run_dir = Path(args.workdir) / f"{args.algo}_s{args.seed}"
     if not (run_dir / "checkpoints").is_dir():
         raise SystemExit(
@@ -278,6 +282,7 @@ def main() -> None:
     t.add_argument("--tasks", nargs="+", default=["coin-3"])
     t.add_argument("--max-turns", type=int, default=5)
     t.add_argument("--trials", type=int, default=4)
+    t.add_argument("--updates", type=int, default=0, help="the run's --updates, if it had one")
     t.add_argument("--workdir", default="runs/empo2_experiment")
     t.add_argument("overrides", nargs="*", help="config overrides key=value")
     rep = sub.add_parser("report", help="table and plots of the finished runs")
