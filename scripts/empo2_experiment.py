@@ -1,4 +1,5 @@
-"""EMPO² vs GRPO on TextWorld coin-collector games with SmolLM2-135M-Instruct (CPU scale).
+"""EMPO² vs GRPO with SmolLM2-135M-Instruct at CPU scale, on TextWorld coin-collector games or
+on the ScienceWorld lifespan tasks (``--env``).
 
 One run per invocation (each run is its own process, one at a time on a shared machine):
 
@@ -7,13 +8,15 @@ One run per invocation (each run is its own process, one at a time on a shared m
     ...
     python scripts/empo2_experiment.py report          # table, learning curves, OOD plot
 
-A run trains with ``configs/rl/<algo>_textworld.yaml`` (the two configs differ only in ``algo``:
-equal episodes, turns and environment steps per update), then evaluates the final policy on the
-held-out test games (unseen seeds): for ``--trials`` trials each with memory on and no weight
-updates (trial t sees the tips written after trials < t), and for one trial with memory off.
-Results go to ``docs/results/empo2/<algo>_s<seed>.json``. ``report`` prints the table and draws
-``learning_curves.png``: training success (a moving mean over ``--window`` updates, mean and range
-over seeds) against environment steps, and held-out success after k trials.
+A run trains with ``configs/rl/<algo>_<env>.yaml`` (the two configs of an env differ only in
+``algo``: equal episodes, turns and environment steps per update), then evaluates the final policy
+on the held-out test games (unseen seeds or variations): for ``--trials`` trials each with memory
+on and no weight updates (trial t sees the tips written after trials < t), and for one trial with
+memory off. ``--variant NAME`` labels a run with config overrides (e.g. ``--variant no-novelty
+empo2.intrinsic_coef=0``). Results go to ``docs/results/empo2/[<env>/]<algo>[-<variant>]_s<seed>.json``.
+``report`` prints the table and draws ``learning_curves.png``: training success (a moving mean
+over ``--window`` updates, mean and range over seeds) against environment steps, and held-out
+success after k trials. ``transfer`` evaluates a finished run on the test games of other tasks.
 """
 
 from __future__ import annotations
@@ -26,15 +29,38 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path("docs/results/empo2")
+RESULTS = Path("docs/results/empo2")
+# per env: the unseen tasks and turns of `transfer`, the plots' title
+ENVS = {
+    "textworld": (["coin-3"], 5, "TextWorld coin-collector 1-2"),
+    "scienceworld": (
+        ["lifespan-longest-lived-then-shortest-lived"],
+        3,
+        "ScienceWorld lifespan (longest, shortest)",
+    ),
+}
+
+
+def _out(env: str) -> Path:
+    return RESULTS if env == "textworld" else RESULTS / env
+
+
+def _name(args) -> str:
+    """The run's name: algo, variant, seed."""
+    return f"{args.algo}{'-' + args.variant if args.variant else ''}_s{args.seed}"
+
+
+def _run_dir(args) -> Path:
+    base = Path(args.workdir)
+    return (base if args.env == "textworld" else base / args.env) / _name(args)
 
 
 def _config(args):
-    """The run's config: the algo's TextWorld config, the overrides, the seed, ``--updates``."""
+    """The run's config: the algo's config for the env, the overrides, the seed, ``--updates``."""
     from jaxlab.config import load_config
     from jaxlab.rl.multiturn import MultiTurnConfig
 
-    cfg = load_config(f"rl/{args.algo}_textworld", args.overrides, cls=MultiTurnConfig)
+    cfg = load_config(f"rl/{args.algo}_{args.env}", args.overrides, cls=MultiTurnConfig)
     optim = dataclasses.replace(cfg.optim, seed=args.seed)
     cfg = dataclasses.replace(cfg, seed=args.seed, optim=optim)
     if args.updates:
@@ -49,21 +75,24 @@ def run(args) -> None:
     enable_compilation_cache()  # the runs share their programs: only the first one compiles
 
     cfg = _config(args)
-    workdir = Path(args.workdir) / f"{args.algo}_s{args.seed}"
+    workdir = _run_dir(args)
     t0 = time.perf_counter()
     trainer = MultiTurnTrainer(cfg, workdir)
     trainer.run()
     train_s = time.perf_counter() - t0
     metrics = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    pairs = _eval_pairs(trainer, args.eval_games)
     print(f"evaluating on held-out games: {args.trials} trials, memory on", flush=True)
     t1 = time.perf_counter()
-    ood = trainer.evaluate("test", trials=args.trials, memory=True)
+    ood = trainer.evaluate("test", trials=args.trials, memory=True, pairs=pairs)
     eval_s = time.perf_counter() - t1
     print("evaluating on held-out games: 1 trial, memory off", flush=True)
-    ood_no_memory = trainer.evaluate("test", trials=1, memory=False)
+    ood_no_memory = trainer.evaluate("test", trials=1, memory=False, pairs=pairs)
     trainer.close()
     result = {
         "algo": args.algo,
+        "variant": args.variant,
+        "overrides": args.overrides,
         "seed": args.seed,
         "config": dataclasses.asdict(cfg),
         "curve": [
@@ -95,11 +124,18 @@ def run(args) -> None:
         "train_s": train_s,
         "eval_s": eval_s,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{args.algo}_s{args.seed}.json"
+    out = _out(args.env)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{_name(args)}.json"
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("algo", "seed", "ood", "train_s", "eval_s")}))
     print(f"wrote {path}")
+
+
+def _eval_pairs(trainer, games: int):
+    """The held-out games: the first ``games`` test variations of each eval task (0: all)."""
+    env = trainer.envs[0]
+    return [(t, v) for t in trainer.eval_tasks for v in env.variations(t, "test")[: games or None]]
 
 
 def transfer(args) -> None:
@@ -109,13 +145,17 @@ def transfer(args) -> None:
     from jaxlab.rl.multiturn import MultiTurnTrainer
 
     cfg = _config(args)
-    run_dir = Path(args.workdir) / f"{args.algo}_s{args.seed}"
+    tasks, max_turns, _ = ENVS[args.env]
+    args.tasks, args.max_turns = args.tasks or tasks, args.max_turns or max_turns
+    run_dir = _run_dir(args)
     if not (run_dir / "checkpoints").is_dir():
         raise SystemExit(
-            f"no checkpoints in {run_dir}: run `run --algo {args.algo} --seed {args.seed}` first"
+            f"no checkpoints in {run_dir}: run `run --env {args.env} --algo {args.algo} "
+            f"--seed {args.seed}` first"
         )
     kwargs = dict(cfg.env.kwargs)
-    kwargs["tasks"] = list(dict.fromkeys([*kwargs.get("tasks", []), *args.tasks]))
+    if "tasks" in kwargs:  # TextWorld generates the games of the tasks it is given
+        kwargs["tasks"] = list(dict.fromkeys([*kwargs["tasks"], *args.tasks]))
     kwargs["step_limit"] = args.max_turns
     env = dataclasses.replace(cfg.env, kwargs=kwargs, eval_tasks=tuple(args.tasks))
     cfg = dataclasses.replace(cfg, env=env, max_turns=args.max_turns)
@@ -132,20 +172,22 @@ def transfer(args) -> None:
     t0 = time.perf_counter()
     result = {
         "algo": args.algo,
+        "variant": args.variant,
         "seed": args.seed,
         "tasks": args.tasks,
         "max_turns": args.max_turns,
     }
+    pairs = _eval_pairs(trainer, args.eval_games)
     for memory in (True, False):
         print(f"{tag}: {args.trials} trials, memory {'on' if memory else 'off'}", flush=True)
         result["memory" if memory else "no_memory"] = trainer.evaluate(
-            "test", trials=args.trials, memory=memory
+            "test", trials=args.trials, memory=memory, pairs=pairs
         )
     result["eval_s"] = time.perf_counter() - t0
     trainer.close()
-    out = OUT / "transfer"
+    out = _out(args.env) / "transfer"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{tag}_{args.algo}_s{args.seed}.json"
+    path = out / f"{tag}_{_name(args).rsplit('_s', 1)[0]}_s{args.seed}.json"
     path.write_text(json.dumps(result, indent=2))
     print(
         f"{args.algo} seed {args.seed}: success after k trials, memory on "
@@ -168,12 +210,14 @@ def report(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    OUT = _out(args.env)
     runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*_s*.json"))]
     if not runs:
         raise SystemExit(f"no runs in {OUT}")
-    by_algo: dict[str, list] = {}
+    by_algo: dict[str, list] = {}  # algo or algo-variant
     for r in runs:
-        by_algo.setdefault(r["algo"], []).append(r)
+        label = r["algo"] + (f"-{r['variant']}" if r.get("variant") else "")
+        by_algo.setdefault(label, []).append(r)
     window = args.window
     print(
         f"{'algo':6s} {'seeds':>5s} {'updates':>7s} {'success first / last':>21s} "
@@ -182,7 +226,8 @@ def report(args) -> None:
     transfers: dict[tuple[str, str], list] = {}
     for p in sorted((OUT / "transfer").glob("*.json")):
         t = json.loads(p.read_text())
-        transfers.setdefault((p.stem.rsplit("_", 2)[0], t["algo"]), []).append(t)
+        label = t["algo"] + (f"-{t['variant']}" if t.get("variant") else "")
+        transfers.setdefault((p.stem.rsplit("_", 2)[0], label), []).append(t)
     fig, ax = plt.subplots(1, 2 + bool(transfers), figsize=(16 if transfers else 11, 4))
     summary = {}
     for algo, rs in sorted(by_algo.items()):
@@ -230,7 +275,7 @@ def report(args) -> None:
     ax[0].set(
         xlabel="environment steps",
         ylabel=f"training success (moving mean of {window} updates)",
-        title="TextWorld coin-collector 1-2, SmolLM2-135M",
+        title=f"{ENVS[args.env][2]}, SmolLM2-135M",
     )
     ax[1].set(xlabel="trials (no weight updates)", ylabel="success after k trials",
               title="held-out games")  # fmt: skip
@@ -269,23 +314,28 @@ def report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, eval_games: int):
+        p.add_argument("--env", choices=sorted(ENVS), default="textworld")
+        p.add_argument("--algo", choices=["grpo", "empo2"], required=True)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--variant", default="", help="a label for runs with config overrides")
+        p.add_argument("--updates", type=int, default=0, help="override the config's updates")
+        p.add_argument("--eval-games", type=int, default=eval_games,
+                       help="held-out games per eval task: the first N test variations (0: all)")  # fmt: skip
+        p.add_argument("--workdir", default="runs/empo2_experiment")
+        p.add_argument("overrides", nargs="*", help="config overrides key=value")
+
     r = sub.add_parser("run", help="train one (algo, seed) and evaluate it on held-out games")
-    r.add_argument("--algo", choices=["grpo", "empo2"], required=True)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--updates", type=int, default=0, help="override the config's updates")
+    common(r, eval_games=0)
     r.add_argument("--trials", type=int, default=3)
-    r.add_argument("--workdir", default="runs/empo2_experiment")
-    r.add_argument("overrides", nargs="*", help="config overrides key=value")
     t = sub.add_parser("transfer", help="a finished run on held-out games of other tasks")
-    t.add_argument("--algo", choices=["grpo", "empo2"], required=True)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--tasks", nargs="+", default=["coin-3"])
-    t.add_argument("--max-turns", type=int, default=5)
+    common(t, eval_games=0)
+    t.add_argument("--tasks", nargs="+", help="default: coin-3 / the two-animal lifespan task")
+    t.add_argument("--max-turns", type=int, default=0, help="default: 5 / 3")
     t.add_argument("--trials", type=int, default=4)
-    t.add_argument("--updates", type=int, default=0, help="the run's --updates, if it had one")
-    t.add_argument("--workdir", default="runs/empo2_experiment")
-    t.add_argument("overrides", nargs="*", help="config overrides key=value")
     rep = sub.add_parser("report", help="table and plots of the finished runs")
+    rep.add_argument("--env", choices=sorted(ENVS), default="textworld")
     rep.add_argument("--window", type=int, default=10, help="updates per moving mean")
     args = parser.parse_args()
     {"run": run, "transfer": transfer, "report": report}[args.command](args)

@@ -76,6 +76,29 @@ def test_scienceworld_gold_path_reaches_100():
         env.close()
 
 
+@java
+def test_scienceworld_action_menu_and_lifespan_scores():
+    """The menu of configs/rl/*_scienceworld.yaml: only the valid actions with the given verbs; the
+    lifespan scores the configs describe (0.5 outside, -1 and the end for a wrong focus)."""
+    with pytest.raises(EnvError, match="action_verbs"):
+        make_env("scienceworld", action_verbs="focus on")
+    env = make_env("scienceworld", step_limit=3, action_verbs=["teleport to", "focus on"])
+    try:
+        task = "lifespan-longest-lived"
+        env.reset(task, env.variations(task, "train")[0])
+        menu = env.valid_actions()
+        assert menu and all(a.startswith(("teleport to ", "focus on ")) for a in menu)
+        assert "teleport to outside" in menu and "look around" not in menu
+        out = env.step("teleport to outside")
+        assert out.info["score"] == pytest.approx(0.5) and not out.done
+        animals = [a for a in env.valid_actions() if a.startswith("focus on baby")]
+        assert len(animals) >= 2  # the animals to choose between are on the menu
+        out = env.step("focus on air")
+        assert out.done and not out.info["won"] and out.info["score"] == pytest.approx(-1.0)
+    finally:
+        env.close()
+
+
 def test_textworld_coin_collector_walkthrough_wins(tmp_path):
     env = make_env("textworld", tasks=("coin-3",), cache_dir=str(tmp_path), goal="short")
     try:

@@ -36,14 +36,27 @@ class ScienceWorldEnv:
     Args:
       simplifications: comma-separated, from :data:`SIMPLIFICATIONS` (``"easy"`` is all of them).
       step_limit: moves per episode (the simulator's own default is 100).
+      action_verbs: when set, :meth:`valid_actions` lists only the valid actions that start with
+        one of these (e.g. ``("teleport to", "focus on")``). A room offers ~100-1000 valid
+        actions, too many to show a small model; a short menu makes a task family learnable at
+        CPU scale. Other actions can still be taken.
     """
 
-    def __init__(self, simplifications: str = "easy", step_limit: int = 30):
+    def __init__(
+        self,
+        simplifications: str = "easy",
+        step_limit: int = 30,
+        action_verbs: tuple[str, ...] | list[str] | None = None,
+    ):
         for s in filter(None, simplifications.split(",")):
             if s not in SIMPLIFICATIONS:
                 raise EnvError(f"simplification {s!r} is not one of {list(SIMPLIFICATIONS)}")
         if step_limit < 1:
             raise EnvError(f"step_limit must be >= 1, got {step_limit}")
+        if isinstance(action_verbs, str) or (action_verbs is not None and not action_verbs):
+            raise EnvError(
+                f"action_verbs must be a non-empty list of prefixes, got {action_verbs!r}"
+            )
         try:
             from scienceworld import ScienceWorldEnv as _Env
         except ImportError as e:  # pragma: no cover - the Makefile installs it
@@ -53,6 +66,7 @@ class ScienceWorldEnv:
         os.environ.setdefault("JAVA_TOOL_OPTIONS", JAVA_OPTIONS)
         self.simplifications = simplifications
         self.step_limit = step_limit
+        self.action_verbs = None if action_verbs is None else tuple(action_verbs)
         self._env = _Env("", envStepLimit=10_000)  # the limit is ours
         self._task_names = list(self._env.get_task_names())
         self._task = None
@@ -105,7 +119,10 @@ class ScienceWorldEnv:
         return list(self._env.get_gold_action_sequence())
 
     def valid_actions(self) -> list[str]:
-        return sorted(self._env.get_valid_action_object_combinations())
+        actions = self._env.get_valid_action_object_combinations()
+        if self.action_verbs is not None:
+            actions = [a for a in actions if a.startswith(self.action_verbs)]
+        return sorted(set(actions))
 
     def step(self, action: str) -> Step:
         if self._done:
