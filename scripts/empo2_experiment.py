@@ -35,7 +35,7 @@ ENVS = {
     "textworld": (["coin-3"], 5, "TextWorld coin-collector 1-2"),
     "scienceworld": (
         ["lifespan-longest-lived-then-shortest-lived"],
-        3,
+        4,
         "ScienceWorld lifespan (longest, shortest)",
     ),
 }
@@ -233,6 +233,8 @@ def report(args) -> None:
     for algo, rs in sorted(by_algo.items()):
         n = min(len(r["curve"]) for r in rs)
         succ = np.array([[c["success"] for c in r["curve"][:n]] for r in rs])
+        score = np.array([[c["score"] for c in r["curve"][:n]] for r in rs])
+        curve_of = succ if args.metric == "success" else score
         steps = np.mean([[c["env_steps"] for c in r["curve"][:n]] for r in rs], axis=0)
         tokens = np.mean([r["curve"][n - 1]["sampled_tokens"] for r in rs])
         ood = np.array([r["ood"]["success_at"] for r in rs])
@@ -245,6 +247,9 @@ def report(args) -> None:
             f"success_first_{w}": float(succ[:, :w].mean()),
             f"success_last_{w}": float(succ[:, -w:].mean()),
             f"success_last_{w}_per_seed": succ[:, -w:].mean(axis=1).tolist(),
+            f"score_first_{w}": float(score[:, :w].mean()),
+            f"score_last_{w}": float(score[:, -w:].mean()),
+            f"score_last_{w}_per_seed": score[:, -w:].mean(axis=1).tolist(),
             "env_steps": float(steps[-1]),
             "sampled_tokens": float(tokens),
             "ood_success_at": ood.mean(axis=0).tolist(),
@@ -261,7 +266,7 @@ def report(args) -> None:
             f"{' '.join(f'{x:.2f}' for x in s['ood_success_at']):>27s} "
             f"{s['ood_no_memory'] if plain else float('nan'):9.2f}"
         )
-        curve = _smooth(succ, window)
+        curve = _smooth(curve_of, window)
         ax[0].plot(steps, curve.mean(axis=0), label=f"{algo} (mean of {len(rs)} seeds)")
         ax[0].fill_between(steps, curve.min(axis=0), curve.max(axis=0), alpha=0.2)
         k = np.arange(1, ood.shape[1] + 1)
@@ -274,7 +279,7 @@ def report(args) -> None:
             ax[1].scatter([1], [np.mean(plain)], marker="x", s=60, label=f"{algo}, memory off")
     ax[0].set(
         xlabel="environment steps",
-        ylabel=f"training success (moving mean of {window} updates)",
+        ylabel=f"training {args.metric} (moving mean of {window} updates)",
         title=f"{ENVS[args.env][2]}, SmolLM2-135M",
     )
     ax[1].set(xlabel="trials (no weight updates)", ylabel="success after k trials",
@@ -332,11 +337,13 @@ def main() -> None:
     t = sub.add_parser("transfer", help="a finished run on held-out games of other tasks")
     common(t, eval_games=0)
     t.add_argument("--tasks", nargs="+", help="default: coin-3 / the two-animal lifespan task")
-    t.add_argument("--max-turns", type=int, default=0, help="default: 5 / 3")
+    t.add_argument("--max-turns", type=int, default=0, help="default: 5 / 4")
     t.add_argument("--trials", type=int, default=4)
     rep = sub.add_parser("report", help="table and plots of the finished runs")
     rep.add_argument("--env", choices=sorted(ENVS), default="textworld")
     rep.add_argument("--window", type=int, default=10, help="updates per moving mean")
+    rep.add_argument("--metric", choices=["success", "score"], default="success",
+                     help="the learning curves' measure: won episodes, or the final score")  # fmt: skip
     args = parser.parse_args()
     {"run": run, "transfer": transfer, "report": report}[args.command](args)
 
