@@ -267,13 +267,19 @@ def test_multiturn_lora_trains_only_adapters_in_the_config_dtype(tmp_path):
 
 
 def _update_batch(micro_batch: int, n: int = 8, t: int = 32):
-    """A padded training batch of ``n`` rows (the last two padding) for ``apply_update``."""
+    """A padded training batch of ``n`` rows (the last two padding) for ``apply_update``: row r's
+    response (its loss positions) starts at 12 + 2r and has 6-8 tokens, as after prompts of
+    different lengths."""
     rng = np.random.default_rng(0)
     assert n % micro_batch == 0
     tokens = rng.integers(3, 60, (n, t)).astype(np.int32)
     mask = np.ones((n, t), np.int32)
-    loss_mask = np.broadcast_to(np.arange(t - 1) >= 20, (n, t - 1)).astype(np.float32).copy()
-    mask[-2:], loss_mask[-2:] = 0, 0
+    loss_mask = np.zeros((n, t - 1), np.float32)
+    for r in range(n - 2):
+        start = 12 + 2 * r
+        loss_mask[r, start : start + 6 + r % 3] = 1
+        mask[r, start + 7 + r % 3 :] = 0  # right padding after the response
+    mask[-2:] = 0
     behaviour = np.full((n, t - 1), -4.0, np.float32)
     adv = rng.normal(size=n).astype(np.float32)
     return tokens, mask, loss_mask, behaviour, adv
@@ -314,7 +320,8 @@ def test_multiturn_update_is_the_full_batch_gradient_and_skips_zero_advantage_mi
     tmp_path,
 ):
     """The update's loss and gradient norm equal those of one ``policy_loss`` over the whole
-    batch, computed here without micro-batches; a micro-batch whose rows all have advantage 0 is
+    batch, computed here without micro-batches and with the logits at every position (the update
+    projects the response positions only); a micro-batch whose rows all have advantage 0 is
     not computed, and a batch of zero advantages gives a zero gradient and NaN loss metrics."""
     from jaxlab.generation.core import sampling_logprobs
 
@@ -353,6 +360,12 @@ def test_multiturn_update_is_the_full_batch_gradient_and_skips_zero_advantage_mi
         assert nothing["trained_micro_batches"] == 0
         assert nothing["loss"] == 0 and nothing["grad_norm"] == 0
         assert np.isnan(nothing["ratio_mean"]) and np.isnan(nothing["ratio_max"])
+
+        # the logits are taken at a row's first max_new_tokens loss positions only: more is refused
+        long = loss_mask.copy()
+        long[0, 10 : 11 + cfg.max_new_tokens] = 1
+        with pytest.raises(ValueError, match="more than max_new_tokens"):
+            trainer.apply_update(tokens, mask, long, behaviour, adv)
     finally:
         trainer.close()
 

@@ -381,6 +381,16 @@ class Decoder(nnx.Module):
             preferred_element_type=jnp.promote_types(x.dtype, jnp.float32),
         )
 
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """Logits ``[..., V]`` from hidden states ``[..., D]`` after the final norm (what
+        ``return_hidden=True`` gives): a trainer that needs the logits at a few positions only
+        gathers those hidden states first and projects them here."""
+        if self.config.tie_word_embeddings:
+            out = self._tied_logits(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.promote_types(self.dtype, jnp.float32))
+
     def __call__(
         self,
         input_ids: jax.Array,  # [B, T] int
@@ -465,12 +475,7 @@ class Decoder(nnx.Module):
                 raise ValueError(f"logits_to_keep must lie in [1, {t}], got {logits_to_keep}")
             x = x[:, t - logits_to_keep :]
         x = self.norm(x)
-        if return_hidden:
-            out = x
-        elif self.config.tie_word_embeddings:
-            out = self._tied_logits(x).astype(jnp.promote_types(self.dtype, jnp.float32))
-        else:
-            out = self.lm_head(x).astype(jnp.promote_types(self.dtype, jnp.float32))
+        out = x if return_hidden else self.logits_from_hidden(x)
         if cache is None:
             return out
         return out, KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + t, valid=valid)

@@ -258,16 +258,35 @@ class Episode:
         return f"{self.task}/{self.variation}"
 
 
-def _sequence_logprobs(model: Decoder, tokens, mask, temperature):
-    logits = model(tokens[:, :-1], attention_mask=mask[:, :-1])
-    return sampling_logprobs(logits, tokens[:, 1:], temperature=temperature)
+def _response_logprobs(model: Decoder, tokens, mask, loss_mask, behaviour, window, temperature):
+    """The sampling log-probs of the loss positions only: ``(logp, loss_mask, behaviour)``, each
+    ``[B, R]`` with R = min(window, W - 1), row b holding its loss positions in order.
+
+    A turn's response is a few tokens after a long prompt; the vocabulary projection (and its
+    softmax and their gradients) at every position of the row would be most of the update's
+    memory (``[B, W, V]`` float32) and a large share of its time. Only the hidden states at the
+    loss positions are projected. Each row must have at most ``window`` of them
+    (:meth:`MultiTurnTrainer.apply_update` checks)."""
+    hidden = model(tokens[:, :-1], attention_mask=mask[:, :-1], return_hidden=True)
+    r = min(window, loss_mask.shape[1])
+    on = loss_mask > 0
+    # the loss positions first, in order (a stable sort of "not a loss position"), then the rest
+    idx = jnp.argsort(~on, axis=1, stable=True)[:, :r]
+    valid = jnp.arange(r)[None] < jnp.sum(on, axis=1, keepdims=True)
+    take = lambda x: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
+    h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+    logp = sampling_logprobs(
+        model.logits_from_hidden(h), take(tokens[:, 1:]), temperature=temperature
+    )
+    return logp, jnp.where(valid, take(loss_mask), 0), take(behaviour)
 
 
 @functools.lru_cache(maxsize=8)
-def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, micro_batch):
+def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, micro_batch, window):
     """One optimizer step over the batch, its gradient summed over micro-batches of
     ``micro_batch`` rows in a ``lax.scan`` with the aggregation's normaliser taken over the whole
-    batch: the full batch's gradient with one micro-batch's logits in memory. A micro-batch with no
+    batch: the full batch's gradient with one micro-batch's activations in memory, and logits at
+    the ``window`` response positions of a row only (:func:`_response_logprobs`). A micro-batch with no
     response token of non-zero advantage contributes exactly nothing and is not computed (in a
     sparse-reward run most groups have equal rewards, hence zero advantages)."""
 
@@ -280,7 +299,7 @@ def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, m
         def loss_of(params, micro):
             m = nnx.merge(graphdef, params, rest)
             tok, msk, lmask, beh, adv = micro
-            logp = _sequence_logprobs(m, tok, msk, temperature)
+            logp, lmask, beh = _response_logprobs(m, tok, msk, lmask, beh, window, temperature)
             return rl.policy_loss(
                 logp, beh, adv, lmask, clip_low=clip_low, clip_high=clip_high,
                 dual_clip=dual_clip, agg=agg, max_len=max_len, normalizer=norm,
@@ -441,7 +460,7 @@ class MultiTurnTrainer:
         shard_model(self.optimizer, self.mesh)
         self.update_fn = _make_update_fn(
             cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.agg, cfg.temperature,
-            float(cfg.max_new_tokens), cfg.micro_batch,
+            float(cfg.max_new_tokens), cfg.micro_batch, cfg.max_new_tokens,
         )  # fmt: skip
         self.empo2 = cfg.algo == "empo2"
         # every update pads to the largest batch a run can make: one compilation of the update
@@ -733,7 +752,14 @@ class MultiTurnTrainer:
 
     def apply_update(self, tokens, mask, loss_mask, behaviour, advantages) -> dict[str, float]:
         """One optimizer step on a padded batch (``tokens, mask [N, W]``, ``loss_mask, behaviour
-        [N, W-1]``, ``advantages [N]``; N a multiple of ``micro_batch``), on the run's mesh."""
+        [N, W-1]``, ``advantages [N]``; N a multiple of ``micro_batch``), on the run's mesh. A row
+        trains at most ``max_new_tokens`` tokens (one response)."""
+        longest = int(np.max(np.sum(np.asarray(loss_mask) > 0, axis=1), initial=0))
+        if longest > self.cfg.max_new_tokens:
+            raise ValueError(
+                f"a row has {longest} loss positions, more than max_new_tokens "
+                f"({self.cfg.max_new_tokens}): a row is one turn's response"
+            )
         batch = jax.device_put(
             (tokens, mask, loss_mask, behaviour, advantages), self.batch_sharding
         )
