@@ -262,10 +262,10 @@ def _response_logprobs(model: Decoder, tokens, mask, loss_mask, behaviour, windo
     """The sampling log-probs of the loss positions only: ``(logp, loss_mask, behaviour)``, each
     ``[B, R]`` with R = min(window, W - 1), row b holding its loss positions in order.
 
-    A turn's response is a few tokens after a long prompt; the vocabulary projection (and its
-    softmax and their gradients) at every position of the row would be most of the update's
-    memory (``[B, W, V]`` float32) and a large share of its time. Only the hidden states at the
-    loss positions are projected. Each row must have at most ``window`` of them
+    A turn's response is a few tokens after a long prompt; the vocabulary projection at every
+    position of the row would give ``[B, W, V]`` float32 logits (9.9 GB a micro-batch for 16 rows
+    of 3136 tokens and 49152 words), plus their softmax and gradients. Only the hidden states at
+    the loss positions are projected. Each row must have at most ``window`` of them
     (:meth:`MultiTurnTrainer.apply_update` checks)."""
     hidden = model(tokens[:, :-1], attention_mask=mask[:, :-1], return_hidden=True)
     r = min(window, loss_mask.shape[1])
