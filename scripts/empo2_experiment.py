@@ -320,22 +320,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, eval_games: int):
+    def common(p):
         p.add_argument("--env", choices=sorted(ENVS), default="textworld")
         p.add_argument("--algo", choices=["grpo", "empo2"], required=True)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--variant", default="", help="a label for runs with config overrides")
         p.add_argument("--updates", type=int, default=0, help="override the config's updates")
-        p.add_argument("--eval-games", type=int, default=eval_games,
+        p.add_argument("--eval-games", type=int, default=0,
                        help="held-out games per eval task: the first N test variations (0: all)")  # fmt: skip
         p.add_argument("--workdir", default="runs/empo2_experiment")
         p.add_argument("overrides", nargs="*", help="config overrides key=value")
 
     r = sub.add_parser("run", help="train one (algo, seed) and evaluate it on held-out games")
-    common(r, eval_games=0)
+    common(r)
     r.add_argument("--trials", type=int, default=3)
     t = sub.add_parser("transfer", help="a finished run on held-out games of other tasks")
-    common(t, eval_games=0)
+    common(t)
     t.add_argument("--tasks", nargs="+", help="default: coin-3 / the two-animal lifespan task")
     t.add_argument("--max-turns", type=int, default=0, help="default: 5 / 4")
     t.add_argument("--trials", type=int, default=4)
