@@ -113,6 +113,7 @@ def run(args) -> None:
                     "grad_norm",
                     "trained_micro_batches",
                     "intrinsic_mean",
+                    "intrinsic_group_std",
                     "rollout_s",
                     "update_s",
                 )

@@ -227,6 +227,8 @@ def test_tiny_empo2_run_fills_memory_and_resumes_with_it(tmp_path):
 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows] == [1, 2]
+    # the memory is empty on the first update: every turn is new, the bonus the same for all
+    assert rows[0]["intrinsic_mean"] == 1.0 and rows[0]["intrinsic_group_std"] == 0.0
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)
     assert rows[-1]["memory_size"] > size and rows[-1]["episodes"] == 4
     result = resumed.evaluate("test", trials=2, pairs=[("coin", 4)])

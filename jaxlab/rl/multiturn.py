@@ -703,6 +703,11 @@ class MultiTurnTrainer:
         self.engine.update_weights(self.model)
         self.update_index += 1
         done = [e for e in eps if not e.crashed]
+        # the novelty bonus moves an advantage only where it differs within a group
+        bonus_std = [
+            np.std([t.intrinsic for e in eps if e.group == g for t in e.turns] or [0.0])
+            for g in range(len(pairs))
+        ]
         metrics.update(
             update=self.update_index,
             mode=mode,
@@ -715,6 +720,7 @@ class MultiTurnTrainer:
             memory_size=len(self.memory),
             tip_turns=sum(t.had_tips for e in eps for t in e.turns),
             intrinsic_mean=float(np.mean([t.intrinsic for e in eps for t in e.turns] or [0.0])),
+            intrinsic_group_std=float(np.mean(bonus_std)),
             rollout_s=t_rollout,
             update_s=time.perf_counter() - t0 - t_rollout,
             **self.totals,
