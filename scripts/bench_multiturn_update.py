@@ -34,7 +34,8 @@ def main() -> None:
     from jaxlab.config import load_config
     from jaxlab.generation.core import sampling_logprobs
     from jaxlab.models.lora import add_lora, trainable
-    from jaxlab.rl.multiturn import MultiTurnConfig, _response_logprobs, load_policy
+    from jaxlab.rl.logprobs import response_logprobs
+    from jaxlab.rl.multiturn import MultiTurnConfig, load_policy
 
     cfg = load_config(args.config, args.set, cls=MultiTurnConfig)
     model, _ = load_policy(cfg)
@@ -70,8 +71,8 @@ def main() -> None:
 
     def response_only(params):
         m = nnx.merge(graphdef, params, rest)
-        logp, lmask, beh = _response_logprobs(
-            m, tokens, mask, loss_mask, behaviour, r, cfg.temperature
+        logp, lmask, beh = response_logprobs(
+            m, tokens, mask, loss_mask, behaviour, window=r, temperature=cfg.temperature
         )
         return loss(logp, lmask, beh)
 

@@ -49,10 +49,9 @@ from jaxlab.config import check, check_dtype, register_config
 from jaxlab.envs import ENVS, EnvCrashed, EnvWorker, make_env
 from jaxlab.errors import UserError
 from jaxlab.generation import Engine, SamplingParams
-from jaxlab.generation.core import sampling_logprobs
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
-from jaxlab.models import Decoder, DecoderConfig
+from jaxlab.models import DecoderConfig
 from jaxlab.models.lora import LoRAConfig, add_lora, trainable
 from jaxlab.optim import check_finite_step, make_optimizer, poison_if_nonfinite
 from jaxlab.rl.empo2 import (
@@ -67,6 +66,7 @@ from jaxlab.rl.empo2 import (
     tip_patterns,
     tip_prompt,
 )
+from jaxlab.rl.logprobs import response_logprobs
 from jaxlab.rl.memory import EMBEDDERS, MemoryStore, make_embedder
 from jaxlab.rl.trainer import RLOptimConfig, load_policy
 from jaxlab.sharding import pin, shard_model
@@ -258,37 +258,15 @@ class Episode:
         return f"{self.task}/{self.variation}"
 
 
-def _response_logprobs(model: Decoder, tokens, mask, loss_mask, behaviour, window, temperature):
-    """The sampling log-probs of the loss positions only: ``(logp, loss_mask, behaviour)``, each
-    ``[B, R]`` with R = min(window, W - 1), row b holding its loss positions in order.
-
-    A turn's response is a few tokens after a long prompt; the vocabulary projection at every
-    position of the row would give ``[B, W, V]`` float32 logits (9.9 GB a micro-batch for 16 rows
-    of 3136 tokens and 49152 words), plus their softmax and gradients. Only the hidden states at
-    the loss positions are projected. Each row must have at most ``window`` of them
-    (:meth:`MultiTurnTrainer.apply_update` checks)."""
-    hidden = model(tokens[:, :-1], attention_mask=mask[:, :-1], return_hidden=True)
-    r = min(window, loss_mask.shape[1])
-    on = loss_mask > 0
-    # the loss positions first, in order (a stable sort of "not a loss position"), then the rest
-    idx = jnp.argsort(~on, axis=1, stable=True)[:, :r]
-    valid = jnp.arange(r)[None] < jnp.sum(on, axis=1, keepdims=True)
-    take = lambda x: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
-    h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
-    logp = sampling_logprobs(
-        model.logits_from_hidden(h), take(tokens[:, 1:]), temperature=temperature
-    )
-    return logp, jnp.where(valid, take(loss_mask), 0), take(behaviour)
-
-
 @functools.lru_cache(maxsize=8)
 def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, micro_batch, window):
     """One optimizer step over the batch, its gradient summed over micro-batches of
     ``micro_batch`` rows in a ``lax.scan`` with the aggregation's normaliser taken over the whole
     batch: the full batch's gradient with one micro-batch's activations in memory, and logits at
-    the ``window`` response positions of a row only (:func:`_response_logprobs`). A micro-batch with no
-    response token of non-zero advantage contributes exactly nothing and is not computed (in a
-    sparse-reward run most groups have equal rewards, hence zero advantages)."""
+    the ``window`` response positions of a row only
+    (:func:`jaxlab.rl.logprobs.response_logprobs`). A micro-batch with no response token of
+    non-zero advantage contributes exactly nothing and is not computed (in a sparse-reward run
+    most groups have equal rewards, hence zero advantages)."""
 
     @nnx.jit
     def update(model, optimizer, tokens, mask, loss_mask, behaviour_logp, advantages):
@@ -299,7 +277,9 @@ def _make_update_fn(clip_low, clip_high, dual_clip, agg, temperature, max_len, m
         def loss_of(params, micro):
             m = nnx.merge(graphdef, params, rest)
             tok, msk, lmask, beh, adv = micro
-            logp, lmask, beh = _response_logprobs(m, tok, msk, lmask, beh, window, temperature)
+            logp, lmask, beh = response_logprobs(
+                m, tok, msk, lmask, beh, window=window, temperature=temperature
+            )
             return rl.policy_loss(
                 logp, beh, adv, lmask, clip_low=clip_low, clip_high=clip_high,
                 dual_clip=dual_clip, agg=agg, max_len=max_len, normalizer=norm,
