@@ -1,10 +1,15 @@
-"""The multi-turn RL update's loss and gradient on one micro-batch: logits at every position of
-the padded rows (the reference) against logits at the response positions only (what
-``jaxlab.rl.multiturn`` computes). Prints the compiled programs' temporary memory and the median
-time of each, and their ratios, measured in the same run.
+"""An RL update's loss and gradient on one micro-batch: logits at every position of the padded
+rows (the reference) against logits at the response positions only (what ``jaxlab.rl.multiturn``
+and ``jaxlab.rl.trainer`` compute, :func:`jaxlab.rl.logprobs.response_logprobs`), and with
+``--chunks``, those projected a chunk of positions at a time (``logits_chunk`` of rl_train).
+Prints the compiled programs' temporary memory and the median time of each, and their ratios to
+the reference, measured in the same run.
 
     python scripts/bench_multiturn_update.py                                   # CPU config
     python scripts/bench_multiturn_update.py --config rl/empo2_scienceworld_gpu --set model=DIR
+    # long responses, as in single-turn RL (rl_train), chunked:
+    python scripts/bench_multiturn_update.py --set max_prompt_tokens=128 max_new_tokens=512 \
+        micro_batch=4 --chunks 64 128
 
 The batch is ``micro_batch`` rows of the config's padded width (max_prompt_tokens +
 max_new_tokens, rounded up to 64) with a full-length response at the end of each prompt; the
@@ -28,6 +33,7 @@ def main() -> None:
     p.add_argument("--config", default="rl/empo2_scienceworld")
     p.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunks", type=int, nargs="*", default=[], help="logits_chunk values")
     args = p.parse_args()
 
     from jaxlab import rl
@@ -69,15 +75,21 @@ def main() -> None:
         logp = sampling_logprobs(logits, tokens[:, 1:], temperature=cfg.temperature)
         return loss(logp, loss_mask, behaviour)
 
-    def response_only(params):
-        m = nnx.merge(graphdef, params, rest)
-        logp, lmask, beh = response_logprobs(
-            m, tokens, mask, loss_mask, behaviour, window=r, temperature=cfg.temperature
-        )
-        return loss(logp, lmask, beh)
+    def response_only(chunk):
+        def fn(params):
+            m = nnx.merge(graphdef, params, rest)
+            logp, lmask, beh = response_logprobs(
+                m, tokens, mask, loss_mask, behaviour, window=r, temperature=cfg.temperature,
+                chunk=chunk,
+            )  # fmt: skip
+            return loss(logp, lmask, beh)
 
+        return fn
+
+    variants = [("every position", every_position), ("response only", response_only(0))]
+    variants += [(f"chunks of {c}", response_only(c)) for c in args.chunks]
     results = {}
-    for name, fn in (("every position", every_position), ("response only", response_only)):
+    for name, fn in variants:
         compiled = jax.jit(jax.value_and_grad(fn)).lower(params).compile()
         mem = compiled.memory_analysis()
         temp = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
@@ -98,17 +110,19 @@ def main() -> None:
             "median_s": float(np.median(times)),
         }
         print(
-            f"{name:15s} loss {float(value):+.6f} grad norm {gnorm:.6f} "
+            f"{name:16s} loss {float(value):+.6f} grad norm {gnorm:.6f} "
             f"temp memory {temp / 2**20:8.1f} MiB  median {np.median(times):.3f} s",
             flush=True,
         )
-    a, b = results["every position"], results["response only"]
-    print(
-        f"device {jax.devices()[0].device_kind}, rows {n} x width {w}, response {r} tokens: "
-        f"response-only / every-position memory {b['temp_bytes'] / a['temp_bytes']:.3f}, "
-        f"time {b['median_s'] / a['median_s']:.3f}; loss rel diff "
-        f"{abs(a['loss'] - b['loss']) / max(abs(a['loss']), 1e-12):.1e}"
-    )
+    a = results["every position"]
+    print(f"device {jax.devices()[0].device_kind}, rows {n} x width {w}, response {r} tokens")
+    for name, b in results.items():
+        if name != "every position":
+            print(
+                f"{name} / every position: memory {b['temp_bytes'] / a['temp_bytes']:.3f}, "
+                f"time {b['median_s'] / a['median_s']:.3f}; loss rel diff "
+                f"{abs(a['loss'] - b['loss']) / max(abs(a['loss']), 1e-12):.1e}"
+            )
     print(json.dumps({"config": args.config, "rows": n, "width": w, **results}))
 
 

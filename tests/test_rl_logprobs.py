@@ -83,7 +83,9 @@ def test_chunked_gradient_equals_the_one_block_gradient(tied):
     # the output head gets a gradient through the chunked loop (not a stopped one)
     head = "embed_tokens" if tied else "lm_head"
     g = nnx.State(grads[1]).flat_state()
-    assert any(head in "/".join(map(str, k)) and np.abs(np.asarray(v.value)).max() > 0 for k, v in g)
+    assert any(
+        head in "/".join(map(str, k)) and np.abs(np.asarray(v.value)).max() > 0 for k, v in g
+    )
 
 
 def test_chunked_backward_keeps_one_chunk_of_logits():
@@ -131,3 +133,52 @@ def test_loss_positions_brute_force():
             pos = np.flatnonzero(lm[b])[:r]
             np.testing.assert_array_equal(np.asarray(index[b, : len(pos)]), pos)
             np.testing.assert_array_equal(np.asarray(valid[b]), np.arange(r) < len(pos))
+
+
+@pytest.mark.parametrize(
+    "agg, kl_coef, chunk",
+    [("token_mean", 0.0, 0), ("delta_l", 0.1, 4), ("seq_mean_token_mean", 0.0, 5)],
+)
+def test_rl_update_equals_the_every_position_loss(agg, kl_coef, chunk):
+    """The single-turn trainer's update (completion positions only, chunked or not) gives the
+    loss and gradient of the policy loss over every position's logits."""
+    import optax
+
+    from jaxlab import rl
+    from jaxlab.rl.trainer import RLLossConfig, _make_update_fn
+
+    model = Decoder(TINY_DECODER, rngs=nnx.Rngs(4))
+    ref_model = Decoder(TINY_DECODER, rngs=nnx.Rngs(5))
+    tokens, mask, loss_mask, behaviour, _ = _batch(seed=6)
+    adv = np.array([1.0, -0.5, 0.0], np.float32)
+    loss_cfg = RLLossConfig(agg=agg, alpha=0.5, kl_coef=kl_coef, clip_low=0.2, clip_high=0.28)
+    max_len = 12.0
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def reference(params):
+        m = nnx.merge(graphdef, params, rest)
+        kw = dict(temperature=0.8, top_p=1.0)
+        logp = sampling_logprobs(
+            m(tokens[:, :-1], attention_mask=mask[:, :-1]), tokens[:, 1:], **kw
+        )
+        loss, _ = rl.policy_loss(
+            logp, behaviour, adv, loss_mask, clip_low=0.2, clip_high=0.28, agg=agg,
+            max_len=max_len, alpha=0.5,
+        )  # fmt: skip
+        if kl_coef:
+            ref = sampling_logprobs(
+                ref_model(tokens[:, :-1], attention_mask=mask[:, :-1]), tokens[:, 1:], **kw
+            )
+            kl = rl.kl_penalty(logp, ref, "k3")
+            loss += kl_coef * rl.aggregate_loss(kl, loss_mask, agg, max_len=max_len, alpha=0.5)
+        return loss
+
+    want_loss, want_grads = jax.value_and_grad(reference)(params)
+    update = _make_update_fn(loss_cfg, 0.8, max_len, 1.0, window=12, chunk=chunk)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.0), wrt=nnx.Param)
+    metrics = update(model, optimizer, ref_model, tokens, mask, loss_mask, behaviour, adv)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(metrics["grad_norm"]), float(optax.global_norm(want_grads)), rtol=1e-5
+    )

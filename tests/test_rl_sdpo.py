@@ -127,6 +127,77 @@ def test_live_teacher_is_not_differentiated():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_update_equals_the_every_position_logits_loss(top_p):
+    """The update projects only the completion positions of the student and teacher rows; its
+    loss and gradient equal those of the logits at every position, gathered afterwards (rows with
+    and without a teacher prompt, a padding row, non-zero advantages, a policy + distillation mix)."""
+    import optax
+
+    from jaxlab import rl
+    from jaxlab.generation.core import sampling_logprobs
+    from jaxlab.rl import distill
+    from jaxlab.rl.trainer import RLLossConfig
+
+    tok = char_tokenizer()
+    prompts = ["What is 2 + 3?", "What is 4 * 2?", "7 - 1?"]
+    enc = [tok.encode(p) for p in prompts]
+    t_enc = [tok.encode(sd.DEFAULT_REPROMPT.format(prompt=prompts[0], solution="5")), None, None]
+    t_enc[2] = tok.encode(sd.DEFAULT_REPROMPT.format(prompt=prompts[2], solution="6"))
+    c_enc = [tok.encode("It is 5."), tok.encode("8"), tok.encode("six")]
+    rng = np.random.default_rng(0)
+    beh = [list(rng.normal(-2.0, 0.3, len(c))) for c in c_enc]
+    packed = sd.pack_distill_batch(enc, t_enc, c_enc, beh, pad_id=tok.pad_token_id, rows=4)
+    packed["advantages"] = np.array([1.0, -0.7, 0.4, 0.0], np.float32)
+    batch = {k: jnp.asarray(packed[k]) for k in sd._BATCH_KEYS}
+    mcfg = load_config("configs/rl/sdpo_tiny.yaml").tiny_model
+    dec = Decoder(dataclasses.replace(mcfg, vocab_size=tok.vocab_size), rngs=nnx.Rngs(3))
+    teacher = Decoder(dataclasses.replace(mcfg, vocab_size=tok.vocab_size), rngs=nnx.Rngs(4))
+    dcfg = sd.DistillConfig(teacher="base", weight=0.5, mode="full", alpha=0.5, is_clip=2.0)
+    loss_cfg = RLLossConfig(agg="seq_mean_token_mean")
+    temperature, max_len = 0.9, 8.0
+
+    def gather(logits, index):
+        return jnp.take_along_axis(logits, index[:, :, None], axis=1)
+
+    graphdef, params, rest = nnx.split(dec, nnx.Param, ...)
+
+    def reference(params):
+        m = nnx.merge(graphdef, params, rest)
+        logits = m(batch["tokens"][:, :-1], attention_mask=batch["mask"][:, :-1])
+        logp = sampling_logprobs(
+            logits, batch["tokens"][:, 1:], temperature=temperature, top_p=top_p
+        )
+        p_loss, _ = rl.policy_loss(
+            logp, batch["behaviour"], batch["advantages"], batch["loss_mask"],
+            clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, agg=loss_cfg.agg,
+            alpha=loss_cfg.alpha, max_len=max_len,
+        )  # fmt: skip
+        t_logits = teacher(
+            batch["teacher_tokens"][:, :-1], attention_mask=batch["teacher_mask"][:, :-1]
+        )
+        d_loss, _ = distill.distillation_loss(
+            gather(logits, batch["student_index"]),
+            jax.lax.stop_gradient(gather(t_logits, batch["teacher_index"])),
+            batch["completion"], batch["distill_mask"], mode=dcfg.mode, alpha=dcfg.alpha,
+            topk=dcfg.topk, add_tail=dcfg.add_tail, temperature=temperature,
+            behaviour_logp=batch["completion_behaviour"], is_clip=dcfg.is_clip,
+            agg=loss_cfg.agg, agg_alpha=loss_cfg.alpha, max_len=max_len,
+        )  # fmt: skip
+        return distill.mix_losses(p_loss, d_loss, dcfg.weight)
+
+    want, want_grads = jax.value_and_grad(reference)(params)
+    model = nnx.clone(dec)
+    opt = nnx.Optimizer(model, optax.sgd(0.0), wrt=nnx.Param)
+    update = sd._make_sdpo_update_fn(loss_cfg, dcfg, temperature, max_len, top_p)
+    got = update(model, opt, nnx.clone(teacher), batch)
+    assert float(got["distill_loss"]) > 0
+    np.testing.assert_allclose(float(got["loss"]), float(want), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(got["grad_norm"]), float(optax.global_norm(want_grads)), rtol=1e-5
+    )
+
+
 def test_ema_update_matches_numpy():
     rng = np.random.default_rng(0)
     t = {"a": rng.normal(size=(3, 2)), "b": [rng.normal(size=4)]}

@@ -390,9 +390,9 @@ _BATCH_KEYS = (
 )
 
 
-def _gather_positions(logits, index):
-    """``logits [N, W, V]`` at ``index [N, C]`` → ``[N, C, V]``."""
-    return jnp.take_along_axis(logits, index[:, :, None].astype(jnp.int32), axis=1)
+def _gather_positions(x, index):
+    """``x [N, W, D]`` at ``index [N, C]`` → ``[N, C, D]``."""
+    return jnp.take_along_axis(x, index[:, :, None].astype(jnp.int32), axis=1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -405,23 +405,31 @@ def _make_sdpo_update_fn(
 
     @nnx.jit
     def update(model, optimizer, teacher, batch):
+        def logits_at(m, tokens, mask, index):
+            """The logits at ``index [N, C]`` only: the vocabulary projection of those hidden
+            states, not of every prompt and padding position."""
+            hidden = m(tokens[:, :-1], attention_mask=mask[:, :-1], return_hidden=True)
+            return m.logits_from_hidden(_gather_positions(hidden, index))
+
         def teacher_logits(m):
             t_model = m if teacher is None else teacher
-            logits = t_model(
-                batch["teacher_tokens"][:, :-1], attention_mask=batch["teacher_mask"][:, :-1]
+            logits = logits_at(
+                t_model, batch["teacher_tokens"], batch["teacher_mask"], batch["teacher_index"]
             )
-            return jax.lax.stop_gradient(_gather_positions(logits, batch["teacher_index"]))
+            return jax.lax.stop_gradient(logits)
 
         def loss_fn(m):
-            logits = m(batch["tokens"][:, :-1], attention_mask=batch["mask"][:, :-1])
-            logp = sampling_logprobs(
-                logits, batch["tokens"][:, 1:], temperature=temperature, top_p=top_p
-            )
+            logits = logits_at(m, batch["tokens"], batch["mask"], batch["student_index"])
+            completion = batch["completion"]
+            logp = sampling_logprobs(logits, completion, temperature=temperature, top_p=top_p)
+            # a row's completion fills its first k of the C slots, k = its loss positions
+            k = jnp.sum(batch["loss_mask"] > 0, axis=1, keepdims=True)
+            completion_mask = (jnp.arange(completion.shape[1])[None] < k).astype(jnp.float32)
             p_loss, metrics = rl.policy_loss(
                 logp,
-                batch["behaviour"],
+                batch["completion_behaviour"],
                 batch["advantages"],
-                batch["loss_mask"],
+                completion_mask,
                 clip_low=loss_cfg.clip_low,
                 clip_high=loss_cfg.clip_high,
                 agg=loss_cfg.agg,
@@ -429,7 +437,7 @@ def _make_sdpo_update_fn(
                 **agg_kw,
             )
             d_loss, d_metrics = distill.distillation_loss(
-                _gather_positions(logits, batch["student_index"]),
+                logits,
                 teacher_logits(m),
                 batch["completion"],
                 batch["distill_mask"],

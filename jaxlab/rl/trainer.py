@@ -43,7 +43,6 @@ from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import check, check_dtype, register_config
 from jaxlab.errors import UserError
 from jaxlab.generation import Engine, SamplingParams
-from jaxlab.generation.core import sampling_logprobs
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
@@ -59,6 +58,7 @@ from jaxlab.optim import (
     skipped_updates,
 )
 from jaxlab.progress import progress as progress_bar
+from jaxlab.rl.logprobs import response_logprobs
 from jaxlab.rl.plots import plot_occupancy
 from jaxlab.rl.scheduling import Controller, SampleRef, SchedulerConfig
 from jaxlab.rl.tasks import TASKS, make_task, task_dataset
@@ -246,9 +246,15 @@ class RLTrainConfig:
         True  # also write metrics as TensorBoard events when tensorboardX is installed
     )
 
+    # the update projects the completion positions onto the vocabulary this many at a time
+    # (0: all at once), recomputing each chunk's logits in the backward pass: the logits'
+    # memory is [rows, logits_chunk, vocab] instead of [rows, max_new_tokens, vocab]
+    logits_chunk: int = 0
+
     def __post_init__(self):
         check_dtype(self.dtype, "dtype")
         check_dtype(self.param_dtype, "param_dtype")
+        check(self.logits_chunk >= 0, "logits_chunk", f"must be >= 0, got {self.logits_chunk}")
 
 
 def load_policy(cfg) -> tuple[Decoder, Any]:
@@ -268,24 +274,33 @@ def load_policy(cfg) -> tuple[Decoder, Any]:
     return model, tokenizer
 
 
-def _sequence_logprobs(model: Decoder, tokens, mask, temperature, top_p=1.0):
-    """log π(token t | tokens < t) ``[B, T-1]`` under the distribution rollouts sample from
-    (logits / temperature, then top-p: the generation core's own definition)."""
-    logits = model(tokens[:, :-1], attention_mask=mask[:, :-1])
-    return sampling_logprobs(logits, tokens[:, 1:], temperature=temperature, top_p=top_p)
-
-
 @functools.lru_cache(maxsize=8)  # trainers of one config in a process share the compiled update
-def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float, top_p: float = 1.0):
+def _make_update_fn(
+    loss_cfg: RLLossConfig,
+    temperature: float,
+    max_len: float,
+    top_p: float = 1.0,
+    *,
+    window: int,
+    chunk: int = 0,
+):
+    """One policy update. The log-probs are those of the ``window`` (= ``max_new_tokens``)
+    completion positions of each row only, projected ``chunk`` positions at a time when
+    ``chunk > 0`` (:func:`jaxlab.rl.logprobs.response_logprobs`): never the ``[N, T, V]`` logits
+    of the prompts and the padding."""
+    kw = dict(window=window, temperature=temperature, top_p=top_p, chunk=chunk)
+
     @nnx.jit
     def update(model, optimizer, ref_model, tokens, mask, loss_mask, behaviour_logp, advantages):
         def loss_fn(m):
-            logp = _sequence_logprobs(m, tokens, mask, temperature, top_p)
+            logp, lmask, behaviour = response_logprobs(
+                m, tokens, mask, loss_mask, behaviour_logp, **kw
+            )
             loss, metrics = rl.policy_loss(
                 logp,
-                behaviour_logp,
+                behaviour,
                 advantages,
-                loss_mask,
+                lmask,
                 clip_low=loss_cfg.clip_low,
                 clip_high=loss_cfg.clip_high,
                 agg=loss_cfg.agg,
@@ -295,14 +310,14 @@ def _make_update_fn(loss_cfg: RLLossConfig, temperature: float, max_len: float, 
             if loss_cfg.kl_coef > 0:
                 ref = without_lora(m) if has_lora(m) else ref_model  # LoRA: the base weights
                 ref_logp = jax.lax.stop_gradient(
-                    _sequence_logprobs(ref, tokens, mask, temperature, top_p)
+                    response_logprobs(ref, tokens, mask, loss_mask, **kw)[0]
                 )
                 kl = rl.kl_penalty(logp, ref_logp, loss_cfg.kl_kind)
                 kl_loss = rl.aggregate_loss(
-                    kl, loss_mask, loss_cfg.agg, max_len=max_len, alpha=loss_cfg.alpha
+                    kl, lmask, loss_cfg.agg, max_len=max_len, alpha=loss_cfg.alpha
                 )
                 loss = loss + loss_cfg.kl_coef * kl_loss
-                metrics["kl"] = rl.masked_mean(kl, loss_mask)
+                metrics["kl"] = rl.masked_mean(kl, lmask)
             return loss, metrics
 
         (loss, metrics), grads = lora_value_and_grad(loss_fn, model, has_aux=True)
@@ -386,7 +401,14 @@ class RLTrainer:
         tx = make_optimizer(**settings)
         self.optimizer = nnx.Optimizer(self.model, tx, wrt=trainable(self.model))
         shard_model(self.optimizer, self.mesh)
-        self.update_fn = _make_update_fn(cfg.loss, gen.temperature, self.max_len, gen.top_p)
+        self.update_fn = _make_update_fn(
+            cfg.loss,
+            gen.temperature,
+            self.max_len,
+            gen.top_p,
+            window=gen.max_new_tokens,
+            chunk=cfg.logits_chunk,
+        )
         longest_prompt = max(
             len(self.prompt_ids(g)) for g in range(min(cfg.scheduler.num_prompts, 64))
         )
@@ -621,6 +643,11 @@ class RLTrainer:
                     )
                 rewards.append(reward)
                 staleness.append(self.ctrl.version - min(c.policy_versions))
+                if len(c.tokens) > cfg.generation.max_new_tokens:  # the update's window
+                    raise ValueError(
+                        f"a completion of {len(c.tokens)} tokens exceeds max_new_tokens "
+                        f"({cfg.generation.max_new_tokens})"
+                    )
                 rows.append((self.prompt_ids(g), c))
         adv = self._group_advantages(rewards, staleness, len(groups))
 
