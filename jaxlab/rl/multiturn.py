@@ -684,10 +684,10 @@ class MultiTurnTrainer:
         self.update_index += 1
         done = [e for e in eps if not e.crashed]
         # the novelty bonus moves an advantage only where it differs within a group
-        bonus_std = [
-            np.std([t.intrinsic for e in eps if e.group == g for t in e.turns] or [0.0])
-            for g in range(len(pairs))
+        novelty = [
+            [t.intrinsic for e in eps if e.group == g for t in e.turns] for g in range(len(pairs))
         ]
+        bonus_std = [np.std(b) if b and np.ptp(b) > 0 else 0.0 for b in novelty]  # 0: all equal
         metrics.update(
             update=self.update_index,
             mode=mode,
