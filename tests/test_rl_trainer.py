@@ -97,7 +97,8 @@ def test_preempted_run_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_data_parallel_update_and_tensorboard(tmp_path):
-    """The first update on a 2-way data mesh equals the single-device one; TensorBoard events exist."""
+    """The first update on a 2-way data mesh, and on a 2 x 2 FSDP x tensor mesh with chunked
+    logits, equals the single-device one; TensorBoard events exist."""
     from jaxlab.rl.trainer import RLTrainer
 
     base = ["scheduler.num_prompts=8", "checkpoint.save_every=100"]
@@ -106,9 +107,13 @@ def test_data_parallel_update_and_tensorboard(tmp_path):
         load_config("configs/rl/tiny_sync.yaml", [*base, "mesh.data=2"]), tmp_path / "two"
     )
     assert len(jax.tree.leaves(nnx.state(two.model))[0].sharding.device_set) == 2
-    # FSDP x tensor parallel: weights and optimizer state split, not replicated
+    # FSDP x tensor parallel: weights and optimizer state split, not replicated; and the
+    # completion logits projected 8 positions at a time (the same loss and gradient)
     four = RLTrainer(
-        load_config("configs/rl/tiny_sync.yaml", [*base, "mesh.fsdp=2", "mesh.tensor=2"]),
+        load_config(
+            "configs/rl/tiny_sync.yaml",
+            [*base, "mesh.fsdp=2", "mesh.tensor=2", "logits_chunk=8"],
+        ),
         tmp_path / "four",
     )
     kernel = four.model.layers.mlp.up_proj.kernel[...]
