@@ -3,7 +3,8 @@ rows (the reference) against logits at the response positions only (what ``jaxla
 and ``jaxlab.rl.trainer`` compute, :func:`jaxlab.rl.logprobs.response_logprobs`), and with
 ``--chunks``, those projected a chunk of positions at a time (``logits_chunk`` of rl_train).
 Prints the compiled programs' temporary memory and the median time of each, and their ratios to
-the reference, measured in the same run.
+the reference, measured in the same run; and the memory each needs beyond that of the decoder
+alone (its hidden states and their gradient without any projection), which is the logits' share.
 
     python scripts/bench_multiturn_update.py                                   # CPU config
     python scripts/bench_multiturn_update.py --config rl/empo2_scienceworld_gpu --set model=DIR
@@ -86,8 +87,14 @@ def main() -> None:
 
         return fn
 
+    def decoder_alone(params):  # no vocabulary projection: what the rest of the update needs
+        m = nnx.merge(graphdef, params, rest)
+        hidden = m(tokens[:, :-1], attention_mask=mask[:, :-1], return_hidden=True)
+        return jnp.sum(hidden.astype(jnp.float32) * loss_mask[..., None])
+
     variants = [("every position", every_position), ("response only", response_only(0))]
     variants += [(f"chunks of {c}", response_only(c)) for c in args.chunks]
+    variants += [("decoder alone", decoder_alone)]
     results = {}
     for name, fn in variants:
         compiled = jax.jit(jax.value_and_grad(fn)).lower(params).compile()
@@ -114,13 +121,18 @@ def main() -> None:
             f"temp memory {temp / 2**20:8.1f} MiB  median {np.median(times):.3f} s",
             flush=True,
         )
-    a = results["every position"]
-    print(f"device {jax.devices()[0].device_kind}, rows {n} x width {w}, response {r} tokens")
+    a, base = results["every position"], results.pop("decoder alone")["temp_bytes"]
+    print(
+        f"device {jax.devices()[0].device_kind}, rows {n} x width {w}, response {r} tokens; "
+        f"the decoder alone (no projection) needs {base / 2**20:.1f} MiB"
+    )
     for name, b in results.items():
         if name != "every position":
             print(
-                f"{name} / every position: memory {b['temp_bytes'] / a['temp_bytes']:.3f}, "
-                f"time {b['median_s'] / a['median_s']:.3f}; loss rel diff "
+                f"{name} / every position: memory {b['temp_bytes'] / a['temp_bytes']:.3f} "
+                f"(beyond the decoder's: {(b['temp_bytes'] - base) / 2**20:.1f} against "
+                f"{(a['temp_bytes'] - base) / 2**20:.1f} MiB), time "
+                f"{b['median_s'] / a['median_s']:.3f}; loss rel diff "
                 f"{abs(a['loss'] - b['loss']) / max(abs(a['loss']), 1e-12):.1e}"
             )
     print(json.dumps({"config": args.config, "rows": n, "width": w, **results}))
