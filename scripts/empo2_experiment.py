@@ -231,6 +231,8 @@ def report(args) -> None:
         transfers.setdefault((p.stem.rsplit("_", 2)[0], label), []).append(t)
     fig, ax = plt.subplots(1, 2 + bool(transfers), figsize=(16 if transfers else 11, 4))
     summary = {}
+    labels = sorted({*by_algo, *(algo for _, algo in transfers)})
+    color = {label: f"C{i}" for i, label in enumerate(labels)}  # one colour per run kind
     for algo, rs in sorted(by_algo.items()):
         n = min(len(r["curve"]) for r in rs)
         succ = np.array([[c["success"] for c in r["curve"][:n]] for r in rs])
@@ -268,16 +270,19 @@ def report(args) -> None:
             f"{s['ood_no_memory'] if plain else float('nan'):9.2f}"
         )
         curve = _smooth(curve_of, window)
-        ax[0].plot(steps, curve.mean(axis=0), label=f"{algo} (mean of {len(rs)} seeds)")
-        ax[0].fill_between(steps, curve.min(axis=0), curve.max(axis=0), alpha=0.2)
+        c = color[algo]
+        ax[0].plot(steps, curve.mean(axis=0), color=c, label=f"{algo} (mean of {len(rs)} seeds)")
+        ax[0].fill_between(steps, curve.min(axis=0), curve.max(axis=0), color=c, alpha=0.2)
         k = np.arange(1, ood.shape[1] + 1)
         ax[1].set_xticks(k)
         ax[1].errorbar(
             k, ood.mean(axis=0), yerr=[ood.mean(0) - ood.min(0), ood.max(0) - ood.mean(0)],
-            marker="o", capsize=3, label=f"{algo}, memory on",
+            marker="o", capsize=3, color=c, label=f"{algo}, memory on",
         )  # fmt: skip
         if plain:
-            ax[1].scatter([1], [np.mean(plain)], marker="x", s=60, label=f"{algo}, memory off")
+            ax[1].scatter(
+                [1], [np.mean(plain)], marker="x", s=60, color=c, label=f"{algo}, memory off"
+            )
     ax[0].set(
         xlabel="environment steps",
         ylabel=f"training {args.metric} (moving mean of {window} updates)",
@@ -302,9 +307,10 @@ def report(args) -> None:
         )
         k = np.arange(1, on.shape[1] + 1)
         ax[2].set_xticks(k)
-        line = ax[2].plot(k, on.mean(0), marker="o", label=f"{algo}, memory on")[0]
-        ax[2].fill_between(k, on.min(0), on.max(0), alpha=0.15, color=line.get_color())
-        ax[2].plot(k, off.mean(0), marker="x", ls="--", color=line.get_color(),
+        c = color[algo]
+        ax[2].plot(k, on.mean(0), marker="o", color=c, label=f"{algo}, memory on")
+        ax[2].fill_between(k, on.min(0), on.max(0), alpha=0.15, color=c)
+        ax[2].plot(k, off.mean(0), marker="x", ls="--", color=c,
                    label=f"{algo}, memory off")  # fmt: skip
         ax[2].set(xlabel="trials (no weight updates)", ylabel="success after k trials",
                   title=f"unseen harder games ({tag})")  # fmt: skip
