@@ -98,7 +98,7 @@ def test_preempted_run_resumes_from_its_checkpoint(tmp_path):
 
 def test_data_parallel_update_and_tensorboard(tmp_path):
     """The first update on a 2-way data mesh, and on a 2 x 2 FSDP x tensor mesh with chunked
-    logits and remat, equals the single-device one; TensorBoard events exist."""
+    logits, equals the single-device one; TensorBoard events exist."""
     from jaxlab.rl.trainer import RLTrainer
 
     base = ["scheduler.num_prompts=8", "checkpoint.save_every=100"]
@@ -108,12 +108,11 @@ def test_data_parallel_update_and_tensorboard(tmp_path):
     )
     assert len(jax.tree.leaves(nnx.state(two.model))[0].sharding.device_set) == 2
     # FSDP x tensor parallel: weights and optimizer state split, not replicated; and the
-    # completion logits projected 8 positions at a time, the layers rematerialised (the same loss
-    # and gradient)
+    # completion logits projected 8 positions at a time (the same loss and gradient)
     four = RLTrainer(
         load_config(
             "configs/rl/tiny_sync.yaml",
-            [*base, "mesh.fsdp=2", "mesh.tensor=2", "logits_chunk=8", "remat=full"],
+            [*base, "mesh.fsdp=2", "mesh.tensor=2", "logits_chunk=8"],
         ),
         tmp_path / "four",
     )
@@ -172,34 +171,3 @@ def test_prompts_come_from_a_grain_dataset(tmp_path):
     order = [trainer.prompts[g]["index"] for g in range(8)]
     assert sorted(order) == list(range(8)) and order != list(range(8))
     assert trainer.problem(0).prompt == trainer.task.problem(order[0]).prompt
-
-
-def test_remat_reaches_a_pretrained_policy(monkeypatch):
-    """``remat`` of an RL config sets the loaded model's policy (a static setting: the same
-    arrays, the same gradient)."""
-    import dataclasses
-
-    import jax.numpy as jnp
-
-    from jaxlab.models import Decoder
-    from jaxlab.rl import trainer as rl_trainer
-    from jaxlab.testing import TINY_DECODER
-    from jaxlab.tokenization import char_tokenizer
-
-    def fake_from_pretrained(source, **kw):
-        return Decoder(TINY_DECODER, rngs=nnx.Rngs(0), **kw), char_tokenizer()
-
-    monkeypatch.setattr(rl_trainer, "from_pretrained", fake_from_pretrained)
-    cfg = load_config("configs/rl/tiny_sync.yaml", ["model=some-model"])
-    plain, _ = rl_trainer.load_policy(cfg)
-    full, _ = rl_trainer.load_policy(dataclasses.replace(cfg, remat="full"))
-    assert plain.config.remat == "none" and full.config.remat == "full"
-    tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % TINY_DECODER.vocab_size
-
-    def grads(model):
-        graphdef, params = nnx.split(model, nnx.Param)
-        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens) ** 2)  # noqa: E731
-        return jax.tree.leaves(jax.grad(loss)(params))
-
-    for a, b in zip(grads(plain), grads(full), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

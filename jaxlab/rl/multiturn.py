@@ -52,7 +52,6 @@ from jaxlab.generation import Engine, SamplingParams
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import DecoderConfig
-from jaxlab.models.layers import REMAT_POLICIES
 from jaxlab.models.lora import LoRAConfig, add_lora, trainable
 from jaxlab.optim import check_finite_step, make_optimizer, poison_if_nonfinite
 from jaxlab.rl.empo2 import (
@@ -195,14 +194,10 @@ class MultiTurnConfig:
     # be a multiple of data * fsdp), weights and optimizer state by jaxlab.sharding's rules;
     # rollouts decode a single-device copy of the weights
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    # what each decoder layer keeps for the update's backward pass (none / full / dots): the same
-    # gradients with less activation memory (the attention scores of long prompts)
-    remat: str = "none"
 
     def __post_init__(self):
         check_dtype(self.dtype, "dtype")
         check_dtype(self.param_dtype, "param_dtype")
-        REMAT_POLICIES.check(self.remat, "remat")
         check(self.algo in ALGOS, "algo", f"{self.algo!r} is not one of {list(ALGOS)}")
         check(
             self.agg in rl.AGGREGATION_MODES,

@@ -46,7 +46,6 @@ from jaxlab.generation import Engine, SamplingParams
 from jaxlab.mesh import MeshConfig, make_mesh
 from jaxlab.metric_writer import MetricWriter
 from jaxlab.models import Decoder, DecoderConfig, from_pretrained
-from jaxlab.models.layers import REMAT_POLICIES
 from jaxlab.models.lora import LoRAConfig, add_lora, has_lora, trainable, without_lora
 from jaxlab.models.lora import value_and_grad as lora_value_and_grad
 from jaxlab.optim import (
@@ -251,37 +250,27 @@ class RLTrainConfig:
     # (0: all at once), recomputing each chunk's logits in the backward pass: the logits'
     # memory is [rows, logits_chunk, vocab] instead of [rows, max_new_tokens, vocab]
     logits_chunk: int = 0
-    # what each decoder layer keeps for the update's backward pass (none / full / dots, as
-    # model.remat in lm training): the same gradients with less activation memory
-    remat: str = "none"
 
     def __post_init__(self):
         check_dtype(self.dtype, "dtype")
         check_dtype(self.param_dtype, "param_dtype")
         check(self.logits_chunk >= 0, "logits_chunk", f"must be >= 0, got {self.logits_chunk}")
-        REMAT_POLICIES.check(self.remat, "remat")
 
 
 def load_policy(cfg) -> tuple[Decoder, Any]:
     """``(decoder, tokenizer)`` of an RL config (``model``, ``tiny_model``, ``dtype``,
-    ``param_dtype``, ``optim.seed``, ``remat``): a tiny character-level decoder for ``model:
-    tiny``, else a pretrained one (a registered name, HF directory or .gguf) in the config's
-    dtypes, its layers rematerialised in the backward pass by the config's ``remat`` policy."""
+    ``param_dtype``, ``optim.seed``): a tiny character-level decoder for ``model: tiny``, else a
+    pretrained one (a registered name, HF directory or .gguf) in the config's dtypes."""
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    remat = getattr(cfg, "remat", "none")
     if cfg.model == "tiny":
         tokenizer = char_tokenizer()
         mcfg = dataclasses.replace(cfg.tiny_model, vocab_size=tokenizer.vocab_size)
-        if remat != "none":
-            mcfg = dataclasses.replace(mcfg, remat=remat)
         # initialised in one compiled program (not one per parameter initialiser)
         make = lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.optim.seed), **dtypes)  # noqa: E731
         return nnx.jit(make)(), tokenizer
     model, tokenizer = from_pretrained(cfg.model, **dtypes)
     if not isinstance(model, Decoder) or tokenizer is None:
         raise UserError(f"{cfg.model} is not a decoder LM with a tokenizer")
-    if remat != "none":  # a static setting of the module: its arrays are untouched
-        model.config = dataclasses.replace(model.config, remat=remat)
     return model, tokenizer
 
 
